@@ -1,0 +1,21 @@
+"""RMSprop for JAX: every variant, exact framework presets, numerics that never NaN."""
+
+from rmsprop_jax.alias import rmsprop
+from rmsprop_jax.transform import (
+    DecoupledWeightDecayState,
+    ScaleByCenteredRmsState,
+    ScaleByRmsState,
+    add_decoupled_weight_decay,
+    scale_by_rms,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DecoupledWeightDecayState",
+    "ScaleByCenteredRmsState",
+    "ScaleByRmsState",
+    "add_decoupled_weight_decay",
+    "rmsprop",
+    "scale_by_rms",
+]

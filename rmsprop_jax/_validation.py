@@ -1,0 +1,126 @@
+"""Checks on user input that turn silent wrong answers into errors that name the culprit.
+
+Hyperparameters are checked only when they are concrete: a traced value (under `jax.jit`,
+`jax.vmap` or `optax.inject_hyperparams`) cannot be inspected, and a schedule is a function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NU_STORAGE_FORMATS = ("float32",)
+
+
+def _concrete_values(value: Any) -> np.ndarray | None:
+    """Returns `value` as a NumPy array, or None when it cannot be inspected."""
+    if value is None or callable(value) or isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(value)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def check_in_range(
+    name: str,
+    value: Any,
+    *,
+    low: float,
+    high: float = float("inf"),
+    high_inclusive: bool = True,
+) -> None:
+    """Raises `ValueError` unless every element of a concrete `value` lies in [low, high]."""
+    values = _concrete_values(value)
+    if values is None:
+        return
+    if not np.issubdtype(values.dtype, np.number) or np.iscomplexobj(values):
+        raise ValueError(f"`{name}` must be a real number, got {value!r}.")
+    values = values.astype(np.float64)
+    below = values < low
+    above = values > high if high_inclusive else values >= high
+    if np.any(np.isnan(values) | below | above):
+        closing = "]" if high_inclusive else ")"
+        raise ValueError(f"`{name}` must lie in [{low}, {high}{closing}, got {value!r}.")
+
+
+def check_nu_storage(nu_storage: str) -> None:
+    if nu_storage not in NU_STORAGE_FORMATS:
+        raise ValueError(
+            f"`nu_storage` must be one of {NU_STORAGE_FORMATS}, got {nu_storage!r}."
+        )
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+    return jax.tree_util.keystr(path) or "<root>"
+
+
+def check_float_leaves(params: Any) -> None:
+    """Raises `TypeError` naming the first integer or boolean leaf: they cannot be optimized."""
+
+    def check(path, leaf):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"Parameter at {_path_str(path)} has dtype {dtype}; RMSprop needs floating or "
+                "complex parameters. Keep integer or boolean leaves out of the optimized tree "
+                "(for example with `optax.masked` or `flax.nnx.Optimizer(..., wrt=nnx.Param)`)."
+            )
+
+    jax.tree.map_with_path(check, params)
+
+
+def _leaves_with_paths(tree: Any) -> list[tuple[Any, Any]]:
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+
+
+def check_same_tree(updates: Any, state_tree: Any, *, state_name: str = "state") -> None:
+    """Raises `ValueError` naming the first path where `updates` and `state_tree` differ.
+
+    Compares the tree structure and the shape of each leaf, so that a gradient for a different
+    model fails with a readable message instead of an opaque tree or broadcasting error.
+    """
+    if jax.tree.structure(updates, is_leaf=lambda x: x is None) == jax.tree.structure(
+        state_tree, is_leaf=lambda x: x is None
+    ):
+        for (path, g), (_, s) in zip(
+            _leaves_with_paths(updates), _leaves_with_paths(state_tree), strict=True
+        ):
+            if g is None or s is None:
+                if (g is None) != (s is None):
+                    raise ValueError(
+                        f"Gradient at {_path_str(path)} is {'None' if g is None else 'an array'} "
+                        f"but the optimizer {state_name} has {'None' if s is None else 'an array'}."
+                    )
+                continue
+            if jnp.shape(g) != jnp.shape(s):
+                raise ValueError(
+                    f"Gradient at {_path_str(path)} has shape {jnp.shape(g)} but the optimizer "
+                    f"{state_name} was initialized for shape {jnp.shape(s)}."
+                )
+        return
+    grad_paths = [_path_str(p) for p, _ in _leaves_with_paths(updates)]
+    state_paths = [_path_str(p) for p, _ in _leaves_with_paths(state_tree)]
+    for grad_path, state_path in zip(grad_paths, state_paths, strict=False):
+        if grad_path != state_path:
+            raise ValueError(
+                f"Gradient tree differs from the optimizer {state_name} at {grad_path}: the "
+                f"{state_name} has {state_path} there. Initialize the optimizer with the same "
+                "parameter tree the gradients come from."
+            )
+    if len(grad_paths) == len(state_paths):
+        raise ValueError(
+            f"Gradient tree has the same paths as the optimizer {state_name} but different "
+            f"container types: {jax.tree.structure(updates)} vs {jax.tree.structure(state_tree)}."
+        )
+    shorter, longer = sorted((grad_paths, state_paths), key=len)
+    which = "gradient" if longer is grad_paths else f"optimizer {state_name}"
+    raise ValueError(
+        f"Gradient tree differs from the optimizer {state_name}: the {which} has an extra leaf "
+        f"at {longer[len(shorter)]} (gradient has {len(grad_paths)} leaves, {state_name} has "
+        f"{len(state_paths)}). Initialize the optimizer with the same parameter tree the "
+        "gradients come from."
+    )

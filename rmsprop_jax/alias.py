@@ -1,0 +1,118 @@
+"""`rmsprop`: the full optimizer, a chain of small transformations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import optax
+
+from rmsprop_jax import _precision, _validation
+from rmsprop_jax.transform import add_decoupled_weight_decay, scale_by_rms
+
+WeightDecayMask = Any | Callable[[optax.Params], Any] | None
+
+
+def _is_zero(value: Any) -> bool:
+    """True only for a literal Python zero: arrays and tracers may vary across a sweep."""
+    return isinstance(value, int | float) and value == 0
+
+
+def rmsprop(
+    learning_rate: optax.ScalarOrSchedule,
+    decay: chex.Numeric = 0.9,
+    eps: chex.Numeric = 1e-8,
+    *,
+    eps_in_sqrt: bool = False,
+    initial_scale: chex.Numeric = 0.0,
+    centered: bool = False,
+    momentum: chex.Numeric | None = None,
+    nesterov: bool = False,
+    bias_correction: bool = False,
+    weight_decay: chex.Numeric = 0.0,
+    decoupled_weight_decay: bool = False,
+    weight_decay_mask: WeightDecayMask = None,
+    maximize: bool = False,
+    nu_storage: str = "float32",
+) -> optax.GradientTransformationExtraArgs:
+    r"""RMSprop with every variant the major frameworks implement.
+
+    .. math::
+
+        g_t &\leftarrow -g_t \ \text{(maximize)}; \quad
+              g_t \leftarrow g_t + \lambda p_{t-1} \ \text{(coupled weight decay)} \\
+        \nu_t &= \beta \nu_{t-1} + (1 - \beta) g_t^2 \\
+        s_t &= \eta_t \, g_t / (\sqrt{\nu_t} + \epsilon) \\
+        b_t &= m b_{t-1} + s_t \ \text{(momentum; Nesterov uses } m b_t + s_t \text{)} \\
+        p_t &= p_{t-1} - b_t - \eta_t \lambda p_{t-1} \ \text{(last term: decoupled decay)}
+
+    The preconditioner (:math:`\nu`, centering, bias correction, `eps` placement) is
+    :func:`rmsprop_jax.scale_by_rms`. The learning rate is applied before the momentum buffer,
+    as in optax, Keras and TF1; with a schedule, PyTorch's order (rate after the buffer) is in
+    :func:`rmsprop_jax.compat.torch_rmsprop`. Arithmetic runs in float32 or wider whatever the
+    parameter dtype, and the update has the gradient's dtype.
+
+    Args:
+      learning_rate: :math:`\eta_t >= 0`, a number or an optax schedule of the step count.
+      decay: :math:`\beta` in [0, 1], the decay of the moving average of squared gradients.
+      eps: :math:`\epsilon >= 0`.
+      eps_in_sqrt: use :math:`\sqrt{\nu_t + \epsilon}` instead of :math:`\sqrt{\nu_t}+\epsilon`.
+      initial_scale: starting value of :math:`\nu` (>= 0).
+      centered: normalize by the variance of the gradient instead of its second moment.
+      momentum: :math:`m` in [0, 1) for a heavy-ball buffer, or None for none.
+      nesterov: use Nesterov momentum (needs `momentum`).
+      bias_correction: debias the moving averages by :math:`1 - \beta^t`.
+      weight_decay: :math:`\lambda >= 0`.
+      decoupled_weight_decay: apply the decay to the parameter directly (AdamW, Keras 3)
+        instead of adding :math:`\lambda p` to the gradient (L2, PyTorch).
+      weight_decay_mask: a tree of booleans with the structure of the parameters (or a function
+        of the parameters returning one) selecting the leaves that are decayed.
+      maximize: ascend the objective instead of descending it.
+      nu_storage: storage format of :math:`\nu` (see :func:`rmsprop_jax.scale_by_rms`).
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`; its state is the tuple of the states
+      of the chained transformations.
+
+    References:
+      Tieleman and Hinton, `Lecture 6.5 - RMSProp <https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf>`_, 2012.
+    """
+    _validation.check_in_range("learning_rate", learning_rate, low=0.0)
+    _validation.check_in_range("weight_decay", weight_decay, low=0.0)
+    if momentum is not None:
+        _validation.check_in_range("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
+    elif nesterov:
+        raise ValueError(
+            "`nesterov=True` needs a momentum buffer, but `momentum` is None. "
+            "Pass `momentum=0.9` (for example) or `nesterov=False`."
+        )
+    learning_rate = _precision.as_hyperparameter(learning_rate)
+
+    def masked(transform: optax.GradientTransformation) -> optax.GradientTransformation:
+        return transform if weight_decay_mask is None else optax.masked(transform, weight_decay_mask)
+
+    decays_weights = not _is_zero(weight_decay)
+    stages = [
+        optax.scale(-1.0) if maximize else optax.identity(),
+        masked(optax.add_decayed_weights(_precision.as_hyperparameter(weight_decay)))
+        if decays_weights and not decoupled_weight_decay
+        else optax.identity(),
+        scale_by_rms(
+            decay,
+            eps,
+            eps_in_sqrt=eps_in_sqrt,
+            initial_scale=initial_scale,
+            centered=centered,
+            bias_correction=bias_correction,
+            nu_storage=nu_storage,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+        optax.identity()
+        if momentum is None
+        else optax.trace(decay=_precision.as_hyperparameter(momentum), nesterov=nesterov),
+        masked(add_decoupled_weight_decay(learning_rate, weight_decay))
+        if decays_weights and decoupled_weight_decay
+        else optax.identity(),
+    ]
+    return _precision.with_compute_dtype(optax.chain(*stages))

@@ -1,0 +1,192 @@
+"""The RMSprop preconditioner and decoupled weight decay, as optax gradient transformations."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from rmsprop_jax import _precision, _validation
+
+
+class ScaleByRmsState(NamedTuple):
+    """Step count and exponential moving average of squared gradients."""
+
+    count: chex.Array  # shape=(), dtype=int32: the number of updates applied so far.
+    nu: optax.Updates
+
+
+class ScaleByCenteredRmsState(NamedTuple):
+    """Step count and moving averages of the gradients and of their squares."""
+
+    count: chex.Array  # shape=(), dtype=int32: the number of updates applied so far.
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+def _divide_by_rms(g: chex.Array, nu: chex.Array, eps: Any, eps_in_sqrt: bool) -> chex.Array:
+    """`g / (sqrt(nu) + eps)` or `g / sqrt(nu + eps)`, defined as 0 where the denominator is 0.
+
+    The denominator is 0 only when `eps == 0` and `nu == 0`, which (for `initial_scale == 0`)
+    means every gradient so far was 0: the step is then 0, not 0/0 = NaN.
+    """
+    denominator = jnp.sqrt(nu + eps) if eps_in_sqrt else jnp.sqrt(nu) + eps
+    positive = denominator > 0
+    return jnp.where(positive, g / jnp.where(positive, denominator, 1), 0)
+
+
+def _centered_variance(nu: chex.Array, mu: chex.Array) -> chex.Array:
+    # nu - |mu|**2 is a variance, >= 0 in exact arithmetic, but rounding makes it slightly
+    # negative under near-constant gradients; sqrt of that would be NaN (Graves 2013, eq. 40).
+    return jnp.maximum(nu - jnp.real(mu * jnp.conj(mu)), 0)
+
+
+def scale_by_rms(
+    decay: chex.Numeric = 0.9,
+    eps: chex.Numeric = 1e-8,
+    *,
+    eps_in_sqrt: bool = False,
+    initial_scale: chex.Numeric = 0.0,
+    centered: bool = False,
+    bias_correction: bool = False,
+    nu_storage: str = "float32",
+) -> optax.GradientTransformationExtraArgs:
+    r"""Divides each gradient by the root of the moving average of its square.
+
+    .. math::
+
+        \nu_t &= \beta \nu_{t-1} + (1 - \beta) |g_t|^2 \\
+        \mu_t &= \beta \mu_{t-1} + (1 - \beta) g_t \quad \text{(centered only)} \\
+        v_t &= \hat\nu_t - |\hat\mu_t|^2 \ \text{(centered)}, \quad v_t = \hat\nu_t
+              \ \text{(otherwise)} \\
+        u_t &= g_t / (\sqrt{v_t} + \epsilon) \quad \text{or} \quad g_t / \sqrt{v_t + \epsilon}
+
+    where :math:`\hat x = x / (1 - \beta^t)` with `bias_correction` and :math:`\hat x = x`
+    without. The centered variance is clamped at 0 and a zero denominator gives a zero update,
+    so the result is never NaN. Arithmetic runs in float32 (or the parameter's wider dtype);
+    the update has the gradient's dtype. This is the preconditioner alone: no learning rate and
+    no sign flip (see :func:`rmsprop_jax.rmsprop`).
+
+    Args:
+      decay: :math:`\beta`, the decay of the moving averages, in [0, 1].
+      eps: :math:`\epsilon >= 0`, added to the denominator for numerical stability.
+      eps_in_sqrt: add `eps` inside the square root (optax, TF1, Keras) instead of outside
+        (PyTorch, the course).
+      initial_scale: starting value of :math:`\nu` (0 in PyTorch, optax and Keras; 1 in TF1).
+      centered: divide by the root of the variance :math:`\nu - |\mu|^2` instead of the
+        second moment (Graves, 2013).
+      bias_correction: divide the moving averages by :math:`1 - \beta^t` as Adam does. Not
+        allowed with `centered`, whose debiased variance is exactly 0 after the first step.
+      nu_storage: how :math:`\nu` is stored; `"float32"` is the only format so far.
+
+    Returns:
+      An optax transformation whose state is :class:`ScaleByRmsState`, or
+      :class:`ScaleByCenteredRmsState` when `centered`. The state's tree does not depend on
+      `bias_correction`, so a checkpoint restores whichever way it is set.
+
+    References:
+      Tieleman and Hinton, `Lecture 6.5 - RMSProp <https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf>`_, 2012.
+      Graves, `Generating Sequences With Recurrent Neural Networks <https://arxiv.org/abs/1308.0850>`_, 2013.
+    """
+    _validation.check_in_range("decay", decay, low=0.0, high=1.0)
+    _validation.check_in_range("eps", eps, low=0.0)
+    _validation.check_in_range("initial_scale", initial_scale, low=0.0)
+    _validation.check_nu_storage(nu_storage)
+    if centered and bias_correction:
+        raise ValueError(
+            "`centered=True` with `bias_correction=True` is degenerate: after one step the "
+            "debiased variance nu/(1-decay) - (mu/(1-decay))**2 is exactly 0, so the update "
+            "would be g / eps. Use one or the other."
+        )
+    if bias_correction:
+        _validation.check_in_range("decay", decay, low=0.0, high=1.0, high_inclusive=False)
+    decay, eps, initial_scale = map(_precision.as_hyperparameter, (decay, eps, initial_scale))
+
+    def init_fn(params):
+        count = jnp.zeros([], jnp.int32)
+        nu = jax.tree.map(
+            lambda p: jnp.full(jnp.shape(p), initial_scale, _precision.real_dtype(p.dtype)),
+            params,
+        )
+        if centered:
+            return ScaleByCenteredRmsState(count=count, mu=optax.tree.zeros_like(params), nu=nu)
+        return ScaleByRmsState(count=count, nu=nu)
+
+    def update_fn(updates, state, params=None):
+        del params
+        _validation.check_same_tree(updates, state.nu)
+        count = optax.safe_increment(state.count)
+        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, decay, 2)
+        nu_hat = optax.tree.bias_correction(nu, decay, count) if bias_correction else nu
+        if centered:
+            mu = optax.tree.update_moment(updates, state.mu, decay, 1)
+            variance = jax.tree.map(_centered_variance, nu_hat, mu)
+        else:
+            variance = nu_hat
+        updates = jax.tree.map(
+            lambda g, v: None if g is None else _divide_by_rms(g, v, eps, eps_in_sqrt),
+            updates,
+            variance,
+            is_leaf=lambda x: x is None,
+        )
+        if centered:
+            return updates, ScaleByCenteredRmsState(count=count, mu=mu, nu=nu)
+        return updates, ScaleByRmsState(count=count, nu=nu)
+
+    return _precision.with_compute_dtype(optax.GradientTransformation(init_fn, update_fn))
+
+
+class DecoupledWeightDecayState(NamedTuple):
+    """Step count, for evaluating a learning-rate schedule."""
+
+    count: chex.Array  # shape=(), dtype=int32.
+
+
+def add_decoupled_weight_decay(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: chex.Numeric,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adds :math:`-\eta_t \lambda p` to the update: weight decay applied to the parameter.
+
+    .. math::
+
+        u_t \leftarrow u_t - \eta_t \lambda p_{t-1}
+
+    Unlike L2 regularization (:func:`optax.add_decayed_weights` before the preconditioner), the
+    decay is neither divided by the RMS nor fed through a momentum buffer.
+
+    Args:
+      learning_rate: :math:`\eta_t`, a number or an optax schedule of the step count.
+      weight_decay: :math:`\lambda >= 0`.
+
+    Returns:
+      An optax transformation; it needs `params` in `update`.
+
+    References:
+      Loshchilov and Hutter, `Decoupled Weight Decay Regularization <https://arxiv.org/abs/1711.05101>`_, 2019.
+    """
+    _validation.check_in_range("learning_rate", learning_rate, low=0.0)
+    _validation.check_in_range("weight_decay", weight_decay, low=0.0)
+    learning_rate, weight_decay = map(_precision.as_hyperparameter, (learning_rate, weight_decay))
+
+    def init_fn(params):
+        del params
+        return DecoupledWeightDecayState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(optax.NO_PARAMS_MSG)
+        rate = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        rate = _precision.as_hyperparameter(rate)
+        updates = jax.tree.map(
+            lambda u, p: None if u is None else u - rate * weight_decay * p,
+            updates,
+            params,
+            is_leaf=lambda x: x is None,
+        )
+        return updates, DecoupledWeightDecayState(count=optax.safe_increment(state.count))
+
+    return _precision.with_compute_dtype(optax.GradientTransformation(init_fn, update_fn))
