@@ -1,5 +1,6 @@
 """RMSprop for JAX: every variant, exact framework presets, numerics that never NaN."""
 
+from rmsprop_jax import sweep
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.transform import (
     DecoupledWeightDecayState,
@@ -18,4 +19,5 @@ __all__ = [
     "add_decoupled_weight_decay",
     "rmsprop",
     "scale_by_rms",
+    "sweep",
 ]
