@@ -1,7 +1,10 @@
 """RMSprop for JAX: every variant, exact framework presets, numerics that never NaN."""
 
 from rmsprop_jax import sweep
+from rmsprop_jax._storage_factored import FactoredMoment
+from rmsprop_jax._storage_int8 import QuantizedArray
 from rmsprop_jax.alias import rmsprop
+from rmsprop_jax.memory import StateMemory, state_bytes
 from rmsprop_jax.transform import (
     DecoupledWeightDecayState,
     ScaleByCenteredRmsState,
@@ -14,10 +17,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DecoupledWeightDecayState",
+    "FactoredMoment",
+    "QuantizedArray",
     "ScaleByCenteredRmsState",
     "ScaleByRmsState",
+    "StateMemory",
     "add_decoupled_weight_decay",
     "rmsprop",
     "scale_by_rms",
+    "state_bytes",
     "sweep",
 ]

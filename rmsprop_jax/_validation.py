@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-NU_STORAGE_FORMATS = ("float32",)
+NU_STORAGE_FORMATS = ("float32", "bfloat16", "int8", "factored")
 
 
 def _concrete_values(value: Any) -> np.ndarray | None:
@@ -48,10 +48,8 @@ def check_in_range(
 
 
 def check_nu_storage(nu_storage: str) -> None:
-    if nu_storage not in NU_STORAGE_FORMATS:
-        raise ValueError(
-            f"`nu_storage` must be one of {NU_STORAGE_FORMATS}, got {nu_storage!r}."
-        )
+    if not isinstance(nu_storage, str) or nu_storage not in NU_STORAGE_FORMATS:
+        raise ValueError(f"`nu_storage` must be one of {NU_STORAGE_FORMATS}, got {nu_storage!r}.")
 
 
 def _path_str(path: tuple[Any, ...]) -> str:

@@ -9,13 +9,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _precision, _validation
+from rmsprop_jax import _nu_storage, _precision, _validation
 
 
 class ScaleByRmsState(NamedTuple):
     """Step count and exponential moving average of squared gradients."""
 
     count: chex.Array  # shape=(), dtype=int32: the number of updates applied so far.
+    # Per leaf: an array, or a `QuantizedArray` / `FactoredMoment` (see `nu_storage`).
     nu: optax.Updates
 
 
@@ -24,6 +25,7 @@ class ScaleByCenteredRmsState(NamedTuple):
 
     count: chex.Array  # shape=(), dtype=int32: the number of updates applied so far.
     mu: optax.Updates
+    # With a `nu_storage` other than "float32", the variance nu - |mu|**2 (see `nu_storage`).
     nu: optax.Updates
 
 
@@ -80,7 +82,22 @@ def scale_by_rms(
         second moment (Graves, 2013).
       bias_correction: divide the moving averages by :math:`1 - \beta^t` as Adam does. Not
         allowed with `centered`, whose debiased variance is exactly 0 after the first step.
-      nu_storage: how :math:`\nu` is stored; `"float32"` is the only format so far.
+      nu_storage: how the moving averages are stored between steps; the arithmetic is float32
+        (or wider) in every format.
+
+        - `"float32"` (default): 4 bytes per parameter.
+        - `"bfloat16"`: 2 bytes, rounded stochastically (unbiased) with bits derived from the
+          step count, so increments far below bfloat16's resolution still accumulate.
+        - `"int8"`: about 1.02 bytes: blocks of up to 256 along the last axis, one float32
+          scale per block, logarithmic codes over 12 orders of magnitude (signed for `mu`),
+          stochastic rounding, exact zeros kept; leaves under 4096 elements stay float32.
+        - `"factored"`: for leaves whose last two axes are both >= 128, only the moving
+          averages of row and column means (Adafactor's rank-one estimate); other leaves stay
+          float32. `mu` (centered) has no such structure and is stored as in `"bfloat16"`.
+
+        With any format but `"float32"`, a centered state's `nu` holds the variance
+        :math:`\nu - |\mu|^2`, updated without cancellation, instead of :math:`\nu`; see
+        :mod:`rmsprop_jax._nu_storage`. `rj.state_bytes` reports the memory taken.
 
     Returns:
       An optax transformation whose state is :class:`ScaleByRmsState`, or
@@ -88,8 +105,10 @@ def scale_by_rms(
       `bias_correction`, so a checkpoint restores whichever way it is set.
 
     References:
-      Tieleman and Hinton, `Lecture 6.5 - RMSProp <https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf>`_, 2012.
-      Graves, `Generating Sequences With Recurrent Neural Networks <https://arxiv.org/abs/1308.0850>`_, 2013.
+      Tieleman and Hinton, Lecture 6.5 - RMSProp, 2012.
+      https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf
+      Graves, Generating Sequences With Recurrent Neural Networks, 2013.
+      https://arxiv.org/abs/1308.0850
     """
     _validation.check_in_range("decay", decay, low=0.0, high=1.0)
     _validation.check_in_range("eps", eps, low=0.0)
@@ -107,6 +126,11 @@ def scale_by_rms(
 
     def init_fn(params):
         count = jnp.zeros([], jnp.int32)
+        if nu_storage != "float32":
+            mu, nu = _nu_storage.init(nu_storage, params, initial_scale, centered)
+            if centered:
+                return ScaleByCenteredRmsState(count=count, mu=mu, nu=nu)
+            return ScaleByRmsState(count=count, nu=nu)
         nu = jax.tree.map(
             lambda p: jnp.full(jnp.shape(p), initial_scale, _precision.real_dtype(p.dtype)),
             params,
@@ -117,15 +141,22 @@ def scale_by_rms(
 
     def update_fn(updates, state, params=None):
         del params
-        _validation.check_same_tree(updates, state.nu)
+        _validation.check_same_tree(updates, _nu_storage.logical_shapes(state.nu))
         count = optax.safe_increment(state.count)
-        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, decay, 2)
-        nu_hat = optax.tree.bias_correction(nu, decay, count) if bias_correction else nu
-        if centered:
-            mu = optax.tree.update_moment(updates, state.mu, decay, 1)
-            variance = jax.tree.map(_centered_variance, nu_hat, mu)
+        if nu_storage != "float32":
+            mu = state.mu if centered else None
+            mu, nu, variance = _nu_storage.update(updates, mu, state.nu, decay, count)
+            # `variance` is nu itself unless centered, and centered excludes bias correction.
+            if bias_correction:
+                variance = optax.tree.bias_correction(variance, decay, count)
         else:
-            variance = nu_hat
+            nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, decay, 2)
+            nu_hat = optax.tree.bias_correction(nu, decay, count) if bias_correction else nu
+            if centered:
+                mu = optax.tree.update_moment(updates, state.mu, decay, 1)
+                variance = jax.tree.map(_centered_variance, nu_hat, mu)
+            else:
+                variance = nu_hat
         updates = jax.tree.map(
             lambda g, v: None if g is None else _divide_by_rms(g, v, eps, eps_in_sqrt),
             updates,
@@ -166,7 +197,8 @@ def add_decoupled_weight_decay(
       An optax transformation; it needs `params` in `update`.
 
     References:
-      Loshchilov and Hutter, `Decoupled Weight Decay Regularization <https://arxiv.org/abs/1711.05101>`_, 2019.
+      Loshchilov and Hutter, Decoupled Weight Decay Regularization, 2019.
+      https://arxiv.org/abs/1711.05101
     """
     _validation.check_in_range("learning_rate", learning_rate, low=0.0)
     _validation.check_in_range("weight_decay", weight_decay, low=0.0)
