@@ -76,7 +76,8 @@ def rmsprop(
       of the chained transformations.
 
     References:
-      Tieleman and Hinton, `Lecture 6.5 - RMSProp <https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf>`_, 2012.
+      Tieleman and Hinton, Lecture 6.5 - RMSProp, 2012.
+      https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf
     """
     _validation.check_in_range("learning_rate", learning_rate, low=0.0)
     _validation.check_in_range("weight_decay", weight_decay, low=0.0)
@@ -90,7 +91,9 @@ def rmsprop(
     learning_rate = _precision.as_hyperparameter(learning_rate)
 
     def masked(transform: optax.GradientTransformation) -> optax.GradientTransformation:
-        return transform if weight_decay_mask is None else optax.masked(transform, weight_decay_mask)
+        return (
+            transform if weight_decay_mask is None else optax.masked(transform, weight_decay_mask)
+        )
 
     decays_weights = not _is_zero(weight_decay)
     stages = [

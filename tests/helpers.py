@@ -1,0 +1,57 @@
+"""Drivers shared by the tests: run a transformation over a fixed gradient sequence."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+import optax
+
+
+def random_problem(
+    shapes: dict[str, tuple[int, ...]], steps: int, seed: int = 0, dtype=np.float32
+) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """Parameters and a gradient sequence drawn from a seeded normal distribution."""
+    rng = np.random.default_rng(seed)
+    params = {name: rng.normal(size=shape).astype(dtype) for name, shape in shapes.items()}
+    grads = [
+        {name: rng.normal(size=shape).astype(dtype) for name, shape in shapes.items()}
+        for _ in range(steps)
+    ]
+    return params, grads
+
+
+def run_transformation(
+    tx: optax.GradientTransformation,
+    params,
+    grads: Sequence,
+    transform_fn: Callable = jax.jit,
+):
+    """Applies `tx` to each gradient in turn; returns the parameter trajectory and final state.
+
+    `transform_fn` wraps the update (jax.jit for the compiled variant, identity for eager).
+    """
+    state = tx.init(params)
+
+    def step(params, state, grad):
+        updates, state = tx.update(grad, state, params)
+        return optax.apply_updates(params, updates), state
+
+    step = transform_fn(step)
+    trajectory = []
+    for grad in grads:
+        params, state = step(params, state, grad)
+        trajectory.append(params)
+    return trajectory, state
+
+
+def max_relative_difference(actual, expected, floor: float = 0.1) -> float:
+    """max |actual - expected| / max(|expected|, floor) over every leaf of two trees."""
+    worst = 0.0
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        a = np.asarray(a, dtype=np.complex128 if np.iscomplexobj(a) else np.float64)
+        e = np.asarray(e)
+        if a.size:
+            worst = max(worst, float(np.max(np.abs(a - e) / np.maximum(np.abs(e), floor))))
+    return worst

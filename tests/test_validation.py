@@ -1,0 +1,124 @@
+"""Bad input fails loudly, naming the argument and the value; traced values are not checked."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmsprop_jax as rj
+
+BAD_RMSPROP_ARGUMENTS = [
+    ("learning_rate", dict(learning_rate=-0.1), "-0.1"),
+    ("learning_rate", dict(learning_rate=float("nan")), "nan"),
+    ("decay", dict(decay=1.5), "1.5"),
+    ("decay", dict(decay=-0.01), "-0.01"),
+    ("eps", dict(eps=-1e-8), "-1e-08"),
+    ("initial_scale", dict(initial_scale=-1.0), "-1.0"),
+    ("momentum", dict(momentum=1.0), "1.0"),
+    ("momentum", dict(momentum=-0.5), "-0.5"),
+    ("weight_decay", dict(weight_decay=-1e-4), "-0.0001"),
+    ("nu_storage", dict(nu_storage="float8"), "float8"),
+    ("decay", dict(decay=jnp.asarray([0.9, 1.1])), "1.1"),
+]
+
+
+@pytest.mark.parametrize(("argument", "kwargs", "shown"), BAD_RMSPROP_ARGUMENTS)
+def test_out_of_range_hyperparameters_raise_value_error_naming_argument_and_value(
+    argument, kwargs, shown
+):
+    kwargs = {"learning_rate": 0.01, **kwargs}
+    with pytest.raises(ValueError, match=argument) as error:
+        rj.rmsprop(**kwargs)
+    assert shown in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("argument", "kwargs"),
+    [
+        ("decay", dict(decay=2.0)),
+        ("eps", dict(eps=-1.0)),
+        ("initial_scale", dict(initial_scale=-2.0)),
+    ],
+)
+def test_scale_by_rms_rejects_out_of_range_hyperparameters(argument, kwargs):
+    with pytest.raises(ValueError, match=argument):
+        rj.scale_by_rms(**kwargs)
+
+
+def test_nesterov_without_momentum_is_rejected():
+    with pytest.raises(ValueError, match="nesterov"):
+        rj.rmsprop(0.01, nesterov=True)
+
+
+def test_centered_with_bias_correction_is_rejected_as_degenerate():
+    with pytest.raises(ValueError, match="degenerate"):
+        rj.rmsprop(0.01, centered=True, bias_correction=True)
+    with pytest.raises(ValueError, match="degenerate"):
+        rj.scale_by_rms(centered=True, bias_correction=True)
+
+
+def test_bias_correction_with_decay_one_is_rejected_instead_of_dividing_by_zero():
+    with pytest.raises(ValueError, match="decay"):
+        rj.rmsprop(0.01, decay=1.0, bias_correction=True)
+
+
+def test_boundary_values_are_accepted():
+    params = {"w": jnp.ones(3)}
+    for kwargs in (
+        dict(learning_rate=0.0),
+        dict(learning_rate=0.1, decay=0.0),
+        dict(learning_rate=0.1, decay=1.0),
+        dict(learning_rate=0.1, eps=0.0),
+        dict(learning_rate=0.1, momentum=0.0),
+        dict(learning_rate=optax.constant_schedule(0.1)),
+    ):
+        tx = rj.rmsprop(**kwargs)
+        updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)
+        assert np.all(np.isfinite(updates["w"]))
+
+
+def test_traced_hyperparameters_are_not_checked_and_work_under_jit():
+    params = {"w": jnp.ones(3)}
+
+    @jax.jit
+    def one_step(learning_rate, decay, eps, momentum, weight_decay):
+        tx = rj.rmsprop(learning_rate, decay, eps, momentum=momentum, weight_decay=weight_decay)
+        return tx.update({"w": jnp.full(3, 2.0)}, tx.init(params), params)[0]
+
+    updates = one_step(0.1, 0.9, 1e-8, 0.9, 0.0)
+    np.testing.assert_allclose(updates["w"], -0.1 / np.sqrt(0.1), rtol=1e-5)
+
+
+def test_gradient_with_a_missing_leaf_names_the_first_differing_path():
+    params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+    tx = rj.rmsprop(0.01)
+    state = tx.init(params)
+    with pytest.raises(ValueError, match=r"\['dense'\]\['bias'\]"):
+        tx.update({"dense": {"kernel": jnp.ones((2, 2))}}, state, params)
+
+
+def test_gradient_with_an_extra_leaf_names_it():
+    params = {"a": jnp.ones(2)}
+    tx = rj.scale_by_rms()
+    state = tx.init(params)
+    with pytest.raises(ValueError, match=r"\['b'\]"):
+        tx.update({"a": jnp.ones(2), "b": jnp.ones(2)}, state)
+
+
+def test_gradient_with_a_different_shape_names_the_path_and_both_shapes():
+    params = {"layer": [jnp.ones((3, 4)), jnp.ones(4)]}
+    tx = rj.rmsprop(0.01, momentum=0.9)
+    state = tx.init(params)
+    grads = {"layer": [jnp.ones((3, 5)), jnp.ones(4)]}
+    with pytest.raises(ValueError, match=r"\['layer'\]\[0\].*\(3, 5\).*\(3, 4\)"):
+        jax.jit(tx.update)(grads, state, params)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.uint8])
+def test_integer_or_boolean_parameters_raise_type_error_naming_the_leaf(dtype):
+    params = {"weights": jnp.ones(3), "step_counter": jnp.zeros((), dtype)}
+    with pytest.raises(TypeError, match=r"\['step_counter'\].*" + jnp.dtype(dtype).name):
+        rj.rmsprop(0.01).init(params)
