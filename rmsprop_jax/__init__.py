@@ -1,6 +1,6 @@
 """RMSprop for JAX: every variant, exact framework presets, numerics that never NaN."""
 
-from rmsprop_jax import sweep
+from rmsprop_jax import compat, sweep
 from rmsprop_jax._storage_factored import FactoredMoment
 from rmsprop_jax._storage_int8 import QuantizedArray
 from rmsprop_jax.alias import rmsprop
@@ -23,6 +23,7 @@ __all__ = [
     "ScaleByRmsState",
     "StateMemory",
     "add_decoupled_weight_decay",
+    "compat",
     "rmsprop",
     "scale_by_rms",
     "state_bytes",

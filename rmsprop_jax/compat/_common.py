@@ -1,0 +1,93 @@
+"""Pieces shared by the framework presets: literal-zero tests and complex-parameter policies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def is_literal_zero(value: Any) -> bool:
+    """True only for a Python zero; an array or tracer may hold other values across a sweep.
+
+    The frameworks create a momentum buffer only when `momentum > 0`; a preset mirrors that
+    structure for a literal 0 and keeps the (then exactly equivalent) buffer otherwise.
+    """
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
+
+
+def check_flag(name: str, value: Any) -> None:
+    """Raises `TypeError` unless `value` is a Python bool: flags choose the state's structure."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+
+
+def _view_as_real(x: Any) -> Any:
+    return jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1) if jnp.iscomplexobj(x) else x
+
+
+def _view_as_complex(x: Any, like: Any) -> Any:
+    if x is None or not jnp.iscomplexobj(like):
+        return x
+    return jax.lax.complex(x[..., 0], x[..., 1]).astype(jnp.result_type(like))
+
+
+def view_as_real(tree: Any) -> Any:
+    """Replaces each complex leaf of shape `s` by its real and imaginary parts, shape `s + (2,)`.
+
+    This is `torch.view_as_real`: the layout PyTorch's RMSprop updates complex parameters in.
+    """
+    return jax.tree.map(_view_as_real, tree)
+
+
+def as_real_pairs(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+    """Runs `inner` on complex leaves viewed as pairs of reals with separate statistics.
+
+    The state of `inner` holds each complex leaf of shape `s` as a real array of shape
+    `s + (2,)` (see :func:`view_as_real`); updates come back complex, in the gradient's dtype.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        return inner.init(view_as_real(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        params = None if params is None else view_as_real(params)
+        new_updates, new_state = inner.update(view_as_real(updates), state, params, **extra_args)
+        new_updates = jax.tree.map(
+            _view_as_complex, new_updates, updates, is_leaf=lambda x: x is None
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def reject_complex(
+    inner: optax.GradientTransformation, framework: str
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps `inner` so that `init` raises `TypeError` on complex parameters.
+
+    Keras and TF1 square a complex gradient as `g * g` (a complex number, not `|g|**2`), which
+    is not a second moment; there is no trajectory worth reproducing.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        def check(path, leaf):
+            if jnp.iscomplexobj(leaf):
+                raise TypeError(
+                    f"Parameter at {jax.tree_util.keystr(path) or '<root>'} is complex "
+                    f"({jnp.result_type(leaf)}), but {framework} squares complex gradients as "
+                    "g * g rather than |g|**2, so it has no RMSprop trajectory to reproduce. "
+                    "Use `rmsprop_jax.rmsprop` (|g|**2) or `rmsprop_jax.compat.torch_rmsprop` "
+                    "(real and imaginary parts separately) for complex parameters."
+                )
+
+        jax.tree.map_with_path(check, params)
+        return inner.init(params)
+
+    return optax.GradientTransformationExtraArgs(init_fn, inner.update)

@@ -1,0 +1,197 @@
+"""`keras_rmsprop`: the trajectory of Keras 3's `keras.optimizers.RMSprop` in optax."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from rmsprop_jax import _precision, _validation
+from rmsprop_jax.alias import rmsprop
+from rmsprop_jax.compat import _common
+
+
+def _clip_each_by_norm(clipnorm: float) -> optax.GradientTransformation:
+    """Keras `clipnorm`: each leaf scaled by `clipnorm / max(||g||, clipnorm)`."""
+    return optax.stateless_with_tree_map(
+        lambda g, _: g * clipnorm / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(g))), clipnorm)
+    )
+
+
+def _clip_by_global_norm(clipnorm: float) -> optax.GradientTransformation:
+    """Keras `global_clipnorm`, including its NaN result for a non-finite norm.
+
+    `optax.clip_by_global_norm` agrees for finite gradients but keeps the finite entries of a
+    gradient with an infinite entry; Keras turns the whole step into NaN, and so does this.
+    """
+
+    def clip(updates, params):
+        del params
+        norm = optax.tree.norm(updates)
+        scale = clipnorm * jnp.minimum(1.0 / norm, 1.0 / clipnorm) + (norm - norm)
+        return jax.tree.map(lambda g: g * scale, updates)
+
+    return optax.stateless(clip)
+
+
+def _gradient_clipping(
+    clipnorm: float | None, clipvalue: float | None, global_clipnorm: float | None
+) -> optax.GradientTransformation:
+    for name, value in (
+        ("clipnorm", clipnorm),
+        ("clipvalue", clipvalue),
+        ("global_clipnorm", global_clipnorm),
+    ):
+        _validation.check_in_range(name, value, low=0.0)
+    given = [v is not None for v in (clipnorm, clipvalue, global_clipnorm)]
+    if sum(given) > 1:
+        raise ValueError(
+            "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set, got "
+            f"clipnorm={clipnorm}, clipvalue={clipvalue}, global_clipnorm={global_clipnorm}."
+        )
+    # Keras treats 0 like None: no clipping.
+    if clipnorm:
+        return _clip_each_by_norm(clipnorm)
+    if global_clipnorm:
+        return _clip_by_global_norm(global_clipnorm)
+    if clipvalue:
+        return optax.clip(clipvalue)
+    return optax.identity()
+
+
+def _check_keras_only_arguments(
+    use_ema: bool,
+    loss_scale_factor: float | None,
+    gradient_accumulation_steps: int | None,
+) -> None:
+    if use_ema:
+        raise ValueError(
+            "`use_ema=True` is not supported: Keras keeps a moving average of the weights "
+            "inside the optimizer and swaps it into the model at the end of `fit`, which an "
+            "optax transformation (it returns updates, not weights) cannot do. Keep an "
+            "average of the parameters alongside training instead, e.g. with `optax.ema` "
+            "applied to the parameters, or `optax.tree.update_moment`."
+        )
+    if loss_scale_factor is not None:
+        _validation.check_in_range("loss_scale_factor", loss_scale_factor, low=0.0)
+        if loss_scale_factor == 0:
+            raise ValueError("`loss_scale_factor` must be positive (or None), got 0.")
+    if gradient_accumulation_steps and (
+        not isinstance(gradient_accumulation_steps, int) or gradient_accumulation_steps < 2
+    ):
+        raise ValueError(
+            "`gradient_accumulation_steps` must be an integer >= 2 (or None), got "
+            f"{gradient_accumulation_steps!r}."
+        )
+
+
+def keras_rmsprop(
+    learning_rate: optax.ScalarOrSchedule = 0.001,
+    rho: chex.Numeric = 0.9,
+    momentum: chex.Numeric = 0.0,
+    epsilon: chex.Numeric = 1e-7,
+    centered: bool = False,
+    weight_decay: chex.Numeric | None = None,
+    clipnorm: float | None = None,
+    clipvalue: float | None = None,
+    global_clipnorm: float | None = None,
+    use_ema: bool = False,
+    ema_momentum: float = 0.99,
+    ema_overwrite_frequency: int | None = None,
+    loss_scale_factor: float | None = None,
+    gradient_accumulation_steps: int | None = None,
+    name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Keras 3's RMSprop: same arguments, defaults and parameter trajectory.
+
+    .. math::
+
+        g_t &\leftarrow g_t / \text{loss\_scale\_factor}, \ \text{then clipped} \\
+        v_t &= \rho v_{t-1} + (1 - \rho) g_t^2, \quad
+              \bar g_t = \rho \bar g_{t-1} + (1 - \rho) g_t \ \text{(centered)} \\
+        s_t &= \eta_t g_t / \sqrt{v_t - \bar g_t^2 + \epsilon} \ \text{(centered)}, \quad
+              \eta_t g_t / \sqrt{v_t + \epsilon} \ \text{(otherwise)} \\
+        b_t &= \mu b_{t-1} + s_t, \quad
+              p_t = p_{t-1} - \eta_t \lambda p_{t-1} - b_t
+
+    with :math:`b_t = s_t` when `momentum` is 0. `epsilon` sits inside the square root and
+    the learning rate is applied before the momentum buffer. Weight decay is decoupled: Keras
+    subtracts :math:`\eta_t \lambda p_{t-1}` from the variable before the step, so the decay
+    is neither divided by the RMS nor fed through the buffer. A schedule passed as
+    `learning_rate` must be an optax schedule of the step count (Keras calls its schedules
+    with `optimizer.iterations`, the number of `apply` calls so far, which is the same count;
+    `optax.exponential_decay` is `keras.optimizers.schedules.ExponentialDecay`).
+
+    Args:
+      learning_rate: :math:`\eta \ge 0`, a number or an optax schedule of the step count.
+      rho: :math:`\rho` in [0, 1], the decay of the moving averages.
+      momentum: :math:`\mu` in [0, 1); 0 means no buffer.
+      epsilon: :math:`\epsilon \ge 0`, added inside the square root.
+      centered: normalize by an estimate of the gradient's variance.
+      weight_decay: decoupled decay :math:`\lambda \ge 0`, or None for none.
+      clipnorm: clip each gradient leaf to this L2 norm (`g * c / max(||g||, c)`).
+      clipvalue: clip each gradient element to [-clipvalue, clipvalue].
+      global_clipnorm: scale all gradients together so their joint L2 norm is at most this.
+        At most one of the three clipping arguments may be set; 0 means no clipping.
+      use_ema: must be False; a moving average of the weights is not an update (raises
+        `ValueError` otherwise, with what to do instead).
+      ema_momentum: accepted for compatibility; Keras ignores it when `use_ema` is False.
+      ema_overwrite_frequency: accepted for compatibility; ignored when `use_ema` is False.
+      loss_scale_factor: divide incoming gradients by this (they are gradients of a loss
+        multiplied by it).
+      gradient_accumulation_steps: average this many successive gradients and update once
+        per that many calls (zero updates in between), through :class:`optax.MultiSteps`. As
+        in Keras, a schedule still sees the number of calls, not of updates.
+      name: accepted for compatibility; Keras uses it to name variables.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`; `update` needs `params` when
+      `weight_decay` is set. Complex parameters raise `TypeError` at `init`.
+
+    References:
+      Keras, keras.optimizers.RMSprop.
+      https://keras.io/api/optimizers/rmsprop/
+      Tieleman and Hinton, Lecture 6.5 - RMSProp, 2012.
+      https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf
+    """
+    del ema_momentum, ema_overwrite_frequency, name  # Meaningless without use_ema; a label.
+    _validation.check_in_range("learning_rate", learning_rate, low=0.0)
+    _validation.check_in_range("rho", rho, low=0.0, high=1.0)
+    _validation.check_in_range("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
+    _validation.check_in_range("epsilon", epsilon, low=0.0)
+    _validation.check_in_range("weight_decay", weight_decay, low=0.0)
+    _common.check_flag("centered", centered)
+    _common.check_flag("use_ema", use_ema)
+    _check_keras_only_arguments(use_ema, loss_scale_factor, gradient_accumulation_steps)
+    clipping = _gradient_clipping(clipnorm, clipvalue, global_clipnorm)
+
+    rate = learning_rate
+    if gradient_accumulation_steps and callable(learning_rate):
+        every = gradient_accumulation_steps
+
+        # Update number k happens on call k * every + every - 1, the count Keras passes on.
+        def rate(count: Any) -> Any:
+            return learning_rate(count * every + every - 1)
+
+    step = optax.chain(
+        clipping,
+        rmsprop(
+            rate,
+            decay=rho,
+            eps=epsilon,
+            eps_in_sqrt=True,
+            centered=centered,
+            momentum=None if _common.is_literal_zero(momentum) else momentum,
+            weight_decay=0.0 if weight_decay is None else weight_decay,
+            decoupled_weight_decay=True,
+        ),
+    )
+    if gradient_accumulation_steps:
+        step = optax.MultiSteps(step, every_k_schedule=gradient_accumulation_steps)
+        step = step.gradient_transformation()
+    if loss_scale_factor is not None:
+        step = optax.chain(optax.stateless_with_tree_map(lambda g, _: g / loss_scale_factor), step)
+    return _common.reject_complex(_precision.with_compute_dtype(step), "Keras")

@@ -1,0 +1,109 @@
+"""`torch_rmsprop`: the trajectory of `torch.optim.RMSprop` as an optax transformation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import optax
+
+from rmsprop_jax import _precision, _validation
+from rmsprop_jax.compat import _common
+from rmsprop_jax.transform import scale_by_rms
+
+
+def torch_rmsprop(
+    lr: optax.ScalarOrSchedule = 0.01,
+    alpha: chex.Numeric = 0.99,
+    eps: chex.Numeric = 1e-8,
+    weight_decay: chex.Numeric = 0,
+    momentum: chex.Numeric = 0,
+    centered: bool = False,
+    capturable: bool = False,
+    foreach: bool | None = None,
+    maximize: bool = False,
+    differentiable: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""PyTorch's RMSprop: same arguments, defaults and parameter trajectory.
+
+    .. math::
+
+        g_t &\leftarrow -g_t \ \text{(maximize)}; \quad
+              g_t \leftarrow g_t + \lambda p_{t-1} \ \text{(weight decay, L2)} \\
+        v_t &= \alpha v_{t-1} + (1 - \alpha) g_t^2, \quad
+              \bar g_t = \alpha \bar g_{t-1} + (1 - \alpha) g_t \ \text{(centered)} \\
+        s_t &= g_t / (\sqrt{v_t - \bar g_t^2} + \epsilon) \ \text{(centered)}, \quad
+              g_t / (\sqrt{v_t} + \epsilon) \ \text{(otherwise)} \\
+        b_t &= \mu b_{t-1} + s_t, \quad p_t = p_{t-1} - \gamma_t b_t
+
+    with :math:`b_t = s_t` when `momentum` is 0. PyTorch applies the learning rate
+    :math:`\gamma_t` *after* the momentum buffer, so with a schedule a change of rate acts
+    on the whole buffer at once; this preset does the same (`rmsprop_jax.rmsprop` applies it
+    before the buffer, as Keras and TF1 do). A schedule passed as `lr` sees the number of
+    updates applied so far, as `torch.optim.lr_scheduler.LambdaLR` does when stepped once per
+    optimizer step. A complex parameter is updated as `torch.view_as_real` of it: its real
+    and imaginary parts have separate accumulators.
+
+    The centered variance is clamped at 0 before the square root (PyTorch would return NaN
+    for the slightly negative values rounding can produce); otherwise the arithmetic is
+    PyTorch's, carried out in float32 or wider.
+
+    Args:
+      lr: :math:`\gamma \ge 0`, a number or an optax schedule of the step count.
+      alpha: smoothing constant :math:`\alpha` in [0, 1].
+      eps: :math:`\epsilon \ge 0`, added to the root (outside the square root).
+      weight_decay: L2 penalty :math:`\lambda \ge 0`, added to the gradient.
+      momentum: :math:`\mu` in [0, 1); with a literal 0 there is no buffer, as in PyTorch.
+      centered: normalize by an estimate of the gradient's variance.
+      capturable: accepted for compatibility; it only decides where PyTorch keeps its step
+        counters for CUDA-graph capture. Every optax transformation can be captured by
+        `jax.jit`.
+      foreach: accepted for compatibility; it chooses between PyTorch's per-tensor and
+        multi-tensor kernels, which compute the same thing. XLA fuses the whole update.
+      maximize: ascend the objective instead of descending it.
+      differentiable: accepted for compatibility; PyTorch needs it to let autograd through the
+        step, while a JAX transformation is always differentiable.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`. Its state is the tuple of the chained
+      states: the :class:`rmsprop_jax.ScaleByRmsState` (or centered) statistics, an
+      :class:`optax.TraceState` holding the momentum buffer when `momentum` is not a literal
+      0, and the schedule's step count. See :func:`rmsprop_jax.compat.state_from_torch` to
+      port a PyTorch checkpoint.
+
+    References:
+      PyTorch, torch.optim.RMSprop.
+      https://pytorch.org/docs/stable/generated/torch.optim.RMSprop.html
+      Tieleman and Hinton, Lecture 6.5 - RMSProp, 2012.
+      https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf
+      Graves, Generating Sequences With Recurrent Neural Networks, 2013.
+      https://arxiv.org/abs/1308.0850
+    """
+    _validation.check_in_range("lr", lr, low=0.0)
+    _validation.check_in_range("alpha", alpha, low=0.0, high=1.0)
+    _validation.check_in_range("eps", eps, low=0.0)
+    _validation.check_in_range("weight_decay", weight_decay, low=0.0)
+    _validation.check_in_range("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
+    for name, flag in (
+        ("centered", centered),
+        ("capturable", capturable),
+        ("maximize", maximize),
+        ("differentiable", differentiable),
+    ):
+        _common.check_flag(name, flag)
+    if foreach is not None:
+        _common.check_flag("foreach", foreach)
+
+    stages: list[Any] = [
+        optax.scale(-1.0) if maximize else optax.identity(),
+        optax.identity()
+        if _common.is_literal_zero(weight_decay)
+        else optax.add_decayed_weights(_precision.as_hyperparameter(weight_decay)),
+        scale_by_rms(alpha, eps, centered=centered),
+        optax.identity()
+        if _common.is_literal_zero(momentum)
+        else optax.trace(decay=_precision.as_hyperparameter(momentum)),
+        # After the buffer: PyTorch scales the buffer, not each increment, by the current rate.
+        optax.scale_by_learning_rate(_precision.as_hyperparameter(lr)),
+    ]
+    return _common.as_real_pairs(_precision.with_compute_dtype(optax.chain(*stages)))
