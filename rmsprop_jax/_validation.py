@@ -37,7 +37,8 @@ def check_in_range(
     values = _concrete_values(value)
     if values is None:
         return
-    if not np.issubdtype(values.dtype, np.number) or np.iscomplexobj(values):
+    # jnp.issubdtype, unlike NumPy's, counts bfloat16 (as inject_hyperparams stores it) as a number.
+    if not jnp.issubdtype(values.dtype, jnp.number) or np.iscomplexobj(values):
         raise ValueError(f"`{name}` must be a real number, got {value!r}.")
     values = values.astype(np.float64)
     below = values < low
