@@ -1,5 +1,6 @@
 """RMSprop for JAX: every variant, exact framework presets, numerics that never NaN."""
 
+from rmsprop_jax import checkpoint as checkpoint
 from rmsprop_jax import compat, sweep
 from rmsprop_jax._storage_factored import FactoredMoment
 from rmsprop_jax._storage_int8 import QuantizedArray

@@ -1,0 +1,216 @@
+"""Checkpoints of parameters and optimizer state that restore with their types, or fail clearly.
+
+Orbax stores a NamedTuple state (`ScaleByRmsState`, optax's `TraceState`, ...) as a dict and an
+`EmptyState` as nothing, so a checkpoint read back without a target comes back as dicts and
+lists that no optax `update` accepts. Restoring against an abstract target built from a freshly
+initialized optimizer gives back the original types and dtypes. Before restoring, the stored
+tree is compared leaf by leaf with that target, so a checkpoint written by another model or
+another optimizer configuration (centered or not, with or without momentum) is refused with a
+message naming the leaf, instead of being padded, truncated or half-restored.
+
+Typical use, with any pytree of arrays (the keys `params` and `opt_state` make the messages
+speak of parameters and optimizer state)::
+
+    manager = rj.checkpoint.open_manager(directory)
+    rj.checkpoint.save(manager, step, {"params": params, "opt_state": opt_state})
+    ...
+    fresh = {"params": init_params(), "opt_state": tx.init(init_params())}
+    restored = rj.checkpoint.restore(manager, fresh)  # the latest step, same types as `fresh`
+
+Needs `orbax-checkpoint` (`pip install rmsprop-jax[examples]`), imported on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
+
+_SHOWN_PER_KIND = 3
+_CAUSES = {
+    "params": "the model differs (other layers, layer sizes or names)",
+    "opt_state": "the optimizer configuration differs (centered or not, with or without "
+    "momentum, or another optimizer)",
+}
+_LEAF_KINDS = {"opt_state": "optimizer state leaf", "params": "parameter"}
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the tree it is restored into (structure, shape or dtype)."""
+
+
+def _orbax() -> Any:
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as error:
+        raise ImportError(
+            "rmsprop_jax.checkpoint needs orbax-checkpoint: pip install 'rmsprop-jax[examples]'"
+        ) from error
+    return ocp
+
+
+def _key_name(key: Any) -> str:
+    for attribute in ("name", "key", "idx"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
+    """Leaves keyed by their path, with NamedTuple fields, dict keys and indices all as strings.
+
+    Orbax's metadata stores a NamedTuple as a dict of its fields and a tuple as a list, so paths
+    spelled this way are the same for a live state and for its stored metadata.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(_key_name(key) for key in path): leaf for path, leaf in leaves}
+
+
+def _describe(path: tuple[str, ...]) -> str:
+    kind = _LEAF_KINDS.get(path[0], "leaf") if path else "leaf"
+    return f"{kind} '{'.'.join(path) or '<root>'}'"
+
+
+def _params_first(path: tuple[str, ...]) -> tuple[bool, tuple[str, ...]]:
+    return (path[:1] != ("params",), path)
+
+
+def _listed(paths: list[tuple[str, ...]]) -> str:
+    shown = ", ".join(f"'{'.'.join(path)}'" for path in paths[:_SHOWN_PER_KIND])
+    more = len(paths) - _SHOWN_PER_KIND
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def check_matches(stored: Any, target: Any, *, where: str = "checkpoint") -> None:
+    """Raises unless `stored` has exactly the leaves of `target`, with equal shapes and dtypes.
+
+    Args:
+      stored: the checkpoint's tree metadata (`manager.item_metadata(step)`, or its `.tree`), or
+        any tree whose leaves have `.shape` and `.dtype`.
+      target: the tree to restore into: arrays or `jax.ShapeDtypeStruct` leaves.
+      where: how the messages name the checkpoint, e.g. "checkpoint at step 100".
+
+    Raises:
+      CheckpointMismatchError: (a `ValueError`) naming every leaf that is missing on either side
+        or differs in shape or dtype (the first few of each kind).
+    """
+    stored_leaves = _flat(getattr(stored, "tree", stored))
+    target_leaves = _flat(target)
+    problems = []
+    only_stored = sorted(set(stored_leaves) - set(target_leaves), key=_params_first)
+    only_target = sorted(set(target_leaves) - set(stored_leaves), key=_params_first)
+    if only_stored:
+        problems.append(f"it has leaves the target lacks: {_listed(only_stored)}")
+    if only_target:
+        problems.append(f"it lacks leaves the target has: {_listed(only_target)}")
+    differing = []
+    for path in sorted(set(stored_leaves) & set(target_leaves), key=_params_first):
+        saved, expected = stored_leaves[path], target_leaves[path]
+        saved_shape, expected_shape = tuple(np.shape(saved)), tuple(np.shape(expected))
+        if saved_shape != expected_shape:
+            differing.append((path, "shape", saved_shape, expected_shape))
+        elif np.dtype(saved.dtype) != np.dtype(expected.dtype):
+            differing.append((path, "dtype", np.dtype(saved.dtype), np.dtype(expected.dtype)))
+    problems += [
+        f"it has {_describe(path)} with {what} {saved}, the target expects {expected}"
+        for path, what, saved, expected in differing[:_SHOWN_PER_KIND]
+    ]
+    if len(differing) > _SHOWN_PER_KIND:
+        problems.append(f"and {len(differing) - _SHOWN_PER_KIND} more leaves differ")
+    if not problems:
+        return
+    # A parameter of another shape also changes the optimizer state's shapes: blame the model.
+    roots = {path[0] for path in only_stored + only_target if path}
+    roots |= {path[0] for path, *_ in differing if path and path[0] == "params"}
+    hints = [_CAUSES[root] for root in sorted(roots, reverse=True) if root in _CAUSES]
+    cause = f" Probably {' and '.join(hints)}." if hints else ""
+    raise CheckpointMismatchError(
+        f"{where} does not match the restore target: {'; '.join(problems)}.{cause} Restore "
+        "with the configuration that wrote the checkpoint, or use a new checkpoint directory."
+    )
+
+
+def _abstract_leaf(leaf: Any) -> jax.ShapeDtypeStruct:
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return leaf
+    return _orbax().utils.to_shape_dtype_struct(leaf)
+
+
+def open_manager(
+    directory: str | os.PathLike[str], options: ocp.CheckpointManagerOptions | None = None
+) -> ocp.CheckpointManager:
+    """An `orbax.checkpoint.CheckpointManager` for :func:`save` and :func:`restore`.
+
+    It knows the format of its items from the start, so a new process can read the metadata
+    of existing checkpoints before restoring any of them (a plain manager cannot).
+
+    Args:
+      directory: where the checkpoints live (made absolute; created if missing).
+      options: orbax's `CheckpointManagerOptions` (how many to keep, async saving, ...).
+    """
+    ocp_ = _orbax()
+    return ocp_.CheckpointManager(
+        Path(directory).absolute(),
+        options=options,
+        item_handlers=ocp_.StandardCheckpointHandler(),
+    )
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool = False) -> bool:
+    """Saves the pytree `state` as `step` of `manager` (one item, orbax's standard format).
+
+    Returns:
+      Whether a checkpoint was written (the manager's save policy may skip a step).
+    """
+    ocp_ = _orbax()
+    return manager.save(step, args=ocp_.args.StandardSave(state), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None) -> Any:
+    """Restores `step` (default: the latest) of `manager` into the structure of `target`.
+
+    Args:
+      manager: from :func:`open_manager`, holding checkpoints written by :func:`save`.
+      target: a tree like the one saved, e.g. built from a freshly initialized model and
+        optimizer (arrays or `jax.ShapeDtypeStruct` leaves; only shapes, dtypes, shardings and
+        the tree structure are used).
+      step: the step to restore; None for the latest.
+
+    Returns:
+      The stored values in a tree with the structure and node types of `target` (NamedTuple
+      states stay NamedTuples) and the stored dtypes.
+
+    Raises:
+      FileNotFoundError: the manager holds no checkpoint.
+      ValueError: the manager cannot read the checkpoint's metadata (not opened by
+        :func:`open_manager`).
+      CheckpointMismatchError: the checkpoint's leaves, shapes or dtypes differ from `target`'s;
+        nothing is restored.
+    """
+    ocp_ = _orbax()
+    if step is None:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint to restore in {manager.directory}")
+    metadata = manager.item_metadata(step)
+    if metadata is None:
+        raise ValueError(
+            f"cannot read the metadata of checkpoint step {step} in {manager.directory}: create "
+            "the manager with rmsprop_jax.checkpoint.open_manager(directory), or pass "
+            "item_handlers=orbax.checkpoint.StandardCheckpointHandler() to CheckpointManager"
+        )
+    check_matches(metadata, target, where=f"checkpoint at step {step}")
+    abstract = jax.tree.map(_abstract_leaf, target)
+    restored = manager.restore(step, args=ocp_.args.StandardRestore(abstract))
+    if jax.tree.structure(restored) != jax.tree.structure(target):
+        raise CheckpointMismatchError(
+            f"checkpoint at step {step} restored as {jax.tree.structure(restored)}, "
+            f"expected {jax.tree.structure(target)}"
+        )
+    return restored
