@@ -32,7 +32,7 @@ any out-of-range value.
 Hyperparameters stay float32 whatever the parameter dtype: :func:`grid` returns float32 arrays
 and the optimizer computes in float32 for bfloat16 parameters. One exception comes from optax:
 `optax.inject_hyperparams` stores its hyperparameters in the dtype of the parameters, so with
-bfloat16 parameters a learning rate of 1e-3 is stored (and rounded) as 1.0004e-3. Pass
+bfloat16 parameters a learning rate of 1e-3 is stored (and rounded) as 9.9945e-4. Pass
 ``optax.inject_hyperparams(rj.rmsprop, hyperparam_dtype=jnp.float32)`` to keep them exact.
 """
 

@@ -1,0 +1,491 @@
+"""Sweeps: every hyperparameter vmaps, one compilation serves many grids, float32 throughout."""
+
+from __future__ import annotations
+
+import doctest
+
+import jax
+import jax.extend.core
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmsprop_jax as rj
+
+STEPS = 12
+# A quadratic bowl far from the start, plus fixed per-step gradient noise (as from minibatches):
+# gradients stay large and varied, so the one-ulp differences between vectorized and scalar
+# code are not amplified by cancellation (as they are near the optimum, or in the centered
+# variance of constant gradients) and results can be compared to 1e-6.
+TARGET = {"w": jnp.linspace(50.0, 100.0, 7), "b": jnp.array([-60.0, 70.0, 80.0])}
+CURVATURE = {"w": jnp.linspace(0.5, 1.5, 7), "b": jnp.array([1.0, 0.7, 1.3])}
+NOISE = {
+    "w": 80 * jax.random.normal(jax.random.key(0), (STEPS, 7)),
+    "b": 80 * jax.random.normal(jax.random.key(1), (STEPS, 3)),
+}
+
+
+def loss_fn(params, noise):
+    # Elementwise, so the gradient has no reduction whose order could differ under vmap.
+    terms = jax.tree.map(
+        lambda p, t, c, n: c * (p - t) ** 2 + n * p, params, TARGET, CURVATURE, noise
+    )
+    return sum(jnp.sum(x) for x in jax.tree.leaves(terms))
+
+
+def initial_params(dtype=jnp.float32):
+    return {"w": jnp.zeros(7, dtype), "b": jnp.linspace(-1.0, 1.0, 3).astype(dtype)}
+
+
+def make_train(optimizer_factory, dtype=jnp.float32):
+    """`train(**hyperparameters)`: STEPS optimizer steps; returns final params and state."""
+
+    def train(**hyperparameters):
+        optimizer = optimizer_factory(**hyperparameters)
+        params = initial_params(dtype)
+
+        def step(carry, noise):
+            params, state = carry
+            grads = jax.grad(loss_fn)(params, noise)
+            updates, state = optimizer.update(grads, state, params)
+            return (optax.apply_updates(params, updates), state), None
+
+        (params, state), _ = jax.lax.scan(step, (params, optimizer.init(params)), NOISE)
+        return {"params": params, "state": state}
+
+    return train
+
+
+def assert_close(actual, desired, rtol=1e-6):
+    """Equal within `rtol` relative to the largest magnitude in the array.
+
+    Relative to each element would fail on elements that cancellation brought near zero,
+    where one ulp of a larger intermediate is a large relative error.
+    """
+    desired = np.asarray(desired)
+    atol = rtol * float(np.max(np.abs(desired), initial=0.0))
+    np.testing.assert_allclose(actual, desired, rtol=rtol, atol=atol)
+
+
+VALUES = {
+    "learning_rate": [1e-3, 3e-2, 1e-1, 0.3],
+    "decay": [0.5, 0.8, 0.95, 0.999],
+    "eps": [0.0, 1e-2, 1.0, 30.0],
+    "initial_scale": [0.0, 1e2, 1e4, 1e5],
+    "momentum": [0.0, 0.3, 0.6, 0.9],
+    "weight_decay": [0.0, 1e-3, 0.1, 1.0],
+}
+# The framework presets' names for the same quantities.
+VALUES.update(lr=VALUES["learning_rate"], alpha=VALUES["decay"], rho=VALUES["decay"])
+VALUES.update(epsilon=VALUES["eps"])
+
+CASES = {
+    "learning_rate": lambda learning_rate: rj.rmsprop(learning_rate),
+    "learning_rate_in_schedule": lambda learning_rate: rj.rmsprop(
+        optax.exponential_decay(learning_rate, transition_steps=3, decay_rate=0.5)
+    ),
+    "decay": lambda decay: rj.rmsprop(0.05, decay),
+    "eps": lambda eps: rj.rmsprop(0.05, eps=eps),
+    "eps_in_sqrt": lambda eps: rj.rmsprop(0.05, eps=eps, eps_in_sqrt=True),
+    "initial_scale": lambda initial_scale: rj.rmsprop(0.05, initial_scale=initial_scale),
+    "momentum": lambda momentum: rj.rmsprop(0.05, momentum=momentum),
+    "nesterov": lambda momentum: rj.rmsprop(0.05, momentum=momentum, nesterov=True),
+    "coupled_weight_decay": lambda weight_decay: rj.rmsprop(0.05, weight_decay=weight_decay),
+    "decoupled_weight_decay": lambda weight_decay: rj.rmsprop(
+        0.05, weight_decay=weight_decay, decoupled_weight_decay=True
+    ),
+    "centered_with_momentum": lambda decay, eps, momentum: rj.rmsprop(
+        0.05, decay, eps, centered=True, momentum=momentum
+    ),
+    "bias_correction_with_momentum": lambda learning_rate, decay, momentum: rj.rmsprop(
+        learning_rate, decay, bias_correction=True, momentum=momentum, nesterov=True
+    ),
+    "all_at_once": lambda learning_rate, decay, eps, initial_scale, momentum, weight_decay: (
+        rj.rmsprop(
+            learning_rate,
+            decay,
+            eps,
+            initial_scale=initial_scale,
+            centered=True,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=True,
+        )
+    ),
+    "scale_by_rms": lambda decay, eps, initial_scale: optax.chain(
+        rj.scale_by_rms(decay, eps, initial_scale=initial_scale, bias_correction=True),
+        optax.scale(-0.05),
+    ),
+    "scale_by_rms_centered": lambda decay, eps: optax.chain(
+        rj.scale_by_rms(decay, eps, centered=True), optax.scale(-0.05)
+    ),
+    "torch": lambda lr, alpha, eps, weight_decay, momentum: rj.compat.torch_rmsprop(
+        lr, alpha, eps, weight_decay, momentum
+    ),
+    "torch_centered": lambda lr, alpha, momentum: rj.compat.torch_rmsprop(
+        lr, alpha, momentum=momentum, centered=True
+    ),
+    "keras": lambda learning_rate, rho, momentum, epsilon, weight_decay: rj.compat.keras_rmsprop(
+        learning_rate, rho, momentum, epsilon, weight_decay=weight_decay
+    ),
+    "keras_centered": lambda learning_rate, rho, epsilon: rj.compat.keras_rmsprop(
+        learning_rate, rho, epsilon=epsilon, centered=True
+    ),
+    "tf1": lambda learning_rate, decay, momentum, epsilon: rj.compat.tf1_rmsprop(
+        learning_rate, decay, momentum, epsilon, centered=True
+    ),
+}
+
+
+def case_grid(factory):
+    names = factory.__code__.co_varnames[: factory.__code__.co_argcount]
+    # Zipped, with the lists rotated so that no two names vary in lockstep.
+    lists = {name: np.roll(VALUES[name], i) for i, name in enumerate(names)}
+    # bias correction needs decay < 1 and the schedule's log-spacing keeps lr > 0 anyway.
+    return rj.sweep.grid(product=False, **lists)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_vmapped_sweep_equals_each_configuration_run_alone(case, maybe_jit):
+    train = make_train(CASES[case])
+    hyperparameters = case_grid(CASES[case])
+    swept = rj.sweep.run(train, hyperparameters)
+    train_alone = maybe_jit(train)
+    for i in range(swept.size):
+        alone = train_alone(**{k: v[i] for k, v in hyperparameters.items()})
+        mine = jax.tree.map(lambda x, i=i: x[i], swept.results)
+        # The configurations differ, so equal results also show each got its own values.
+        jax.tree.map(assert_close, mine, alone)
+    finals = np.asarray(swept.results["params"]["w"])
+    assert len({row.tobytes() for row in finals}) == swept.size
+
+
+def numpy_centered_momentum_rmsprop(
+    learning_rate, decay, eps, initial_scale, momentum, weight_decay
+):
+    """Float64 reference of the `all_at_once` case, written from the equations."""
+    final = {}
+    for name, p in initial_params().items():
+        p = np.asarray(p, np.float64)
+        target, curvature = (np.asarray(x[name], np.float64) for x in (TARGET, CURVATURE))
+        nu, mu, buf = np.full_like(p, initial_scale), np.zeros_like(p), np.zeros_like(p)
+        for noise in np.asarray(NOISE[name], np.float64):
+            g = 2 * curvature * (p - target) + noise
+            nu = decay * nu + (1 - decay) * g**2
+            mu = decay * mu + (1 - decay) * g
+            buf = momentum * buf + learning_rate * g / (np.sqrt(np.maximum(nu - mu**2, 0)) + eps)
+            p = p - buf - learning_rate * weight_decay * p
+        final[name] = p
+    return final
+
+
+def test_vmapped_sweep_matches_float64_reference_for_every_configuration():
+    hyperparameters = rj.sweep.grid(
+        learning_rate=[1e-2, 1e-1], decay=[0.9, 0.99], eps=[0.0, 1.0], initial_scale=[0.0, 1e3],
+        momentum=[0.0, 0.9], weight_decay=[0.0, 0.1],
+    )  # fmt: skip
+    swept = rj.sweep.run(make_train(CASES["all_at_once"]), hyperparameters)
+    assert swept.size == 64
+    for i in range(swept.size):
+        c = swept.config(i)
+        expected = numpy_centered_momentum_rmsprop(**c)
+        for name, p in expected.items():
+            assert_close(swept.results["params"][name][i], p, rtol=1e-5)
+
+
+def test_second_sweep_with_new_values_of_same_shape_does_not_retrace():
+    traces = []
+
+    def train(learning_rate, decay):
+        traces.append(1)  # runs once per trace, never at execution
+        return make_train(lambda learning_rate, decay: rj.rmsprop(learning_rate, decay))(
+            learning_rate=learning_rate, decay=decay
+        )["params"]
+
+    first = rj.sweep.run(train, rj.sweep.grid(learning_rate=[0.01, 0.1], decay=[0.9, 0.99]))
+    second = rj.sweep.run(train, rj.sweep.grid(learning_rate=[0.02, 0.2], decay=[0.5, 0.8]))
+    assert len(traces) == 1
+    assert not np.allclose(first.results["w"], second.results["w"])
+    rj.sweep.run(train, rj.sweep.grid(learning_rate=[0.01, 0.1, 0.3], decay=[0.9]))
+    assert len(traces) == 2  # a new grid size is a new program, so the counter does count
+
+
+def test_training_in_chunks_compiles_once_and_equals_one_long_run():
+    traces = []
+
+    def train_chunk(carry, learning_rate, momentum):
+        traces.append(1)
+        optimizer = rj.rmsprop(learning_rate, momentum=momentum)
+        params, state = carry if carry is not None else (initial_params(), None)
+        state = optimizer.init(params) if state is None else state
+
+        def step(carry, noise):
+            params, state = carry
+            updates, state = optimizer.update(jax.grad(loss_fn)(params, noise), state, params)
+            return (optax.apply_updates(params, updates), state), None
+
+        return jax.lax.scan(step, (params, state), jax.tree.map(lambda n: n[:4], NOISE))[0]
+
+    hyperparameters = rj.sweep.grid(learning_rate=[0.01, 0.1], momentum=[0.0, 0.5])
+    # The first chunk builds the state, so later chunks all have one shape.
+    carry = rj.sweep.run(lambda **hp: train_chunk(None, **hp), hyperparameters).results
+    for _ in range(3):
+        carry = rj.sweep.run(train_chunk, hyperparameters, carry, in_axes=0).results
+    assert len(traces) == 2
+
+    def whole(learning_rate, momentum):
+        carry = train_chunk(None, learning_rate, momentum)
+        for _ in range(3):
+            carry = train_chunk(carry, learning_rate, momentum)
+        return carry
+
+    expected = rj.sweep.run(whole, hyperparameters).results
+    jax.tree.map(assert_close, carry, expected)
+
+
+def _hyperparameter_only_dtypes(jaxpr, tainted, constant=()):
+    """Dtypes of every value computed from the hyperparameters alone, sub-programs included."""
+    tainted, constant, dtypes = set(tainted), set(constant), []
+    literal = jax.extend.core.Literal
+    for eqn in jaxpr.eqns:
+        ins = [v for v in eqn.invars if not isinstance(v, literal) and v not in constant]
+        if ins and all(v in tainted for v in ins):
+            tainted.update(eqn.outvars)
+            dtypes += [v.aval.dtype for v in eqn.outvars]
+        for sub in (p for p in eqn.params.values() if isinstance(p, jax.extend.core.ClosedJaxpr)):
+            pairs = list(zip(sub.jaxpr.invars, eqn.invars, strict=False))
+            inner_tainted = {i for i, o in pairs if not isinstance(o, literal) and o in tainted}
+            inner_constant = {i for i, o in pairs if isinstance(o, literal) or o in constant}
+            dtypes += _hyperparameter_only_dtypes(sub.jaxpr, inner_tainted, inner_constant)
+    return dtypes
+
+
+def test_bf16_params_never_round_a_hyperparameter_to_bf16():
+    def update(learning_rate, decay, eps, momentum, weight_decay, params):
+        optimizer = rj.rmsprop(
+            learning_rate, decay, eps, centered=True, momentum=momentum, weight_decay=weight_decay
+        )
+        return optimizer.update(params, optimizer.init(params), params)
+
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), TARGET)
+    hyperparameters = [jnp.full(4, 0.1, jnp.float32)] * 5
+    closed = jax.make_jaxpr(jax.vmap(update, in_axes=(0, 0, 0, 0, 0, None)))(
+        *hyperparameters, params
+    )
+    dtypes = _hyperparameter_only_dtypes(closed.jaxpr, closed.jaxpr.invars[:5])
+    assert dtypes and all(dtype == jnp.float32 for dtype in dtypes), set(dtypes)
+
+
+def test_bf16_params_sweep_equals_explicit_float32_hyperparameter_computation():
+    # Fixed bfloat16 gradients: under jit XLA may keep bfloat16 intermediates of a gradient
+    # computation in float32, which would blur the comparison with an eager reference.
+    grads = jax.tree.map(lambda n: (n + 30).astype(jnp.bfloat16), NOISE)
+
+    def train(learning_rate, decay):
+        optimizer = rj.rmsprop(learning_rate, decay, momentum=0.5)
+        params = initial_params(jnp.bfloat16)
+
+        def step(carry, g):
+            params, state = carry
+            updates, state = optimizer.update(g, state, params)
+            return (optax.apply_updates(params, updates), state), None
+
+        return jax.lax.scan(step, (params, optimizer.init(params)), grads)[0]
+
+    # Neither value is a bfloat16 number: rounding them would change nu by ~17% (decay) or
+    # the momentum buffer by 0.05% (learning rate).
+    hyperparameters = rj.sweep.grid(product=False, learning_rate=[1e-3, 0.03], decay=[0.99, 0.9])
+    params, (_, _, rms, _, trace, _) = rj.sweep.run(train, hyperparameters).results
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((rms.nu, trace.trace)))
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
+    for i in range(2):
+        lr, decay = (np.float32(v[i]) for v in hyperparameters.values())
+        for name, p in initial_params(jnp.bfloat16).items():
+            nu = buf = np.zeros(p.shape, np.float32)
+            for g in np.asarray(grads[name], np.float32):
+                nu = (1 - decay) * (g * g) + decay * nu
+                buf = -lr * (g / (np.sqrt(nu) + np.float32(1e-8))) + np.float32(0.5) * buf
+                p = p + buf.astype(jnp.bfloat16)
+            assert_close(rms.nu[name][i], nu)
+            assert_close(trace.trace[name][i], buf)
+            np.testing.assert_array_equal(params[name][i], p)
+
+
+def test_inject_hyperparams_stores_bf16_hyperparameters_for_bf16_params_unless_told_float32():
+    params = {"w": jnp.linspace(-1.0, 1.0, 5, dtype=jnp.bfloat16)}
+    grads = {"w": jnp.linspace(0.5, 3.0, 5, dtype=jnp.bfloat16)}
+
+    def one_update(optimizer):
+        state = optimizer.init(params)
+        updates, state = optimizer.update(grads, state, params)
+        updates, state = optimizer.update(grads, state, params)
+        return updates["w"], state
+
+    exact = rj.rmsprop(np.float32(1e-3), np.float32(0.99), momentum=np.float32(0.5))
+    expected, _ = one_update(exact)
+    # optax casts stored hyperparameters to the parameter dtype (here: rounds them) ...
+    default = optax.inject_hyperparams(rj.rmsprop)(learning_rate=1e-3, decay=0.99, momentum=0.5)
+    updates, state = one_update(default)
+    assert state.hyperparams["learning_rate"].dtype == jnp.bfloat16
+    assert state.hyperparams["learning_rate"] != np.float32(1e-3)
+    # ... but the optimizer widens them again, so the arithmetic and the state stay float32.
+    assert state.inner_state[2].nu["w"].dtype == jnp.float32
+    rounded = [np.float32(jnp.bfloat16(v)) for v in (1e-3, 0.99, 0.5)]
+    from_rounded, _ = one_update(rj.rmsprop(rounded[0], rounded[1], momentum=rounded[2]))
+    np.testing.assert_array_equal(updates, from_rounded)
+    # hyperparam_dtype=float32 keeps the values exact.
+    float32 = optax.inject_hyperparams(rj.rmsprop, hyperparam_dtype=jnp.float32)
+    updates, state = one_update(float32(learning_rate=1e-3, decay=0.99, momentum=0.5))
+    assert state.hyperparams["decay"].dtype == jnp.float32
+    np.testing.assert_array_equal(updates, expected)
+
+
+def test_inject_hyperparams_in_a_sweep_equals_plain_rmsprop():
+    hyperparameters = rj.sweep.grid(learning_rate=[1e-3, 0.03], decay=[0.99, 0.9])
+    injected = optax.inject_hyperparams(rj.rmsprop, hyperparam_dtype=jnp.float32)
+    swept = rj.sweep.run(make_train(injected, jnp.bfloat16), hyperparameters)
+    plain = rj.sweep.run(make_train(rj.rmsprop, jnp.bfloat16), hyperparameters)
+    assert swept.results["state"].hyperparams["learning_rate"].dtype == jnp.float32
+    jax.tree.map(assert_close, swept.results["params"], plain.results["params"])
+    jax.tree.map(assert_close, swept.results["state"].inner_state, plain.results["state"])
+
+
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("nu_storage", ["float32", "bfloat16", "int8", "factored"])
+def test_every_nu_storage_format_sweeps_like_configurations_run_alone(nu_storage, centered):
+    noise = jax.random.normal(jax.random.key(2), (6, 128, 128))  # large enough to be compressed
+
+    def train(learning_rate, decay, eps, initial_scale, momentum):
+        optimizer = rj.rmsprop(
+            learning_rate, decay, eps, initial_scale=initial_scale, centered=centered,
+            momentum=momentum, nu_storage=nu_storage,
+        )  # fmt: skip
+
+        def step(carry, n):
+            params, state = carry
+            updates, state = optimizer.update(2 * (params - 50.0) + 80 * n, state, params)
+            return (params + updates, state), None
+
+        params = jnp.zeros((128, 128))
+        return jax.lax.scan(step, (params, optimizer.init(params)), noise)[0][0]
+
+    hyperparameters = rj.sweep.grid(
+        product=False, learning_rate=[0.01, 0.1, 0.03], decay=[0.9, 0.99, 0.5],
+        eps=[1e-8, 1.0, 0.1], initial_scale=[0.0, 1.0, 100.0], momentum=[0.0, 0.5, 0.9],
+    )  # fmt: skip
+    swept = rj.sweep.run(train, hyperparameters)
+    train_alone = jax.jit(train)
+    for i in range(swept.size):
+        alone = train_alone(**{k: v[i] for k, v in hyperparameters.items()})
+        # Factored storage rebuilds nu from row and column sums, which adds a few ulps.
+        assert_close(swept.results[i], alone, rtol=1e-5 if nu_storage == "factored" else 1e-6)
+
+
+def test_grid_product_takes_every_combination_with_the_first_name_slowest():
+    g = rj.sweep.grid(learning_rate=[0.1, 0.2, 0.3], decay=[0.9, 0.99])
+    assert all(v.dtype == jnp.float32 and v.shape == (6,) for v in g.values())
+    pairs = list(zip(g["learning_rate"].tolist(), g["decay"].tolist(), strict=True))
+    expected = [(np.float32(a), np.float32(b)) for a in (0.1, 0.2, 0.3) for b in (0.9, 0.99)]
+    assert pairs == expected
+
+
+def test_grid_zipped_pairs_values_by_position_and_keeps_integer_seeds_integer():
+    g = rj.sweep.grid(product=False, learning_rate=[0.1, 0.2], seed=[3, 4])
+    assert g["learning_rate"].tolist() == [np.float32(0.1), np.float32(0.2)]
+    assert g["seed"].dtype == jnp.int32 and g["seed"].tolist() == [3, 4]
+    with pytest.raises(ValueError, match=r"same length.*'learning_rate': 2, 'decay': 3"):
+        rj.sweep.grid(product=False, learning_rate=[0.1, 0.2], decay=[0.9, 0.99, 0.999])
+
+
+@pytest.mark.parametrize(
+    ("values", "error", "message"),
+    [
+        (0.9, ValueError, "`decay` must be a non-empty 1-D sequence"),
+        ([], ValueError, "`decay` must be a non-empty 1-D sequence"),
+        ([[0.9]], ValueError, "`decay` must be a non-empty 1-D sequence"),
+        ([0.9, float("nan")], ValueError, "`decay` must be finite"),
+        ([True, False], TypeError, "`decay` must be real numbers"),
+        ([1j], TypeError, "`decay` must be real numbers"),
+    ],
+)
+def test_grid_rejects_values_that_are_not_a_list_of_finite_numbers(values, error, message):
+    with pytest.raises(error, match=message):
+        rj.sweep.grid(decay=values)
+
+
+def test_building_the_optimizer_from_the_whole_grid_checks_every_value():
+    # Inside `train` the values are traced and cannot be checked, so check them up front.
+    with pytest.raises(ValueError, match="`decay` must lie in"):
+        rj.rmsprop(**rj.sweep.grid(learning_rate=[0.1], decay=[0.9, 1.5]))
+
+
+def quadratic_train(learning_rate, decay):
+    return make_train(rj.rmsprop)(learning_rate=learning_rate, decay=decay)
+
+
+def test_best_picks_the_lowest_or_highest_metric_and_skips_diverged_runs():
+    result = rj.sweep.SweepResult(
+        {"learning_rate": jnp.array([0.5, 0.25, 0.125]), "seed": jnp.array([1, 2, 3])},
+        {"loss": jnp.array([2.0, jnp.nan, 1.0]), "curve": jnp.array([[3.0, 0], [1, 2], [4, 5]])},
+    )
+    best = result.best("loss")
+    assert (best.index, best.value, best.hyperparameters) == (
+        2, 1.0, {"learning_rate": 0.125, "seed": 3},
+    )  # fmt: skip
+    assert best.results["curve"].tolist() == [4.0, 5.0]
+    assert result.best("loss", mode="max").index == 0
+    assert result.best(lambda r: r["curve"][:, 0], mode="min").index == 1
+    with pytest.raises(ValueError, match=r"shape \(3, 2\).*one number per configuration"):
+        result.best("curve")
+    with pytest.raises(KeyError, match="no entry 'accuracy'"):
+        result.best("accuracy")
+    with pytest.raises(ValueError, match="`mode` must be 'min' or 'max', got 'lowest'"):
+        result.best("loss", mode="lowest")
+    with pytest.raises(ValueError, match="Every configuration gave NaN"):
+        result.best(lambda r: r["loss"] * jnp.nan)
+
+
+def test_best_reads_named_tuple_results_by_attribute():
+    swept = rj.sweep.run(
+        lambda learning_rate, decay: quadratic_train(learning_rate, decay)["state"][2],
+        rj.sweep.grid(learning_rate=[0.01, 0.1], decay=[0.9]),
+    )
+    assert isinstance(swept.results, rj.ScaleByRmsState)
+    assert swept.best("count").index == 0 and swept.best("count").value == STEPS
+
+
+def test_run_names_the_argument_whose_shape_does_not_fit_the_grid():
+    grid = rj.sweep.grid(learning_rate=[0.01, 0.1], decay=[0.9])
+    with pytest.raises(ValueError, match=r"Argument 0 .* leading size 2, got shape \(3,\)"):
+        rj.sweep.run(lambda x, **hp: x, grid, jnp.ones(3), in_axes=0)
+    with pytest.raises(ValueError, match="`in_axes` must be 0, None"):
+        rj.sweep.run(lambda x, **hp: x, grid, jnp.ones(3), in_axes=(1,))
+    with pytest.raises(ValueError, match="1-D arrays of one length"):
+        rj.sweep.run(quadratic_train, {"learning_rate": jnp.ones(2), "decay": jnp.ones(3)})
+    with pytest.raises(ValueError, match="`hyperparameters` is empty"):
+        rj.sweep.run(quadratic_train, {})
+
+
+def test_shared_arguments_reach_every_configuration_unbatched():
+    def train(data, scale):
+        return {"scaled": scale * data}
+
+    data = jnp.arange(5.0)
+    swept = rj.sweep.run(train, rj.sweep.grid(scale=[1.0, 2.0, 3.0]), data)
+    np.testing.assert_array_equal(swept.results["scaled"], np.outer([1, 2, 3], data))
+
+
+def test_sharding_over_the_available_devices_gives_the_unsharded_results():
+    grid = rj.sweep.grid(learning_rate=[0.01, 0.1], decay=[0.9, 0.99])
+    sharded = rj.sweep.run(quadratic_train, grid, shard=True)
+    plain = rj.sweep.run(quadratic_train, grid)
+    leaf = sharded.results["params"]["w"]
+    assert isinstance(leaf.sharding, jax.sharding.NamedSharding)
+    assert leaf.sharding.spec == jax.sharding.PartitionSpec(rj.sweep.SWEEP_AXIS)
+    jax.tree.map(np.testing.assert_array_equal, sharded.results, plain.results)
+
+
+def test_docstring_examples_run():
+    failed, attempted = doctest.testmod(rj.sweep)
+    assert attempted > 5 and failed == 0
