@@ -22,10 +22,11 @@ def _clip_each_by_norm(clipnorm: float) -> optax.GradientTransformation:
 
 
 def _clip_by_global_norm(clipnorm: float) -> optax.GradientTransformation:
-    """Keras `global_clipnorm`, including its NaN result for a non-finite norm.
+    """Keras `global_clipnorm`: all leaves scaled by `clipnorm * min(1 / norm, 1 / clipnorm)`.
 
-    `optax.clip_by_global_norm` agrees for finite gradients but keeps the finite entries of a
-    gradient with an infinite entry; Keras turns the whole step into NaN, and so does this.
+    Keras's own formula rather than `optax.clip_by_global_norm`, which computes the same
+    scale differently: it rounds differently, and for a non-finite norm it keeps the finite
+    entries where Keras makes the whole gradient NaN.
     """
 
     def clip(updates, params):
