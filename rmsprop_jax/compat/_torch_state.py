@@ -203,6 +203,14 @@ def state_to_torch(
     stats = stats[0]
     trace = _find(opt_state, (optax.TraceState,), "momentum buffer")
     _check_flags(param_groups, stats, trace)
+    for param, value in zip(jax.tree.leaves(params), jax.tree.leaves(stats.nu), strict=True):
+        expected = jnp.shape(view_as_real(param))
+        if jnp.shape(value) != expected:
+            raise ValueError(
+                f"The optax state has a leaf of shape {jnp.shape(value)} where the parameter "
+                f"of shape {jnp.shape(param)} needs {expected}; pass the parameters the state "
+                "was initialized with."
+            )
     groups = [dict(g) for g in param_groups]
     count = int(stats.count)
     if count == 0:
@@ -212,13 +220,6 @@ def state_to_torch(
         out = []
         for param, value in zip(jax.tree.leaves(params), jax.tree.leaves(tree), strict=True):
             value = np.array(value)
-            expected = jnp.shape(view_as_real(param))
-            if value.shape != expected:
-                raise ValueError(
-                    f"The optax state has a leaf of shape {value.shape} where the parameter "
-                    f"of shape {jnp.shape(param)} needs {expected}; pass the parameters the "
-                    "state was initialized with."
-                )
             if jnp.iscomplexobj(param):
                 value = (value[..., 0] + 1j * value[..., 1]).astype(jnp.result_type(param))
             out.append(torch.from_numpy(value))
