@@ -198,6 +198,35 @@ def test_decoupled_weight_decay_is_not_divided_by_the_rms():
 
 
 @pytest.mark.conformance
+def test_weight_decay_mask_of_rmsprop_matches_keras_exclude_from_weight_decay(keras):
+    """The documented replacement for `exclude_from_weight_decay`, checked against Keras."""
+    params, grads = make_problem(seed=4)
+    kwargs = dict(momentum=0.9, centered=True, weight_decay=0.1)
+    variables = [keras.Variable(p) for p in params]
+    optimizer = keras.optimizers.RMSprop(learning_rate=LR, **kwargs)
+    optimizer.exclude_from_weight_decay(var_list=variables[1:3])
+    history = []
+    for t in range(STEPS):
+        optimizer.apply([g[t] for g in grads], variables)
+        history.append([np.asarray(v.value) for v in variables])
+    reference = [np.stack([h[i] for h in history]) for i in range(len(params))]
+    tx = rj.rmsprop(
+        LR,
+        decay=0.9,
+        eps=1e-7,
+        eps_in_sqrt=True,
+        centered=True,
+        momentum=0.9,
+        weight_decay=0.1,
+        decoupled_weight_decay=True,
+        weight_decay_mask=[True, False, False, True],
+    )
+    worst = worst_relative_difference(preset_trajectory(tx, params, grads), reference)
+    print(f"masked rj.rmsprop vs keras exclude_from_weight_decay, worst {worst:.2e}")
+    assert worst <= TOLERANCE
+
+
+@pytest.mark.conformance
 def test_signature_matches_keras_optimizers_rmsprop(keras):
     theirs = inspect.signature(keras.optimizers.RMSprop.__init__).parameters
     ours = inspect.signature(rj.compat.keras_rmsprop).parameters
