@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import doctest
+import importlib.util
+import json
+from pathlib import Path
 
 import jax
 import jax.extend.core
@@ -489,3 +492,20 @@ def test_sharding_over_the_available_devices_gives_the_unsharded_results():
 def test_docstring_examples_run():
     failed, attempted = doctest.testmod(rj.sweep)
     assert attempted > 5 and failed == 0
+
+
+def test_digits_sweep_example_writes_heatmap_and_names_the_best_configuration(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = Path(__file__).resolve().parents[1] / "examples" / "sweep_digits.py"
+    spec = importlib.util.spec_from_file_location("sweep_digits_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    summary = example.main(["--out", str(tmp_path), "--epochs", "2", "--epochs-per-chunk", "1"])
+    assert summary["configurations"] == 64
+    assert np.asarray(summary["train_loss_per_epoch"]).shape == (64, 2)
+    assert (tmp_path / "heatmap.png").stat().st_size > 20_000
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    best = int(np.nanargmin(saved["val_loss"]))
+    assert summary["best"]["learning_rate"] == saved["learning_rate"][best]
+    assert summary["best"]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert "Best by validation loss" in capsys.readouterr().out
