@@ -62,8 +62,9 @@ def _abs_sq(x: chex.Array) -> chex.Array:
 
 def _init_leaf(nu_storage: str, leaf: chex.Array, value: Any, *, first_moment: bool) -> Any:
     dtype = leaf.dtype if first_moment else _precision.real_dtype(leaf.dtype)
-    stored_as_bf16 = nu_storage == "bfloat16" or (nu_storage == "factored" and first_moment)
-    if stored_as_bf16 and (not first_moment or _storage_bf16.compresses(leaf)):
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return jnp.full_like(leaf, value, dtype=dtype)
+    if nu_storage == "bfloat16" or (nu_storage == "factored" and first_moment):
         return _storage_bf16.init(leaf, value)
     if nu_storage == "int8" and _storage_int8.compresses(leaf):
         return _storage_int8.init(leaf, value, signed=first_moment)

@@ -30,11 +30,6 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def compresses(leaf: chex.Array) -> bool:
-    """Real leaves are stored in bfloat16; complex ones (no complex bfloat16 exists) are not."""
-    return not jnp.issubdtype(leaf.dtype, jnp.complexfloating)
-
-
 def stochastic_round(x: chex.Array, key: chex.PRNGKey) -> chex.Array:
     """Rounds `x` to bfloat16, up or down with probabilities that make the result unbiased.
 

@@ -60,7 +60,7 @@ class QuantizedArray(NamedTuple):
 
 
 def compresses(leaf: chex.Array) -> bool:
-    return np.size(leaf) >= MIN_ELEMENTS and not jnp.issubdtype(leaf.dtype, jnp.complexfloating)
+    return np.size(leaf) >= MIN_ELEMENTS
 
 
 def block_layout(length: int) -> tuple[int, int]:

@@ -1,0 +1,219 @@
+"""Round trips of the storage formats on their own: error bounds, zeros, unbiasedness, layout."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rmsprop_jax import _storage_bf16, _storage_factored, _storage_int8
+
+# One code step of the logarithmic code books: nu levels 2**(40/254) apart, |mu| 2**(20/126).
+NU_STEP = 2 ** (40 / 254) - 1  # 11.5%
+MU_STEP = 2 ** (20 / 126) - 1  # 11.6%
+
+_encode = jax.jit(_storage_int8.encode, static_argnames="signed")
+_decode = jax.jit(_storage_int8.decode, static_argnums=1)
+
+
+def _shuffled_logspace(rows: int, orders: float, seed: int = 0) -> np.ndarray:
+    """Rows of 512 values log-spaced over `orders` decades below 1, shuffled within each row.
+
+    Every block of 256 holds its row's largest value (1.0) and values down to 10**-orders.
+    """
+    rng = np.random.default_rng(seed)
+    base = np.logspace(-orders, 0, 512)
+    values = np.stack([rng.permutation(base) for _ in range(rows)])
+    for row in values:
+        row[:256][np.argmax(row[:256])] = 1.0
+        row[256:][np.argmax(row[256:])] = 1.0
+    return values
+
+
+def _relative_error(decoded: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    return np.abs(decoded - exact) / np.where(exact != 0, np.abs(exact), 1.0)
+
+
+@pytest.mark.parametrize("block_scale", [1e-20, 1e-6, 1.0, 1e6, 1e20])
+def test_int8_second_moment_relative_error_bounded_across_12_orders_in_a_block(block_scale):
+    exact = (_shuffled_logspace(16, orders=12) * block_scale).astype(np.float32)
+    exact[:, :5] = 0.0
+    stored = _encode(jnp.asarray(exact), jax.random.key(0), signed=False)
+    decoded = np.asarray(_decode(stored, jnp.float32))
+    assert stored.codes.dtype == jnp.uint8
+    assert np.all(decoded[:, :5] == 0.0)
+    assert np.max(_relative_error(decoded, exact)) <= NU_STEP * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("block_scale", [1e-10, 1.0, 1e10])
+def test_int8_first_moment_keeps_sign_and_relative_error_across_6_orders(block_scale):
+    rng = np.random.default_rng(1)
+    magnitude = _shuffled_logspace(16, orders=6, seed=1)
+    exact = (magnitude * rng.choice([-1.0, 1.0], size=magnitude.shape) * block_scale).astype(
+        np.float32
+    )
+    exact[:, 7] = 0.0
+    stored = _encode(jnp.asarray(exact), jax.random.key(1), signed=True)
+    decoded = np.asarray(_decode(stored, jnp.float32))
+    assert stored.codes.dtype == jnp.int8
+    assert np.all(decoded[:, 7] == 0.0)
+    assert np.all(np.sign(decoded) == np.sign(exact))
+    assert np.max(_relative_error(decoded, exact)) <= MU_STEP * (1 + 1e-5)
+
+
+def test_int8_codes_decode_to_the_logarithmic_code_book_in_float64():
+    codes = np.arange(256, dtype=np.uint8).reshape(1, 256).repeat(16, axis=0)
+    scales = np.geomspace(1e-8, 1e8, 16, dtype=np.float32).reshape(16, 1)
+    stored = _storage_int8.QuantizedArray(jnp.asarray(codes), jnp.asarray(scales))
+    decoded = np.asarray(_decode(stored, jnp.float32), np.float64)
+    level = np.where(codes > 0, 2.0 ** (-(255.0 - codes) * 40 / 254), 0.0)
+    # The exponent, up to 40, is computed in float32: its rounding costs a few 1e-6.
+    np.testing.assert_allclose(decoded, level * scales.astype(np.float64), rtol=5e-6)
+
+
+def test_int8_all_zero_blocks_stay_zero_with_zero_scale():
+    stored = _encode(jnp.zeros((4, 1024)), jax.random.key(2), signed=False)
+    assert np.all(np.asarray(stored.codes) == 0)
+    assert np.all(np.asarray(stored.scales) == 0)
+    assert np.all(np.asarray(_decode(stored, jnp.float32)) == 0)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_int8_stochastic_rounding_is_unbiased(signed):
+    rng = np.random.default_rng(3)
+    exact = rng.uniform(0.01, 1.0, size=(64, 512)).astype(np.float32)
+    if signed:
+        exact *= rng.choice([-1.0, 1.0], size=exact.shape)
+    draws = [
+        np.asarray(
+            _decode(
+                _encode(jnp.asarray(exact), jax.random.key(i), signed=signed),
+                jnp.float32,
+            )
+        )
+        for i in range(16)
+    ]
+    bias = np.mean(np.stack(draws) - exact) / np.mean(np.abs(exact))
+    # 16 draws of 32768 values, each off by at most one code step (~11%): the mean error of
+    # unbiased rounding is ~1e-4 of the mean; round-to-nearest would leave ~1e-2 of it.
+    assert abs(bias) < 2e-3
+
+
+@pytest.mark.parametrize(
+    ("length", "layout"),
+    [
+        (256, (1, 256)),
+        (512, (2, 256)),
+        (4096, (16, 256)),
+        (768, (4, 192)),
+        (3072, (16, 192)),
+        (100, (1, 100)),
+        (1000, (4, 250)),
+        (771, (4, 256)),  # 771 = 3 * 257 splits into no equal power-of-two blocks: padded.
+    ],
+)
+def test_int8_block_layout(length, layout):
+    assert _storage_int8.block_layout(length) == layout
+
+
+def test_int8_round_trip_with_a_padded_last_block():
+    rng = np.random.default_rng(4)
+    exact = np.abs(rng.normal(size=(8, 771))).astype(np.float32)
+    stored = _encode(jnp.asarray(exact), jax.random.key(4), signed=False)
+    assert stored.codes.shape == (8, 771)
+    assert stored.scales.shape == (8, 4)
+    np.testing.assert_array_equal(np.asarray(stored.scales)[:, 3], np.max(exact[:, 768:], axis=-1))
+    decoded = np.asarray(_decode(stored, jnp.float32))
+    assert np.max(_relative_error(decoded, exact)) <= NU_STEP * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0, 0.1, 3e-7])
+def test_int8_init_represents_the_initial_value_exactly(value):
+    stored = _storage_int8.init(jnp.zeros((16, 512)), value, signed=False)
+    decoded = np.asarray(_decode(stored, jnp.float32))
+    assert np.all(decoded == np.float32(value))
+
+
+def _bf16_neighbours(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The bfloat16 values just below and above |x| (as float32), by truncating the bits."""
+    bits = np.abs(x).astype(np.float32).view(np.uint32)
+    down = (bits & 0xFFFF0000).view(np.float32)
+    up = ((bits & 0xFFFF0000) + 0x10000).view(np.float32)
+    return down, up
+
+
+def test_bf16_stochastic_rounding_picks_a_neighbour_without_bias():
+    rng = np.random.default_rng(5)
+    exact = (rng.uniform(1, 2, size=(64, 512)) * rng.choice([-1, 1], (64, 512))).astype(np.float32)
+    draws = np.stack(
+        [
+            np.asarray(_storage_bf16.stochastic_round(jnp.asarray(exact), jax.random.key(i)))
+            for i in range(16)
+        ]
+    ).astype(np.float32)
+    down, up = _bf16_neighbours(exact)
+    magnitude = np.abs(draws)
+    assert np.all((magnitude == down) | (magnitude == up))
+    assert np.all(np.sign(draws) == np.sign(exact))
+    bias = np.mean(draws - exact) / np.mean(np.abs(up - down))
+    assert abs(bias) < 2e-2  # 524288 draws; nearest rounding leaves no guarantee here.
+
+
+def test_bf16_stochastic_rounding_keeps_zero_infinity_and_nan():
+    special = jnp.asarray([0.0, -0.0, jnp.inf, -jnp.inf, jnp.nan, 1e-40], jnp.float32)
+    special = jnp.concatenate([special, jnp.asarray([np.uint32(0x7FFFFFFF)]).view(jnp.float32)])
+    rounded = np.asarray(
+        _storage_bf16.stochastic_round(special, jax.random.key(6)).astype(jnp.float32)
+    )
+    assert rounded[0] == 0 and rounded[1] == 0
+    assert rounded[2] == np.inf and rounded[3] == -np.inf
+    assert np.isnan(rounded[4]) and np.isnan(rounded[6])
+    assert rounded[5] in _bf16_neighbours(np.float32(1e-40))
+
+
+def test_bf16_moving_average_follows_increments_below_bf16_resolution():
+    """decay=0.999 moves the average by 0.1% per step, under half a bfloat16 step (0.2-0.4%)."""
+    stored, exact = _storage_bf16.init(jnp.zeros(4096), 1.0), np.ones(4096)
+    update = jax.jit(_storage_bf16.update)
+    for step in range(2000):
+        stored, _ = update(stored, jnp.full(4096, 2.0), 0.999, jax.random.key(step))
+        exact = 0.999 * exact + 0.001 * 2.0
+    mean = float(jnp.mean(stored.astype(jnp.float32)))
+    assert exact[0] > 1.8
+    assert abs(mean - exact[0]) < 0.01 * exact[0]
+
+
+def test_factored_decode_is_the_normalized_outer_product_in_float64():
+    rng = np.random.default_rng(7)
+    row, col = rng.uniform(0.1, 10, size=(3, 128)), rng.uniform(0.1, 10, size=(3, 192))
+    stored = _storage_factored.FactoredMoment(jnp.asarray(row, jnp.float32), jnp.asarray(col))
+    expected = row[:, :, None] * col[:, None, :] / row.mean(axis=-1)[:, None, None]
+    decoded = np.asarray(_storage_factored.decode(stored, jnp.float32))
+    np.testing.assert_allclose(decoded, expected, rtol=1e-5)
+
+
+def test_factored_estimate_is_exact_for_rank_one_averages():
+    rng = np.random.default_rng(8)
+    left, right = rng.uniform(0.1, 3, size=(128, 1)), rng.uniform(0.1, 3, size=(1, 256))
+    stored = _storage_factored.init(jnp.zeros((128, 256)), 0.0, jnp.float32)
+    exact = np.zeros((128, 256))
+    for scale in (1.0, 4.0, 0.25):
+        x = scale * left * right
+        stored, estimate = _storage_factored.update(stored, jnp.asarray(x, jnp.float32), 0.9)
+        exact = 0.9 * exact + 0.1 * x
+    np.testing.assert_allclose(np.asarray(estimate), exact, rtol=1e-5)
+
+
+def test_factored_estimate_of_nothing_seen_is_zero_not_nan():
+    stored = _storage_factored.init(jnp.zeros((128, 128)), 0.0, jnp.float32)
+    stored, estimate = _storage_factored.update(stored, jnp.zeros((128, 128)), 0.9)
+    assert np.all(np.asarray(estimate) == 0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "factored"),
+    [((128, 128), True), ((4, 128, 256), True), ((127, 4096), False), ((4096,), False)],
+)
+def test_factored_applies_to_leaves_with_two_trailing_axes_of_at_least_128(shape, factored):
+    assert _storage_factored.compresses(jnp.zeros(shape)) is factored

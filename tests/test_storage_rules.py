@@ -1,0 +1,244 @@
+"""The numerics rules of DESIGN.md §1 and the state contract, for every `nu_storage` format."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmsprop_jax as rj
+
+FORMATS = ["bfloat16", "int8", "factored"]
+
+# Variants in which a gradient that was always zero must give an exactly zero update.
+ZERO_GRADIENT_VARIANTS = {
+    "plain": {},
+    "eps_in_sqrt": {"eps_in_sqrt": True},
+    "initial_scale": {"initial_scale": 1.0},
+    "centered": {"centered": True},
+    "centered_momentum": {"centered": True, "momentum": 0.9},
+    "nesterov": {"momentum": 0.9, "nesterov": True},
+    "bias_correction": {"bias_correction": True},
+    "maximize": {"maximize": True},
+}
+
+
+def _params(dtype=jnp.float32) -> dict[str, jax.Array]:
+    """A matrix that every format compresses, one too small for int8, one never updated."""
+    rng = np.random.default_rng(0)
+    return {
+        "matrix": jnp.asarray(rng.normal(size=(128, 256)), dtype),
+        "small": jnp.asarray(rng.normal(size=(4, 64)), dtype),
+        "frozen": jnp.asarray(rng.normal(size=(128, 128)), dtype),
+    }
+
+
+def _zero_mask(params) -> dict[str, np.ndarray]:
+    """Where the gradient is always zero: scattered entries, a whole row and column, a leaf."""
+    rng = np.random.default_rng(1)
+    mask = {name: rng.random(np.shape(p)) < 0.3 for name, p in params.items()}
+    mask["matrix"][5, :] = True
+    mask["matrix"][:, 7] = True
+    mask["frozen"][:] = True
+    return mask
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+@pytest.mark.parametrize("variant", list(ZERO_GRADIENT_VARIANTS))
+@pytest.mark.parametrize("nu_storage", FORMATS)
+def test_gradient_zero_since_init_gives_exactly_zero_update(nu_storage, variant, eps):
+    params = _params()
+    mask = _zero_mask(params)
+    tx = rj.rmsprop(0.1, eps=eps, nu_storage=nu_storage, **ZERO_GRADIENT_VARIANTS[variant])
+    state = tx.init(params)
+    rng = np.random.default_rng(2)
+    for _ in range(4):
+        grads = {
+            name: jnp.asarray(np.where(mask[name], 0.0, rng.normal(size=np.shape(p))), p.dtype)
+            for name, p in params.items()
+        }
+        updates, state = tx.update(grads, state, params)
+        for name, update in updates.items():
+            update = np.asarray(update)
+            assert np.all(np.isfinite(update)), name
+            assert np.all(update[mask[name]] == 0.0), name
+            assert np.any(update[~mask[name]] != 0.0) or not np.any(~mask[name]), name
+        params = optax.apply_updates(params, updates)
+
+
+def _run_steps(tx, params, grad_fn, steps):
+    """Runs `steps` updates under jit with lax.scan; returns the stacked updates."""
+
+    def body(carry, _):
+        params, state = carry
+        updates, state = tx.update(grad_fn(params), state, params)
+        return (optax.apply_updates(params, updates), state), updates
+
+    run = jax.jit(lambda params: jax.lax.scan(body, (params, tx.init(params)), length=steps)[1])
+    return run(params)
+
+
+@pytest.mark.parametrize("nu_storage", FORMATS)
+def test_centered_constant_gradient_of_10_for_1000_steps_stays_finite(nu_storage):
+    params = {"matrix": jnp.zeros((128, 256)), "small": jnp.zeros(8)}
+    tx = rj.rmsprop(1e-3, centered=True, nu_storage=nu_storage)
+    updates = _run_steps(
+        tx, params, lambda p: jax.tree.map(lambda x: jnp.full_like(x, 10.0), p), 1000
+    )
+    for update in jax.tree.leaves(updates):
+        assert np.all(np.isfinite(np.asarray(update)))
+
+
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("nu_storage", FORMATS)
+def test_float16_gradients_of_magnitude_1000_give_finite_updates(nu_storage, centered):
+    params = jax.tree.map(lambda p: p.astype(jnp.float16), _params())
+    tx = rj.rmsprop(1e-3, centered=centered, nu_storage=nu_storage)
+    signs = jax.tree.map(lambda p: jnp.where(p >= 0, 1000.0, -1000.0).astype(jnp.float16), params)
+    updates = _run_steps(tx, params, lambda p: signs, 20)
+    for update in jax.tree.leaves(updates):
+        assert update.dtype == jnp.float16
+        assert np.all(np.isfinite(np.asarray(update)))
+        assert np.any(np.asarray(update) != 0)
+
+
+@pytest.mark.parametrize("nu_storage", FORMATS)
+def test_state_structure_does_not_depend_on_bias_correction(nu_storage):
+    params = _params()
+    with_correction = rj.rmsprop(0.1, bias_correction=True, nu_storage=nu_storage).init(params)
+    without = rj.rmsprop(0.1, nu_storage=nu_storage).init(params)
+    assert jax.tree.structure(with_correction) == jax.tree.structure(without)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), with_correction) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), without
+    )
+
+
+@pytest.mark.parametrize(
+    ("nu_storage", "matrix_type", "small_type"),
+    [
+        ("bfloat16", jax.Array, jax.Array),
+        ("int8", rj.QuantizedArray, jax.Array),
+        ("factored", rj.FactoredMoment, jax.Array),
+    ],
+)
+def test_nu_field_is_found_by_tree_get(nu_storage, matrix_type, small_type):
+    params = _params()
+    for centered in (False, True):
+        state = rj.rmsprop(0.1, centered=centered, nu_storage=nu_storage).init(params)
+        nu = optax.tree_utils.tree_get(state, "nu")
+        assert isinstance(nu["matrix"], matrix_type)
+        assert isinstance(nu["small"], small_type)
+        assert jax.tree.structure(optax.tree_utils.tree_get(state, "count")) == jax.tree.structure(
+            0
+        )
+
+
+@pytest.mark.parametrize(
+    ("nu_storage", "nu_dtype", "mu_dtype"),
+    [("bfloat16", jnp.bfloat16, jnp.bfloat16), ("int8", jnp.uint8, jnp.int8)],
+)
+def test_compressed_leaves_have_the_format_dtypes(nu_storage, nu_dtype, mu_dtype):
+    state = rj.scale_by_rms(centered=True, nu_storage=nu_storage).init(_params())
+    leaf = lambda stored: getattr(stored, "codes", stored)  # noqa: E731
+    assert leaf(state.nu["matrix"]).dtype == nu_dtype
+    assert leaf(state.mu["matrix"]).dtype == mu_dtype
+
+
+def test_complex_parameters_compress_nu_and_keep_mu_complex():
+    """nu = EMA of |g|**2 is real and compressed; no complex bfloat16 or int8 exists for mu."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(128, 128)) + 1j * rng.normal(size=(128, 128))
+    params = {"z": jnp.asarray(z, jnp.complex64)}
+    for nu_storage, nu_type in zip(
+        FORMATS, [jax.Array, rj.QuantizedArray, rj.FactoredMoment], strict=True
+    ):
+        tx = rj.scale_by_rms(centered=True, nu_storage=nu_storage)
+        state = tx.init(params)
+        updates, state = tx.update(params, state)
+        assert isinstance(state.nu["z"], nu_type)
+        assert state.mu["z"].dtype == jnp.complex64
+        assert updates["z"].dtype == jnp.complex64
+        assert np.all(np.isfinite(np.asarray(updates["z"])))
+
+
+def test_unknown_storage_format_is_rejected_with_its_name():
+    with pytest.raises(ValueError, match="int4"):
+        rj.rmsprop(0.1, nu_storage="int4")
+    with pytest.raises(ValueError, match="nu_storage"):
+        rj.scale_by_rms(nu_storage=None)
+
+
+@pytest.mark.parametrize("nu_storage", FORMATS)
+def test_gradient_of_the_wrong_shape_is_rejected_with_its_path(nu_storage):
+    params = _params()
+    tx = rj.rmsprop(0.1, nu_storage=nu_storage)
+    state = tx.init(params)
+    grads = dict(params, matrix=jnp.zeros((128, 255)))
+    with pytest.raises(ValueError, match=r"matrix.*\(128, 255\).*\(128, 256\)"):
+        tx.update(grads, state, params)
+
+
+@pytest.mark.parametrize("nu_storage", FORMATS)
+def test_vmap_over_decay_matches_separate_runs(nu_storage):
+    params = _params()
+    grads = jax.tree.map(lambda p: jnp.sin(3.0 * p), params)
+    decays = jnp.asarray([0.5, 0.9, 0.99])
+
+    def run(decay):
+        tx = rj.rmsprop(0.01, decay=decay, centered=True, momentum=0.5, nu_storage=nu_storage)
+        state = tx.init(params)
+        current = params
+        for _ in range(3):
+            updates, state = tx.update(grads, state, current)
+            current = optax.apply_updates(current, updates)
+        return current
+
+    swept = jax.jit(jax.vmap(run))(decays)
+    for index, decay in enumerate([0.5, 0.9, 0.99]):
+        single = jax.jit(run)(decay)
+        for name in params:
+            # A rounding decision flipped by one ulp would move a step by one code (< 12%).
+            np.testing.assert_allclose(swept[name][index], single[name], atol=0.01 * 0.12)
+    assert not np.allclose(swept["matrix"][0], swept["matrix"][2])
+
+
+@pytest.mark.parametrize("nu_storage", FORMATS)
+def test_vmap_over_initial_scale_reaches_the_stored_state(nu_storage):
+    params = _params()
+    scales = jnp.asarray([0.0, 0.5, 2.0])
+    states = jax.vmap(
+        lambda s: rj.scale_by_rms(initial_scale=s, nu_storage=nu_storage).init(params)
+    )(scales)
+    for index, scale in enumerate([0.0, 0.5, 2.0]):
+        single = rj.scale_by_rms(initial_scale=scale, nu_storage=nu_storage).init(params)
+        for swept_leaf, single_leaf in zip(
+            jax.tree.leaves(states), jax.tree.leaves(single), strict=True
+        ):
+            np.testing.assert_array_equal(np.asarray(swept_leaf[index]), np.asarray(single_leaf))
+
+
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("nu_storage", FORMATS)
+def test_orbax_round_trip_is_bit_for_bit_and_keeps_types(tmp_path, nu_storage, centered):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    params = _params()
+    tx = rj.rmsprop(0.01, centered=centered, momentum=0.9, nu_storage=nu_storage)
+    state = tx.init(params)
+    grads = jax.tree.map(lambda p: jnp.cos(p), params)
+    for _ in range(2):
+        _, state = tx.update(grads, state, params)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "state", state)
+    checkpointer.wait_until_finished()
+    target = jax.eval_shape(tx.init, params)
+    restored = checkpointer.restore(tmp_path / "state", target)
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for saved, loaded in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        assert loaded.dtype == saved.dtype
+        np.testing.assert_array_equal(np.asarray(loaded), np.asarray(saved))
+    after_saved = tx.update(grads, state, params)
+    after_restored = tx.update(grads, restored, params)
+    for a, b in zip(jax.tree.leaves(after_saved), jax.tree.leaves(after_restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
