@@ -68,8 +68,8 @@ def torch_rmsprop(
       An :class:`optax.GradientTransformationExtraArgs`. Its state is the tuple of the chained
       states: the :class:`rmsprop_jax.ScaleByRmsState` (or centered) statistics, an
       :class:`optax.TraceState` holding the momentum buffer when `momentum` is not a literal
-      0, and the schedule's step count. See :func:`rmsprop_jax.compat.state_from_torch` to
-      port a PyTorch checkpoint.
+      0, and, when `lr` is a schedule, its step count. To port a PyTorch checkpoint, see
+      :func:`rmsprop_jax.compat.state_from_torch`.
 
     References:
       PyTorch, torch.optim.RMSprop.
