@@ -114,7 +114,7 @@ class Trainer(Protocol):
     def load_checkpoint_tree(self, tree: dict[str, Any]) -> None: ...
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
+def build_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="rmsprop")
     parser.add_argument(
@@ -128,7 +128,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--hidden-size", type=int, default=128, help="width of the dense layer")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("outputs/train_digits"))
+    parser.add_argument("--out", type=Path, default=Path(default_out))
     parser.add_argument(
         "--compare", action="store_true", help="train every optimizer and plot them together"
     )
@@ -282,9 +282,10 @@ def main(
     make_trainer: Callable[[argparse.Namespace], Trainer],
     description: str,
     framework: str,
+    default_out: str,
 ) -> list[dict[str, Any]]:
     """Parses the flags, trains one optimizer or (--compare) all, writes results to --out."""
-    parser = build_parser(description)
+    parser = build_parser(description, default_out)
     args = parse_args(parser, argv)
     data = load_data()
     if args.batch_size > len(data.x_train):

@@ -87,7 +87,9 @@ class NNXTrainer:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    return digits_common.main(argv, NNXTrainer, __doc__.splitlines()[0], "Flax NNX")
+    return digits_common.main(
+        argv, NNXTrainer, __doc__.splitlines()[0], "Flax NNX", "outputs/train_digits"
+    )
 
 
 if __name__ == "__main__":

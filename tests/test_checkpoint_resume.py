@@ -1,0 +1,324 @@
+"""rmsprop_jax.checkpoint and the examples' --resume: exact, typed, and refused when mismatched.
+
+The library half saves and restores optimizer states of every variant in this process. The
+example half interrupts a training run at a checkpoint, resumes it in a fresh process, and
+requires the result to equal the uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmsprop_jax as rj
+
+pytest.importorskip("orbax.checkpoint")
+pytest.importorskip("flax")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+VARIANTS = {
+    "plain": {},
+    "centered_momentum": {"centered": True, "momentum": 0.9},
+    "momentum_bias_correction": {"momentum": 0.9, "bias_correction": True},
+    "nesterov": {"momentum": 0.5, "nesterov": True},
+    "decoupled_weight_decay": {"weight_decay": 0.01, "decoupled_weight_decay": True},
+    "coupled_weight_decay_maximize": {"weight_decay": 0.01, "maximize": True},
+    "bfloat16_nu": {"nu_storage": "bfloat16"},
+}
+
+
+def make_params():
+    keys = jax.random.split(jax.random.key(0), 2)
+    return {
+        "dense": {
+            "kernel": jax.random.normal(keys[0], (5, 3), jnp.float32),
+            "bias": jax.random.normal(keys[1], (3,), jnp.bfloat16),
+        }
+    }
+
+
+def loss_grads(params, step):
+    # Deterministic, step-dependent gradients, so every moment of the state moves.
+    return jax.tree.map(
+        lambda p: jnp.sin(p.astype(jnp.float32) * (step + 1)).astype(p.dtype), params
+    )
+
+
+def run(tx, params, state, first, last):
+    for step in range(first, last):
+        updates, state = tx.update(loss_grads(params, step), state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def saved_tree(tx, steps):
+    params = make_params()
+    params, state = run(tx, params, tx.init(params), 0, steps)
+    return {"params": params, "opt_state": state}
+
+
+def fresh_target(tx):
+    """Abstract, from a freshly initialized optimizer: only shapes, dtypes and node types."""
+    return jax.eval_shape(lambda: {"params": make_params(), "opt_state": tx.init(make_params())})
+
+
+def assert_identical(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.dtype(x.dtype) == np.dtype(y.dtype)
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_restored_state_has_the_saved_namedtuple_types_dtypes_and_values(variant, tmp_path):
+    tx = rj.rmsprop(1e-2, **VARIANTS[variant])
+    saved = saved_tree(tx, steps=3)
+    manager = rj.checkpoint.open_manager(tmp_path)
+    rj.checkpoint.save(manager, 3, saved)
+    manager.wait_until_finished()
+
+    restored = rj.checkpoint.restore(rj.checkpoint.open_manager(tmp_path), fresh_target(tx))
+
+    assert [type(s) for s in restored["opt_state"]] == [type(s) for s in saved["opt_state"]]
+    rms_state = restored["opt_state"][2]
+    centered = VARIANTS[variant].get("centered", False)
+    assert type(rms_state) is (rj.ScaleByCenteredRmsState if centered else rj.ScaleByRmsState)
+    momentum_state = restored["opt_state"][4]
+    has_momentum = "momentum" in VARIANTS[variant]
+    assert type(momentum_state) is (optax.TraceState if has_momentum else optax.EmptyState)
+    assert restored["params"]["dense"]["bias"].dtype == jnp.bfloat16
+    assert rms_state.count.dtype == jnp.int32
+    assert_identical(restored, saved)
+
+
+@pytest.mark.parametrize("variant", ["centered_momentum", "momentum_bias_correction"])
+def test_training_from_a_restored_state_equals_training_straight_through(variant, tmp_path):
+    tx = rj.rmsprop(1e-2, **VARIANTS[variant])
+    straight = saved_tree(tx, steps=6)
+    half = saved_tree(tx, steps=3)
+    manager = rj.checkpoint.open_manager(tmp_path)
+    rj.checkpoint.save(manager, 3, half)
+    manager.wait_until_finished()
+
+    restored = rj.checkpoint.restore(manager, fresh_target(tx), step=3)
+    params, state = run(tx, restored["params"], restored["opt_state"], 3, 6)
+
+    assert_identical({"params": params, "opt_state": state}, straight)
+
+
+def saved_manager(tmp_path, tx, params=None):
+    params = make_params() if params is None else params
+    manager = rj.checkpoint.open_manager(tmp_path)
+    rj.checkpoint.save(manager, 7, {"params": params, "opt_state": tx.init(params)})
+    manager.wait_until_finished()
+    return rj.checkpoint.open_manager(tmp_path)
+
+
+def test_restoring_into_other_parameter_shapes_names_the_leaf_and_both_shapes(tmp_path):
+    tx = rj.rmsprop(1e-2)
+    manager = saved_manager(tmp_path, tx)
+    wider = jax.tree.map(lambda p: jnp.zeros((*p.shape[:-1], 4), p.dtype), make_params())
+    target = {"params": wider, "opt_state": tx.init(wider)}
+
+    with pytest.raises(
+        ValueError,
+        match=r"parameter 'params\.dense\.kernel' with shape \(5, 3\), "
+        r"the target expects \(5, 4\)",
+    ) as error:
+        rj.checkpoint.restore(manager, target)
+
+    assert isinstance(error.value, rj.checkpoint.CheckpointMismatchError)
+    assert "optimizer state leaf 'opt_state.2.nu.dense" in str(error.value)
+    assert "the model differs" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("saved_kwargs", "target_kwargs", "leaf"),
+    [
+        ({"centered": True}, {}, "opt_state.2.mu.dense.bias"),
+        ({}, {"centered": True}, "opt_state.2.mu.dense.bias"),
+        ({"momentum": 0.9}, {}, "opt_state.4.trace.dense.bias"),
+        ({}, {"momentum": 0.9}, "opt_state.4.trace.dense.bias"),
+    ],
+)
+def test_restoring_into_another_optimizer_configuration_names_the_extra_or_missing_state(
+    saved_kwargs, target_kwargs, leaf, tmp_path
+):
+    manager = saved_manager(tmp_path, rj.rmsprop(1e-2, **saved_kwargs))
+    target_tx = rj.rmsprop(1e-2, **target_kwargs)
+
+    with pytest.raises(rj.checkpoint.CheckpointMismatchError) as error:
+        rj.checkpoint.restore(manager, fresh_target(target_tx))
+
+    side = "has leaves the target lacks" if saved_kwargs else "lacks leaves the target has"
+    assert f"{side}: '{leaf}'" in str(error.value)
+    assert "the optimizer configuration differs" in str(error.value)
+
+
+def test_restoring_a_bfloat16_moment_into_a_float32_one_names_both_dtypes(tmp_path):
+    manager = saved_manager(tmp_path, rj.rmsprop(1e-2, nu_storage="bfloat16"))
+
+    with pytest.raises(
+        ValueError,
+        match=r"'opt_state\.2\.nu\.dense\.kernel' with dtype bfloat16, the target "
+        r"expects float32",
+    ):
+        rj.checkpoint.restore(manager, fresh_target(rj.rmsprop(1e-2)))
+
+
+def test_bias_correction_does_not_change_the_state_so_either_setting_restores(tmp_path):
+    manager = saved_manager(tmp_path, rj.rmsprop(1e-2, bias_correction=True))
+    restored = rj.checkpoint.restore(manager, fresh_target(rj.rmsprop(1e-2)))
+    assert type(restored["opt_state"][2]) is rj.ScaleByRmsState
+
+
+def test_restore_without_checkpoints_or_without_metadata_says_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint to restore"):
+        rj.checkpoint.restore(
+            rj.checkpoint.open_manager(tmp_path / "empty"), fresh_target(rj.rmsprop(1e-2))
+        )
+    import orbax.checkpoint as ocp
+
+    saved_manager(tmp_path / "saved", rj.rmsprop(1e-2))
+    plain = ocp.CheckpointManager((tmp_path / "saved").absolute())
+    with pytest.raises(ValueError, match="cannot read the metadata of checkpoint step 7"):
+        rj.checkpoint.restore(plain, fresh_target(rj.rmsprop(1e-2)))
+
+
+# The examples: an interrupted run resumed in a fresh process equals the uninterrupted one.
+
+RESUME_CASES = {
+    "nnx_centered_momentum": (
+        "train_digits",
+        ["--optimizer", "rmsprop-centered", "--momentum", "0.9"],
+    ),
+    "linen_momentum_bias_correction": (
+        "linen_trainstate",
+        ["--optimizer", "rmsprop-momentum", "--bias-correction"],
+    ),
+}
+# 1347 training examples in batches of 96 make 14 steps an epoch: 42 steps in 3 epochs,
+# checkpoints at steps 21 (the middle of the second epoch) and 42.
+SHORT_RUN = [
+    "--epochs",
+    "3",
+    "--batch-size",
+    "96",
+    "--hidden-size",
+    "16",
+    "--checkpoint-every",
+    "21",
+]
+
+
+def example(name):
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    return importlib.import_module(name)
+
+
+def run_example_process(name, argv, cwd):
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+
+
+def restore_final(module, argv, directory):
+    """The step-42 checkpoint, restored against a freshly built trainer like --resume does."""
+    common = example("digits_common")
+    flags = [*argv, "--checkpoint-dir", str(directory)]
+    args = common.parse_args(common.build_parser("", "unused"), flags)
+    trainer = {"train_digits": "NNXTrainer", "linen_trainstate": "LinenTrainer"}[module]
+    target = getattr(example(module), trainer)(args).checkpoint_tree()
+    return rj.checkpoint.restore(rj.checkpoint.open_manager(directory), target, step=42)
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_resuming_in_a_fresh_process_equals_the_uninterrupted_run_bit_for_bit(case, tmp_path):
+    module, variant = RESUME_CASES[case]
+    argv = SHORT_RUN + variant
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    example(module).main([*argv, "--checkpoint-dir", str(straight), "--out", str(tmp_path)])
+    resumed.mkdir()
+    shutil.copytree(straight / "21", resumed / "21")
+
+    process = run_example_process(
+        module, [*argv, "--checkpoint-dir", str(resumed), "--resume", "--out", "out"], tmp_path
+    )
+
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert f"resumed from {resumed} at step 21" in process.stderr
+    history = json.loads((tmp_path / "out" / f"history_{variant[1]}.json").read_text())
+    assert history[0]["history"]["epoch"] == [2, 3]  # it trained from step 21, not from 0
+    expected = restore_final(module, argv, straight)
+    actual = restore_final(module, argv, resumed)
+    opt_state = actual["opt_state"]
+    assert type(opt_state[2]) is (
+        rj.ScaleByCenteredRmsState if "rmsprop-centered" in variant else rj.ScaleByRmsState
+    )
+    assert type(opt_state[4]) is optax.TraceState
+    assert type(opt_state[0]) is optax.EmptyState
+    assert int(opt_state[2].count) == int(actual["step"]) == 42
+    assert_identical(actual, expected)
+
+
+def test_resuming_with_another_hidden_size_fails_before_training(tmp_path):
+    directory = tmp_path / "ckpt"
+    argv = ["--epochs", "1", "--batch-size", "96", "--hidden-size", "16", "--out", str(tmp_path)]
+    example("linen_trainstate").main([*argv, "--checkpoint-dir", str(directory)])
+    (tmp_path / "history_rmsprop.json").unlink()
+
+    with pytest.raises(
+        ValueError,
+        match=r"parameter 'params\.hidden\.kernel' with shape \(1024, 16\), the "
+        r"target expects \(1024, 8\)",
+    ):
+        example("linen_trainstate").main(
+            [*argv, "--hidden-size", "8", "--checkpoint-dir", str(directory), "--resume"]
+        )
+
+    assert sorted(p.name for p in directory.iterdir()) == ["14"]
+    assert not (tmp_path / "history_rmsprop.json").exists()
+
+
+def test_resuming_a_plain_checkpoint_as_centered_exits_with_the_error_and_trains_nothing(
+    tmp_path,
+):
+    directory = tmp_path / "ckpt"
+    argv = ["--epochs", "1", "--batch-size", "96", "--hidden-size", "16"]
+    example("train_digits").main(
+        [*argv, "--checkpoint-dir", str(directory), "--out", str(tmp_path / "first")]
+    )
+
+    process = run_example_process(
+        "train_digits",
+        [
+            *argv,
+            *("--optimizer", "rmsprop-centered", "--resume", "--out", "out"),
+            *("--checkpoint-dir", str(directory)),
+        ],
+        tmp_path,
+    )
+
+    assert process.returncode == 1
+    last_line = process.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: checkpoint at step 14 does not match")
+    assert "lacks leaves the target has: 'opt_state.2.mu.conv1.bias'" in last_line
+    assert "Traceback" not in process.stderr
+    assert sorted(p.name for p in directory.iterdir()) == ["14"]
+    assert not (tmp_path / "out" / "history_rmsprop-centered.json").exists()
