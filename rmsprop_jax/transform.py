@@ -36,8 +36,10 @@ def _divide_by_rms(g: chex.Array, nu: chex.Array, eps: Any, eps_in_sqrt: bool) -
     means every gradient so far was 0: the step is then 0, not 0/0 = NaN.
     """
     denominator = jnp.sqrt(nu + eps) if eps_in_sqrt else jnp.sqrt(nu) + eps
-    positive = denominator > 0
-    return jnp.where(positive, g / jnp.where(positive, denominator, 1), 0)
+    # Test for == 0 rather than > 0, so that a NaN gradient still yields a NaN update (which
+    # optax.apply_if_finite can see) instead of silently freezing the coordinate.
+    zero = denominator == 0
+    return jnp.where(zero, 0, g / jnp.where(zero, 1, denominator))
 
 
 def _centered_variance(nu: chex.Array, mu: chex.Array) -> chex.Array:
