@@ -154,6 +154,8 @@ def test_vmapped_sweep_equals_each_configuration_run_alone(case, maybe_jit):
     train = make_train(CASES[case])
     hyperparameters = case_grid(CASES[case])
     swept = rj.sweep.run(train, hyperparameters)
+    if maybe_jit is not jax.jit:  # plain `jax.vmap`, outside any jit, gives the same
+        jax.tree.map(assert_close, jax.vmap(train)(**hyperparameters), swept.results)
     train_alone = maybe_jit(train)
     for i in range(swept.size):
         alone = train_alone(**{k: v[i] for k, v in hyperparameters.items()})
