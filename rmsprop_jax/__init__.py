@@ -2,6 +2,7 @@
 
 from rmsprop_jax import checkpoint as checkpoint
 from rmsprop_jax import compat, sweep
+from rmsprop_jax import sharding as sharding
 from rmsprop_jax._storage_factored import FactoredMoment
 from rmsprop_jax._storage_int8 import QuantizedArray
 from rmsprop_jax.alias import rmsprop

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _validation
+from rmsprop_jax import _placement, _validation
 
 
 def compute_dtype(dtype: Any) -> jnp.dtype:
@@ -65,7 +65,8 @@ def with_compute_dtype(
 
     def init_fn(params):
         _validation.check_float_leaves(params)
-        return inner.init(_upcast(params))
+        # Under `jax.jit` the state would otherwise not follow sharded parameters.
+        return _placement.follow_params(inner.init(_upcast(params)), params)
 
     def update_fn(updates, state, params=None, **extra_args):
         params = None if params is None else _upcast(params)

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from rmsprop_jax import _sharded_ops
+
 
 def stochastic_round(x: chex.Array, key: chex.PRNGKey) -> chex.Array:
     """Rounds `x` to bfloat16, up or down with probabilities that make the result unbiased.
@@ -40,7 +42,9 @@ def stochastic_round(x: chex.Array, key: chex.PRNGKey) -> chex.Array:
     """
     x = x.astype(jnp.float32)
     bits = lax.bitcast_convert_type(x, jnp.uint32)
-    noise = jax.random.bits(key, x.shape, jnp.uint16).astype(jnp.uint32)
+    noise = jax.random.bits(
+        key, x.shape, jnp.uint16, out_sharding=_sharded_ops.explicit_sharding(x)
+    ).astype(jnp.uint32)
     kept = ((bits + noise) >> 16).astype(jnp.uint16)
     rounded = lax.bitcast_convert_type(kept, jnp.bfloat16)
     # A NaN whose mantissa is all ones would carry into the sign bit and become -0.

@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmsprop_jax import _sharded_ops
+
 BLOCK_SIZE = 256
 MIN_ELEMENTS = 4096
 _UNSIGNED_TOP, _UNSIGNED_SPAN_LOG2 = 255, 40.0
@@ -75,16 +77,12 @@ def block_layout(length: int) -> tuple[int, int]:
 
 def _to_blocks(x: chex.Array) -> chex.Array:
     """(..., n) -> (..., blocks, block length), zero-padding the last block if needed."""
-    length = x.shape[-1]
-    blocks, block_length = block_layout(length)
-    padding = blocks * block_length - length
-    if padding:
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padding)])
-    return x.reshape(*x.shape[:-1], blocks, block_length)
+    return _sharded_ops.split_last_axis(x, *block_layout(x.shape[-1]))
 
 
-def _from_blocks(x: chex.Array, length: int) -> chex.Array:
-    return x.reshape(*x.shape[:-2], -1)[..., :length]
+def _from_blocks(x: chex.Array, like: chex.Array) -> chex.Array:
+    """(..., blocks, block length) -> `like`'s shape, dropping the padding."""
+    return _sharded_ops.merge_last_axes(x, like)
 
 
 def _code_book(signed: bool) -> tuple[int, float]:
@@ -102,7 +100,11 @@ def encode(x: chex.Array, key: chex.PRNGKey, *, signed: bool) -> QuantizedArray:
     """Quantizes `x` (non-negative unless `signed`) with unbiased stochastic rounding."""
     top, step = _code_book(signed)
     x = x.astype(jnp.float32)
-    uniform = _to_blocks(jax.random.uniform(key, x.shape, jnp.float32))
+    uniform = _to_blocks(
+        jax.random.uniform(
+            key, x.shape, jnp.float32, out_sharding=_sharded_ops.explicit_sharding(x)
+        )
+    )
     blocks = _to_blocks(x)
     magnitude = jnp.abs(blocks)
     scales = jnp.max(magnitude, axis=-1)
@@ -115,9 +117,9 @@ def encode(x: chex.Array, key: chex.PRNGKey, *, signed: bool) -> QuantizedArray:
     round_up_probability = jnp.where(gap > 0, jnp.clip((relative - low) / gap, 0, 1), 0)
     codes = lower + (uniform < round_up_probability)
     if signed:
-        codes = _from_blocks(jnp.where(blocks < 0, -codes, codes), x.shape[-1]).astype(jnp.int8)
+        codes = _from_blocks(jnp.where(blocks < 0, -codes, codes), x).astype(jnp.int8)
     else:
-        codes = _from_blocks(codes, x.shape[-1]).astype(jnp.uint8)
+        codes = _from_blocks(codes, x).astype(jnp.uint8)
     return QuantizedArray(codes=codes, scales=scales)
 
 
@@ -128,7 +130,7 @@ def decode(stored: QuantizedArray, dtype: Any) -> chex.Array:
     codes = _to_blocks(stored.codes.astype(jnp.int32))
     magnitude = _level(jnp.abs(codes), top, step) * stored.scales[..., None]
     values = jnp.where(codes < 0, -magnitude, magnitude) if signed else magnitude
-    return _from_blocks(values, stored.codes.shape[-1]).astype(dtype)
+    return _from_blocks(values, stored.codes).astype(dtype)
 
 
 def init(leaf: chex.Array, value: Any, *, signed: bool) -> QuantizedArray:
@@ -142,7 +144,9 @@ def init(leaf: chex.Array, value: Any, *, signed: bool) -> QuantizedArray:
     magnitude = jnp.full_like(leaf, jnp.abs(value), dtype=jnp.float32)
     return QuantizedArray(
         codes=jnp.full_like(leaf, code, dtype=jnp.int8 if signed else jnp.uint8),
-        scales=jnp.max(_to_blocks(magnitude), axis=-1),
+        # Every block starts with an element of the leaf. A slice, not a max: XLA would spend
+        # seconds folding a reduction over a large constant when `init` is jitted.
+        scales=_sharded_ops.first_along(_to_blocks(magnitude), -1),
     )
 
 

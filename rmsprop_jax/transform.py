@@ -134,8 +134,7 @@ def scale_by_rms(
                 return ScaleByCenteredRmsState(count=count, mu=mu, nu=nu)
             return ScaleByRmsState(count=count, nu=nu)
         nu = jax.tree.map(
-            lambda p: jnp.full(jnp.shape(p), initial_scale, _precision.real_dtype(p.dtype)),
-            params,
+            lambda p: jnp.full_like(p, initial_scale, _precision.real_dtype(p.dtype)), params
         )
         if centered:
             return ScaleByCenteredRmsState(count=count, mu=optax.tree.zeros_like(params), nu=nu)

@@ -1,0 +1,200 @@
+"""Shardings of the optimizer state, derived from the shardings of the parameters.
+
+Every state leaf of :func:`rmsprop_jax.rmsprop` and :func:`rmsprop_jax.scale_by_rms` lives
+where its parameter lives. `init` and `update` keep it there by themselves, under `jax.jit`
+as well as eagerly; these helpers give the same layout *before* anything is allocated, for
+`jax.jit(..., out_shardings=...)` and as the target of a checkpoint restore.
+
+A state leaf takes its parameter's sharding on the axes it keeps:
+
+| state leaf                                   | sharding                                   |
+|----------------------------------------------|--------------------------------------------|
+| `nu`, `mu`, momentum `trace`, int8 `codes`   | the parameter's                            |
+| int8 `scales`, shape (..., blocks)           | the leading axes'; the block axis takes    |
+|                                              | the last axis's leading mesh axes whose    |
+|                                              | size divides the number of blocks          |
+| factored `row`, shape (..., rows)            | the parameter's without its last axis      |
+| factored `col`, shape (..., cols)            | without its second-to-last axis            |
+| step counts and other scalars                | replicated on the parameters' mesh         |
+
+So a statistic reduced over a sharded axis (the column statistics of a matrix sharded by
+rows) is replicated along that axis: it has one entry per column, and each device needs all
+of them.
+
+Example, FSDP on 8 devices::
+
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+    abstract = {"w": jax.ShapeDtypeStruct((4096, 1024), jnp.float32,
+                                          sharding=NamedSharding(mesh, P("fsdp", None)))}
+    tx = rj.rmsprop(1e-3, nu_storage="int8")
+    shardings = rj.sharding.state_shardings(tx, abstract)
+    state = jax.jit(tx.init, out_shardings=shardings)(params)
+
+References:
+  Rajbhandari et al., `ZeRO: Memory Optimizations Toward Training Trillion Parameter Models
+  <https://arxiv.org/abs/1910.02054>`_, 2020.
+  Shoeybi et al., `Megatron-LM: Training Multi-Billion Parameter Language Models Using Model
+  Parallelism <https://arxiv.org/abs/1909.08053>`_, 2019.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import NamedSharding, PartitionSpec, Sharding
+
+from rmsprop_jax import _placement, _sharded_ops, _storage_int8
+from rmsprop_jax._storage_factored import FactoredMoment
+from rmsprop_jax._storage_int8 import QuantizedArray
+
+
+def _abstract_params(params: Any, shardings: Any) -> Any:
+    """`params` as ShapeDtypeStructs that carry a sharding, checking that each has one."""
+    if shardings is None:
+        shardings = jax.tree.map(lambda leaf: getattr(leaf, "sharding", None), params)
+    elif jax.tree.structure(shardings) != jax.tree.structure(params):
+        raise ValueError(
+            "`shardings` must have the tree structure of `params`; got "
+            f"{jax.tree.structure(shardings)} for params {jax.tree.structure(params)}."
+        )
+
+    def abstract(path: Any, leaf: Any, sharding: Any) -> jax.ShapeDtypeStruct:
+        where = f"params{jax.tree_util.keystr(path)}"
+        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+            raise TypeError(
+                f"{where} is a {type(leaf).__name__}, not an array or a jax.ShapeDtypeStruct."
+            )
+        if not isinstance(sharding, Sharding):
+            raise ValueError(
+                f"{where} has no sharding (got {sharding!r}). Pass arrays placed with "
+                "jax.device_put, jax.ShapeDtypeStructs with sharding=..., or `shardings`."
+            )
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(abstract, params, shardings)
+
+
+def _replicated(params: Any) -> Sharding:
+    """The sharding of a scalar: replicated on the mesh of the first sharded parameter."""
+    shardings = [leaf.sharding for leaf in jax.tree.leaves(params)]
+    if not shardings:
+        raise ValueError("`params` has no leaves, so there is no device to place the state on.")
+    for sharding in shardings:
+        if isinstance(sharding, NamedSharding):
+            return NamedSharding(sharding.mesh, PartitionSpec())
+    if shardings[0].is_fully_replicated:
+        return shardings[0]
+    raise TypeError(
+        f"Cannot place scalars next to parameters sharded with {shardings[0]!r}: use "
+        "jax.sharding.NamedSharding."
+    )
+
+
+def _with_entries(sharding: Sharding, entries: tuple, what: str) -> Sharding:
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(
+            sharding.mesh, PartitionSpec(*entries), memory_kind=sharding.memory_kind
+        )
+    if sharding.is_fully_replicated:
+        return sharding
+    raise TypeError(
+        f"The {what} of a parameter sharded with {sharding!r} has another shape, so its "
+        "sharding cannot be derived; use jax.sharding.NamedSharding for the parameters."
+    )
+
+
+def _stored_shardings(stored: Any, param: jax.ShapeDtypeStruct) -> Any:
+    """The sharding (or a QuantizedArray / FactoredMoment of them) of one stored leaf."""
+    sharding, shape = param.sharding, param.shape
+    if not isinstance(stored, QuantizedArray | FactoredMoment):
+        return sharding
+    entries = ()
+    if isinstance(sharding, NamedSharding):
+        entries = _sharded_ops.padded_spec(sharding.spec, len(shape))
+    if isinstance(stored, FactoredMoment):
+        return FactoredMoment(
+            row=_with_entries(sharding, entries[:-1], "row statistic"),
+            col=_with_entries(sharding, entries[:-2] + entries[-1:], "column statistic"),
+        )
+    blocks_entry = None
+    if entries:
+        blocks, block_length = _storage_int8.block_layout(shape[-1])
+        blocks_entry, _ = _sharded_ops.split_entry(
+            entries[-1], blocks, block_length, shape[-1], dict(sharding.mesh.shape)
+        )
+    return QuantizedArray(
+        codes=sharding,
+        scales=_with_entries(sharding, (*entries[:-1], blocks_entry), "block scales"),
+    )
+
+
+def state_shardings(tx: optax.GradientTransformation, params: Any, shardings: Any = None) -> Any:
+    """The sharding of every leaf of `tx.init(params)`, computed without allocating anything.
+
+    State leaves are matched to parameters by path (the state's `nu["layer"]["w"]` to
+    `params["layer"]["w"]`) and shape, and take the shardings tabulated in
+    :mod:`rmsprop_jax.sharding`. Works for any optax transformation whose state mirrors the
+    parameters (`optax.chain`s with :func:`rmsprop_jax.rmsprop`, `optax.trace`, ...); leaves
+    that match no parameter are replicated.
+
+    Args:
+      tx: the optimizer, e.g. `rj.rmsprop(1e-3, nu_storage="int8")`.
+      params: the parameters: `jax.Array`s (placed with `jax.device_put`), or
+        `jax.ShapeDtypeStruct`s with a `sharding`, or anything with `shape` and `dtype` when
+        `shardings` is given.
+      shardings: optional tree of `jax.sharding.Sharding` with the structure of `params`,
+        used instead of the parameters' own shardings.
+
+    Returns:
+      A tree of `jax.sharding.Sharding` with the structure of `tx.init(params)`, usable as
+      `out_shardings` of `jax.jit(tx.init)` and of a jitted training step.
+
+    Example:
+      >>> mesh = jax.make_mesh((2, 4), ("data", "model"))  # doctest: +SKIP
+      >>> w = jax.ShapeDtypeStruct((512, 1024), jnp.float32,
+      ...                          sharding=NamedSharding(mesh, P("data", "model")))
+      >>> tx = rj.rmsprop(1e-3, nu_storage="factored")
+      >>> rj.sharding.state_shardings(tx, {"w": w})[2].nu["w"].col.spec  # doctest: +SKIP
+      PartitionSpec('model',)
+    """
+    abstract_params = _abstract_params(params, shardings)
+    unplaced = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), abstract_params)
+    state = jax.eval_shape(tx.init, unplaced)
+    derived = {
+        tuple(path): _stored_shardings(stored, param)
+        for path, stored, param in _placement.matched_leaves(state, abstract_params)
+        if param is not None
+    }
+    replicated = _replicated(abstract_params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, stored: derived.get(tuple(path), replicated) if stored is not None else None,
+        state,
+        is_leaf=_placement.is_stored_leaf,
+    )
+
+
+def abstract_state(tx: optax.GradientTransformation, params: Any, shardings: Any = None) -> Any:
+    """`tx.init(params)` as `jax.ShapeDtypeStruct`s carrying the shardings of the state.
+
+    The target for restoring a checkpoint straight onto the devices, each process reading
+    only its shards, e.g. with orbax:
+    `manager.restore(step, args=ocp.args.StandardRestore(abstract_state(tx, params)))`.
+
+    Args:
+      tx: the optimizer.
+      params: as for :func:`state_shardings`.
+      shardings: as for :func:`state_shardings`.
+
+    Returns:
+      A tree of `jax.ShapeDtypeStruct` with the structure of `tx.init(params)`.
+    """
+    abstract_params = _abstract_params(params, shardings)
+    unplaced = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), abstract_params)
+    state = jax.eval_shape(tx.init, unplaced)
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        state,
+        state_shardings(tx, abstract_params),
+    )
