@@ -246,6 +246,7 @@ def _plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     for result in results:
@@ -257,6 +258,7 @@ def _plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     accuracy_axis.set(xlabel="epoch", ylabel="test accuracy (%)", ylim=(80, 100))
     for axis in (loss_axis, accuracy_axis):
         axis.grid(alpha=0.3)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     accuracy_axis.legend(loc="lower right", fontsize="small")
     figure.suptitle(title)
     figure.tight_layout()
@@ -271,7 +273,7 @@ def _table(results: list[dict[str, Any]]) -> str:
     ]
     for r in results:
         lines.append(
-            f"| {r['optimizer']} | {r['learning_rate']:g} | {r['final_train_loss']:.4f} | "
+            f"| {r['optimizer']} | {r['learning_rate']:g} | {r['final_train_loss']:.2e} | "
             f"{r['test_accuracy']:.2%} | {r['wall_time_s']:.1f} |"
         )
     return "\n".join(lines) + "\n"
@@ -307,7 +309,7 @@ def main(
     for r in results:
         print(
             f"{r['optimizer']}: test accuracy {r['test_accuracy']:.2%}, final train loss "
-            f"{r['final_train_loss']:.4f}, {r['wall_time_s']:.1f} s including compilation"
+            f"{r['final_train_loss']:.2e}, {r['wall_time_s']:.1f} s including compilation"
         )
     stem = "compare" if args.compare else f"history_{args.optimizer}"
     for r in results:
