@@ -40,6 +40,7 @@ DEFAULT_LEARNING_RATES = {
 OPTIMIZERS = tuple(DEFAULT_LEARNING_RATES)
 RMSPROP_MOMENTUM = 0.9
 CHECKPOINTS_KEPT = 3
+DATA_ORDER_FLAGS = ("seed", "batch_size")  # stored in checkpoints: a resume must match them
 
 
 class Digits(NamedTuple):
@@ -173,6 +174,25 @@ def _open_manager(args: argparse.Namespace) -> ocp.CheckpointManager:
     return manager
 
 
+def checkpoint_tree(trainer: Trainer, args: argparse.Namespace) -> dict[str, Any]:
+    """The trainer's tree plus the flags that fix the order of the batches."""
+    data_order = {name: np.asarray(getattr(args, name), np.int32) for name in DATA_ORDER_FLAGS}
+    return {**trainer.checkpoint_tree(), "data_order": data_order}
+
+
+def _check_data_order(stored: dict[str, Any], args: argparse.Namespace, step: int) -> None:
+    differing = [
+        f"--{name.replace('_', '-')} {int(stored[name])} (this run: {getattr(args, name)})"
+        for name in DATA_ORDER_FLAGS
+        if int(stored[name]) != getattr(args, name)
+    ]
+    if differing:
+        raise rj.checkpoint.CheckpointMismatchError(
+            f"checkpoint at step {step} was written with {', '.join(differing)}: the batches "
+            "after it would not be those of the uninterrupted run. Resume with the same flags."
+        )
+
+
 def train(trainer: Trainer, data: Digits, args: argparse.Namespace) -> dict[str, Any]:
     """Trains for args.epochs (resuming from a checkpoint if asked); returns the history."""
     num_train = len(data.x_train)
@@ -184,9 +204,10 @@ def train(trainer: Trainer, data: Digits, args: argparse.Namespace) -> dict[str,
     if manager is not None and args.resume and manager.latest_step() is not None:
         # The fresh trainer's tree is the restore target: types and dtypes come from it, and a
         # checkpoint of another model or optimizer configuration is refused before training.
-        restored = rj.checkpoint.restore(manager, trainer.checkpoint_tree())
-        trainer.load_checkpoint_tree(restored)
+        restored = rj.checkpoint.restore(manager, checkpoint_tree(trainer, args))
         step = int(restored["step"])
+        _check_data_order(restored["data_order"], args, step)
+        trainer.load_checkpoint_tree(restored)
         print(f"resumed from {args.checkpoint_dir} at step {step}", file=sys.stderr)
     history: dict[str, list[float]] = {"epoch": [], "train_loss": [], "test_accuracy": []}
     start_epoch = min(step // steps_per_epoch, args.epochs)
@@ -204,7 +225,7 @@ def train(trainer: Trainer, data: Digits, args: argparse.Namespace) -> dict[str,
             idx = batch_indices(args.seed, batch_step, num_train, args.batch_size)
             trainer.train_step(data.x_train[idx], data.y_train[idx])
             if manager is not None and (batch_step + 1) % every == 0:
-                rj.checkpoint.save(manager, batch_step + 1, trainer.checkpoint_tree())
+                rj.checkpoint.save(manager, batch_step + 1, checkpoint_tree(trainer, args))
                 last_saved = batch_step + 1
         step = (epoch + 1) * steps_per_epoch
         train_loss, _ = loss_and_accuracy(trainer.logits(data.x_train), data.y_train)
@@ -215,7 +236,7 @@ def train(trainer: Trainer, data: Digits, args: argparse.Namespace) -> dict[str,
         bar.set_postfix(loss=f"{train_loss:.4f}", test_acc=f"{test_accuracy:.2%}")
     if manager is not None:
         if last_saved < step:
-            rj.checkpoint.save(manager, step, trainer.checkpoint_tree())
+            rj.checkpoint.save(manager, step, checkpoint_tree(trainer, args))
         manager.wait_until_finished()
         manager.close()
     train_loss, _ = loss_and_accuracy(trainer.logits(data.x_train), data.y_train)

@@ -244,7 +244,7 @@ def restore_final(module, argv, directory):
     flags = [*argv, "--checkpoint-dir", str(directory)]
     args = common.parse_args(common.build_parser("", "unused"), flags)
     trainer = {"train_digits": "NNXTrainer", "linen_trainstate": "LinenTrainer"}[module]
-    target = getattr(example(module), trainer)(args).checkpoint_tree()
+    target = common.checkpoint_tree(getattr(example(module), trainer)(args), args)
     return rj.checkpoint.restore(rj.checkpoint.open_manager(directory), target, step=42)
 
 
@@ -291,6 +291,25 @@ def test_resuming_with_another_hidden_size_fails_before_training(tmp_path):
         example("linen_trainstate").main(
             [*argv, "--hidden-size", "8", "--checkpoint-dir", str(directory), "--resume"]
         )
+
+    assert sorted(p.name for p in directory.iterdir()) == ["14"]
+    assert not (tmp_path / "history_rmsprop.json").exists()
+
+
+def test_resuming_with_another_batch_size_or_seed_fails_before_training(tmp_path):
+    directory = tmp_path / "ckpt"
+    argv = ["--epochs", "1", "--batch-size", "96", "--hidden-size", "16", "--out", str(tmp_path)]
+    example("train_digits").main([*argv, "--checkpoint-dir", str(directory)])
+    (tmp_path / "history_rmsprop.json").unlink()
+
+    resume = [*argv, "--batch-size", "128", "--seed", "3", "--checkpoint-dir", str(directory)]
+
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoint at step 14 was written with --seed 0 \(this run: 3\), "
+        r"--batch-size 96 \(this run: 128\)",
+    ):
+        example("train_digits").main([*resume, "--resume"])
 
     assert sorted(p.name for p in directory.iterdir()) == ["14"]
     assert not (tmp_path / "history_rmsprop.json").exists()
