@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
+import digits_report
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -262,44 +263,6 @@ def _timed_run(
     return result
 
 
-def _plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    for result in results:
-        history = result["history"]
-        label = f"{result['optimizer']} (lr {result['learning_rate']:g})"
-        loss_axis.plot(history["epoch"], history["train_loss"], label=label)
-        accuracy_axis.plot(history["epoch"], np.array(history["test_accuracy"]) * 100, label=label)
-    loss_axis.set(xlabel="epoch", ylabel="training loss (cross-entropy)", yscale="log")
-    accuracy_axis.set(xlabel="epoch", ylabel="test accuracy (%)", ylim=(80, 100))
-    for axis in (loss_axis, accuracy_axis):
-        axis.grid(alpha=0.3)
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    accuracy_axis.legend(loc="lower right", fontsize="small")
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-
-
-def _table(results: list[dict[str, Any]]) -> str:
-    lines = [
-        "| optimizer | learning rate | final train loss | test accuracy | wall time (s) |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r['optimizer']} | {r['learning_rate']:g} | {r['final_train_loss']:.2e} | "
-            f"{r['test_accuracy']:.2%} | {r['wall_time_s']:.1f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main(
     argv: Sequence[str] | None,
     make_trainer: Callable[[argparse.Namespace], Trainer],
@@ -340,10 +303,10 @@ def main(
         f"{framework} CNN ({args.hidden_size} hidden) on sklearn digits, "
         f"batch {args.batch_size}, seed {args.seed}"
     )
-    _plot(results, args.out / f"{stem}.png", title)
+    digits_report.plot(results, args.out / f"{stem}.png", title)
     if args.compare:
-        (args.out / "compare.md").write_text(_table(results))
-        print(_table(results), end="")
+        (args.out / "compare.md").write_text(digits_report.table(results))
+        print(digits_report.table(results), end="")
     print(f"wrote {args.out / stem}.json and .png", file=sys.stderr)
     return results
 
