@@ -22,7 +22,7 @@ import pytest
 
 import rmsprop_jax as rj
 
-pytest.importorskip("orbax.checkpoint")
+ocp = pytest.importorskip("orbax.checkpoint")
 pytest.importorskip("flax")
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -188,8 +188,6 @@ def test_restore_without_checkpoints_or_without_metadata_says_what_is_wrong(tmp_
         rj.checkpoint.restore(
             rj.checkpoint.open_manager(tmp_path / "empty"), fresh_target(rj.rmsprop(1e-2))
         )
-    import orbax.checkpoint as ocp
-
     saved_manager(tmp_path / "saved", rj.rmsprop(1e-2))
     plain = ocp.CheckpointManager((tmp_path / "saved").absolute())
     with pytest.raises(ValueError, match="cannot read the metadata of checkpoint step 7"):
