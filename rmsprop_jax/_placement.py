@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rmsprop_jax import _sharded_ops, _storage_int8
 from rmsprop_jax._storage_factored import FactoredMoment
@@ -89,13 +90,39 @@ def _follow(stored: Any, param: Any) -> Any:
     return _sharded_ops.plus_zero_from(param, stored)
 
 
-def follow_params(state: Any, params: Any) -> Any:
-    """`state` with each leaf tied to its parameter's sharding (automatic sharding, traced).
+def _replicated_on_mesh(params: Any) -> NamedSharding | None:
+    """Replicated on the mesh of the first concrete parameter placed with a NamedSharding."""
+    for param in jax.tree.leaves(params):
+        sharding = getattr(param, "sharding", None)
+        if isinstance(param, jax.Array) and isinstance(sharding, NamedSharding):
+            return NamedSharding(sharding.mesh, PartitionSpec())
+    return None
 
-    Eagerly and with explicit sharding the state is already placed; it is returned as is.
+
+def _replicate_scalar(leaf: Any, replicated: NamedSharding) -> Any:
+    if not isinstance(leaf, jax.Array) or leaf.ndim or not leaf.is_fully_addressable:
+        return leaf
+    if leaf.sharding.is_equivalent_to(replicated, 0):
+        return leaf
+    # From the host: every process holds the same fresh scalar, and may pass it to a mesh
+    # that spans other processes' devices.
+    return jax.device_put(np.asarray(leaf), replicated)
+
+
+def follow_params(state: Any, params: Any) -> Any:
+    """`state` with each leaf placed like its parameter, and scalars replicated.
+
+    Traced with automatic sharding, each leaf is tied to its parameter; the compiler
+    replicates the scalars. Eagerly, leaves built with `full_like` are placed already, and
+    scalars (step counts) are put on all devices of the parameters' mesh, as `jax.jit` would
+    put them. With explicit sharding, the types place everything.
     """
-    if not any(_sharded_ops.is_auto_traced(p) for p in jax.tree.leaves(params)):
-        return state
+    leaves = jax.tree.leaves(params)
+    if not any(_sharded_ops.is_auto_traced(p) for p in leaves):
+        replicated = _replicated_on_mesh(params)
+        if replicated is None or any(isinstance(p, jax.core.Tracer) for p in leaves):
+            return state
+        return jax.tree.map(lambda leaf: _replicate_scalar(leaf, replicated), state)
     placed = {}
     for path, stored, param in matched_leaves(state, params):
         if param is not None and _sharded_ops.is_auto_traced(param):
