@@ -158,12 +158,35 @@ def _abstract_inputs() -> dict:
                 for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(plain), strict=True)
             ),
         }
+    report["int8"]["orbax_restore"] = _orbax_round_trip(params)
     for storage in STORAGES:
         tx = rj.rmsprop(1e-2, nu_storage=storage, centered=True, momentum=0.9)
         expected = rj.sharding.state_shardings(tx, params)
         report[storage] = report.get(storage, {})
         report[storage]["eager_init"] = placement_report(tx.init(params), params, expected)
     return report
+
+
+def _orbax_round_trip(params: dict) -> dict:
+    """Saves a sharded int8 state with orbax and restores it onto `abstract_state`."""
+    import tempfile
+
+    import orbax.checkpoint as ocp
+
+    tx = rj.rmsprop(1e-2, nu_storage="int8", centered=True, momentum=0.9)
+    state = jax.jit(tx.init)(params)
+    state = jax.jit(lambda s, p: tx.update(p, s, p)[1])(state, params)
+    with tempfile.TemporaryDirectory() as directory, ocp.CheckpointManager(directory) as manager:
+        manager.save(1, args=ocp.args.StandardSave(state))
+        manager.wait_until_finished()
+        target = rj.sharding.abstract_state(tx, params)
+        restored = manager.restore(1, args=ocp.args.StandardRestore(target))
+    pairs = list(zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True))
+    return {
+        "same_structure": jax.tree.structure(restored) == jax.tree.structure(state),
+        "same_shardings": all(a.sharding.is_equivalent_to(b.sharding, a.ndim) for a, b in pairs),
+        "same_values": all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs),
+    }
 
 
 def train() -> dict:

@@ -87,8 +87,9 @@ def test_state_lives_with_its_parameter_and_matches_the_single_device_run(tmp_pa
     states equal those of the same steps on one device within 1e-6 (relative above 1).
 
     `state_shardings` from arrays, from ShapeDtypeStructs and from shapes plus shardings
-    agree, and work as `out_shardings` of a jitted `init`; an eager `init` places the state
-    the same way.
+    agree, and work as `out_shardings` of a jitted `init`; `abstract_state` restores an
+    orbax checkpoint onto the devices, with its types; an eager `init` places the state the
+    same way.
     """
     report = _layouts_report(tmp_path)
     runs = report["runs"]
@@ -113,5 +114,10 @@ def test_state_lives_with_its_parameter_and_matches_the_single_device_run(tmp_pa
         _check_placement(
             f"{storage}, jit(init, out_shardings)", checks["out_shardings_init"], storage
         )
+    assert abstract["int8"]["orbax_restore"] == {
+        "same_structure": True,
+        "same_shardings": True,
+        "same_values": True,
+    }
     for storage in STORAGES:
         _check_placement(f"{storage}, eager init", abstract[storage]["eager_init"], storage)
