@@ -4,7 +4,7 @@ Every format offers the same three operations on one leaf, dispatched on the typ
 stored, so the state needs no Python objects:
 
 - `init(leaf, value)`: the stored form of an array shaped like `leaf` filled with `value`;
-- `update(stored, x, decay, key) -> (stored', estimate)`: the moving average
+- `update(stored, x, decay, seed) -> (stored', estimate)`: the moving average
   `decay * stored + (1 - decay) * x`, stored again, and its float32 (or wider) value, which this
   step uses before any rounding;
 - `decode(stored, dtype)`: the stored average as an array.
@@ -43,12 +43,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _precision, _storage_bf16, _storage_factored, _storage_int8
+from rmsprop_jax import (
+    _precision,
+    _rounding_noise,
+    _storage_bf16,
+    _storage_factored,
+    _storage_int8,
+)
 from rmsprop_jax._storage_factored import FactoredMoment
 from rmsprop_jax._storage_int8 import QuantizedArray
 
-# The stochastic rounding bits derive from this key, the step count and the leaf's position.
-_ROUNDING_SEED = 0
+# The stochastic rounding bits derive from the step count, the leaf's position and the stream.
 _SECOND_MOMENT_STREAM, _FIRST_MOMENT_STREAM = 0, 1
 
 
@@ -81,13 +86,13 @@ def _decode_leaf(stored: Any, dtype: Any) -> chex.Array:
     return stored.astype(dtype)
 
 
-def _update_leaf(stored: Any, x: chex.Array, decay: Any, key: chex.PRNGKey) -> tuple[Any, Any]:
+def _update_leaf(stored: Any, x: chex.Array, decay: Any, seed: chex.Array) -> tuple[Any, Any]:
     if isinstance(stored, QuantizedArray):
-        return _storage_int8.update(stored, x, decay, key)
+        return _storage_int8.update(stored, x, decay, seed)
     if isinstance(stored, FactoredMoment):
-        return _storage_factored.update(stored, x, decay, key)
+        return _storage_factored.update(stored, x, decay, seed)
     if stored.dtype == jnp.bfloat16:
-        return _storage_bf16.update(stored, x, decay, key)
+        return _storage_bf16.update(stored, x, decay, seed)
     average = (1 - decay) * x + decay * stored
     return average, average
 
@@ -117,7 +122,6 @@ def update(
     grads, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
     nus = treedef.flatten_up_to(nu)
     mus = [None] * len(grads) if mu is None else treedef.flatten_up_to(mu)
-    step_key = jax.random.fold_in(jax.random.key(_ROUNDING_SEED), count)
     new_mus, new_nus, estimates = [], [], []
     for index, (g, stored_nu, stored_mu) in enumerate(zip(grads, nus, mus, strict=True)):
         if g is None:
@@ -125,16 +129,15 @@ def update(
             new_nus.append(None)
             estimates.append(None)
             continue
-        key = jax.random.fold_in(step_key, index)
-        nu_key = jax.random.fold_in(key, _SECOND_MOMENT_STREAM)
+        nu_seed = _rounding_noise.seed(count, index, _SECOND_MOMENT_STREAM)
         if mu is None:
-            stored_nu, estimate = _update_leaf(stored_nu, _abs_sq(g), decay, nu_key)
+            stored_nu, estimate = _update_leaf(stored_nu, _abs_sq(g), decay, nu_seed)
         else:
             previous_mu = _decode_leaf(stored_mu, g.dtype)
-            mu_key = jax.random.fold_in(key, _FIRST_MOMENT_STREAM)
-            stored_mu, _ = _update_leaf(stored_mu, g, decay, mu_key)
+            mu_seed = _rounding_noise.seed(count, index, _FIRST_MOMENT_STREAM)
+            stored_mu, _ = _update_leaf(stored_mu, g, decay, mu_seed)
             spread = decay * _abs_sq(g - previous_mu)
-            stored_nu, estimate = _update_leaf(stored_nu, spread, decay, nu_key)
+            stored_nu, estimate = _update_leaf(stored_nu, spread, decay, nu_seed)
         new_mus.append(stored_mu)
         new_nus.append(stored_nu)
         estimates.append(estimate)

@@ -6,10 +6,9 @@ per step, while bfloat16 keeps 8 significant bits: a relative change under :math
 freeze at its first value. Stochastic rounding rounds up with probability equal to the
 distance to the lower neighbour, so the stored value is unbiased,
 :math:`E[\mathrm{round}(x)] = x`, and the average keeps moving in expectation. The rounding
-bits are a pure function of a fixed key, the step count and the leaf's position in the tree
-(`jax.random.fold_in`), so a run is reproducible, resumes from a checkpoint exactly, and needs
-no random key in the state. With JAX's partitionable threefry the bits do not depend on how a
-leaf is sharded.
+bits are a pure function of the step count, the leaf's position in the tree and the element's
+index (:mod:`rmsprop_jax._rounding_noise`), so a run is reproducible, resumes from a checkpoint
+exactly, needs no random key in the state, and does not depend on how a leaf is sharded.
 
 Compensated (Kahan) summation would avoid the noise but needs a second buffer, giving up the
 memory the format exists to save.
@@ -25,14 +24,13 @@ from __future__ import annotations
 from typing import Any
 
 import chex
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from rmsprop_jax import _sharded_ops
+from rmsprop_jax import _rounding_noise
 
 
-def stochastic_round(x: chex.Array, key: chex.PRNGKey) -> chex.Array:
+def stochastic_round(x: chex.Array, seed: chex.Array) -> chex.Array:
     """Rounds `x` to bfloat16, up or down with probabilities that make the result unbiased.
 
     A float32 is a bfloat16 followed by 16 more mantissa bits. Adding 16 uniform random bits to
@@ -42,9 +40,7 @@ def stochastic_round(x: chex.Array, key: chex.PRNGKey) -> chex.Array:
     """
     x = x.astype(jnp.float32)
     bits = lax.bitcast_convert_type(x, jnp.uint32)
-    noise = jax.random.bits(
-        key, x.shape, jnp.uint16, out_sharding=_sharded_ops.explicit_sharding(x)
-    ).astype(jnp.uint32)
+    noise = _rounding_noise.bits(seed, x) >> 16
     kept = ((bits + noise) >> 16).astype(jnp.uint16)
     rounded = lax.bitcast_convert_type(kept, jnp.bfloat16)
     # A NaN whose mantissa is all ones would carry into the sign bit and become -0.
@@ -61,8 +57,8 @@ def decode(stored: chex.Array, dtype: Any) -> chex.Array:
 
 
 def update(
-    stored: chex.Array, x: chex.Array, decay: Any, key: chex.PRNGKey
+    stored: chex.Array, x: chex.Array, decay: Any, seed: chex.Array
 ) -> tuple[chex.Array, chex.Array]:
     """`decay * stored + (1 - decay) * x` in `x`'s dtype; returns (rounded, unrounded)."""
     average = decay * decode(stored, x.dtype) + (1 - decay) * x
-    return stochastic_round(average, key), average
+    return stochastic_round(average, seed), average

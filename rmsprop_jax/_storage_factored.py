@@ -65,13 +65,13 @@ def decode(stored: FactoredMoment, dtype: Any) -> chex.Array:
 
 
 def update(
-    stored: FactoredMoment, x: chex.Array, decay: Any, key: Any = None
+    stored: FactoredMoment, x: chex.Array, decay: Any, seed: Any = None
 ) -> tuple[FactoredMoment, chex.Array]:
     """Averages `x`'s row and column means into `stored`; returns (new, rebuilt estimate).
 
-    `key` is unused: the statistics are stored in full precision.
+    `seed` is unused: the statistics are stored in full precision, without rounding.
     """
-    del key
+    del seed
     new = FactoredMoment(
         row=decay * stored.row + (1 - decay) * jnp.mean(x, axis=-1),
         col=decay * stored.col + (1 - decay) * jnp.mean(x, axis=-2),

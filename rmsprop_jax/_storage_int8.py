@@ -39,14 +39,14 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsprop_jax import _sharded_ops
+from rmsprop_jax import _rounding_noise, _sharded_ops
 
 BLOCK_SIZE = 256
 MIN_ELEMENTS = 4096
@@ -90,31 +90,36 @@ def _code_book(signed: bool) -> tuple[int, float]:
     return top, span / (top - 1)
 
 
+def _exp2(codes_from_top: chex.Array, step: float) -> chex.Array:
+    """`2 ** (codes_from_top * step)`: XLA's CPU exp is vectorized and its exp2 is not (8x)."""
+    return jnp.exp(codes_from_top * (step * math.log(2)))
+
+
 def _level(magnitude_code: chex.Array, top: int, step: float) -> chex.Array:
     """The magnitude, relative to the block scale, that a code in [0, top] stands for."""
     code = magnitude_code.astype(jnp.float32)
-    return jnp.where(code > 0, jnp.exp2((code - top) * step), 0.0)
+    return jnp.where(code > 0, _exp2(code - top, step), 0.0)
 
 
-def encode(x: chex.Array, key: chex.PRNGKey, *, signed: bool) -> QuantizedArray:
-    """Quantizes `x` (non-negative unless `signed`) with unbiased stochastic rounding."""
+def encode(x: chex.Array, seed: chex.Array, *, signed: bool) -> QuantizedArray:
+    """Quantizes `x` (non-negative unless `signed`) with unbiased stochastic rounding.
+
+    `seed` (uint32) selects the rounding bits, see :mod:`rmsprop_jax._rounding_noise`.
+    """
     top, step = _code_book(signed)
     x = x.astype(jnp.float32)
-    uniform = _to_blocks(
-        jax.random.uniform(
-            key, x.shape, jnp.float32, out_sharding=_sharded_ops.explicit_sharding(x)
-        )
-    )
+    uniform = _to_blocks(_rounding_noise.uniform(seed, x))
     blocks = _to_blocks(x)
     magnitude = jnp.abs(blocks)
     scales = jnp.max(magnitude, axis=-1)
     relative = magnitude / jnp.where(scales > 0, scales, 1)[..., None]
     # log2(0) = -inf clips to code 0, whose level is exactly 0: zeros stay zeros.
     lower = jnp.clip(jnp.floor(top + jnp.log2(relative) / step), 0, top)
-    upper = jnp.minimum(lower + 1, top)
-    low, high = _level(lower, top, step), _level(upper, top, step)
-    gap = high - low
-    round_up_probability = jnp.where(gap > 0, jnp.clip((relative - low) / gap, 0, 1), 0)
+    # Neighbouring levels are a factor 2**step apart, so one exponential gives both. Past the top
+    # code, `relative <= 1` makes the probability of rounding up 0.
+    level = _exp2(lower - top, step)
+    low, high = jnp.where(lower > 0, level, 0.0), level * 2.0**step
+    round_up_probability = jnp.clip((relative - low) / (high - low), 0, 1)
     codes = lower + (uniform < round_up_probability)
     if signed:
         codes = _from_blocks(jnp.where(blocks < 0, -codes, codes), x).astype(jnp.int8)
@@ -151,8 +156,8 @@ def init(leaf: chex.Array, value: Any, *, signed: bool) -> QuantizedArray:
 
 
 def update(
-    stored: QuantizedArray, x: chex.Array, decay: Any, key: chex.PRNGKey
+    stored: QuantizedArray, x: chex.Array, decay: Any, seed: chex.Array
 ) -> tuple[QuantizedArray, chex.Array]:
     """`decay * stored + (1 - decay) * x` in `x`'s dtype; returns (quantized, unquantized)."""
     average = decay * decode(stored, x.dtype) + (1 - decay) * x
-    return encode(average, key, signed=stored.codes.dtype == jnp.int8), average
+    return encode(average, seed, signed=stored.codes.dtype == jnp.int8), average

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rmsprop_jax import _storage_bf16, _storage_factored, _storage_int8
+from rmsprop_jax import _rounding_noise, _storage_bf16, _storage_factored, _storage_int8
 
 # One code step of the logarithmic code books: nu levels 2**(40/254) apart, |mu| 2**(20/126).
 NU_STEP = 2 ** (40 / 254) - 1  # 11.5%
@@ -39,7 +39,7 @@ def _relative_error(decoded: np.ndarray, exact: np.ndarray) -> np.ndarray:
 def test_int8_second_moment_relative_error_bounded_across_12_orders_in_a_block(block_scale):
     exact = (_shuffled_logspace(16, orders=12) * block_scale).astype(np.float32)
     exact[:, :5] = 0.0
-    stored = _encode(jnp.asarray(exact), jax.random.key(0), signed=False)
+    stored = _encode(jnp.asarray(exact), jnp.uint32(0), signed=False)
     decoded = np.asarray(_decode(stored, jnp.float32))
     assert stored.codes.dtype == jnp.uint8
     assert np.all(decoded[:, :5] == 0.0)
@@ -54,7 +54,7 @@ def test_int8_first_moment_keeps_sign_and_relative_error_across_6_orders(block_s
         np.float32
     )
     exact[:, 7] = 0.0
-    stored = _encode(jnp.asarray(exact), jax.random.key(1), signed=True)
+    stored = _encode(jnp.asarray(exact), jnp.uint32(1), signed=True)
     decoded = np.asarray(_decode(stored, jnp.float32))
     assert stored.codes.dtype == jnp.int8
     assert np.all(decoded[:, 7] == 0.0)
@@ -73,7 +73,7 @@ def test_int8_codes_decode_to_the_logarithmic_code_book_in_float64():
 
 
 def test_int8_all_zero_blocks_stay_zero_with_zero_scale():
-    stored = _encode(jnp.zeros((4, 1024)), jax.random.key(2), signed=False)
+    stored = _encode(jnp.zeros((4, 1024)), jnp.uint32(2), signed=False)
     assert np.all(np.asarray(stored.codes) == 0)
     assert np.all(np.asarray(stored.scales) == 0)
     assert np.all(np.asarray(_decode(stored, jnp.float32)) == 0)
@@ -88,7 +88,7 @@ def test_int8_stochastic_rounding_is_unbiased(signed):
     draws = [
         np.asarray(
             _decode(
-                _encode(jnp.asarray(exact), jax.random.key(i), signed=signed),
+                _encode(jnp.asarray(exact), jnp.uint32(i), signed=signed),
                 jnp.float32,
             )
         )
@@ -120,7 +120,7 @@ def test_int8_block_layout(length, layout):
 def test_int8_round_trip_with_a_padded_last_block():
     rng = np.random.default_rng(4)
     exact = np.abs(rng.normal(size=(8, 771))).astype(np.float32)
-    stored = _encode(jnp.asarray(exact), jax.random.key(4), signed=False)
+    stored = _encode(jnp.asarray(exact), jnp.uint32(4), signed=False)
     assert stored.codes.shape == (8, 771)
     assert stored.scales.shape == (8, 4)
     np.testing.assert_array_equal(np.asarray(stored.scales)[:, 3], np.max(exact[:, 768:], axis=-1))
@@ -148,7 +148,7 @@ def test_bf16_stochastic_rounding_picks_a_neighbour_without_bias():
     exact = (rng.uniform(1, 2, size=(64, 512)) * rng.choice([-1, 1], (64, 512))).astype(np.float32)
     draws = np.stack(
         [
-            np.asarray(_storage_bf16.stochastic_round(jnp.asarray(exact), jax.random.key(i)))
+            np.asarray(_storage_bf16.stochastic_round(jnp.asarray(exact), jnp.uint32(i)))
             for i in range(16)
         ]
     ).astype(np.float32)
@@ -163,9 +163,7 @@ def test_bf16_stochastic_rounding_picks_a_neighbour_without_bias():
 def test_bf16_stochastic_rounding_keeps_zero_infinity_and_nan():
     special = jnp.asarray([0.0, -0.0, jnp.inf, -jnp.inf, jnp.nan, 1e-40], jnp.float32)
     special = jnp.concatenate([special, jnp.asarray([np.uint32(0x7FFFFFFF)]).view(jnp.float32)])
-    rounded = np.asarray(
-        _storage_bf16.stochastic_round(special, jax.random.key(6)).astype(jnp.float32)
-    )
+    rounded = np.asarray(_storage_bf16.stochastic_round(special, jnp.uint32(6)).astype(jnp.float32))
     assert rounded[0] == 0 and rounded[1] == 0
     assert rounded[2] == np.inf and rounded[3] == -np.inf
     assert np.isnan(rounded[4]) and np.isnan(rounded[6])
@@ -177,7 +175,7 @@ def test_bf16_moving_average_follows_increments_below_bf16_resolution():
     stored, exact = _storage_bf16.init(jnp.zeros(4096), 1.0), np.ones(4096)
     update = jax.jit(_storage_bf16.update)
     for step in range(2000):
-        stored, _ = update(stored, jnp.full(4096, 2.0), 0.999, jax.random.key(step))
+        stored, _ = update(stored, jnp.full(4096, 2.0), 0.999, jnp.uint32(step))
         exact = 0.999 * exact + 0.001 * 2.0
     mean = float(jnp.mean(stored.astype(jnp.float32)))
     assert exact[0] > 1.8
@@ -217,3 +215,34 @@ def test_factored_estimate_of_nothing_seen_is_zero_not_nan():
 )
 def test_factored_applies_to_leaves_with_two_trailing_axes_of_at_least_128(shape, factored):
     assert _storage_factored.compresses(jnp.zeros(shape)) is factored
+
+
+def test_rounding_noise_is_uniform_and_uncorrelated_across_steps_and_neighbours():
+    like = jnp.zeros((256, 1024))
+    draws = np.stack(
+        [
+            np.asarray(_rounding_noise.uniform(_rounding_noise.seed(jnp.int32(step), 3, 0), like))
+            for step in range(4)
+        ]
+    )
+    assert np.all((draws >= 0) & (draws < 1))
+    counts, _ = np.histogram(draws[0], bins=64, range=(0, 1))
+    expected = draws[0].size / 64
+    chi_square = np.sum((counts - expected) ** 2 / expected)
+    assert chi_square < 120  # 63 degrees of freedom: above 120 has probability < 1e-5.
+    centred = draws - 0.5
+    for a, b in [(0, 1), (1, 2), (0, 3)]:
+        assert abs(np.mean(centred[a] * centred[b])) / np.var(centred[a]) < 0.01
+    assert abs(np.mean(centred[0][:, 1:] * centred[0][:, :-1])) / np.var(centred[0]) < 0.01
+    assert abs(np.mean(centred[0][1:] * centred[0][:-1])) / np.var(centred[0]) < 0.01
+
+
+def test_rounding_noise_differs_between_leaves_and_streams():
+    like = jnp.zeros((64, 64))
+    seeds = [
+        _rounding_noise.seed(jnp.int32(5), leaf, stream) for leaf in (0, 1) for stream in (0, 1)
+    ]
+    draws = [np.asarray(_rounding_noise.bits(s, like)) for s in seeds]
+    for i in range(len(draws)):
+        for j in range(i):
+            assert np.mean(draws[i] == draws[j]) < 0.01
