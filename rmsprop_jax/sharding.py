@@ -5,29 +5,29 @@ where its parameter lives. `init` and `update` keep it there by themselves, unde
 as well as eagerly; these helpers give the same layout *before* anything is allocated, for
 `jax.jit(..., out_shardings=...)` and as the target of a checkpoint restore.
 
-A state leaf takes its parameter's sharding on the axes it keeps:
+A state leaf takes its parameter's sharding on the parameter axes it keeps:
 
-| state leaf                                   | sharding                                   |
-|----------------------------------------------|--------------------------------------------|
-| `nu`, `mu`, momentum `trace`, int8 `codes`   | the parameter's                            |
-| int8 `scales`, shape (..., blocks)           | the leading axes'; the block axis takes    |
-|                                              | the last axis's leading mesh axes whose    |
-|                                              | size divides the number of blocks          |
-| factored `row`, shape (..., rows)            | the parameter's without its last axis      |
-| factored `col`, shape (..., cols)            | without its second-to-last axis            |
-| step counts and other scalars                | replicated on the parameters' mesh         |
+- `nu`, `mu`, the momentum `trace` and int8 `codes` (the parameter's shape): the
+  parameter's sharding.
+- int8 `scales`, shape `(..., blocks)`: the leading axes as the parameter; the block axis
+  takes the leading mesh axes of the parameter's last axis whose size divides the number of
+  blocks (all of them when every shard holds whole blocks).
+- factored `row`, shape `(..., rows)`: the parameter's sharding without its last axis;
+  `col`, shape `(..., cols)`: without its second-to-last axis.
+- step counts and any leaf that matches no parameter: replicated on the parameters' mesh.
 
-So a statistic reduced over a sharded axis (the column statistics of a matrix sharded by
-rows) is replicated along that axis: it has one entry per column, and each device needs all
-of them.
+So a statistic averaged over a sharded axis (the column statistics of a matrix split by
+rows) is replicated along it: it holds one number per column, and every device needs all.
 
-Example, FSDP on 8 devices::
+Example, FSDP over 8 devices, before any parameter exists::
 
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
     abstract = {"w": jax.ShapeDtypeStruct((4096, 1024), jnp.float32,
                                           sharding=NamedSharding(mesh, P("fsdp", None)))}
     tx = rj.rmsprop(1e-3, nu_storage="int8")
     shardings = rj.sharding.state_shardings(tx, abstract)
+    shardings[2].nu["w"].scales.spec      # PartitionSpec('fsdp', None): (4096, 4) scales
+    params = jax.jit(init_params, out_shardings={"w": abstract["w"].sharding})(key)
     state = jax.jit(tx.init, out_shardings=shardings)(params)
 
 References:
