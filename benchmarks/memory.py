@@ -1,0 +1,249 @@
+"""Memory, speed and quality of each `nu_storage` format against float32, measured in one run.
+
+1. Memory: bytes of RMSprop state per parameter on a transformer-sized tree (token embedding
+   8192 x 512 and 4 blocks of d_model=512: attention q, k, v, o; MLP 512 -> 2048 -> 512; layer
+   norms and biases; 16.8M parameters), counted with `rj.state_bytes` on `jax.eval_shape`.
+2. Speed: one jitted, buffer-donated "update + apply" step on that tree, formats interleaved and
+   repeated; medians, relative to float32.
+3. Quality (benchmarks/_storage_quality.py): final training loss and test accuracy of an MLP on
+   scikit-learn's digits, and the loss of an ill-conditioned least-squares problem after a fixed
+   budget, over 3 seeds, for three RMSprop configurations.
+
+    python benchmarks/memory.py            # about 10 minutes on 2 CPU cores
+    python benchmarks/memory.py --quick    # fewer repeats and one seed, to try it out
+
+Prints tables and writes benchmarks/results/memory_<platform>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import _storage_quality as quality
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import rmsprop_jax as rj
+
+FORMATS = ("float32", "bfloat16", "int8", "factored")
+TARGET_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.05, "factored": 0.1}
+TARGET_ACCURACY_POINTS, TARGET_RELATIVE_LOSS = 0.5, 0.05
+# (learning rate, options): digits use coupled L2 1e-3 so the training loss keeps a floor.
+CONFIGURATIONS = {
+    "decay 0.9": (1e-3, {"decay": 0.9}),
+    "decay 0.99": (1e-3, {"decay": 0.99}),
+    "centered + momentum 0.9": (1e-4, {"decay": 0.9, "centered": True, "momentum": 0.9}),
+}
+DIGITS_STEPS, DIGITS_WEIGHT_DECAY = 600, 1e-3
+LEAST_SQUARES_STEPS, LEAST_SQUARES_RATE_FACTOR = 500, 30.0
+
+
+def transformer_init(key: jax.Array, layers=4, d_model=512, d_ff=2048, vocab=8192) -> dict:
+    def dense(key, fan_in, fan_out):
+        weight = jax.random.normal(key, (fan_in, fan_out)) / jnp.sqrt(fan_in)
+        return {"kernel": weight, "bias": jnp.zeros(fan_out)}
+
+    def norm():
+        return {"scale": jnp.ones(d_model), "bias": jnp.zeros(d_model)}
+
+    keys = iter(jax.random.split(key, 1 + 6 * layers))
+    params = {"embed": jax.random.normal(next(keys), (vocab, d_model)) * 0.02, "final_norm": norm()}
+    for i in range(layers):
+        block = {name: dense(next(keys), d_model, d_model) for name in ("q", "k", "v", "o")}
+        block["mlp_in"] = dense(next(keys), d_model, d_ff)
+        block["mlp_out"] = dense(next(keys), d_ff, d_model)
+        block["norm_attention"], block["norm_mlp"] = norm(), norm()
+        params[f"block{i}"] = block
+    return params
+
+
+def measure_memory() -> dict[str, Any]:
+    abstract = jax.eval_shape(transformer_init, jax.random.key(0))
+    parameters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
+    results = {"parameters": parameters}
+    for nu_storage in FORMATS:
+        row = {}
+        for name, options in (("plain", {}), ("centered", {"centered": True})):
+            tx = rj.rmsprop(1e-3, nu_storage=nu_storage, **options)
+            memory = rj.state_bytes(jax.eval_shape(tx.init, abstract), abstract)
+            row[name] = memory._asdict()
+        row["target_bytes_per_parameter"] = TARGET_BYTES[nu_storage]
+        row["meets_target"] = row["plain"]["bytes_per_parameter"] <= TARGET_BYTES[nu_storage]
+        results[nu_storage] = row
+    return results
+
+
+def measure_step_time(repeats: int, steps: int) -> dict[str, Any]:
+    key = jax.random.key(0)
+    grads = jax.jit(transformer_init)(jax.random.fold_in(key, 1))
+    steppers, carries = {}, {}
+    for nu_storage in FORMATS:
+        tx = rj.rmsprop(1e-3, nu_storage=nu_storage)
+
+        def step(params, state, grads, tx=tx):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        params = jax.jit(transformer_init)(key)
+        state = tx.init(params)
+        steppers[nu_storage] = (
+            jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+        )
+        carries[nu_storage] = steppers[nu_storage](params, state, grads)  # warm up
+    times = {nu_storage: [] for nu_storage in FORMATS}
+    for _ in range(repeats):
+        for nu_storage in FORMATS:
+            params, state = carries[nu_storage]
+            started = time.perf_counter()
+            for _ in range(steps):
+                params, state = steppers[nu_storage](params, state, grads)
+            jax.block_until_ready((params, state))
+            times[nu_storage].append((time.perf_counter() - started) / steps)
+            carries[nu_storage] = (params, state)
+    reference = statistics.median(times["float32"])
+    return {
+        nu_storage: {
+            "median_seconds": statistics.median(t),
+            "relative_to_float32": statistics.median(t) / reference,
+            "seconds_per_repeat": t,
+        }
+        for nu_storage, t in times.items()
+    }
+
+
+def _optimizer(nu_storage: str, rate: float, options: dict, weight_decay: float):
+    def build(schedule: optax.Schedule) -> optax.GradientTransformation:
+        return rj.rmsprop(
+            lambda count: rate * schedule(count),
+            nu_storage=nu_storage,
+            weight_decay=weight_decay,
+            **options,
+        )
+
+    return build
+
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    return {"per_seed": values, "mean": float(np.mean(values)), "std": float(np.std(values))}
+
+
+def measure_quality(seeds: list[int]) -> dict[str, Any]:
+    least_squares = [quality.least_squares_data(seed) for seed in seeds]
+    optimum = [
+        float(0.5 * np.mean(np.sum((x @ np.linalg.lstsq(x, y)[0] - y) ** 2, axis=-1)))
+        for x, y in least_squares
+    ]
+    results = {"least_squares_optimum": _summary(optimum)}
+    for name, (rate, options) in CONFIGURATIONS.items():
+        rows = {}
+        for nu_storage in FORMATS:
+            digits = quality.make_digits_run(
+                _optimizer(nu_storage, rate, options, DIGITS_WEIGHT_DECAY), DIGITS_STEPS
+            )
+            outcomes = [jax.device_get(digits(seed)) for seed in seeds]
+            regression = quality.make_least_squares_run(
+                _optimizer(nu_storage, rate * LEAST_SQUARES_RATE_FACTOR, options, 0.0),
+                LEAST_SQUARES_STEPS,
+            )
+            rows[nu_storage] = {
+                "digits_train_loss": _summary([float(o["train_loss"]) for o in outcomes]),
+                "digits_test_accuracy": _summary(
+                    [100 * float(o["test_accuracy"]) for o in outcomes]
+                ),
+                "least_squares_loss": _summary(
+                    [float(regression(x, y)["train_loss"]) for x, y in least_squares]
+                ),
+            }
+        for nu_storage, row in rows.items():
+            reference = rows["float32"]
+            row["accuracy_difference_points"] = (
+                row["digits_test_accuracy"]["mean"] - reference["digits_test_accuracy"]["mean"]
+            )
+            for task in ("digits_train_loss", "least_squares_loss"):
+                row[f"{task}_relative_difference"] = row[task]["mean"] / reference[task]["mean"] - 1
+            row["meets_digits_targets"] = bool(
+                abs(row["accuracy_difference_points"]) <= TARGET_ACCURACY_POINTS
+                and abs(row["digits_train_loss_relative_difference"]) <= TARGET_RELATIVE_LOSS
+            )
+        results[name] = rows
+        print(f"  quality: {name} done", flush=True)
+    return results
+
+
+def print_tables(memory: dict, speed: dict, quality_results: dict) -> None:
+    print(f"\nState memory, {memory['parameters'] / 1e6:.1f}M-parameter transformer tree")
+    print(
+        f"{'format':<10} {'B/param':>8} {'centered':>9} {'target':>7} {'step ms':>8} {'vs f32':>7}"
+    )
+    for f in FORMATS:
+        m, s = memory[f], speed[f]
+        print(
+            f"{f:<10} {m['plain']['bytes_per_parameter']:>8.4f} "
+            f"{m['centered']['bytes_per_parameter']:>9.4f} {m['target_bytes_per_parameter']:>7.2f} "
+            f"{1e3 * s['median_seconds']:>8.1f} {s['relative_to_float32']:>6.2f}x"
+        )
+    for name in CONFIGURATIONS:
+        print(f"\nQuality, RMSprop {name} (mean over seeds; differences against float32)")
+        print(
+            f"{'format':<10} {'digits loss':>12} {'rel.':>7} {'test acc %':>11} {'pts':>6} "
+            f"{'lsq loss':>10} {'rel.':>7}"
+        )
+        for f in FORMATS:
+            r = quality_results[name][f]
+            print(
+                f"{f:<10} {r['digits_train_loss']['mean']:>12.5f} "
+                f"{100 * r['digits_train_loss_relative_difference']:>6.2f}% "
+                f"{r['digits_test_accuracy']['mean']:>11.2f} {r['accuracy_difference_points']:>+6.2f} "
+                f"{r['least_squares_loss']['mean']:>10.5f} "
+                f"{100 * r['least_squares_loss_relative_difference']:>6.2f}%"
+            )
+    print(f"(least-squares optimum: {quality_results['least_squares_optimum']['mean']:.5f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 repeats, 1 seed")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    repeats, seeds = (2, [0]) if args.quick else (args.repeats, [0, 1, 2])
+    memory = measure_memory()
+    speed = measure_step_time(repeats, args.steps)
+    quality_results = measure_quality(seeds)
+    print_tables(memory, speed, quality_results)
+    backend = jax.default_backend()
+    output = args.output or Path(__file__).parent / "results" / f"memory_{backend}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_cores": os.cpu_count(),
+        "jax": jax.__version__,
+        "backend": backend,
+        "devices": [d.device_kind for d in jax.devices()],
+    }
+    settings = {
+        "repeats": repeats,
+        "steps_per_repeat": args.steps,
+        "seeds": seeds,
+        "configurations": {k: {"learning_rate": r, **o} for k, (r, o) in CONFIGURATIONS.items()},
+        "digits": {"steps": DIGITS_STEPS, "l2_weight_decay": DIGITS_WEIGHT_DECAY},
+        "least_squares": {"steps": LEAST_SQUARES_STEPS, "rate_factor": LEAST_SQUARES_RATE_FACTOR},
+    }
+    record = {"machine": machine, "settings": settings, "memory": memory, "step_time": speed}
+    record["quality"] = quality_results
+    output.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nwrote {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""`rj.state_bytes`: the memory an optimizer state takes, and what each storage format saves."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmsprop_jax as rj
+
+
+def _transformer_shapes(layers: int = 2, d_model: int = 512, d_ff: int = 2048) -> dict:
+    """Abstract parameters of a small transformer: most elements in matrices, a few vectors."""
+
+    def dense(fan_in, fan_out):
+        return {
+            "kernel": jax.ShapeDtypeStruct((fan_in, fan_out), jnp.float32),
+            "bias": jax.ShapeDtypeStruct((fan_out,), jnp.float32),
+        }
+
+    params = {"embed": jax.ShapeDtypeStruct((4096, d_model), jnp.float32)}
+    for i in range(layers):
+        block = {name: dense(d_model, d_model) for name in ("q", "k", "v", "o")}
+        block["mlp_in"], block["mlp_out"] = dense(d_model, d_ff), dense(d_ff, d_model)
+        block["norm"] = jax.ShapeDtypeStruct((d_model,), jnp.float32)
+        params[f"block{i}"] = block
+    return params
+
+
+def test_counts_every_array_of_the_state_against_the_parameter_elements():
+    params = {"w": jnp.zeros((10, 20)), "b": jnp.zeros(20, jnp.bfloat16)}
+    state = rj.rmsprop(0.1, centered=True, momentum=0.9).init(params)
+    memory = rj.state_bytes(state, params)
+    # mu, nu and the momentum buffer hold 220 float32 elements each, plus step counters.
+    expected = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(state))
+    assert memory.total_bytes == expected
+    assert memory.total_bytes >= 3 * 220 * 4
+    assert memory.bytes_per_parameter == pytest.approx(expected / 220)
+
+
+def test_accepts_shapes_from_eval_shape():
+    params = _transformer_shapes(layers=1)
+    tx = rj.rmsprop(1e-3)
+    abstract = rj.state_bytes(jax.eval_shape(tx.init, params), params)
+    concrete_params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+    concrete = rj.state_bytes(tx.init(concrete_params), concrete_params)
+    assert abstract == concrete
+
+
+def test_counts_prng_keys_and_ignores_python_numbers():
+    params = {"w": jnp.zeros(8)}
+    noisy = optax.chain(optax.add_noise(0.1, 0.5, 0), rj.scale_by_rms())
+    memory = rj.state_bytes(noisy.init(params), params)
+    # add_noise keeps a count and a threefry key (2 x uint32); scale_by_rms a count and nu.
+    assert memory.total_bytes == 4 + 8 + 4 + 8 * 4
+    assert rj.state_bytes({"a": 1.5, "b": jnp.zeros(2)}, params).total_bytes == 8
+
+
+def test_rejects_parameters_without_elements_and_non_array_leaves():
+    with pytest.raises(ValueError, match="no elements"):
+        rj.state_bytes({"nu": jnp.zeros(3)}, {})
+    with pytest.raises(TypeError, match="str"):
+        rj.state_bytes({"nu": "float32"}, {"w": jnp.zeros(3)})
+
+
+@pytest.mark.parametrize(
+    ("nu_storage", "low", "high"),
+    [
+        ("float32", 4.0, 4.0001),
+        ("bfloat16", 2.0, 2.0001),
+        ("int8", 1.0, 1.05),
+        ("factored", 0, 0.1),
+    ],
+)
+def test_bytes_per_parameter_of_each_format_on_a_transformer(nu_storage, low, high):
+    params = _transformer_shapes()
+    state = jax.eval_shape(rj.rmsprop(1e-3, nu_storage=nu_storage).init, params)
+    assert low <= rj.state_bytes(state, params).bytes_per_parameter <= high
+
+
+def test_int8_block_scales_cost_four_bytes_per_block():
+    params = {"w": jax.ShapeDtypeStruct((512, 768), jnp.float32)}
+    state = jax.eval_shape(rj.scale_by_rms(nu_storage="int8").init, params)
+    # 768 = 4 blocks of 192 per row: 512 * 768 codes, 512 * 4 float32 scales, the count.
+    assert rj.state_bytes(state, params).total_bytes == 512 * 768 + 512 * 4 * 4 + 4
+
+
+def test_factored_keeps_rows_plus_columns_per_matrix():
+    params = {"w": jax.ShapeDtypeStruct((3, 256, 1024), jnp.float32)}
+    state = jax.eval_shape(rj.scale_by_rms(nu_storage="factored").init, params)
+    assert rj.state_bytes(state, params).total_bytes == 3 * (256 + 1024) * 4 + 4
