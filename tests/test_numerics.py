@@ -192,7 +192,9 @@ def test_none_leaves_empty_arrays_and_scalars_pass_through(maybe_jit):
     np.testing.assert_allclose(updates["scalar"], expected[0]["scalar"], rtol=1e-6)
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(centered=True), dict(eps=0.0), dict(momentum=0.9)])
+@pytest.mark.parametrize(
+    "variant", [dict(), dict(centered=True), dict(eps=0.0), dict(momentum=0.9)]
+)
 def test_a_nan_gradient_gives_a_nan_update_rather_than_silently_freezing(variant):
     """Non-finite gradients must stay visible (to optax.apply_if_finite, to the user)."""
     params = {"w": jnp.ones(3)}
