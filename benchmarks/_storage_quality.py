@@ -15,6 +15,7 @@ every format, so differences between formats are paired.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -42,7 +43,7 @@ def digits_data() -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
 
 def _init_mlp(key: jax.Array, sizes: tuple[int, ...]) -> list[dict[str, jax.Array]]:
     layers = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+    for fan_in, fan_out in itertools.pairwise(sizes):
         key, subkey = jax.random.split(key)
         weight = jax.random.normal(subkey, (fan_in, fan_out)) * jnp.sqrt(2.0 / fan_in)
         layers.append({"w": weight, "b": jnp.zeros(fan_out)})

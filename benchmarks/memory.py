@@ -163,8 +163,8 @@ def measure_quality(seeds: list[int]) -> dict[str, Any]:
                     [float(regression(x, y)["train_loss"]) for x, y in least_squares]
                 ),
             }
-        for nu_storage, row in rows.items():
-            reference = rows["float32"]
+        reference = rows["float32"]
+        for row in rows.values():
             row["accuracy_difference_points"] = (
                 row["digits_test_accuracy"]["mean"] - reference["digits_test_accuracy"]["mean"]
             )
@@ -202,11 +202,22 @@ def print_tables(memory: dict, speed: dict, quality_results: dict) -> None:
             print(
                 f"{f:<10} {r['digits_train_loss']['mean']:>12.5f} "
                 f"{100 * r['digits_train_loss_relative_difference']:>6.2f}% "
-                f"{r['digits_test_accuracy']['mean']:>11.2f} {r['accuracy_difference_points']:>+6.2f} "
+                f"{r['digits_test_accuracy']['mean']:>11.2f} "
+                f"{r['accuracy_difference_points']:>+6.2f} "
                 f"{r['least_squares_loss']['mean']:>10.5f} "
                 f"{100 * r['least_squares_loss_relative_difference']:>6.2f}%"
             )
     print(f"(least-squares optimum: {quality_results['least_squares_optimum']['mean']:.5f})")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -225,7 +236,7 @@ def main() -> None:
     output = args.output or Path(__file__).parent / "results" / f"memory_{backend}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     machine = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
         "cpu_cores": os.cpu_count(),
         "jax": jax.__version__,
         "backend": backend,
