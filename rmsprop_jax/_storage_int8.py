@@ -22,7 +22,10 @@ update. Values below the smallest code round to it or to 0, still unbiased; exac
 exactly zero. The rounding noise is independent from step to step and the average damps it:
 its relative spread in the stored average is about :math:`4.7\% \cdot \beta /
 \sqrt{1-\beta^2}` (10% at decay 0.9, 33% at 0.99), which RMSprop sees halved in
-:math:`\sqrt{\nu}`.
+:math:`\sqrt{\nu}`. With centering, the rounding of `mu` (up to 11.6% of :math:`|\mu|`)
+adds to the variance estimate through :math:`(g - \mu)^2`: when gradients are far larger than
+their noise, the variance is overestimated and steps come out smaller than with float32, a bias
+towards caution rather than towards a blow-up.
 
 Block layout: a last axis of length :math:`n` is split into the fewest :math:`2^j` equal blocks
 of at most 256 elements (256 for every power-of-two multiple of 256, 192 for 768 or 3072). A

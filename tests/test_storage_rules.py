@@ -91,6 +91,38 @@ def test_centered_constant_gradient_of_10_for_1000_steps_stays_finite(nu_storage
         assert np.all(np.isfinite(np.asarray(update)))
 
 
+@pytest.mark.parametrize(
+    ("nu_storage", "lowest_median_ratio"), [("bfloat16", 0.8), ("int8", 0.15), ("factored", 0.7)]
+)
+def test_centered_steps_on_nearly_constant_gradients_never_blow_up(nu_storage, lowest_median_ratio):
+    """Gradients 100x larger than their noise: the variance is 1e-4 of nu.
+
+    Storing nu and mu with relative errors of 0.4% (bfloat16) or 11% (int8) and subtracting
+    would leave noise 40x larger than the variance, clamped to 0 half the time: steps of
+    g / eps. Storing the variance itself keeps each step within a small factor of float32's;
+    int8's 7-bit mu adds its rounding to g - mu, so its steps come out smaller (median).
+    """
+    rng = np.random.default_rng(4)
+    mean = rng.uniform(0.5, 2.0, (128, 256))
+    grads = [{"w": jnp.asarray(mean + 0.01 * rng.normal(size=mean.shape))} for _ in range(120)]
+
+    def steps(storage):
+        tx = rj.scale_by_rms(decay=0.9, centered=True, nu_storage=storage)
+        update, state = jax.jit(tx.update), tx.init(grads[0])
+        out = []
+        for g in grads:
+            u, state = update(g, state)
+            out.append(np.asarray(u["w"]))
+        return np.stack(out[40:])
+
+    reference, compressed = steps("float32"), steps(nu_storage)
+    assert np.all(np.isfinite(compressed))
+    ratio = np.abs(compressed) / np.abs(reference)
+    assert np.max(np.abs(compressed)) <= 2 * np.max(np.abs(reference))
+    assert np.max(ratio) < 2.5
+    assert lowest_median_ratio < np.median(ratio) < 1.2
+
+
 @pytest.mark.parametrize("centered", [False, True])
 @pytest.mark.parametrize("nu_storage", FORMATS)
 def test_float16_gradients_of_magnitude_1000_give_finite_updates(nu_storage, centered):
