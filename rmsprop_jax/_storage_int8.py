@@ -19,13 +19,16 @@ Rounding between the two neighbouring codes is stochastic and unbiased,
 :math:`E[\mathrm{decode}(\mathrm{encode}(x))] = x`, for the reason given in
 :mod:`rmsprop_jax._storage_bf16`: a moving average moves by far less than one code step per
 update. Values below the smallest code round to it or to 0, still unbiased; exact zeros stay
-exactly zero. The rounding noise is independent from step to step and the average damps it:
-its relative spread in the stored average is about :math:`4.7\% \cdot \beta /
-\sqrt{1-\beta^2}` (10% at decay 0.9, 33% at 0.99), which RMSprop sees halved in
-:math:`\sqrt{\nu}`. With centering, the rounding of `mu` (up to 11.6% of :math:`|\mu|`)
-adds to the variance estimate through :math:`(g - \mu)^2`: when gradients are far larger than
-their noise, the variance is overestimated and steps come out smaller than with float32, a bias
-towards caution rather than towards a blow-up.
+exactly zero. The noise does not pile up with the number of steps: an update moves the average
+by a fraction :math:`1-\beta` of its distance to :math:`x`, and the code moves with a
+probability proportional to that, so the stored value wanders over the codes next to the exact
+average. For a constant :math:`x` its relative spread is 4.4% at decay 0.9 as at 0.99 (0.23%
+for bfloat16), which RMSprop sees halved in :math:`\sqrt{\nu}`.
+
+With centering, the rounding of `mu` (up to 11.6% of :math:`|\mu|`) adds to the variance
+estimate through :math:`(g - \mu)^2`: when gradients are far larger than their noise, the
+variance is overestimated and steps come out smaller than with float32, a bias towards caution
+rather than towards a blow-up.
 
 Block layout: a last axis of length :math:`n` is split into the fewest :math:`2^j` equal blocks
 of at most 256 elements (256 for every power-of-two multiple of 256, 192 for 768 or 3072). A
