@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -28,22 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _machine import describe_machine
 from sklearn.datasets import load_digits
 
 import rmsprop_jax as rj
 
 CONFIGURATIONS = 16
 BATCH = 128
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_train(hidden: int, steps: int) -> Callable[..., Any]:
@@ -141,16 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = jax.devices()[0]
     report = {
         "benchmark": f"{CONFIGURATIONS} RMSprop trainings: one vmapped sweep vs sequential jit",
-        "machine": {
-            "cpu_model": cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "platform": device.platform,
-            "device_kind": device.device_kind,
-            "device_count": jax.device_count(),
-            "jax": jax.__version__,
-            "python": platform.python_version(),
-            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        },
+        "machine": describe_machine(),
         "repeats": args.repeats,
         "batch": BATCH,
         "rows": rows,
@@ -159,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{'hidden':>6} {'steps':>5} {'16 sequential':>14} {'1 vmapped':>10} {'speedup':>8} "
         f"{'compile seq':>12} {'compile vmap':>13}"
     )
-    print(f"{report['benchmark']} on {report['machine']['cpu_model']} ({device.device_kind})")
+    print(f"{report['benchmark']} on {report['machine']['cpu']} ({device.device_kind})")
     print(header)
     for r in rows:
         print(

@@ -25,6 +25,12 @@ def _concrete_values(value: Any) -> np.ndarray | None:
         return None
 
 
+def is_concrete_and_positive(value: Any) -> bool:
+    """True when `value` can be inspected and every element of it is > 0."""
+    values = _concrete_values(value)
+    return values is not None and values.size > 0 and bool(np.all(values > 0))
+
+
 def check_in_range(
     name: str,
     value: Any,
