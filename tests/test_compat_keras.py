@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import import_reference_framework
+from helpers import preset_trajectory, worst_relative_difference
 
 import rmsprop_jax as rj
 
@@ -67,39 +68,6 @@ def keras_jitted_trajectory(keras, params, grads, **kwargs):
         values, state = apply(state, [jnp.asarray(g[t]) for g in grads], values)
         history.append([np.asarray(v) for v in values])
     return [np.stack([h[i] for h in history]) for i in range(len(params))]
-
-
-def preset_trajectory(tx, params, grads, *, jit=True):
-    """Parameters after each step of `tx`, as one `lax.scan` under jit or a Python loop."""
-
-    def step(carry, g):
-        p, state = carry
-        updates, state = tx.update(g, state, p)
-        p = optax.apply_updates(p, updates)
-        return (p, state), p
-
-    params = [jnp.asarray(p) for p in params]
-    if jit:
-        run = jax.jit(lambda p, gs: jax.lax.scan(step, (p, tx.init(p)), gs)[1])
-        return [np.asarray(h) for h in run(params, grads)]
-    carry, history = (params, tx.init(params)), []
-    for t in range(len(grads[0])):
-        carry, p = step(carry, [g[t] for g in grads])
-        history.append(p)
-    return [np.stack([np.asarray(h[i]) for h in history]) for i in range(len(params))]
-
-
-def worst_relative_difference(ours, reference):
-    """Max over leaves of max|ours - reference| / max|reference| over the whole trajectory.
-
-    Relative to each leaf's scale rather than elementwise: a coordinate passing through 0
-    has a float32 rounding error of ~1e-8 whichever framework computes it.
-    """
-    worst = 0.0
-    for a, b in zip(ours, reference, strict=True):
-        assert a.shape == b.shape
-        worst = max(worst, float(np.max(np.abs(a - b)) / np.max(np.abs(b))))
-    return worst
 
 
 def rates(keras, scheduled):
