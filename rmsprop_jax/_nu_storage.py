@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import (
+    _placement,
     _precision,
     _rounding_noise,
     _storage_bf16,
@@ -55,10 +56,6 @@ from rmsprop_jax._storage_int8 import QuantizedArray
 
 # The stochastic rounding bits derive from the step count, the leaf's position and the stream.
 _SECOND_MOMENT_STREAM, _FIRST_MOMENT_STREAM = 0, 1
-
-
-def _is_stored_leaf(x: Any) -> bool:
-    return x is None or isinstance(x, QuantizedArray | FactoredMoment)
 
 
 def _abs_sq(x: chex.Array) -> chex.Array:
@@ -149,18 +146,17 @@ def logical_shapes(nu: Any) -> Any:
     """`nu` with each stored leaf replaced by a `jax.ShapeDtypeStruct` of the array it encodes."""
 
     def shape_of(stored: Any) -> Any:
-        if isinstance(stored, QuantizedArray):
-            return jax.ShapeDtypeStruct(stored.codes.shape, jnp.float32)
-        if isinstance(stored, FactoredMoment):
-            shape = (*stored.row.shape, stored.col.shape[-1])
-            return jax.ShapeDtypeStruct(shape, stored.row.dtype)
+        if isinstance(stored, QuantizedArray | FactoredMoment):
+            return jax.ShapeDtypeStruct(_placement.logical_shape(stored), jnp.float32)
         return stored
 
-    return jax.tree.map(shape_of, nu, is_leaf=_is_stored_leaf)
+    return jax.tree.map(shape_of, nu, is_leaf=_placement.is_stored_leaf)
 
 
 def decode(nu: Any, dtype: Any = jnp.float32) -> Any:
     """The arrays a stored tree stands for (`nu`, or `mu`), in `dtype`."""
     return jax.tree.map(
-        lambda s: None if s is None else _decode_leaf(s, dtype), nu, is_leaf=_is_stored_leaf
+        lambda s: None if s is None else _decode_leaf(s, dtype),
+        nu,
+        is_leaf=_placement.is_stored_leaf,
     )

@@ -31,6 +31,15 @@ def is_concrete_and_positive(value: Any) -> bool:
     return values is not None and values.size > 0 and bool(np.all(values > 0))
 
 
+def is_literal_zero(value: Any) -> bool:
+    """True only for a Python zero: an array or tracer may hold other values across a sweep.
+
+    Optional stages (weight decay, a framework's momentum buffer) are left out of a chain only
+    for a literal 0, so that a swept hyperparameter keeps the same state structure.
+    """
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
+
+
 def check_in_range(
     name: str,
     value: Any,

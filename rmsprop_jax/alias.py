@@ -14,11 +14,6 @@ from rmsprop_jax.transform import add_decoupled_weight_decay, scale_by_rms
 WeightDecayMask = Any | Callable[[optax.Params], Any] | None
 
 
-def _is_zero(value: Any) -> bool:
-    """True only for a literal Python zero: arrays and tracers may vary across a sweep."""
-    return isinstance(value, int | float) and value == 0
-
-
 def rmsprop(
     learning_rate: optax.ScalarOrSchedule,
     decay: chex.Numeric = 0.9,
@@ -95,7 +90,7 @@ def rmsprop(
             transform if weight_decay_mask is None else optax.masked(transform, weight_decay_mask)
         )
 
-    decays_weights = not _is_zero(weight_decay)
+    decays_weights = not _validation.is_literal_zero(weight_decay)
     stages = [
         optax.scale(-1.0) if maximize else optax.identity(),
         masked(optax.add_decayed_weights(_precision.as_hyperparameter(weight_decay)))

@@ -9,15 +9,6 @@ import jax.numpy as jnp
 import optax
 
 
-def is_literal_zero(value: Any) -> bool:
-    """True only for a Python zero; an array or tracer may hold other values across a sweep.
-
-    The frameworks create a momentum buffer only when `momentum > 0`; a preset mirrors that
-    structure for a literal 0 and keeps the (then exactly equivalent) buffer otherwise.
-    """
-    return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
-
-
 def check_flag(name: str, value: Any) -> None:
     """Raises `TypeError` unless `value` is a Python bool: flags choose the state's structure."""
     if not isinstance(value, bool):

@@ -185,7 +185,7 @@ def keras_rmsprop(
             eps=epsilon,
             eps_in_sqrt=True,
             centered=centered,
-            momentum=None if _common.is_literal_zero(momentum) else momentum,
+            momentum=None if _validation.is_literal_zero(momentum) else momentum,
             weight_decay=0.0 if weight_decay is None else weight_decay,
             decoupled_weight_decay=True,
         ),

@@ -75,6 +75,6 @@ def tf1_rmsprop(
         initial_scale=1.0,
         centered=centered,
         # TF1 always keeps a buffer; with momentum 0 it holds the last increment, a no-op.
-        momentum=None if _common.is_literal_zero(momentum) else momentum,
+        momentum=None if _validation.is_literal_zero(momentum) else momentum,
     )
     return _common.reject_complex(_precision.with_compute_dtype(step), "TF1")

@@ -97,11 +97,11 @@ def torch_rmsprop(
     stages: list[Any] = [
         optax.scale(-1.0) if maximize else optax.identity(),
         optax.identity()
-        if _common.is_literal_zero(weight_decay)
+        if _validation.is_literal_zero(weight_decay)
         else optax.add_decayed_weights(_precision.as_hyperparameter(weight_decay)),
         scale_by_rms(alpha, eps, centered=centered),
         optax.identity()
-        if _common.is_literal_zero(momentum)
+        if _validation.is_literal_zero(momentum)
         else optax.trace(decay=_precision.as_hyperparameter(momentum)),
         # After the buffer: PyTorch scales the buffer, not each increment, by the current rate.
         optax.scale_by_learning_rate(_precision.as_hyperparameter(lr)),
