@@ -89,3 +89,21 @@ def worst_relative_difference(ours, reference):
         assert a.shape == b.shape
         worst = max(worst, float(np.max(np.abs(a - b)) / np.max(np.abs(b))))
     return worst
+
+
+def conformance_problem(seed, shapes, steps, dtype=np.float32):
+    """Initial parameters and a fixed gradient sequence (offset so centering matters)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(shape):
+        if np.issubdtype(dtype, np.complexfloating):
+            return rng.normal(size=shape) + 1j * rng.normal(size=shape)
+        return rng.normal(size=shape)
+
+    params = [draw(s).astype(dtype) for s in shapes]
+    scale = np.exp(rng.normal(size=(steps,)))
+    grads = [
+        ((0.3 + draw((steps, *s))) * scale.reshape((steps,) + (1,) * len(s))).astype(dtype)
+        for s in shapes
+    ]
+    return params, grads

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import import_reference_framework
-from helpers import preset_trajectory, worst_relative_difference
+from helpers import conformance_problem, preset_trajectory, worst_relative_difference
 
 import rmsprop_jax as rj
 
@@ -27,18 +27,8 @@ def keras():
     return import_reference_framework("keras")
 
 
-def make_problem(seed, shapes=SHAPES):
-    """Initial parameters and a fixed gradient sequence (offset so centering matters)."""
-    rng = np.random.default_rng(seed)
-    params = [rng.normal(size=s).astype(np.float32) for s in shapes]
-    scale = np.exp(rng.normal(size=(STEPS,)))
-    grads = [
-        ((0.3 + rng.normal(size=(STEPS, *s))) * scale.reshape((STEPS,) + (1,) * len(s))).astype(
-            np.float32
-        )
-        for s in shapes
-    ]
-    return params, grads
+def make_problem(seed, shapes=SHAPES, dtype=np.float32):
+    return conformance_problem(seed, shapes, STEPS, dtype)
 
 
 def keras_trajectory(keras, params, grads, **kwargs):

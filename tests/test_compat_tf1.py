@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import preset_trajectory, worst_relative_difference
+from helpers import conformance_problem, preset_trajectory, worst_relative_difference
 
 import rmsprop_jax as rj
 
@@ -24,18 +24,8 @@ LR = 0.01
 DECAY_STEPS, DECAY_RATE = 10, 0.8
 
 
-def make_problem(seed, shapes=SHAPES):
-    """Initial parameters and a fixed gradient sequence (offset so centering matters)."""
-    rng = np.random.default_rng(seed)
-    params = [rng.normal(size=s).astype(np.float32) for s in shapes]
-    scale = np.exp(rng.normal(size=(STEPS,)))
-    grads = [
-        ((0.3 + rng.normal(size=(STEPS, *s))) * scale.reshape((STEPS,) + (1,) * len(s))).astype(
-            np.float32
-        )
-        for s in shapes
-    ]
-    return params, grads
+def make_problem(seed, shapes=SHAPES, dtype=np.float32):
+    return conformance_problem(seed, shapes, STEPS, dtype)
 
 
 def tf1_reference(params, grads, rate, decay=0.9, momentum=0.0, epsilon=1e-10, centered=False):

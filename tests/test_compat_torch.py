@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import import_reference_framework
-from helpers import preset_trajectory, worst_relative_difference
+from helpers import conformance_problem, preset_trajectory, worst_relative_difference
 
 import rmsprop_jax as rj
 
@@ -35,21 +35,7 @@ def torch():
 
 
 def make_problem(seed, shapes=SHAPES, dtype=np.float32):
-    """Initial parameters and a fixed gradient sequence (offset so centering matters)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(shape):
-        if np.issubdtype(dtype, np.complexfloating):
-            return rng.normal(size=shape) + 1j * rng.normal(size=shape)
-        return rng.normal(size=shape)
-
-    params = [draw(s).astype(dtype) for s in shapes]
-    scale = np.exp(rng.normal(size=(STEPS,)))
-    grads = [
-        ((0.3 + draw((STEPS, *s))) * scale.reshape((STEPS,) + (1,) * len(s))).astype(dtype)
-        for s in shapes
-    ]
-    return params, grads
+    return conformance_problem(seed, shapes, STEPS, dtype)
 
 
 def torch_trajectory(torch, params, grads, lr_lambda=None, **kwargs):
