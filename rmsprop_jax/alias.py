@@ -9,7 +9,10 @@ import chex
 import optax
 
 from rmsprop_jax import _precision, _validation
-from rmsprop_jax.transform import add_decoupled_weight_decay, scale_by_rms
+from rmsprop_jax.transform import (
+    _add_decoupled_weight_decay_in_compute_dtype,
+    _scale_by_rms_in_compute_dtype,
+)
 
 WeightDecayMask = Any | Callable[[optax.Params], Any] | None
 
@@ -96,7 +99,7 @@ def rmsprop(
         masked(optax.add_decayed_weights(_precision.as_hyperparameter(weight_decay)))
         if decays_weights and not decoupled_weight_decay
         else optax.identity(),
-        scale_by_rms(
+        _scale_by_rms_in_compute_dtype(
             decay,
             eps,
             eps_in_sqrt=eps_in_sqrt,
@@ -109,7 +112,7 @@ def rmsprop(
         optax.identity()
         if momentum is None
         else optax.trace(decay=_precision.as_hyperparameter(momentum), nesterov=nesterov),
-        masked(add_decoupled_weight_decay(learning_rate, weight_decay))
+        masked(_add_decoupled_weight_decay_in_compute_dtype(learning_rate, weight_decay))
         if decays_weights and decoupled_weight_decay
         else optax.identity(),
     ]

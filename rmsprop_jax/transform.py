@@ -121,6 +121,33 @@ def scale_by_rms(
       Graves, Generating Sequences With Recurrent Neural Networks, 2013.
       https://arxiv.org/abs/1308.0850
     """
+    return _precision.with_compute_dtype(
+        _scale_by_rms_in_compute_dtype(
+            decay,
+            eps,
+            eps_in_sqrt=eps_in_sqrt,
+            initial_scale=initial_scale,
+            centered=centered,
+            bias_correction=bias_correction,
+            nu_storage=nu_storage,
+        )
+    )
+
+
+def _scale_by_rms_in_compute_dtype(
+    decay: chex.Numeric,
+    eps: chex.Numeric,
+    *,
+    eps_in_sqrt: bool,
+    initial_scale: chex.Numeric,
+    centered: bool,
+    bias_correction: bool,
+    nu_storage: str,
+) -> optax.GradientTransformation:
+    """:func:`scale_by_rms` for gradients and parameters already in their compute dtype.
+
+    For composing inside a transformation that does the casting once (as `rmsprop` does).
+    """
     _validation.check_in_range("decay", decay, low=0.0, high=1.0)
     _validation.check_in_range("eps", eps, low=0.0)
     _validation.check_in_range("initial_scale", initial_scale, low=0.0)
@@ -180,7 +207,7 @@ def scale_by_rms(
             return updates, ScaleByCenteredRmsState(count=count, mu=mu, nu=nu)
         return updates, ScaleByRmsState(count=count, nu=nu)
 
-    return _precision.with_compute_dtype(optax.GradientTransformation(init_fn, update_fn))
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 class DecoupledWeightDecayState(NamedTuple):
@@ -213,6 +240,16 @@ def add_decoupled_weight_decay(
       Loshchilov and Hutter, Decoupled Weight Decay Regularization, 2019.
       https://arxiv.org/abs/1711.05101
     """
+    return _precision.with_compute_dtype(
+        _add_decoupled_weight_decay_in_compute_dtype(learning_rate, weight_decay)
+    )
+
+
+def _add_decoupled_weight_decay_in_compute_dtype(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: chex.Numeric,
+) -> optax.GradientTransformation:
+    """:func:`add_decoupled_weight_decay` for updates and parameters in their compute dtype."""
     _validation.check_in_range("learning_rate", learning_rate, low=0.0)
     _validation.check_in_range("weight_decay", weight_decay, low=0.0)
     learning_rate, weight_decay = map(_precision.as_hyperparameter, (learning_rate, weight_decay))
@@ -234,4 +271,4 @@ def add_decoupled_weight_decay(
         )
         return updates, DecoupledWeightDecayState(count=optax.safe_increment(state.count))
 
-    return _precision.with_compute_dtype(optax.GradientTransformation(init_fn, update_fn))
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -9,7 +9,7 @@ import optax
 
 from rmsprop_jax import _precision, _validation
 from rmsprop_jax.compat import _common
-from rmsprop_jax.transform import scale_by_rms
+from rmsprop_jax.transform import _scale_by_rms_in_compute_dtype
 
 
 def torch_rmsprop(
@@ -99,7 +99,15 @@ def torch_rmsprop(
         optax.identity()
         if _validation.is_literal_zero(weight_decay)
         else optax.add_decayed_weights(_precision.as_hyperparameter(weight_decay)),
-        scale_by_rms(alpha, eps, centered=centered),
+        _scale_by_rms_in_compute_dtype(
+            alpha,
+            eps,
+            eps_in_sqrt=False,
+            initial_scale=0.0,
+            centered=centered,
+            bias_correction=False,
+            nu_storage="float32",
+        ),
         optax.identity()
         if _validation.is_literal_zero(momentum)
         else optax.trace(decay=_precision.as_hyperparameter(momentum)),
