@@ -5,10 +5,13 @@ split into `--leaves` equal leaves): compute the update from a fixed gradient, a
 the state. JAX steps are `jax.jit`-compiled with the parameters and state donated, so they
 update in place like PyTorch does. Contenders are interleaved and repeated; the table reports
 medians, the ratio of each to the peer named in its row (the median of the ratios of
-back-to-back pairs), and the achieved bandwidth (bytes the
-step must move at least, divided by its time) against the machine's streaming bandwidth
-measured in the same run (an in-place STREAM triad over one array of the same size, the
-faster of PyTorch and JAX).
+back-to-back pairs), and the achieved bandwidth (bytes the step must move at least, divided
+by its time) against the machine's streaming bandwidth measured in the same rounds (an
+in-place STREAM triad over one array of the same size, the faster of PyTorch and JAX).
+A hand-written step with a packed state (`packed_state_rmsprop`) measures what grouping
+leaves would buy.
+
+The table printed last is the one in benchmarks/README.md.
 
     python benchmarks/update_step.py                 # the full grid (several minutes)
     python benchmarks/update_step.py --quick         # 1M and 16M parameters, fewer repeats
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from _machine import describe_machine
@@ -44,6 +48,36 @@ def make_tree(total: int, leaves: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     size = total // leaves
     return {f"leaf{i:04d}": rng.standard_normal(size, dtype=np.float32) for i in range(leaves)}
+
+
+def packed_state_rmsprop(learning_rate: float, decay: float, eps: float):
+    """RMSprop with the `nu` of every leaf in one float32 buffer: leaf grouping, measured.
+
+    The packed `nu` is updated by one kernel whatever the leaf count, from the gradients
+    concatenated on each step; each leaf's update then reads its slice of `nu`:
+
+        nu <- decay * nu + (1 - decay) * concatenate(g)**2
+        u_i = -learning_rate * g_i / (sqrt(nu[slice_i]) + eps)
+
+    This is the grouping a library could do without owning the parameters' layout (for
+    float32 trees on one device; `optax.flatten` goes further and concatenates the updates).
+    """
+
+    def init_fn(params):
+        return jnp.zeros(sum(leaf.size for leaf in jax.tree.leaves(params)), jnp.float32)
+
+    def update_fn(grads, nu, params=None):
+        del params
+        leaves, treedef = jax.tree.flatten(grads)
+        nu = decay * nu + (1 - decay) * jnp.concatenate([g.ravel() for g in leaves]) ** 2
+        bounds = np.cumsum([0] + [g.size for g in leaves])
+        updates = [
+            -learning_rate * g / (jnp.sqrt(nu[start:stop].reshape(g.shape)) + eps)
+            for g, start, stop in zip(leaves, bounds[:-1], bounds[1:], strict=True)
+        ]
+        return treedef.unflatten(updates), nu
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 class JaxContender:
@@ -148,6 +182,10 @@ def contenders(params, grads, with_torch: bool) -> dict[str, tuple[Callable[[], 
             ),
             PLAIN_BYTES,
         ),
+        "packed nu (grouped leaves)": (
+            lambda: JaxContender(packed_state_rmsprop(LEARNING_RATE, **settings), params, grads),
+            PLAIN_BYTES,
+        ),
         "rj.rmsprop centered+momentum": (
             lambda: JaxContender(
                 rj.rmsprop(LEARNING_RATE, **settings, centered=True, momentum=0.9), params, grads
@@ -186,6 +224,11 @@ PEERS = {
     "rj.rmsprop": "optax.rmsprop",
     "rj.rmsprop centered+momentum": "optax.rmsprop centered+momentum",
 }
+# Leaf grouping (a packed state) against the per-leaf step.
+GROUPING_PEERS = {
+    "packed nu (grouped leaves)": "rj.rmsprop",
+    "optax.flatten(rmsprop)": "rj.rmsprop",
+}
 
 
 def measure(total: int, leaves: int, repeats: int, with_torch: bool) -> dict[str, dict[str, float]]:
@@ -209,6 +252,7 @@ def measure(total: int, leaves: int, repeats: int, with_torch: bool) -> dict[str
         results[name] = {
             "seconds": median,
             "samples_seconds": times,
+            "minimum_bytes": minimum_bytes[name],
             "bandwidth_bytes_per_second": minimum_bytes[name] / median,
             "compile_seconds": built[name].compile_seconds,
         }
@@ -227,11 +271,27 @@ def paired_ratio(results: dict, ours: str, theirs: str) -> float:
     return statistics.median(a / b for a, b in pairs)
 
 
+def paired_fraction_of_stream(results: dict, name: str) -> float:
+    """Median over rounds of `name`'s achieved bandwidth over the faster triad's in that round."""
+    rounds = len(results[name]["samples_seconds"])
+    fractions = []
+    for i in range(rounds):
+        stream = max(
+            results[probe]["minimum_bytes"] / results[probe]["samples_seconds"][i]
+            for probe in STREAM_PROBES
+            if probe in results
+        )
+        fractions.append(
+            results[name]["minimum_bytes"] / results[name]["samples_seconds"][i] / stream
+        )
+    return statistics.median(fractions)
+
+
 def print_run(total: int, leaves: int, results: dict, stream: float) -> None:
     print(f"\n{total / 2**20:.0f}M parameters in {leaves} leaves (stream {stream / 1e9:.1f} GB/s)")
     print(f"{'contender':<34}{'ms':>9}{'GB/s':>7}{'% stream':>10}{'ratio':>7}  vs")
     for name, r in results.items():
-        peer = PEERS.get(name)
+        peer = (PEERS | GROUPING_PEERS).get(name)
         ratio = f"{paired_ratio(results, name, peer):.2f}" if peer in results else ""
         print(
             f"{name:<34}{r['seconds'] * 1e3:>9.2f}{r['bandwidth_bytes_per_second'] / 1e9:>7.1f}"
@@ -264,8 +324,7 @@ def evaluate_targets(runs: list[dict]) -> dict[str, Any]:
             )
             versus_torch[str(run["leaves"])] = paired_ratio(run["results"], "rj.rmsprop", fastest)
     bandwidth = {
-        str(run["leaves"]): run["results"]["rj.rmsprop"]["bandwidth_bytes_per_second"]
-        / run["stream_bytes_per_second"]
+        str(run["leaves"]): paired_fraction_of_stream(run["results"], "rj.rmsprop")
         for run in runs
         if run["parameters"] == 16 * 2**20
     }
@@ -276,7 +335,13 @@ def evaluate_targets(runs: list[dict]) -> dict[str, Any]:
         }
         fastest = min(times.values())
         leaf_spread[str(total)] = {str(k): v / fastest for k, v in times.items()}
+    grouping = {
+        f"{run['parameters']}/{run['leaves']}/{name}": paired_ratio(run["results"], name, peer)
+        for run in runs
+        for name, peer in GROUPING_PEERS.items()
+    }
     return {
+        "grouped_over_per_leaf": grouping,
         "rj_over_optax_max": max(versus_optax.values()),
         "rj_over_optax": versus_optax,
         "rj_over_fastest_torch_16M": versus_torch,
@@ -292,6 +357,46 @@ def evaluate_targets(runs: list[dict]) -> dict[str, Any]:
             ),
         },
     }
+
+
+def markdown_table(runs: list[dict]) -> str:
+    """The table of benchmarks/README.md: times in ms, ratios paired within a round."""
+
+    def ms(run, name):
+        return f"{run['results'][name]['seconds'] * 1e3:.2f}" if name in run["results"] else ""
+
+    def ratio(run, ours, theirs):
+        return f"{paired_ratio(run['results'], ours, theirs):.2f}"
+
+    lines = [
+        "| parameters | leaves | stream GB/s | SGD step | rj.rmsprop | optax.rmsprop | rj/optax "
+        "| rj c+m | optax c+m | rj/optax c+m | packed nu | packed/rj | torch foreach "
+        "| torch for-loop | rj GB/s (% stream) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        ours = run["results"]["rj.rmsprop"]["bandwidth_bytes_per_second"]
+        stream = run["stream_bytes_per_second"]
+        fraction = paired_fraction_of_stream(run["results"], "rj.rmsprop")
+        cells = [
+            f"{run['parameters'] / 2**20:.0f}M",
+            str(run["leaves"]),
+            f"{stream / 1e9:.1f}",
+            ms(run, "sgd (floor)"),
+            ms(run, "rj.rmsprop"),
+            ms(run, "optax.rmsprop"),
+            ratio(run, "rj.rmsprop", "optax.rmsprop"),
+            ms(run, "rj.rmsprop centered+momentum"),
+            ms(run, "optax.rmsprop centered+momentum"),
+            ratio(run, "rj.rmsprop centered+momentum", "optax.rmsprop centered+momentum"),
+            ms(run, "packed nu (grouped leaves)"),
+            ratio(run, "packed nu (grouped leaves)", "rj.rmsprop"),
+            ms(run, "torch foreach=True"),
+            ms(run, "torch foreach=False"),
+            f"{ours / 1e9:.1f} ({100 * fraction:.0f}%)",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -337,6 +442,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seconds = run["results"]["rj.rmsprop"]["compile_seconds"]
         print(f"  {run['parameters'] / 2**20:>4.0f}M {run['leaves']:>5} leaves  {seconds:6.2f}")
     targets = evaluate_targets(runs)
+    print("\n" + markdown_table(runs))
     print("\ntargets:")
     for name, met in targets["met"].items():
         print(f"  {'met    ' if met else 'NOT MET'}  {name}")
