@@ -77,6 +77,47 @@ def rmsprop(
       Tieleman and Hinton, Lecture 6.5 - RMSProp, 2012.
       https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf
     """
+    return _precision.with_compute_dtype(
+        _rmsprop_in_compute_dtype(
+            learning_rate,
+            decay,
+            eps,
+            eps_in_sqrt=eps_in_sqrt,
+            initial_scale=initial_scale,
+            centered=centered,
+            momentum=momentum,
+            nesterov=nesterov,
+            bias_correction=bias_correction,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            weight_decay_mask=weight_decay_mask,
+            maximize=maximize,
+            nu_storage=nu_storage,
+        )
+    )
+
+
+def _rmsprop_in_compute_dtype(
+    learning_rate: optax.ScalarOrSchedule,
+    decay: chex.Numeric,
+    eps: chex.Numeric,
+    *,
+    eps_in_sqrt: bool,
+    initial_scale: chex.Numeric,
+    centered: bool,
+    momentum: chex.Numeric | None,
+    nesterov: bool,
+    bias_correction: bool,
+    weight_decay: chex.Numeric,
+    decoupled_weight_decay: bool,
+    weight_decay_mask: WeightDecayMask,
+    maximize: bool,
+    nu_storage: str,
+) -> optax.GradientTransformation:
+    """`rmsprop` for gradients and parameters already in their compute dtype.
+
+    The presets of `rmsprop_jax.compat` chain it under their own single compute-dtype wrapper.
+    """
     _validation.check_in_range("learning_rate", learning_rate, low=0.0)
     _validation.check_in_range("weight_decay", weight_decay, low=0.0)
     if momentum is not None:
@@ -116,4 +157,4 @@ def rmsprop(
         if decays_weights and decoupled_weight_decay
         else optax.identity(),
     ]
-    return _precision.with_compute_dtype(optax.chain(*stages))
+    return optax.chain(*stages)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import _precision, _validation
-from rmsprop_jax.alias import rmsprop
+from rmsprop_jax.alias import _rmsprop_in_compute_dtype
 from rmsprop_jax.compat import _common
 
 
@@ -179,15 +179,21 @@ def keras_rmsprop(
 
     step = optax.chain(
         clipping,
-        rmsprop(
+        _rmsprop_in_compute_dtype(
             rate,
-            decay=rho,
-            eps=epsilon,
+            rho,
+            epsilon,
             eps_in_sqrt=True,
+            initial_scale=0.0,
             centered=centered,
             momentum=None if _validation.is_literal_zero(momentum) else momentum,
+            nesterov=False,
+            bias_correction=False,
             weight_decay=0.0 if weight_decay is None else weight_decay,
             decoupled_weight_decay=True,
+            weight_decay_mask=None,
+            maximize=False,
+            nu_storage="float32",
         ),
     )
     if gradient_accumulation_steps:
