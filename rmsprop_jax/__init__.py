@@ -6,6 +6,7 @@ from rmsprop_jax import sharding as sharding
 from rmsprop_jax._storage_factored import FactoredMoment
 from rmsprop_jax._storage_int8 import QuantizedArray
 from rmsprop_jax.alias import rmsprop
+from rmsprop_jax.grouping import PackedTree, pack_small_leaves
 from rmsprop_jax.memory import StateMemory, state_bytes
 from rmsprop_jax.transform import (
     DecoupledWeightDecayState,
@@ -20,12 +21,14 @@ __version__ = "0.1.0"
 __all__ = [
     "DecoupledWeightDecayState",
     "FactoredMoment",
+    "PackedTree",
     "QuantizedArray",
     "ScaleByCenteredRmsState",
     "ScaleByRmsState",
     "StateMemory",
     "add_decoupled_weight_decay",
     "compat",
+    "pack_small_leaves",
     "rmsprop",
     "scale_by_rms",
     "state_bytes",

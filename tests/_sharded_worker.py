@@ -117,7 +117,44 @@ def layouts() -> dict:
                 record.update(compare_runs((params, state), reference[variant, storage]))
                 runs.append(record)
                 print("checked", record["mesh"], variant, storage, flush=True)
-    return {"runs": runs, "abstract": _abstract_inputs()}
+    return {"runs": runs, "abstract": _abstract_inputs(), "packing": _packing(host_grads)}
+
+
+def _packing(host_grads: list) -> dict:
+    """`rj.pack_small_leaves` on both meshes against plain `rj.rmsprop` on one device."""
+    host, specs = layout_params()
+    inner = dict(centered=True, momentum=0.9, weight_decay=1e-2, decoupled_weight_decay=True)
+    on_one = jax.device_put(host, jax.devices()[0])
+    grads = [jax.device_put(g, jax.devices()[0]) for g in host_grads]
+    reference = _train(rj.rmsprop(1e-2, **inner), on_one, grads)[1:]
+    tx = rj.pack_small_leaves(rj.rmsprop(1e-2, **inner), max_size=2048)
+    report = {}
+    for axis_type in (AxisType.Auto, AxisType.Explicit):
+        mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+        shardings = _named(mesh, specs)
+        explicit = axis_type == AxisType.Explicit
+        params = jax.device_put(host, shardings)
+        with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():
+            grads = [jax.device_put(g, shardings) for g in host_grads]
+            _, params, state = _train(tx, params, grads)
+        nu = state[2].nu
+        kept = jax.tree_util.tree_leaves_with_path(nu.leaves)
+        big = {jax.tree_util.keystr(path): leaf for path, leaf in kept}
+        big_params = {
+            jax.tree_util.keystr(path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+            if jax.tree_util.keystr(path) in big
+        }
+        report["explicit" if explicit else "auto"] = {
+            "unpacked": sorted(big),
+            "packed_sizes": {name: int(v.size) for name, v in nu.packed.items()},
+            "unpacked_state_placed_like_params": all(
+                big[name].sharding.is_equivalent_to(big_params[name].sharding, big[name].ndim)
+                for name in big
+            ),
+            "params": compare_runs((params, ()), (reference[0], ()))["params"],
+        }
+    return report
 
 
 def _abstract_inputs() -> dict:

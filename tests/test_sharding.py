@@ -89,7 +89,8 @@ def test_state_lives_with_its_parameter_and_matches_the_single_device_run(tmp_pa
     `state_shardings` from arrays, from ShapeDtypeStructs and from shapes plus shardings
     agree, and work as `out_shardings` of a jitted `init`; `abstract_state` restores an
     orbax checkpoint onto the devices, with its types; an eager `init` places the state the
-    same way.
+    same way. `rj.pack_small_leaves` packs only leaves that are not split over devices and
+    gives the single-device results.
     """
     report = _layouts_report(tmp_path)
     runs = report["runs"]
@@ -121,3 +122,14 @@ def test_state_lives_with_its_parameter_and_matches_the_single_device_run(tmp_pa
     }
     for storage in STORAGES:
         _check_placement(f"{storage}, eager init", abstract[storage]["eager_init"], storage)
+
+    # rj.pack_small_leaves (max_size 2048): with automatic sharding every bias is packed;
+    # with explicit sharding only the replicated one (b_row, 128 elements), since a bias split
+    # over devices says so in its type. Unpacked state follows its parameter either way.
+    packing = report["packing"]
+    assert packing["auto"]["packed_sizes"] == {"float32": 2048 + 128 + 1024 + 128}
+    assert packing["explicit"]["packed_sizes"] == {"float32": 128}
+    for mesh in ("auto", "explicit"):
+        assert packing[mesh]["unpacked_state_placed_like_params"], mesh
+        assert packing[mesh]["params"]["elements"] > 0, mesh
+        assert packing[mesh]["params"]["error"] <= 1e-6, (mesh, packing[mesh]["params"])
