@@ -8,10 +8,10 @@ medians, the ratio of each to the peer named in its row (the median of the ratio
 back-to-back pairs), and the achieved bandwidth (bytes the step must move at least, divided
 by its time) against the machine's streaming bandwidth measured in the same rounds (an
 in-place STREAM triad over one array of the same size, the faster of PyTorch and JAX).
-A hand-written step with a packed state (`packed_state_rmsprop`) measures what grouping
-leaves would buy.
+`rj.pack_small_leaves` (leaves of at most 2048 elements packed, and every leaf packed)
+measures what grouping leaves buys.
 
-The table printed last is the one in benchmarks/README.md.
+The tables printed last are the ones in benchmarks/README.md.
 
     python benchmarks/update_step.py                 # the full grid (several minutes)
     python benchmarks/update_step.py --quick         # 1M and 16M parameters, fewer repeats
@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from _machine import describe_machine
@@ -48,36 +47,6 @@ def make_tree(total: int, leaves: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     size = total // leaves
     return {f"leaf{i:04d}": rng.standard_normal(size, dtype=np.float32) for i in range(leaves)}
-
-
-def packed_state_rmsprop(learning_rate: float, decay: float, eps: float):
-    """RMSprop with the `nu` of every leaf in one float32 buffer: leaf grouping, measured.
-
-    The packed `nu` is updated by one kernel whatever the leaf count, from the gradients
-    concatenated on each step; each leaf's update then reads its slice of `nu`:
-
-        nu <- decay * nu + (1 - decay) * concatenate(g)**2
-        u_i = -learning_rate * g_i / (sqrt(nu[slice_i]) + eps)
-
-    This is the grouping a library could do without owning the parameters' layout (for
-    float32 trees on one device; `optax.flatten` goes further and concatenates the updates).
-    """
-
-    def init_fn(params):
-        return jnp.zeros(sum(leaf.size for leaf in jax.tree.leaves(params)), jnp.float32)
-
-    def update_fn(grads, nu, params=None):
-        del params
-        leaves, treedef = jax.tree.flatten(grads)
-        nu = decay * nu + (1 - decay) * jnp.concatenate([g.ravel() for g in leaves]) ** 2
-        bounds = np.cumsum([0] + [g.size for g in leaves])
-        updates = [
-            -learning_rate * g / (jnp.sqrt(nu[start:stop].reshape(g.shape)) + eps)
-            for g, start, stop in zip(leaves, bounds[:-1], bounds[1:], strict=True)
-        ]
-        return treedef.unflatten(updates), nu
-
-    return optax.GradientTransformation(init_fn, update_fn)
 
 
 class JaxContender:
@@ -182,13 +151,33 @@ def contenders(params, grads, with_torch: bool) -> dict[str, tuple[Callable[[], 
             ),
             PLAIN_BYTES,
         ),
-        "packed nu (grouped leaves)": (
-            lambda: JaxContender(packed_state_rmsprop(LEARNING_RATE, **settings), params, grads),
+        "rj.pack_small_leaves(rmsprop)": (
+            lambda: JaxContender(
+                rj.pack_small_leaves(rj.rmsprop(LEARNING_RATE, **settings)), params, grads
+            ),
+            PLAIN_BYTES,
+        ),
+        "rj.pack_small_leaves(rmsprop), all leaves": (
+            lambda: JaxContender(
+                rj.pack_small_leaves(rj.rmsprop(LEARNING_RATE, **settings), max_size=None),
+                params,
+                grads,
+            ),
             PLAIN_BYTES,
         ),
         "rj.rmsprop centered+momentum": (
             lambda: JaxContender(
                 rj.rmsprop(LEARNING_RATE, **settings, centered=True, momentum=0.9), params, grads
+            ),
+            CENTERED_MOMENTUM_BYTES,
+        ),
+        "rj.pack_small_leaves(rmsprop centered+momentum)": (
+            lambda: JaxContender(
+                rj.pack_small_leaves(
+                    rj.rmsprop(LEARNING_RATE, **settings, centered=True, momentum=0.9)
+                ),
+                params,
+                grads,
             ),
             CENTERED_MOMENTUM_BYTES,
         ),
@@ -226,7 +215,9 @@ PEERS = {
 }
 # Leaf grouping (a packed state) against the per-leaf step.
 GROUPING_PEERS = {
-    "packed nu (grouped leaves)": "rj.rmsprop",
+    "rj.pack_small_leaves(rmsprop)": "rj.rmsprop",
+    "rj.pack_small_leaves(rmsprop), all leaves": "rj.rmsprop",
+    "rj.pack_small_leaves(rmsprop centered+momentum)": "rj.rmsprop centered+momentum",
     "optax.flatten(rmsprop)": "rj.rmsprop",
 }
 
@@ -360,7 +351,7 @@ def evaluate_targets(runs: list[dict]) -> dict[str, Any]:
 
 
 def markdown_table(runs: list[dict]) -> str:
-    """The table of benchmarks/README.md: times in ms, ratios paired within a round."""
+    """The tables of benchmarks/README.md: times in ms, ratios paired within a round."""
 
     def ms(run, name):
         return f"{run['results'][name]['seconds'] * 1e3:.2f}" if name in run["results"] else ""
@@ -370,9 +361,9 @@ def markdown_table(runs: list[dict]) -> str:
 
     lines = [
         "| parameters | leaves | stream GB/s | SGD step | rj.rmsprop | optax.rmsprop | rj/optax "
-        "| rj c+m | optax c+m | rj/optax c+m | packed nu | packed/rj | torch foreach "
+        "| rj c+m | optax c+m | rj/optax c+m | torch foreach "
         "| torch for-loop | rj GB/s (% stream) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         ours = run["results"]["rj.rmsprop"]["bandwidth_bytes_per_second"]
@@ -389,11 +380,32 @@ def markdown_table(runs: list[dict]) -> str:
             ms(run, "rj.rmsprop centered+momentum"),
             ms(run, "optax.rmsprop centered+momentum"),
             ratio(run, "rj.rmsprop centered+momentum", "optax.rmsprop centered+momentum"),
-            ms(run, "packed nu (grouped leaves)"),
-            ratio(run, "packed nu (grouped leaves)", "rj.rmsprop"),
             ms(run, "torch foreach=True"),
             ms(run, "torch foreach=False"),
             f"{ours / 1e9:.1f} ({100 * fraction:.0f}%)",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| parameters | leaves | elements per leaf | rj.rmsprop | packed | packed/rj "
+        "| all packed | all/rj | rj c+m | packed c+m | packed/rj c+m |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    plain, every = "rj.pack_small_leaves(rmsprop)", "rj.pack_small_leaves(rmsprop), all leaves"
+    centered = "rj.pack_small_leaves(rmsprop centered+momentum)"
+    for run in runs:
+        cells = [
+            f"{run['parameters'] / 2**20:.0f}M",
+            str(run["leaves"]),
+            str(run["parameters"] // run["leaves"]),
+            ms(run, "rj.rmsprop"),
+            ms(run, plain),
+            ratio(run, plain, "rj.rmsprop"),
+            ms(run, every),
+            ratio(run, every, "rj.rmsprop"),
+            ms(run, "rj.rmsprop centered+momentum"),
+            ms(run, centered),
+            ratio(run, centered, "rj.rmsprop centered+momentum"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
