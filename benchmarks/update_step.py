@@ -3,11 +3,12 @@
 Every contender runs the same step on the same parameter tree (float32, `--sizes` parameters
 split into `--leaves` equal leaves): compute the update from a fixed gradient, apply it, keep
 the state. JAX steps are `jax.jit`-compiled with the parameters and state donated, so they
-update in place like PyTorch does. Contenders are interleaved and repeated; the table reports
-medians, the ratio of each to the peer named in its row (the median of the ratios of
-back-to-back pairs), and the achieved bandwidth (bytes the step must move at least, divided
-by its time) against the machine's streaming bandwidth measured in the same rounds (an
-in-place STREAM triad over one array of the same size, the faster of PyTorch and JAX).
+update in place like PyTorch does. Contenders are interleaved (in a new random order each
+round) and repeated; the table reports medians, the ratio of each to the peer named in its
+row (the median over rounds of the ratio within a round), and the achieved bandwidth (bytes
+the step must move at least, divided by its time) against the machine's streaming bandwidth
+measured in the same rounds (an in-place STREAM triad over one array of the same size, the
+faster of PyTorch and JAX).
 `rj.pack_small_leaves` (leaves of at most 2048 elements packed, and every leaf packed)
 measures what grouping leaves buys.
 
@@ -234,9 +235,12 @@ def measure(total: int, leaves: int, repeats: int, with_torch: bool) -> dict[str
     # Enough steps per sample that a sample takes about 50 ms.
     steps = {name: max(1, int(0.05 / max(c.run(1), 1e-6))) for name, c in built.items()}
     samples: dict[str, list[float]] = {name: [] for name in built}
+    # A new order every round: a contender that leaves the memory system disturbed (large
+    # temporaries freed, as optax.flatten does) must not always slow down the same successor.
+    order = np.random.default_rng(total + leaves)
     for _ in range(repeats):
-        for name, contender in built.items():
-            samples[name].append(contender.run(steps[name]))
+        for name in order.permutation(list(built)):
+            samples[name].append(built[name].run(steps[name]))
     results = {}
     for name, times in samples.items():
         median = statistics.median(times)
@@ -253,7 +257,7 @@ def measure(total: int, leaves: int, repeats: int, with_torch: bool) -> dict[str
 
 
 def paired_ratio(results: dict, ours: str, theirs: str) -> float:
-    """Median over rounds of ours / theirs, each pair measured back to back in one round.
+    """Median over rounds of ours / theirs, both measured within one round.
 
     Pairing cancels the drift of a shared machine's bandwidth between rounds, which moves
     both members of a pair together.
