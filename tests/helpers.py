@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import jax
@@ -107,3 +108,21 @@ def conformance_problem(seed, shapes, steps, dtype=np.float32):
         for s in shapes
     ]
     return params, grads
+
+
+def compile_step(tx: optax.GradientTransformation, params):
+    """One jitted "update + apply" step with parameters and state donated, compiled."""
+    state = tx.init(params)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+
+
+def array_kernels(compiled) -> int:
+    """Instructions of the entry computation that write an array (not a scalar or a tuple)."""
+    entry = compiled.as_text().split("\nENTRY", 1)[1]
+    writes = re.findall(r"= (\w+\[[\d,]*\])\S* (?!parameter\(|tuple\(|get-tuple-element\()", entry)
+    return sum(1 for shape in writes if not shape.endswith("[]"))

@@ -9,7 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import max_relative_difference, random_problem, run_transformation
+from helpers import (
+    array_kernels,
+    compile_step,
+    max_relative_difference,
+    random_problem,
+    run_transformation,
+)
 from reference import Config, reference_trajectory
 
 import rmsprop_jax as rj
@@ -97,25 +103,12 @@ def test_nothing_small_means_nothing_packed():
     assert state[2].nu.leaves["w"].shape == (100, 100)
 
 
-def compiled_kernels(tx: optax.GradientTransformation, params) -> int:
-    """Array-writing instructions of the compiled, donated update-and-apply step."""
-    state = tx.init(params)
-
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
-    entry = compiled.as_text().split("\nENTRY", 1)[1]
-    writes = re.findall(r"= (\w+\[[\d,]*\])\S* (?!parameter\(|tuple\(|get-tuple-element\()", entry)
-    return sum(1 for shape in writes if not shape.endswith("[]"))
-
-
 def test_many_small_leaves_compile_to_fewer_kernels():
     params = {f"bias{i}": jnp.ones((100,)) for i in range(32)}
     for settings in ({}, dict(centered=True, momentum=0.9)):
-        per_leaf = compiled_kernels(rj.rmsprop(0.01, **settings), params)
-        packed = compiled_kernels(rj.pack_small_leaves(rj.rmsprop(0.01, **settings)), params)
+        per_leaf = array_kernels(compile_step(rj.rmsprop(0.01, **settings), params))
+        packed_tx = rj.pack_small_leaves(rj.rmsprop(0.01, **settings))
+        packed = array_kernels(compile_step(packed_tx, params))
         # Per leaf: the parameter's kernel only. Per dtype: a few, whatever the leaf count.
         assert packed <= len(params) + 6, (settings, packed)
         assert per_leaf >= 2 * len(params), (settings, per_leaf)
@@ -169,3 +162,16 @@ def test_a_gradient_for_another_model_fails_readably():
     state = tx.init({"kernel": jnp.ones((12, 10)), "bias": jnp.ones((10,))})
     with pytest.raises(ValueError, match=r"packed\['float32'\] has shape \(11,\)"):
         tx.update({"kernel": jnp.ones((12, 10)), "bias": jnp.ones((11,))}, state)
+
+
+def test_state_shardings_and_memory_see_the_packed_state():
+    params = {"w": jnp.ones((64, 64)), "b": jnp.ones((64,)), "gain": jnp.ones(())}
+    tx = rj.pack_small_leaves(rj.rmsprop(0.01, centered=True, momentum=0.9))
+    state = tx.init(params)
+    shardings = rj.sharding.state_shardings(tx, params)
+    assert jax.tree.structure(shardings) == jax.tree.structure(state)
+    abstract = rj.sharding.abstract_state(tx, params)
+    assert [a.shape for a in jax.tree.leaves(abstract)] == [a.shape for a in jax.tree.leaves(state)]
+    # mu, nu and the momentum trace: 12 bytes per parameter, plus the step count.
+    parameters = 64 * 64 + 64 + 1
+    assert rj.state_bytes(state, params).total_bytes == 12 * parameters + 4
