@@ -57,7 +57,7 @@ def _packed_dtypes(leaves: list[Any], max_size: int | None) -> list[str | None]:
 
 
 def pack(tree: Any, max_size: int | None) -> PackedTree:
-    """`tree` as a :class:`PackedTree`; None stands for a tree with no leaves (e.g. no params)."""
+    """`tree` as a :class:`PackedTree`: its small leaves in one vector per dtype."""
     leaves, treedef = jax.tree.flatten(tree)
     buffers = _packed_dtypes(leaves, max_size)
     packed = {
