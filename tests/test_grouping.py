@@ -175,3 +175,11 @@ def test_state_shardings_and_memory_see_the_packed_state():
     # mu, nu and the momentum trace: 12 bytes per parameter, plus the step count.
     parameters = 64 * 64 + 64 + 1
     assert rj.state_bytes(state, params).total_bytes == 12 * parameters + 4
+
+
+def test_a_mask_tree_for_the_unpacked_params_is_refused_not_misapplied():
+    params = {"kernel": jnp.ones((12, 10)), "bias": jnp.ones((10,))}
+    mask = {"kernel": True, "bias": False}
+    tx = rj.pack_small_leaves(rj.rmsprop(0.01, weight_decay=0.1, weight_decay_mask=mask))
+    with pytest.raises(ValueError, match="PackedTree"):
+        tx.init(params)
