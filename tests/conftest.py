@@ -33,3 +33,9 @@ def maybe_jit(request):
     if request.param == "jit":
         return jax.jit
     return lambda fn, **kwargs: fn
+
+
+@pytest.fixture(scope="module")
+def torch():
+    """PyTorch, or a skip (a failure under RMSPROP_JAX_REQUIRE_CONFORMANCE=1)."""
+    return import_reference_framework("torch")

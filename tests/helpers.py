@@ -59,8 +59,12 @@ def max_relative_difference(actual, expected, floor: float = 0.1) -> float:
     return worst
 
 
-def preset_trajectory(tx, params, grads, *, jit=True):
-    """Parameters after each step of `tx`, as one `lax.scan` under jit or a Python loop."""
+def run_preset(tx, params, grads, steps=slice(None), state=None, *, jit=True):
+    """Steps `tx` through `grads[i][steps]` from `state` (from `tx.init` when None).
+
+    One `lax.scan` under jit, or a Python loop. Returns the final state and, per parameter,
+    its values after each step.
+    """
 
     def step(carry, g):
         p, state = carry
@@ -68,15 +72,25 @@ def preset_trajectory(tx, params, grads, *, jit=True):
         p = optax.apply_updates(p, updates)
         return (p, state), p
 
+    def start(p):
+        return p, tx.init(p) if state is None else state
+
     params = [jnp.asarray(p) for p in params]
+    chunk = [jnp.asarray(g[steps]) for g in grads]
     if jit:
-        run = jax.jit(lambda p, gs: jax.lax.scan(step, (p, tx.init(p)), gs)[1])
-        return [np.asarray(h) for h in run(params, grads)]
-    carry, history = (params, tx.init(params)), []
-    for t in range(len(grads[0])):
-        carry, p = step(carry, [g[t] for g in grads])
+        run = jax.jit(lambda p, gs: jax.lax.scan(step, start(p), gs))
+        (_, final), history = run(params, chunk)
+        return final, [np.asarray(h) for h in history]
+    carry, history = start(params), []
+    for t in range(len(chunk[0])):
+        carry, p = step(carry, [g[t] for g in chunk])
         history.append(p)
-    return [np.stack([np.asarray(h[i]) for h in history]) for i in range(len(params))]
+    return carry[1], [np.stack([np.asarray(h[i]) for h in history]) for i in range(len(params))]
+
+
+def preset_trajectory(tx, params, grads, *, jit=True):
+    """Parameters after each step of `tx` from `tx.init(params)`."""
+    return run_preset(tx, params, grads, jit=jit)[1]
 
 
 def worst_relative_difference(ours, reference):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import import_reference_framework
+from helpers import run_preset, worst_relative_difference
 
 import rmsprop_jax as rj
 
@@ -23,11 +23,6 @@ def warmup(t):
 
 
 WARMUP = optax.linear_schedule(0.1 * LR, LR, transition_steps=80)
-
-
-@pytest.fixture(scope="module")
-def torch():
-    return import_reference_framework("torch")
 
 
 def make_problem(seed):
@@ -60,37 +55,6 @@ def run_torch(torch, optimizer, tensors, grads, steps, scheduler=None):
     return [np.stack([h[i] for h in history]) for i in range(len(tensors))]
 
 
-def run_preset(tx, state, params, grads, steps, *, jit=True):
-    """Steps `tx` from `state`; returns the final state and the parameters after each step."""
-
-    def step(carry, g):
-        p, s = carry
-        updates, s = tx.update(g, s, p)
-        p = optax.apply_updates(p, updates)
-        return (p, s), p
-
-    params = [jnp.asarray(p) for p in params]
-    chunk = [jnp.asarray(g[steps]) for g in grads]
-    if jit:
-        (_, state), history = jax.jit(lambda c, gs: jax.lax.scan(step, c, gs))(
-            (params, state), chunk
-        )
-        return state, [np.asarray(h) for h in history]
-    carry, history = (params, state), []
-    for t in range(len(chunk[0])):
-        carry, p = step(carry, [g[t] for g in chunk])
-        history.append(p)
-    return carry[1], [np.stack([np.asarray(h[i]) for h in history]) for i in range(len(params))]
-
-
-def worst_relative_difference(ours, reference):
-    """Max over leaves of max|ours - reference| / max|reference| over the whole trajectory."""
-    return max(
-        float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-        for a, b in zip(ours, reference, strict=True)
-    )
-
-
 CONFIGS = [
     dict(momentum=0.0, centered=False, weight_decay=0.0),
     dict(momentum=0.9, centered=False, weight_decay=0.01),
@@ -116,7 +80,7 @@ def test_torch_checkpoint_continued_here_equals_100_torch_steps(torch, kwargs):
     halfway = [x.detach().numpy().copy() for x in tensors]
     tx = rj.compat.torch_rmsprop(WARMUP, **kwargs)
     state = rj.compat.state_from_torch(optimizer.state_dict(), halfway, tx)
-    _, ours = run_preset(tx, state, halfway, grads, slice(SPLIT, STEPS))
+    _, ours = run_preset(tx, halfway, grads, slice(SPLIT, STEPS), state)
 
     worst = worst_relative_difference(ours, [h[SPLIT:] for h in full])
     print(
@@ -134,7 +98,7 @@ def test_checkpoint_from_here_continued_in_torch_equals_100_torch_steps(torch, k
 
     tx = rj.compat.torch_rmsprop(WARMUP, **kwargs)
     params_jax = [jnp.asarray(p) for p in params]
-    state, ours = run_preset(tx, tx.init(params_jax), params, grads, slice(0, SPLIT), jit=False)
+    state, ours = run_preset(tx, params, grads, slice(0, SPLIT), tx.init(params_jax), jit=False)
     halfway = [h[-1] for h in ours]
     # A scheduler that resumes at step SPLIT, as a restored LambdaLR would.
     tensors, optimizer, scheduler = new_torch(torch, halfway, lambda t: warmup(t + SPLIT), **kwargs)
@@ -153,7 +117,7 @@ def test_checkpoint_from_here_continued_in_torch_equals_100_torch_steps(torch, k
 def test_round_trip_through_a_torch_state_dict_is_exact(torch):
     params, grads = make_problem(seed=2)
     tx = rj.compat.torch_rmsprop(WARMUP, momentum=0.9, centered=True)
-    state, ours = run_preset(tx, tx.init(params), params, grads, slice(0, 10))
+    state, ours = run_preset(tx, params, grads, slice(0, 10), tx.init(params))
     now = [h[-1] for h in ours]
     _, optimizer, _ = new_torch(torch, now, warmup, momentum=0.9, centered=True)
     state_dict = rj.compat.state_to_torch(state, now, optimizer.state_dict()["param_groups"])

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import import_reference_framework
 from helpers import conformance_problem, preset_trajectory, worst_relative_difference
 
 import rmsprop_jax as rj
@@ -27,11 +26,6 @@ def warmup(t):
 
 
 WARMUP = optax.linear_schedule(0.1 * LR, LR, transition_steps=20)
-
-
-@pytest.fixture(scope="module")
-def torch():
-    return import_reference_framework("torch")
 
 
 def make_problem(seed, shapes=SHAPES, dtype=np.float32):
