@@ -35,7 +35,11 @@ class PackedTree(NamedTuple):
 
 
 def _is_partitioned(leaf: Any) -> bool:
-    """Whether the leaf's type says it is split over devices (explicit sharding)."""
+    """Whether the leaf's type says it is split over devices (explicit sharding).
+
+    Answers alike for concrete and traced leaves (`_sharded_ops.explicit_sharding` only
+    looks at traced ones), so an eager `init` packs what a jitted `update` packs.
+    """
     spec = getattr(getattr(jax.typeof(leaf), "sharding", None), "spec", None)
     return spec is not None and any(axis is not None for axis in spec)
 
