@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--process-id", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--storage", default="float32", help="nu_storage of rj.rmsprop")
+    parser.add_argument("--storage", default="float32", help="moment_storage of rj.rmsprop")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=256)
@@ -157,7 +157,7 @@ def placement_figure(params: dict, state, path: str) -> None:
     """Maps of which device holds which entries of w2 and of its stored second moment."""
     nu = optax.tree_utils.tree_get(state, "nu")["w2"]
     arrays = {"parameter w2": params["w2"]}
-    if isinstance(nu, rj.QuantizedArray):
+    if isinstance(nu, rj.QuantizedMoment):
         arrays.update({"nu codes (int8)": nu.codes, "nu block scales": nu.scales})
     elif isinstance(nu, rj.FactoredMoment):
         arrays.update({"nu row statistics": nu.row, "nu column statistics": nu.col})
@@ -224,7 +224,7 @@ def main(args: argparse.Namespace) -> None:
     params = {k: to_global(v, shardings[k]) for k, v in host_params.items()}
     batch_x, batch_y = NamedSharding(mesh, P("fsdp", None)), NamedSharding(mesh, P("fsdp"))
 
-    tx = rj.rmsprop(args.learning_rate, momentum=0.9, nu_storage=args.storage)
+    tx = rj.rmsprop(args.learning_rate, momentum=0.9, moment_storage=args.storage)
     # The state's layout, known before anything is allocated; init places it there.
     state_shardings = rj.sharding.state_shardings(tx, params)
     state = jax.jit(tx.init, out_shardings=state_shardings)(params)
@@ -253,7 +253,7 @@ def main(args: argparse.Namespace) -> None:
     print(f"{tag} test accuracy {accuracy:.3f}", flush=True)
     print(f"{tag} {describe('params w2', params['w2'])}", flush=True)
     nu = optax.tree_utils.tree_get(state, "nu")["w2"]
-    stored = nu._asdict() if isinstance(nu, rj.QuantizedArray | rj.FactoredMoment) else {"": nu}
+    stored = nu._asdict() if isinstance(nu, rj.QuantizedMoment | rj.FactoredMoment) else {"": nu}
     for field, leaf in stored.items():
         name = f"state nu['w2']{'.' + field if field else ''}"
         print(f"{tag} {describe(name, leaf)}", flush=True)

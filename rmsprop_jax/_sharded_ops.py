@@ -106,6 +106,21 @@ def split_entry(
     return as_entry(names[:leading]), as_entry(within)
 
 
+def with_entries(sharding: Any, entries: tuple, what: str) -> Any:
+    """`sharding` with its `PartitionSpec` replaced by `entries` (for a state leaf of another
+    shape than its parameter: block scales, row or column statistics)."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(
+            sharding.mesh, PartitionSpec(*entries), memory_kind=sharding.memory_kind
+        )
+    if sharding.is_fully_replicated:
+        return sharding
+    raise TypeError(
+        f"The {what} of a parameter sharded with {sharding!r} has another shape, so its "
+        "sharding cannot be derived; use jax.sharding.NamedSharding for the parameters."
+    )
+
+
 def _explicit_context(x: Any) -> tuple[NamedSharding, list, Any, dict[str, int]] | None:
     sharding = explicit_sharding(x)
     if sharding is None:

@@ -118,7 +118,7 @@ def pack_small_leaves(
     Args:
       inner: any gradient transformation. It sees a :class:`PackedTree`: a transformation
         that treats leaves differently by their shape or path (a weight-decay mask, a
-        factored `nu_storage`) sees the packed vector as one 1-D leaf, so give such masks a
+        factored `moment_storage`) sees the packed vector as one 1-D leaf, so give such masks a
         function of the packed tree or keep those transformations outside this wrapper.
       max_size: leaves with at most this many elements are packed; None packs every leaf
         (every step then copies all gradients, as `optax.flatten` does).

@@ -40,7 +40,7 @@ def state_bytes(state: Any, params: Any) -> StateMemory:
     the state (static hyperparameters) take no device memory and count as 0.
 
     Args:
-      state: an optimizer state, for example `rj.rmsprop(1e-3, nu_storage="int8").init(params)`.
+      state: an optimizer state, for example `rj.rmsprop(1e-3, moment_storage="int8").init(params)`.
       params: the parameters (or their shapes) the state was built for.
 
     Returns:
@@ -48,7 +48,7 @@ def state_bytes(state: Any, params: Any) -> StateMemory:
 
     Example:
       >>> params = {"w": jax.ShapeDtypeStruct((4096, 4096), jnp.float32)}
-      >>> state = jax.eval_shape(rj.rmsprop(1e-3, nu_storage="int8").init, params)
+      >>> state = jax.eval_shape(rj.rmsprop(1e-3, moment_storage="int8").init, params)
       >>> rj.state_bytes(state, params).bytes_per_parameter  # doctest: +SKIP
       1.0156...
     """

@@ -93,7 +93,7 @@ def layouts() -> dict:
             if explicit and variant != "centered_nesterov_decoupled":
                 continue
             for storage in STORAGES:
-                tx = rj.rmsprop(1e-2, nu_storage=storage, **options)
+                tx = rj.rmsprop(1e-2, moment_storage=storage, **options)
                 if (variant, storage) not in reference:
                     on_one = jax.device_put(host, single)
                     grads = [jax.device_put(g, single) for g in host_grads]
@@ -170,7 +170,7 @@ def _abstract_inputs() -> dict:
     report = {}
     # The formats whose state leaves have shapes of their own; the others are like float32.
     for storage in ("int8", "factored"):
-        tx = rj.rmsprop(1e-2, nu_storage=storage, centered=True, momentum=0.9)
+        tx = rj.rmsprop(1e-2, moment_storage=storage, centered=True, momentum=0.9)
         from_arrays = rj.sharding.state_shardings(tx, params)
         from_structs = rj.sharding.state_shardings(tx, placed)
         from_shapes = rj.sharding.state_shardings(tx, shapes, shardings)
@@ -197,7 +197,7 @@ def _abstract_inputs() -> dict:
         }
     report["int8"]["orbax_restore"] = _orbax_round_trip(params)
     for storage in STORAGES:
-        tx = rj.rmsprop(1e-2, nu_storage=storage, centered=True, momentum=0.9)
+        tx = rj.rmsprop(1e-2, moment_storage=storage, centered=True, momentum=0.9)
         expected = rj.sharding.state_shardings(tx, params)
         report[storage] = report.get(storage, {})
         report[storage]["eager_init"] = placement_report(tx.init(params), params, expected)
@@ -210,7 +210,7 @@ def _orbax_round_trip(params: dict) -> dict:
 
     import orbax.checkpoint as ocp
 
-    tx = rj.rmsprop(1e-2, nu_storage="int8", centered=True, momentum=0.9)
+    tx = rj.rmsprop(1e-2, moment_storage="int8", centered=True, momentum=0.9)
     state = jax.jit(tx.init)(params)
     state = jax.jit(lambda s, p: tx.update(p, s, p)[1])(state, params)
     with tempfile.TemporaryDirectory() as directory, ocp.CheckpointManager(directory) as manager:
@@ -243,7 +243,7 @@ def train() -> dict:
         (jax.device_count(),), ("fsdp",), axis_types=(AxisType.Auto,), devices=jax.devices()
     )
     problem = mlp_problem()
-    tx = rj.rmsprop(3e-3, centered=True, momentum=0.9, nu_storage="float32")
+    tx = rj.rmsprop(3e-3, centered=True, momentum=0.9, moment_storage="float32")
     sharded = mlp_train(tx, problem, mesh)
     local = jax.make_mesh(
         (1,), ("fsdp",), axis_types=(AxisType.Auto,), devices=jax.local_devices()[:1]

@@ -34,7 +34,7 @@ VARIANTS = {
     "nesterov": {"momentum": 0.5, "nesterov": True},
     "decoupled_weight_decay": {"weight_decay": 0.01, "decoupled_weight_decay": True},
     "coupled_weight_decay_maximize": {"weight_decay": 0.01, "maximize": True},
-    "bfloat16_nu": {"nu_storage": "bfloat16"},
+    "bfloat16_nu": {"moment_storage": "bfloat16"},
 }
 
 
@@ -167,7 +167,7 @@ def test_restoring_into_another_optimizer_configuration_names_the_extra_or_missi
 
 
 def test_restoring_a_bfloat16_moment_into_a_float32_one_names_both_dtypes(tmp_path):
-    manager = saved_manager(tmp_path, rj.rmsprop(1e-2, nu_storage="bfloat16"))
+    manager = saved_manager(tmp_path, rj.rmsprop(1e-2, moment_storage="bfloat16"))
 
     with pytest.raises(
         ValueError,

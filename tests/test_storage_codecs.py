@@ -65,7 +65,7 @@ def test_int8_first_moment_keeps_sign_and_relative_error_across_6_orders(block_s
 def test_int8_codes_decode_to_the_logarithmic_code_book_in_float64():
     codes = np.arange(256, dtype=np.uint8).reshape(1, 256).repeat(16, axis=0)
     scales = np.geomspace(1e-8, 1e8, 16, dtype=np.float32).reshape(16, 1)
-    stored = _storage_int8.QuantizedArray(jnp.asarray(codes), jnp.asarray(scales))
+    stored = _storage_int8.QuantizedMoment(jnp.asarray(codes), jnp.asarray(scales))
     decoded = np.asarray(_decode(stored, jnp.float32), np.float64)
     level = np.where(codes > 0, 2.0 ** (-(255.0 - codes) * 40 / 254), 0.0)
     # The exponent, up to 40, is computed in float32: its rounding costs a few 1e-6.

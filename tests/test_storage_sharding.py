@@ -41,14 +41,14 @@ CHILD = textwrap.dedent(
 
     def expected_specs(stored, spec):
         spec = tuple(spec) + (None,) * (2 - len(spec))
-        if isinstance(stored, rj.QuantizedArray):
-            return rj.QuantizedArray(codes=P(*spec), scales=P(*spec))
+        if isinstance(stored, rj.QuantizedMoment):
+            return rj.QuantizedMoment(codes=P(*spec), scales=P(*spec))
         if isinstance(stored, rj.FactoredMoment):
             return rj.FactoredMoment(row=P(*spec[:-1]), col=P(spec[-1]))
         return P(*spec)
 
 
-    def check_placement(mesh, state, nu_storage):
+    def check_placement(mesh, state, moment_storage):
         for field in ("mu", "nu"):
             for name, stored in getattr(state, field).items():
                 spec = SPECS[name][1]
@@ -58,7 +58,7 @@ CHILD = textwrap.dedent(
                 wanted = jax.tree.leaves(wanted, is_leaf=lambda x: isinstance(x, P))
                 for array, want in zip(jax.tree.leaves(stored), wanted, strict=True):
                     assert array.sharding.is_equivalent_to(NamedSharding(mesh, want), array.ndim), (
-                        nu_storage, field, name, array.sharding, want
+                        moment_storage, field, name, array.sharding, want
                     )
 
 
@@ -69,8 +69,8 @@ CHILD = textwrap.dedent(
         return params, state
 
 
-    for nu_storage in ("bfloat16", "int8", "factored"):
-        tx = rj.rmsprop(1e-2, centered=True, momentum=0.9, nu_storage=nu_storage)
+    for moment_storage in ("bfloat16", "int8", "factored"):
+        tx = rj.rmsprop(1e-2, centered=True, momentum=0.9, moment_storage=moment_storage)
 
         def step(params, state, g):
             updates, state = tx.update(g, state, params)
@@ -79,17 +79,17 @@ CHILD = textwrap.dedent(
         params = jax.device_put(host, shardings)
         sharded_grads = [jax.device_put(g, shardings) for g in grads]
         state = tx.init(params)
-        check_placement(mesh, state[2], nu_storage)
+        check_placement(mesh, state[2], moment_storage)
         jitted = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, sharded_grads[0])
         jitted = jitted.compile()
-        if nu_storage != "factored":
+        if moment_storage != "factored":
             # Blocks within shards: the update needs no communication at all.
             hlo = jitted.as_text()
             for collective in ("all-reduce", "all-gather", "all-to-all", "collective-permute"):
-                assert collective not in hlo, (nu_storage, collective)
+                assert collective not in hlo, (moment_storage, collective)
         for g in sharded_grads:
             params, state = jitted(params, state, g)
-        check_placement(mesh, state[2], nu_storage)
+        check_placement(mesh, state[2], moment_storage)
 
         plain_params, plain_state = host, tx.init(host)
         plain_step = jax.jit(step)
@@ -98,7 +98,7 @@ CHILD = textwrap.dedent(
         # The stored averages are bit for bit the same (elementwise work, exact block maxima),
         # except factored row / column means, which may be summed in another order across
         # shards; the parameters may differ by an ulp where the compiler fuses differently.
-        state_tolerance = 1e-5 if nu_storage == "factored" else 0.0
+        state_tolerance = 1e-5 if moment_storage == "factored" else 0.0
         for name in SPECS:
             np.testing.assert_allclose(params[name], plain_params[name], rtol=1e-5, atol=1e-6)
         stored = jax.tree.leaves(state[2])
@@ -107,7 +107,7 @@ CHILD = textwrap.dedent(
             np.testing.assert_allclose(
                 np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=state_tolerance, atol=0
             )
-        print("checked", nu_storage, flush=True)
+        print("checked", moment_storage, flush=True)
     """
 )
 

@@ -357,14 +357,14 @@ def test_inject_hyperparams_in_a_sweep_equals_plain_rmsprop():
 
 
 @pytest.mark.parametrize("centered", [False, True])
-@pytest.mark.parametrize("nu_storage", ["float32", "bfloat16", "int8", "factored"])
-def test_every_nu_storage_format_sweeps_like_configurations_run_alone(nu_storage, centered):
+@pytest.mark.parametrize("moment_storage", ["float32", "bfloat16", "int8", "factored"])
+def test_every_moment_storage_format_sweeps_like_configurations_run_alone(moment_storage, centered):
     noise = jax.random.normal(jax.random.key(2), (6, 128, 128))  # large enough to be compressed
 
     def train(learning_rate, decay, eps, initial_scale, momentum):
         optimizer = rj.rmsprop(
             learning_rate, decay, eps, initial_scale=initial_scale, centered=centered,
-            momentum=momentum, nu_storage=nu_storage,
+            momentum=momentum, moment_storage=moment_storage,
         )  # fmt: skip
 
         def step(carry, n):
@@ -384,7 +384,7 @@ def test_every_nu_storage_format_sweeps_like_configurations_run_alone(nu_storage
     for i in range(swept.size):
         alone = train_alone(**{k: v[i] for k, v in hyperparameters.items()})
         # Factored storage rebuilds nu from row and column sums, which adds a few ulps.
-        assert_close(swept.results[i], alone, rtol=1e-5 if nu_storage == "factored" else 1e-6)
+        assert_close(swept.results[i], alone, rtol=1e-5 if moment_storage == "factored" else 1e-6)
 
 
 def test_grid_product_takes_every_combination_with_the_first_name_slowest():

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _precision, _validation
-from rmsprop_jax.alias import _rmsprop_in_compute_dtype
+from rmsprop_jax import _placement, _precision, _validation
+from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.compat import _common
 
 
@@ -46,7 +46,7 @@ def _gradient_clipping(
         ("clipvalue", clipvalue),
         ("global_clipnorm", global_clipnorm),
     ):
-        _validation.check_in_range(name, value, low=0.0)
+        _validation.check_in_range(name, value, low=0.0, optional=True)
     given = [v is not None for v in (clipnorm, clipvalue, global_clipnorm)]
     if sum(given) > 1:
         raise ValueError(
@@ -163,9 +163,9 @@ def keras_rmsprop(
     _validation.check_in_range("rho", rho, low=0.0, high=1.0)
     _validation.check_in_range("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
     _validation.check_in_range("epsilon", epsilon, low=0.0)
-    _validation.check_in_range("weight_decay", weight_decay, low=0.0)
-    _common.check_flag("centered", centered)
-    _common.check_flag("use_ema", use_ema)
+    _validation.check_in_range("weight_decay", weight_decay, low=0.0, optional=True)
+    _validation.check_flag("centered", centered)
+    _validation.check_flag("use_ema", use_ema)
     _check_keras_only_arguments(use_ema, loss_scale_factor, gradient_accumulation_steps)
     clipping = _gradient_clipping(clipnorm, clipvalue, global_clipnorm)
 
@@ -179,21 +179,15 @@ def keras_rmsprop(
 
     step = optax.chain(
         clipping,
-        _rmsprop_in_compute_dtype(
+        rmsprop(
             rate,
             rho,
             epsilon,
             eps_in_sqrt=True,
-            initial_scale=0.0,
             centered=centered,
             momentum=None if _validation.is_literal_zero(momentum) else momentum,
-            nesterov=False,
-            bias_correction=False,
             weight_decay=0.0 if weight_decay is None else weight_decay,
             decoupled_weight_decay=True,
-            weight_decay_mask=None,
-            maximize=False,
-            nu_storage="float32",
         ),
     )
     if gradient_accumulation_steps:
@@ -201,4 +195,5 @@ def keras_rmsprop(
         step = step.gradient_transformation()
     if loss_scale_factor is not None:
         step = optax.chain(optax.stateless_with_tree_map(lambda g, _: g / loss_scale_factor), step)
-    return _common.reject_complex(_precision.with_compute_dtype(step), "Keras")
+    step = _placement.placed(_precision.with_compute_dtype(step))
+    return _common.reject_complex(step, "Keras")

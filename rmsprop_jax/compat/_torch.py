@@ -7,9 +7,9 @@ from typing import Any
 import chex
 import optax
 
-from rmsprop_jax import _precision, _validation
+from rmsprop_jax import _placement, _precision, _validation
 from rmsprop_jax.compat import _common
-from rmsprop_jax.transform import _scale_by_rms_in_compute_dtype
+from rmsprop_jax.transform import scale_by_rms
 
 
 def torch_rmsprop(
@@ -90,28 +90,22 @@ def torch_rmsprop(
         ("maximize", maximize),
         ("differentiable", differentiable),
     ):
-        _common.check_flag(name, flag)
+        _validation.check_flag(name, flag)
     if foreach is not None:
-        _common.check_flag("foreach", foreach)
+        _validation.check_flag("foreach", foreach)
 
     stages: list[Any] = [
         optax.scale(-1.0) if maximize else optax.identity(),
         optax.identity()
         if _validation.is_literal_zero(weight_decay)
         else optax.add_decayed_weights(_precision.as_hyperparameter(weight_decay)),
-        _scale_by_rms_in_compute_dtype(
-            alpha,
-            eps,
-            eps_in_sqrt=False,
-            initial_scale=0.0,
-            centered=centered,
-            bias_correction=False,
-            nu_storage="float32",
-        ),
+        scale_by_rms(alpha, eps, centered=centered),
         optax.identity()
         if _validation.is_literal_zero(momentum)
         else optax.trace(decay=_precision.as_hyperparameter(momentum)),
         # After the buffer: PyTorch scales the buffer, not each increment, by the current rate.
         optax.scale_by_learning_rate(_precision.as_hyperparameter(lr)),
     ]
-    return _common.as_real_pairs(_precision.with_compute_dtype(optax.chain(*stages)))
+    return _common.as_real_pairs(
+        _placement.placed(_precision.with_compute_dtype(optax.chain(*stages)))
+    )
