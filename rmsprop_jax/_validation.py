@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+
 def _concrete_values(value: Any) -> np.ndarray | None:
     """Returns `value` as a NumPy array, or None when it cannot be inspected."""
     if value is None or callable(value) or isinstance(value, jax.core.Tracer):

@@ -35,7 +35,7 @@ class ScaleByCenteredRmsState(NamedTuple):
 
 
 class ScaleByCenteredVarianceState(NamedTuple):
-    """Step count, moving average of the gradients, and the variance :math:`\nu - |\mu|^2`.
+    r"""Step count, moving average of the gradients, and the variance :math:`\nu - |\mu|^2`.
 
     The state of a centered :func:`scale_by_rms` whose `moment_storage` compresses: storing
     :math:`\nu` and :math:`\mu` with rounding errors and subtracting would lose every

@@ -140,3 +140,28 @@ def array_kernels(compiled) -> int:
     entry = compiled.as_text().split("\nENTRY", 1)[1]
     writes = re.findall(r"= (\w+\[[\d,]*\])\S* (?!parameter\(|tuple\(|get-tuple-element\()", entry)
     return sum(1 for shape in writes if not shape.endswith("[]"))
+
+
+def stored_leaf(average, name):
+    """What a state stores for parameter `name`: an array, or (int8, factored) the format's
+    container holding that parameter's part of each tree (placeholders where unused)."""
+    import rmsprop_jax as rj
+
+    if isinstance(average, rj.QuantizedMoment | rj.FactoredMoment):
+        return type(average)(*(tree[name] for tree in average))
+    return average[name]
+
+
+def is_compressed(stored) -> bool:
+    """Whether a `stored_leaf` holds compressed parts (rather than its dense average)."""
+    import rmsprop_jax as rj
+
+    if isinstance(stored, rj.QuantizedMoment | rj.FactoredMoment):
+        return stored.dense.shape == (1,) and stored[0].shape != (1,)
+    return stored.dtype in (jnp.bfloat16,)
+
+
+def second_moment_field(state):
+    """The stored second moment of a `scale_by_rms` state: `nu`, or `variance` (centered,
+    compressed formats)."""
+    return getattr(state, "variance", None) if hasattr(state, "variance") else state.nu

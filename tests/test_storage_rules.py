@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import is_compressed, second_moment_field, stored_leaf
 
 import rmsprop_jax as rj
 
@@ -92,9 +93,12 @@ def test_centered_constant_gradient_of_10_for_1000_steps_stays_finite(moment_sto
 
 
 @pytest.mark.parametrize(
-    ("moment_storage", "lowest_median_ratio"), [("bfloat16", 0.8), ("int8", 0.15), ("factored", 0.7)]
+    ("moment_storage", "lowest_median_ratio"),
+    [("bfloat16", 0.8), ("int8", 0.15), ("factored", 0.7)],
 )
-def test_centered_steps_on_nearly_constant_gradients_never_blow_up(moment_storage, lowest_median_ratio):
+def test_centered_steps_on_nearly_constant_gradients_never_blow_up(
+    moment_storage, lowest_median_ratio
+):
     """Gradients 100x larger than their noise: the variance is 1e-4 of nu.
 
     Storing nu and mu with relative errors of 0.4% (bfloat16) or 11% (int8) and subtracting
@@ -139,7 +143,9 @@ def test_float16_gradients_of_magnitude_1000_give_finite_updates(moment_storage,
 @pytest.mark.parametrize("moment_storage", FORMATS)
 def test_state_structure_does_not_depend_on_bias_correction(moment_storage):
     params = _params()
-    with_correction = rj.rmsprop(0.1, bias_correction=True, moment_storage=moment_storage).init(params)
+    with_correction = rj.rmsprop(0.1, bias_correction=True, moment_storage=moment_storage).init(
+        params
+    )
     without = rj.rmsprop(0.1, moment_storage=moment_storage).init(params)
     assert jax.tree.structure(with_correction) == jax.tree.structure(without)
     assert jax.tree.map(lambda x: (x.shape, x.dtype), with_correction) == jax.tree.map(
@@ -148,20 +154,21 @@ def test_state_structure_does_not_depend_on_bias_correction(moment_storage):
 
 
 @pytest.mark.parametrize(
-    ("moment_storage", "matrix_type", "small_type"),
-    [
-        ("bfloat16", jax.Array, jax.Array),
-        ("int8", rj.QuantizedMoment, jax.Array),
-        ("factored", rj.FactoredMoment, jax.Array),
-    ],
+    ("moment_storage", "container"),
+    [("bfloat16", None), ("int8", rj.QuantizedMoment), ("factored", rj.FactoredMoment)],
 )
-def test_nu_field_is_found_by_tree_get(moment_storage, matrix_type, small_type):
+def test_second_moment_field_is_found_by_tree_get(moment_storage, container):
+    """`nu` (or, centered, `variance`): per part a tree shaped like the parameters."""
     params = _params()
-    for centered in (False, True):
+    for centered, field in ((False, "nu"), (True, "variance")):
         state = rj.rmsprop(0.1, centered=centered, moment_storage=moment_storage).init(params)
-        nu = optax.tree_utils.tree_get(state, "nu")
-        assert isinstance(nu["matrix"], matrix_type)
-        assert isinstance(nu["small"], small_type)
+        stored = optax.tree_utils.tree_get(state, field)
+        trees = [stored] if container is None else list(stored)
+        assert container is None or isinstance(stored, container)
+        for tree in trees:
+            assert jax.tree.structure(tree) == jax.tree.structure(params)
+            assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(tree))
+        assert is_compressed(stored_leaf(stored, "matrix"))
         assert jax.tree.structure(optax.tree_utils.tree_get(state, "count")) == jax.tree.structure(
             0
         )
@@ -174,8 +181,8 @@ def test_nu_field_is_found_by_tree_get(moment_storage, matrix_type, small_type):
 def test_compressed_leaves_have_the_format_dtypes(moment_storage, nu_dtype, mu_dtype):
     state = rj.scale_by_rms(centered=True, moment_storage=moment_storage).init(_params())
     leaf = lambda stored: getattr(stored, "codes", stored)  # noqa: E731
-    assert leaf(state.nu["matrix"]).dtype == nu_dtype
-    assert leaf(state.mu["matrix"]).dtype == mu_dtype
+    assert leaf(stored_leaf(state.variance, "matrix")).dtype == nu_dtype
+    assert leaf(stored_leaf(state.mu, "matrix")).dtype == mu_dtype
 
 
 def test_complex_parameters_compress_nu_and_keep_mu_complex():
@@ -189,8 +196,10 @@ def test_complex_parameters_compress_nu_and_keep_mu_complex():
         tx = rj.scale_by_rms(centered=True, moment_storage=moment_storage)
         state = tx.init(params)
         updates, state = tx.update(params, state)
-        assert isinstance(state.nu["z"], nu_type)
-        assert state.mu["z"].dtype == jnp.complex64
+        assert isinstance(stored_leaf(second_moment_field(state), "z"), nu_type)
+        assert is_compressed(stored_leaf(second_moment_field(state), "z")) or nu_type is jax.Array
+        mu = stored_leaf(state.mu, "z")
+        assert getattr(mu, "dense", mu).dtype == jnp.complex64
         assert updates["z"].dtype == jnp.complex64
         assert np.all(np.isfinite(np.asarray(updates["z"])))
 
@@ -218,7 +227,9 @@ def test_vmap_over_decay_matches_separate_runs(moment_storage):
     grads = jax.tree.map(lambda p: jnp.sin(3.0 * p), params)
 
     def run(decay):
-        tx = rj.rmsprop(0.01, decay=decay, centered=True, momentum=0.5, moment_storage=moment_storage)
+        tx = rj.rmsprop(
+            0.01, decay=decay, centered=True, momentum=0.5, moment_storage=moment_storage
+        )
 
         def step(carry, _):
             current, state = carry

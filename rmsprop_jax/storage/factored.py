@@ -66,7 +66,11 @@ def decode(row: chex.Array, col: chex.Array, dtype: Any) -> chex.Array:
     r"""The rank-one estimate :math:`r c^\top / \overline{r}` of the full average."""
     row, col = row.astype(dtype), col.astype(dtype)
     row_mean = safe_mean(row, -1)[..., None]
-    normalized = jnp.where(row_mean > 0, row / jnp.where(row_mean > 0, row_mean, 1), 0)
+    # XLA:CPU divides through the reciprocal, which flushes to 0 for divisors beyond 2**126:
+    # scale such means (and their rows) down first.
+    scale = jnp.where(row_mean > 2.0**100, 2.0**-64, 1.0).astype(dtype)
+    divisor = jnp.where(row_mean > 0, row_mean * scale, 1)
+    normalized = jnp.where(row_mean > 0, (row * scale) / divisor, 0)
     return normalized[..., :, None] * col[..., None, :]
 
 

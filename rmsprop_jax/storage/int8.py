@@ -176,9 +176,7 @@ class Int8(StorageFormat):
 
     def compresses(self, shape: tuple[int, ...], dtype: Any, *, signed: bool) -> bool:
         del signed
-        return math.prod(shape) >= MIN_ELEMENTS and not jnp.issubdtype(
-            dtype, jnp.complexfloating
-        )
+        return math.prod(shape) >= MIN_ELEMENTS and not jnp.issubdtype(dtype, jnp.complexfloating)
 
     def create(self, like: Any, value: Any, *, signed: bool) -> Parts:
         """`value` everywhere, exactly: the top code with scale |value| (or code 0 for 0)."""
@@ -205,7 +203,9 @@ class Int8(StorageFormat):
             blocks_entry, _ = _sharded_ops.split_entry(
                 entries[-1], blocks, block_length, shape[-1], dict(sharding.mesh.shape)
             )
-        return sharding, _sharded_ops.with_entries(sharding, (*entries[:-1], blocks_entry), "block scales")
+        return sharding, _sharded_ops.with_entries(
+            sharding, (*entries[:-1], blocks_entry), "block scales"
+        )
 
     def tie(self, parts: Parts, param: chex.Array) -> Parts:
         codes, scales = parts
