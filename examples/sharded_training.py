@@ -155,14 +155,14 @@ def describe(name: str, leaf: jax.Array) -> str:
 
 def placement_figure(params: dict, state, path: str) -> None:
     """Maps of which device holds which entries of w2 and of its stored second moment."""
-    nu = optax.tree_utils.tree_get(state, "nu")["w2"]
+    nu = optax.tree_utils.tree_get(state, "nu")
     arrays = {"parameter w2": params["w2"]}
     if isinstance(nu, rj.QuantizedMoment):
-        arrays.update({"nu codes (int8)": nu.codes, "nu block scales": nu.scales})
+        arrays.update({"nu codes (int8)": nu.codes["w2"], "nu block scales": nu.scales["w2"]})
     elif isinstance(nu, rj.FactoredMoment):
-        arrays.update({"nu row statistics": nu.row, "nu column statistics": nu.col})
+        arrays.update({"nu row statistics": nu.row["w2"], "nu column statistics": nu.col["w2"]})
     else:
-        arrays[f"nu ({nu.dtype})"] = nu
+        arrays[f"nu ({nu['w2'].dtype})"] = nu["w2"]
     devices = jax.devices()
     number = {device: i for i, device in enumerate(devices)}
     palette = plt.get_cmap("tab10" if len(devices) <= 10 else "tab20")
@@ -252,10 +252,13 @@ def main(args: argparse.Namespace) -> None:
     accuracy = float(np.mean(np.argmax(mlp(host_params, x_test), axis=1) == y_test))
     print(f"{tag} test accuracy {accuracy:.3f}", flush=True)
     print(f"{tag} {describe('params w2', params['w2'])}", flush=True)
-    nu = optax.tree_utils.tree_get(state, "nu")["w2"]
-    stored = nu._asdict() if isinstance(nu, rj.QuantizedMoment | rj.FactoredMoment) else {"": nu}
+    nu = optax.tree_utils.tree_get(state, "nu")
+    if isinstance(nu, rj.QuantizedMoment | rj.FactoredMoment):
+        stored = {field: tree["w2"] for field, tree in nu._asdict().items() if field != "dense"}
+    else:
+        stored = {"": nu["w2"]}
     for field, leaf in stored.items():
-        name = f"state nu['w2']{'.' + field if field else ''}"
+        name = f"state nu{'.' + field if field else ''}['w2']"
         print(f"{tag} {describe(name, leaf)}", flush=True)
 
     if me == 0:

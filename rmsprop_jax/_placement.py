@@ -95,7 +95,8 @@ def replicated_sharding(params: Any) -> NamedSharding | None:
 
 
 def _replicate_scalar(leaf: Any, replicated: NamedSharding) -> Any:
-    if not isinstance(leaf, jax.Array) or leaf.ndim or not leaf.is_fully_addressable:
+    # Step counts, and the one-element placeholders of compressed averages.
+    if not isinstance(leaf, jax.Array) or leaf.size != 1 or not leaf.is_fully_addressable:
         return leaf
     if leaf.sharding.is_equivalent_to(replicated, 0):
         return leaf

@@ -81,5 +81,6 @@ def with_compute_dtype(
         map_inputs=_upcast,
         map_updates_back=_cast_like,
         check_params=_validation.check_float_leaves,
+        check_updates=_validation.check_float_gradients,
         once="compute_dtype",
     )

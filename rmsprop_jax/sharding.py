@@ -26,7 +26,7 @@ Example, FSDP over 8 devices, before any parameter exists::
                                           sharding=NamedSharding(mesh, P("fsdp", None)))}
     tx = rj.rmsprop(1e-3, moment_storage="int8")
     shardings = rj.sharding.state_shardings(tx, abstract)
-    shardings[2].nu["w"].scales.spec      # PartitionSpec('fsdp', None): (4096, 4) scales
+    shardings[2].nu.scales["w"].spec      # PartitionSpec('fsdp', None): (4096, 4) scales
     params = jax.jit(init_params, out_shardings={"w": abstract["w"].sharding})(key)
     state = jax.jit(tx.init, out_shardings=shardings)(params)
 
@@ -116,7 +116,7 @@ def state_shardings(tx: optax.GradientTransformation, params: Any, shardings: An
       >>> w = jax.ShapeDtypeStruct((512, 1024), jnp.float32,
       ...                          sharding=NamedSharding(mesh, P("data", "model")))
       >>> tx = rj.rmsprop(1e-3, moment_storage="factored")
-      >>> rj.sharding.state_shardings(tx, {"w": w})[2].nu["w"].col.spec  # doctest: +SKIP
+      >>> rj.sharding.state_shardings(tx, {"w": w})[2].nu.col["w"].spec  # doctest: +SKIP
       PartitionSpec('model',)
     """
     abstract_params = _abstract_params(params, shardings)

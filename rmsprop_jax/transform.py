@@ -181,7 +181,6 @@ def scale_by_rms(
         del params
         stored_nu = state.variance if keeps_variance else state.nu
         _validation.check_same_tree(updates, storage.logical_shapes(fmt, stored_nu))
-        _validation.check_float_gradients(updates)
         count = optax.safe_increment(state.count)
         grads, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
         nus = fmt.split(stored_nu, treedef)

@@ -29,9 +29,9 @@ STORAGES = {"float32", "bfloat16", "int8", "factored"}
 # Column statistics of a matrix split by rows (and row statistics of one split by columns)
 # are means over the split axis: every device needs all of them.
 FACTORED_REDUCED_OVER_SPLIT_AXIS = {
-    "[2].nu['fsdp']['w_out'].col",
-    "[2].nu['tensor_parallel']['w_col'].row",
-    "[2].nu['tensor_parallel']['w_row'].col",
+    "[2].nu.col['fsdp']['w_out']",
+    "[2].nu.col['tensor_parallel']['w_row']",
+    "[2].nu.row['tensor_parallel']['w_col']",
 }
 # bfloat16 and int8 round stochastically: a last-bit difference between the sharded and the
 # single-device programs (another fusion, another summation order) moves an isolated element

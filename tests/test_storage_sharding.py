@@ -42,15 +42,25 @@ CHILD = textwrap.dedent(
     def expected_specs(stored, spec):
         spec = tuple(spec) + (None,) * (2 - len(spec))
         if isinstance(stored, rj.QuantizedMoment):
-            return rj.QuantizedMoment(codes=P(*spec), scales=P(*spec))
+            if stored.dense.shape != (1,):
+                return rj.QuantizedMoment(codes=P(), scales=P(), dense=P(*spec))
+            return rj.QuantizedMoment(codes=P(*spec), scales=P(*spec), dense=P())
         if isinstance(stored, rj.FactoredMoment):
-            return rj.FactoredMoment(row=P(*spec[:-1]), col=P(spec[-1]))
+            if stored.dense.shape != (1,):
+                return rj.FactoredMoment(row=P(), col=P(), dense=P(*spec))
+            return rj.FactoredMoment(row=P(*spec[:-1]), col=P(spec[-1]), dense=P())
         return P(*spec)
 
 
+    def per_parameter(average):
+        if isinstance(average, rj.QuantizedMoment | rj.FactoredMoment):
+            return {name: type(average)(*(tree[name] for tree in average)) for name in SPECS}
+        return average
+
+
     def check_placement(mesh, state, moment_storage):
-        for field in ("mu", "nu"):
-            for name, stored in getattr(state, field).items():
+        for field in ("mu", "variance"):
+            for name, stored in per_parameter(getattr(state, field)).items():
                 spec = SPECS[name][1]
                 if name == "small" or len(SPECS[name][0]) == 1:
                     spec = P(*spec)
