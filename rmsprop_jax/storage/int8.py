@@ -57,7 +57,6 @@ from typing import Any, ClassVar, NamedTuple
 
 import chex
 import jax.numpy as jnp
-import numpy as np
 
 from rmsprop_jax import _sharded_ops
 from rmsprop_jax.storage import _rounding
