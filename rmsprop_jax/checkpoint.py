@@ -22,6 +22,8 @@ Needs `orbax-checkpoint` (`pip install rmsprop-jax[examples]`), imported on firs
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +45,15 @@ _LEAF_KINDS = {"opt_state": "optimizer state leaf", "params": "parameter"}
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the tree it is restored into (structure, shape or dtype)."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's metadata cannot be read: the files of a step are truncated or damaged.
+
+    Raised by :func:`restore` instead of the `json.JSONDecodeError` (or storage error) that
+    reading the damaged file gives, with the step, its directory, the damaged files and what
+    to do: restore another step, or delete the damaged one.
+    """
 
 
 def _orbax() -> Any:
@@ -150,11 +161,17 @@ def open_manager(
     It knows the format of its items from the start, so a new process can read the metadata
     of existing checkpoints before restoring any of them (a plain manager cannot).
 
+    Opening creates nothing: the directory is made by the first :func:`save` (orbax's
+    `create` option is turned off), so a mistyped directory given to :func:`restore` raises
+    `FileNotFoundError` naming it instead of leaving a new empty directory behind.
+
     Args:
-      directory: where the checkpoints live (made absolute; created if missing).
-      options: orbax's `CheckpointManagerOptions` (how many to keep, async saving, ...).
+      directory: where the checkpoints live (made absolute; created by the first save).
+      options: orbax's `CheckpointManagerOptions` (how many to keep, async saving, ...); its
+        `create` field is ignored, as said above.
     """
     ocp_ = _orbax()
+    options = dataclasses.replace(options or ocp_.CheckpointManagerOptions(), create=False)
     return ocp_.CheckpointManager(
         Path(directory).absolute(),
         options=options,
@@ -172,6 +189,46 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
     return manager.save(step, args=ocp_.args.StandardSave(state), force=force)
 
 
+def _step_directory(manager: ocp.CheckpointManager, step: int) -> Any:
+    try:  # honours a custom `step_name_format`; private in orbax, hence the fallback
+        return manager._get_read_step_directory(step, manager.directory)
+    except AttributeError:  # another orbax version: the default layout, <directory>/<step>
+        return manager.directory / str(step)
+
+
+def _unreadable_json(step_directory: Any) -> list[str]:
+    """The JSON metadata files of a step directory that do not parse, relative to it."""
+    root = Path(str(step_directory))
+    damaged = []
+    for path in sorted(root.rglob("*")):
+        is_metadata = path.name.startswith("_") or path.parent.name == "array_metadatas"
+        if not (path.is_file() and is_metadata):
+            continue
+        try:
+            json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            damaged.append(str(path.relative_to(root)))
+    return damaged
+
+
+def _corrupt(manager: ocp.CheckpointManager, step: int, error: Exception) -> CorruptCheckpointError:
+    step_directory = _step_directory(manager, step)
+    damaged = _unreadable_json(step_directory)
+    which = f" ({', '.join(damaged)} in it)" if damaged else ""
+    others = [other for other in manager.all_steps() if other != step]
+    instead = (
+        f"restore another step (restore(manager, target, step=N) with N in {sorted(others)})"
+        if others
+        else "restore from another copy"
+    )
+    return CorruptCheckpointError(
+        f"checkpoint at step {step} is damaged: its metadata in {step_directory}{which} cannot "
+        f"be read ({type(error).__name__}: {error}). It was probably truncated by a full disk "
+        f"or an interrupted copy. Either {instead}, or delete {step_directory} so that the "
+        "latest step is an intact one."
+    )
+
+
 def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None) -> Any:
     """Restores `step` (default: the latest) of `manager` into the structure of `target`.
 
@@ -187,18 +244,33 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
       states stay NamedTuples) and the stored dtypes.
 
     Raises:
-      FileNotFoundError: the manager holds no checkpoint.
+      FileNotFoundError: the manager's directory does not exist (nothing is created), it holds
+        no checkpoint, or none at `step`.
       ValueError: the manager cannot read the checkpoint's metadata (not opened by
         :func:`open_manager`).
+      CorruptCheckpointError: the checkpoint's metadata files are truncated or damaged.
       CheckpointMismatchError: the checkpoint's leaves, shapes or dtypes differ from `target`'s;
         nothing is restored.
     """
     ocp_ = _orbax()
+    if not manager.directory.exists():
+        raise FileNotFoundError(
+            f"checkpoint directory {manager.directory} does not exist: nothing to restore. "
+            "Check the path (it is resolved against the current directory)."
+        )
     if step is None:
         step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint to restore in {manager.directory}")
-    metadata = manager.item_metadata(step)
+    elif step not in manager.all_steps():
+        raise FileNotFoundError(
+            f"no checkpoint at step {step} in {manager.directory}; it holds steps "
+            f"{sorted(manager.all_steps())}"
+        )
+    try:
+        metadata = manager.item_metadata(step)
+    except ValueError as error:  # JSONDecodeError, or tensorstore's error for a damaged file
+        raise _corrupt(manager, step, error) from error
     if metadata is None:
         raise ValueError(
             f"cannot read the metadata of checkpoint step {step} in {manager.directory}: create "
@@ -207,7 +279,10 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
         )
     check_matches(metadata, target, where=f"checkpoint at step {step}")
     abstract = jax.tree.map(_abstract_leaf, target)
-    restored = manager.restore(step, args=ocp_.args.StandardRestore(abstract))
+    try:
+        restored = manager.restore(step, args=ocp_.args.StandardRestore(abstract))
+    except json.JSONDecodeError as error:  # the per-array metadata, read only when restoring
+        raise _corrupt(manager, step, error) from error
     if jax.tree.structure(restored) != jax.tree.structure(target):
         raise CheckpointMismatchError(
             f"checkpoint at step {step} restored as {jax.tree.structure(restored)}, "
