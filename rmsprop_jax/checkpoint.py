@@ -80,7 +80,11 @@ def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
     spelled this way are the same for a live state and for its stored metadata.
     """
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {tuple(_key_name(key) for key in path): leaf for path, leaf in leaves}
+    return {_path_key(path): leaf for path, leaf in leaves}
+
+
+def _path_key(path: tuple[Any, ...]) -> tuple[str, ...]:
+    return tuple(_key_name(key) for key in path)
 
 
 def _describe(path: tuple[str, ...]) -> str:
@@ -278,14 +282,16 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
             "item_handlers=orbax.checkpoint.StandardCheckpointHandler() to CheckpointManager"
         )
     check_matches(metadata, target, where=f"checkpoint at step {step}")
-    abstract = jax.tree.map(_abstract_leaf, target)
+    # Orbax compares the stored structure with the restore item's, empty nodes included, so
+    # the item is the stored structure (NamedTuples as dicts) with the target's shapes, dtypes
+    # and shardings; the leaves then go back into the target's structure by path. A target
+    # with a leafless node the checkpoint lacks (a newer version's layout record) restores.
+    abstract = {path: _abstract_leaf(leaf) for path, leaf in _flat(target).items()}
+    item = jax.tree_util.tree_map_with_path(
+        lambda path, _: abstract[_path_key(path)], getattr(metadata, "tree", metadata)
+    )
     try:
-        restored = manager.restore(step, args=ocp_.args.StandardRestore(abstract))
+        restored = _flat(manager.restore(step, args=ocp_.args.StandardRestore(item)))
     except json.JSONDecodeError as error:  # the per-array metadata, read only when restoring
         raise _corrupt(manager, step, error) from error
-    if jax.tree.structure(restored) != jax.tree.structure(target):
-        raise CheckpointMismatchError(
-            f"checkpoint at step {step} restored as {jax.tree.structure(restored)}, "
-            f"expected {jax.tree.structure(target)}"
-        )
-    return restored
+    return jax.tree_util.tree_map_with_path(lambda path, _: restored[_path_key(path)], target)
