@@ -250,6 +250,7 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
     Raises:
       FileNotFoundError: the manager's directory does not exist (nothing is created), it holds
         no checkpoint, or none at `step`.
+      NotADirectoryError: the manager's path is a file.
       ValueError: the manager cannot read the checkpoint's metadata (not opened by
         :func:`open_manager`).
       CorruptCheckpointError: the checkpoint's metadata files are truncated or damaged.
@@ -261,6 +262,11 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
         raise FileNotFoundError(
             f"checkpoint directory {manager.directory} does not exist: nothing to restore. "
             "Check the path (it is resolved against the current directory)."
+        )
+    if not manager.directory.is_dir():
+        raise NotADirectoryError(
+            f"{manager.directory} is a file, not a checkpoint directory: pass the directory "
+            "that save() wrote the checkpoints into."
         )
     if step is None:
         step = manager.latest_step()

@@ -190,7 +190,19 @@ class SweepResult(NamedTuple):
         return int(next(iter(self.hyperparameters.values())).shape[0])
 
     def config(self, index: int) -> dict[str, float]:
-        """The hyperparameters of configuration `index`, as Python numbers."""
+        """The hyperparameters of configuration `index`, as Python numbers.
+
+        Raises:
+          IndexError: `index` lies outside [-size, size) (JAX indexing would clamp it and
+            silently return the last or first configuration).
+          TypeError: `index` is not an integer.
+        """
+        if isinstance(index, bool) or not isinstance(index, int | np.integer):
+            raise TypeError(f"`index` must be an integer, got {index!r}.")
+        if not -self.size <= index < self.size:
+            raise IndexError(
+                f"`index` {index} is out of range for a sweep of {self.size} configurations."
+            )
         return {name: values[index].item() for name, values in self.hyperparameters.items()}
 
     def metric(self, key: str | Callable[[Any], Any]) -> np.ndarray:
@@ -258,7 +270,10 @@ class SweepResult(NamedTuple):
 def _normalized_in_axes(in_axes: InAxes, num_args: int) -> tuple[int | None, ...]:
     axes = (in_axes,) * num_args if in_axes is None or isinstance(in_axes, int) else in_axes
     axes = tuple(axes)
-    if len(axes) != num_args or any(axis not in (0, None) for axis in axes):
+    # False == 0, so a bool would silently map the argument: refuse it.
+    if len(axes) != num_args or any(
+        isinstance(axis, bool) or axis not in (0, None) for axis in axes
+    ):
         raise ValueError(
             f"`in_axes` must be 0, None, or one of them per extra argument ({num_args} given), "
             f"got {in_axes!r}."
@@ -344,6 +359,8 @@ def run(
       train: a function of the positional `args` and one keyword argument per hyperparameter
         (each a scalar tracer), returning a pytree of arrays. Build the optimizer inside it.
       hyperparameters: name -> 1-D array of values, one entry per configuration (see :func:`grid`).
+        Values that are not JAX arrays (lists, NumPy arrays) are checked and converted as
+        :func:`grid` does.
       *args: extra arguments to `train`: data (shared by all configurations) or a state carried
         between calls (one slice per configuration).
       in_axes: for each of `args`, 0 if its arrays have a leading axis with one entry per
@@ -366,7 +383,12 @@ def run(
       >>> result.results["y"].shape
       (2, 3)
     """
-    hyperparameters = {name: jnp.asarray(values) for name, values in hyperparameters.items()}
+    # Lists and NumPy arrays get the checks of `grid`: jnp.asarray would wrap int64 values
+    # into int32 and turn reals beyond float32 into inf without a word.
+    hyperparameters = {
+        name: values if isinstance(values, jax.Array) else jnp.asarray(_as_values(name, values))
+        for name, values in hyperparameters.items()
+    }
     axes = _normalized_in_axes(in_axes, len(args))
     size = _check_sizes(hyperparameters, args, axes)
     mesh = _mesh(devices, size) if shard else None

@@ -80,3 +80,10 @@ def test_restoring_a_step_that_was_never_saved_lists_the_saved_ones(tmp_path):
     save_steps(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 2 in .*steps \[1, 3\]"):
         rj.checkpoint.restore(rj.checkpoint.open_manager(tmp_path), state(0.0), step=2)
+
+
+def test_restoring_from_a_file_says_it_is_not_a_directory(tmp_path):
+    path = tmp_path / "state.ckpt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(NotADirectoryError, match=f"{path} is a file, not a checkpoint directory"):
+        rj.checkpoint.restore(rj.checkpoint.open_manager(path), state(0.0))

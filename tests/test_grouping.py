@@ -176,6 +176,11 @@ def test_a_checkpoint_without_the_layout_record_restores_and_trains_on(tmp_path)
         np.testing.assert_array_equal(a, b)
 
 
+def test_an_unbuilt_inner_transformation_is_refused_when_wrapping():
+    with pytest.raises(TypeError, match=r"`inner` must be an optax.GradientTransformation"):
+        rj.pack_small_leaves(rj.rmsprop)
+
+
 @pytest.mark.parametrize("max_size", [0, -3, 2.5, True, "16"])
 def test_bad_max_size_is_rejected_with_its_value(max_size):
     with pytest.raises(ValueError, match=r"max_size.*" + re.escape(repr(max_size))):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -499,6 +500,38 @@ def test_best_is_never_nan_nor_infinite_in_the_optimized_direction(loss, mode, i
     best = result.best("loss", mode=mode)
     assert best.index == index
     assert best.value == loss[index] and best.hyperparameters == {"lr": float(index)}
+
+
+def test_config_refuses_an_index_outside_the_sweep_instead_of_clamping():
+    result = rj.sweep.SweepResult({"lr": jnp.array([0.5, 0.25, 0.125])}, {})
+    assert result.config(-1) == {"lr": 0.125} and result.config(np.int64(1)) == {"lr": 0.25}
+    for index in (3, -4, 100):
+        with pytest.raises(IndexError, match=f"`index` {index} is out of range .* 3 config"):
+            result.config(index)
+    for index in (1.0, True, "0"):
+        with pytest.raises(TypeError, match=f"`index` must be an integer, got {index!r}"):
+            result.config(index)
+
+
+def test_run_checks_hyperparameters_given_as_lists_or_numpy_arrays_like_grid():
+    def train(lr):
+        return {"y": lr * 2}
+
+    with pytest.raises(ValueError, match=r"`lr` are integers.*1099511627776 lies outside"):
+        rj.sweep.run(train, {"lr": np.array([2**40, 1])})
+    with pytest.raises(ValueError, match=r"`lr` must fit in float32.*1e\+39"):
+        rj.sweep.run(train, {"lr": [0.1, 1e39]})
+    result = rj.sweep.run(train, {"lr": [0.25, 0.5]})
+    assert result.hyperparameters["lr"].dtype == jnp.float32
+    assert result.results["y"].tolist() == [0.5, 1.0]
+
+
+@pytest.mark.parametrize("in_axes", [False, True, (0, False)])
+def test_run_refuses_boolean_in_axes(in_axes):
+    # False == 0 would map the argument over the sweep, the opposite of what False suggests.
+    with pytest.raises(ValueError, match=re.escape(f"got {in_axes!r}")):
+        rj.sweep.run(lambda x, y, lr: {"y": lr}, {"lr": jnp.ones(2)}, jnp.ones(2), jnp.ones(2),
+                     in_axes=in_axes)  # fmt: skip
 
 
 def test_best_reads_named_tuple_results_by_attribute():
