@@ -6,7 +6,9 @@ lists that no optax `update` accepts. Restoring against an abstract target built
 initialized optimizer gives back the original types and dtypes. Before restoring, the stored
 tree is compared leaf by leaf with that target, so a checkpoint written by another model or
 another optimizer configuration (centered or not, with or without momentum) is refused with a
-message naming the leaf, instead of being padded, truncated or half-restored.
+message naming the leaf, instead of being padded, truncated or half-restored. A step whose
+metadata files are damaged raises :class:`CorruptCheckpointError` naming the step, its
+directory and the way out, and a directory that does not exist is reported, never created.
 
 Typical use, with any pytree of arrays (the keys `params` and `opt_state` make the messages
 speak of parameters and optimizer state)::
