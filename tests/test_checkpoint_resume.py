@@ -184,6 +184,7 @@ def test_bias_correction_does_not_change_the_state_so_either_setting_restores(tm
 
 
 def test_restore_without_checkpoints_or_without_metadata_says_what_is_wrong(tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoint to restore"):
         rj.checkpoint.restore(
             rj.checkpoint.open_manager(tmp_path / "empty"), fresh_target(rj.rmsprop(1e-2))
