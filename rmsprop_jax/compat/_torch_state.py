@@ -8,30 +8,27 @@ converted: other RMSprop states (`rj.rmsprop(lr, momentum=...)` applies the rate
 buffer) hold numbers that mean something else.
 
 Parameters are matched by name when PyTorch recorded `param_names` (an optimizer built from
-`model.named_parameters()`, PyTorch >= 2.6), by order otherwise; see :func:`torch_name`.
+`model.named_parameters()`, PyTorch >= 2.6), by order otherwise; see
+:mod:`rmsprop_jax.compat._torch_mapping`. A `torch_rmsprop_groups` state holds one preset
+state per torch parameter group.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax.compat import _torch_names
+from rmsprop_jax.compat import _torch_mapping, _torch_state_dict
 from rmsprop_jax.compat._common import view_as_real
 from rmsprop_jax.compat._torch import TorchLayoutState
 from rmsprop_jax.transform import ScaleByCenteredRmsState, ScaleByRmsState
 
 _STATS = (ScaleByRmsState, ScaleByCenteredRmsState)
-# Keys every `torch.optim.RMSprop` group has; Adam's and SGD's groups lack `alpha`.
-_GROUP_KEYS = ("params", "lr", "alpha", "eps", "weight_decay", "momentum", "centered")
-# Group entries that describe the parameters, not how they are optimized.
-_NOT_SETTINGS = ("params", "param_names")
-MatchBy = Literal["auto", "order"]
 
 
 def torch_chains(state: Any) -> list[tuple[Any, ...]]:
@@ -61,17 +58,12 @@ def _not_torch_error(what: str, state: Any) -> ValueError:
     )
 
 
-def single_chain(state: Any, what: str) -> tuple[Any, ...]:
-    """The one `torch_rmsprop` chain state in `state`; `ValueError` for none or several."""
+def chains_of(state: Any, what: str) -> list[tuple[Any, ...]]:
+    """The `torch_rmsprop` chain states in `state`; `ValueError` when there is none."""
     chains = torch_chains(state)
     if not chains:
         raise _not_torch_error(what, state)
-    if len(chains) > 1:
-        raise ValueError(
-            f"{what} holds {len(chains)} `torch_rmsprop` states; this conversion takes one. "
-            "Convert the state of a single `rmsprop_jax.compat.torch_rmsprop`."
-        )
-    return chains[0]
+    return chains
 
 
 def chain_parts(chain: tuple[Any, ...]) -> tuple[Any, Any | None]:
@@ -86,157 +78,6 @@ def chain_parts(chain: tuple[Any, ...]) -> tuple[Any, Any | None]:
     return stats[0], (traces[0] if traces else None)
 
 
-def check_state_dict(state_dict: Any) -> tuple[list[Mapping[str, Any]], Mapping[Any, Any]]:
-    """`(param_groups, state)` of a torch RMSprop `state_dict()`, or `ValueError` naming the gap."""
-    if not isinstance(state_dict, Mapping):
-        raise ValueError(
-            "`state_dict` must be `torch.optim.RMSprop.state_dict()`, a dict with 'state' and "
-            f"'param_groups', got a {type(state_dict).__name__}."
-        )
-    missing = [key for key in ("state", "param_groups") if key not in state_dict]
-    if missing:
-        keys = sorted(map(str, state_dict))
-        shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
-        raise ValueError(
-            f"`state_dict` has no {' and no '.join(map(repr, missing))} (its keys: {shown}), so "
-            "it is not an optimizer's state_dict(). A model's `state_dict()` holds parameters; "
-            "pass `optimizer.state_dict()` of the `torch.optim.RMSprop`."
-        )
-    per_param = state_dict["state"]
-    if not isinstance(per_param, Mapping):
-        raise ValueError(
-            f"`state_dict['state']` must map parameter indices to their state, got a "
-            f"{type(per_param).__name__}."
-        )
-    return check_param_groups(state_dict["param_groups"]), per_param
-
-
-def check_param_groups(param_groups: Any) -> list[Mapping[str, Any]]:
-    """The groups as a list, each checked to be a torch RMSprop group."""
-    if isinstance(param_groups, (str, bytes)) or not isinstance(param_groups, Sequence):
-        raise ValueError(
-            "`param_groups` must be the list `optimizer.state_dict()['param_groups']`, got a "
-            f"{type(param_groups).__name__}."
-        )
-    if not param_groups:
-        raise ValueError("`param_groups` is empty; pass the torch optimizer's param_groups.")
-    for index, group in enumerate(param_groups):
-        if not isinstance(group, Mapping):
-            raise ValueError(f"param_groups[{index}] must be a dict, got {group!r}.")
-        missing = [key for key in _GROUP_KEYS if key not in group]
-        if missing:
-            raise ValueError(
-                f"param_groups[{index}] has no {', '.join(map(repr, missing))} (its keys: "
-                f"{', '.join(sorted(map(str, group)))}), so it is not a torch.optim.RMSprop "
-                "group; the state of another optimizer (Adam, SGD, ...) cannot be ported."
-            )
-        names = group.get("param_names")
-        if names is not None and len(names) != len(group["params"]):
-            raise ValueError(
-                f"param_groups[{index}] has {len(group['params'])} params but "
-                f"{len(names)} param_names."
-            )
-    return list(param_groups)
-
-
-def settings(group: Mapping[str, Any]) -> dict[str, Any]:
-    """The optimizer settings of a group: everything except the parameters and their names."""
-    return {key: value for key, value in group.items() if key not in _NOT_SETTINGS}
-
-
-def check_equal_settings(param_groups: Sequence[Mapping[str, Any]]) -> None:
-    """`ValueError` unless every group has the settings of the first one."""
-    first = settings(param_groups[0])
-    for index, group in enumerate(param_groups[1:], start=1):
-        if settings(group) != first:
-            raise ValueError(
-                f"Torch param_groups 0 and {index} have different settings ({first} vs "
-                f"{settings(group)}); one `torch_rmsprop` reproduces one group. Convert "
-                "each group into its own preset and combine them with `optax.partition`."
-            )
-
-
-def check_flags(group: Mapping[str, Any], stats: Any, trace: Any | None) -> None:
-    """`ValueError` unless the group's `centered` and momentum match the preset's state."""
-    torch_centered = bool(group["centered"])
-    torch_momentum = float(group["momentum"]) > 0
-    ours_centered = isinstance(stats, ScaleByCenteredRmsState)
-    if torch_centered != ours_centered:
-        raise ValueError(
-            f"The torch optimizer has centered={torch_centered} but the optax state has "
-            f"centered={ours_centered}; build the preset with centered={torch_centered}."
-        )
-    if torch_momentum != (trace is not None):
-        raise ValueError(
-            f"The torch optimizer has momentum={group['momentum']} "
-            f"({'a' if torch_momentum else 'no'} momentum buffer) but the optax state has "
-            f"{'a' if trace is not None else 'no'} momentum buffer; build the preset with the "
-            "same momentum."
-        )
-
-
-def required_keys(group: Mapping[str, Any]) -> tuple[str, ...]:
-    """The per-parameter state keys torch keeps under the group's flags."""
-    keys = ["step", "square_avg"]
-    if float(group["momentum"]) > 0:
-        keys.append("momentum_buffer")
-    if bool(group["centered"]):
-        keys.append("grad_avg")
-    return tuple(keys)
-
-
-def check_entries(
-    per_param: Mapping[Any, Any], indices: Sequence[int], group: Mapping[str, Any]
-) -> None:
-    """`ValueError` naming the first parameter whose state lacks a key torch would keep."""
-    missing = [i for i in indices if i not in per_param]
-    if missing:
-        raise ValueError(
-            f"Torch parameters {missing} have no optimizer state (they never received a "
-            "gradient), so there is no single step count to port."
-        )
-    for index in indices:
-        entry = per_param[index]
-        keys = sorted(map(str, entry)) if isinstance(entry, Mapping) else []
-        absent = [key for key in required_keys(group) if key not in keys]
-        if absent:
-            raise ValueError(
-                f"The torch state of parameter {index} has no {', '.join(map(repr, absent))} "
-                f"(its keys: {', '.join(keys) or 'none'}); a torch.optim.RMSprop with "
-                f"momentum={group['momentum']} and centered={group['centered']} keeps "
-                f"{', '.join(map(repr, required_keys(group)))}."
-            )
-
-
-def leaf_indices(
-    param_groups: Sequence[Mapping[str, Any]], params: Any, match_by: MatchBy = "auto"
-) -> list[int]:
-    """The torch parameter index of each leaf of `params`, in `jax.tree.leaves` order.
-
-    By name (:func:`_torch_names.torch_name` of each leaf's path) when every group records
-    `param_names` and `match_by` is "auto"; by position in the groups' `params` otherwise.
-    """
-    if match_by not in ("auto", "order"):
-        raise ValueError(f"`match_by` must be 'auto' or 'order', got {match_by!r}.")
-    indices = [int(i) for group in param_groups for i in group["params"]]
-    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    if len(indices) != len(paths):
-        raise ValueError(
-            f"The torch optimizer has {len(indices)} parameters but `params` has {len(paths)} "
-            "leaves; pass the parameters whose `jax.tree.leaves` order is the torch order."
-        )
-    if match_by == "order" or any("param_names" not in group for group in param_groups):
-        return indices
-    names = [str(name) for group in param_groups for name in group["param_names"]]
-    return _torch_names.match(names, indices, paths)
-
-
-def to_numpy(tensor: Any) -> np.ndarray:
-    if hasattr(tensor, "detach"):
-        tensor = tensor.detach().cpu().resolve_conj()
-    return np.asarray(tensor)
-
-
 def import_torch():
     try:
         import torch
@@ -248,30 +89,25 @@ def import_torch():
     return torch
 
 
-def step_count(per_param: Mapping[Any, Any], indices: Sequence[int]) -> jax.Array:
-    """The step count shared by the parameters `indices`; `ValueError` when they differ."""
-    steps = {float(to_numpy(per_param[i]["step"])) for i in indices}
-    if len(steps) != 1:
-        raise ValueError(f"Torch parameters have different step counts {sorted(steps)}.")
-    return jnp.asarray(int(steps.pop()), jnp.int32)
-
-
 def fill_chain(
     chain: tuple[Any, ...],
     per_param: Mapping[Any, Any],
     indices: Sequence[int],
-    params: Any,
+    paths_and_params: Sequence[tuple[Any, Any]],
     count: jax.Array,
 ) -> tuple[Any, ...]:
-    """`chain` (a preset's initial state for `params`) holding the torch state of `indices`."""
-    paths_and_params = jax.tree_util.tree_flatten_with_path(params)[0]
+    """`chain` (a preset's initial state) holding the torch state of `indices`.
+
+    `paths_and_params` are the chain's leaves (path and parameter), in tree order, one per
+    entry of `indices`.
+    """
 
     def convert(key: str, like: Any) -> Any:
         converted = []
         for index, (path, param), reference in zip(
             indices, paths_and_params, jax.tree.leaves(like), strict=True
         ):
-            value = to_numpy(per_param[index][key])
+            value = _torch_state_dict.to_numpy(per_param[index][key])
             if np.iscomplexobj(value) != jnp.iscomplexobj(param) or value.shape != jnp.shape(param):
                 raise ValueError(
                     f"Torch {key!r} of parameter {index} has shape {value.shape} and dtype "
@@ -307,8 +143,8 @@ def replace_chains(state: Any, new_chains: Sequence[tuple[Any, ...]]) -> Any:
     )
 
 
-def check_shapes(stats: Any, params: Any) -> None:
-    for param, value in zip(jax.tree.leaves(params), jax.tree.leaves(stats.nu), strict=True):
+def check_shapes(stats: Any, params: Sequence[Any]) -> None:
+    for param, value in zip(params, jax.tree.leaves(stats.nu), strict=True):
         expected = jnp.shape(view_as_real(param))
         if jnp.shape(value) != expected:
             raise ValueError(
@@ -319,9 +155,9 @@ def check_shapes(stats: Any, params: Any) -> None:
 
 
 def chain_to_torch(
-    chain: tuple[Any, ...], params: Any, indices: Sequence[int]
+    chain: tuple[Any, ...], params: Sequence[Any], indices: Sequence[int]
 ) -> dict[int, dict[str, Any]]:
-    """The torch per-parameter state of one preset chain, keyed by torch index."""
+    """The torch per-parameter state of one preset chain (leaves `params`), by torch index."""
     torch = import_torch()
     stats, trace = chain_parts(chain)
     count = int(stats.count)
@@ -330,7 +166,7 @@ def chain_to_torch(
 
     def tensors(tree: Any) -> list[Any]:
         out = []
-        for param, value in zip(jax.tree.leaves(params), jax.tree.leaves(tree), strict=True):
+        for param, value in zip(params, jax.tree.leaves(tree), strict=True):
             value = np.array(value)
             if jnp.iscomplexobj(param):
                 value = (value[..., 0] + 1j * value[..., 1]).astype(jnp.result_type(param))
@@ -354,7 +190,7 @@ def state_from_torch(
     params: Any,
     optimizer: optax.GradientTransformation,
     *,
-    match_by: MatchBy = "auto",
+    match_by: _torch_mapping.MatchBy = "auto",
 ) -> optax.OptState:
     """The state of `optimizer` (a `torch_rmsprop`) equal to a torch RMSprop `state_dict()`.
 
@@ -365,10 +201,13 @@ def state_from_torch(
         `model.named_parameters()`), each leaf is matched to the torch parameter whose name is
         its path with the keys joined by dots: `params["layer"]["weight"]` and
         `params["layer.weight"]` are both `"layer.weight"`, `params[0]["bias"]` is `"0.bias"`.
-        Otherwise the leaves in `jax.tree.leaves` order are the torch parameters in its order.
+        Otherwise the leaves in `jax.tree.leaves` order are the torch parameters in its order
+        (within each group, for `torch_rmsprop_groups`).
       optimizer: a :func:`rmsprop_jax.compat.torch_rmsprop` built with the same `centered`
-        and (zero or non-zero) `momentum` as the torch optimizer; it may be wrapped (for
-        example by `optax.inject_hyperparams`).
+        and (zero or non-zero) `momentum` as the torch optimizer, or a
+        :func:`rmsprop_jax.compat.torch_rmsprop_groups` with one group per torch group (each
+        group's leaves exactly the torch group's parameters). It may be wrapped (for example
+        by `optax.inject_hyperparams`).
       match_by: "auto" (names where torch recorded them, order otherwise) or "order" (ignore
         the names).
 
@@ -381,21 +220,27 @@ def state_from_torch(
       ValueError: on a `state_dict` that is not a torch RMSprop's (naming the missing key), an
         `optimizer` that is not a `torch_rmsprop` (such as `rj.rmsprop`, whose momentum buffer
         holds other numbers), groups with different settings, a different number of
-        parameters, a name with no leaf, a shape or complex/real mismatch, a parameter without
-        state, differing step counts, or differing `centered`/`momentum`.
+        parameters or groups, a name with no leaf, a group whose leaves are not one torch
+        group's parameters, a shape or complex/real mismatch, a parameter without state,
+        differing step counts within a group, or differing `centered`/`momentum`.
     """
-    param_groups, per_param = check_state_dict(state_dict)
-    check_equal_settings(param_groups)
-    indices = leaf_indices(param_groups, params, match_by)
+    param_groups, per_param = _torch_state_dict.check_state_dict(state_dict)
     opt_state = optimizer.init(params)
-    chain = single_chain(opt_state, "The state of `optimizer`")
-    stats, trace = chain_parts(chain)
-    check_flags(param_groups[0], stats, trace)
+    chains = chains_of(opt_state, "The state of `optimizer`")
+    parts = [chain_parts(chain) for chain in chains]
+    assignments = _torch_mapping.assign(
+        param_groups, params, [stats for stats, _ in parts], match_by
+    )
+    for (stats, trace), share in zip(parts, assignments, strict=True):
+        _torch_state_dict.check_flags(share.group, stats, trace)
     if not per_param:
         return opt_state
-    check_entries(per_param, indices, param_groups[0])
-    count = step_count(per_param, indices)
-    return replace_chains(opt_state, [fill_chain(chain, per_param, indices, params, count)])
+    filled = []
+    for chain, share in zip(chains, assignments, strict=True):
+        _torch_state_dict.check_entries(per_param, share.indices, share.group)
+        count = _torch_state_dict.step_count(per_param, share.indices)
+        filled.append(fill_chain(chain, per_param, share.indices, share.leaves, count))
+    return replace_chains(opt_state, filled)
 
 
 def state_to_torch(
@@ -403,12 +248,13 @@ def state_to_torch(
     params: Any,
     param_groups: Sequence[Mapping[str, Any]],
     *,
-    match_by: MatchBy = "auto",
+    match_by: _torch_mapping.MatchBy = "auto",
 ) -> dict[str, Any]:
     """A `state_dict` for `torch.optim.RMSprop.load_state_dict` equal to a `torch_rmsprop` state.
 
     Args:
-      opt_state: the state of a :func:`rmsprop_jax.compat.torch_rmsprop`.
+      opt_state: the state of a :func:`rmsprop_jax.compat.torch_rmsprop` or
+        :func:`rmsprop_jax.compat.torch_rmsprop_groups`.
       params: the parameters, matched to torch's as in :func:`state_from_torch`.
       param_groups: `torch_optimizer.state_dict()["param_groups"]` of the optimizer that will
         load the result; its settings (learning rate, flags) are kept as they are.
@@ -420,15 +266,20 @@ def state_to_torch(
 
     Raises:
       ValueError: on groups that are not a torch RMSprop's or have different settings, a state
-        that is not a `torch_rmsprop`'s, a different number of parameters, a name with no
-        leaf, or differing `centered`/`momentum`.
+        that is not a `torch_rmsprop`'s, a different number of parameters or groups, a name
+        with no leaf, a group whose leaves are not one torch group's parameters, or differing
+        `centered`/`momentum`.
     """
-    param_groups = check_param_groups(param_groups)
-    check_equal_settings(param_groups)
-    indices = leaf_indices(param_groups, params, match_by)
-    chain = single_chain(opt_state, "`opt_state`")
-    stats, trace = chain_parts(chain)
-    check_flags(param_groups[0], stats, trace)
-    check_shapes(stats, params)
-    state = chain_to_torch(chain, params, indices)
+    param_groups = _torch_state_dict.check_param_groups(param_groups)
+    chains = chains_of(opt_state, "`opt_state`")
+    parts = [chain_parts(chain) for chain in chains]
+    assignments = _torch_mapping.assign(
+        param_groups, params, [stats for stats, _ in parts], match_by
+    )
+    state: dict[int, dict[str, Any]] = {}
+    for chain, (stats, trace), share in zip(chains, parts, assignments, strict=True):
+        _torch_state_dict.check_flags(share.group, stats, trace)
+        leaves = [param for _, param in share.leaves]
+        check_shapes(stats, leaves)
+        state |= chain_to_torch(chain, leaves, share.indices)
     return {"state": dict(sorted(state.items())), "param_groups": [dict(g) for g in param_groups]}
