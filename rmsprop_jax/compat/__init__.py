@@ -1,6 +1,7 @@
 """Presets that reproduce the RMSprop of PyTorch, Keras 3 and TF1, and checkpoint conversion."""
 
 from rmsprop_jax.compat._keras import keras_rmsprop
+from rmsprop_jax.compat._keras_ema import KerasEmaState, keras_ema_weights
 from rmsprop_jax.compat._tf1 import tf1_rmsprop
 from rmsprop_jax.compat._torch import TorchLayoutState, torch_rmsprop
 from rmsprop_jax.compat._torch_groups import torch_rmsprop_groups
@@ -22,8 +23,10 @@ from rmsprop_jax.compat._torch_schedulers import (
 from rmsprop_jax.compat._torch_state import state_from_torch, state_to_torch
 
 __all__ = [
+    "KerasEmaState",
     "TorchLayoutState",
     "TorchPlateauState",
+    "keras_ema_weights",
     "keras_rmsprop",
     "state_from_torch",
     "state_to_torch",
