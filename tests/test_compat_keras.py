@@ -218,11 +218,6 @@ def test_two_clipping_arguments_raise_value_error():
         rj.compat.keras_rmsprop(clipnorm=1.0, global_clipnorm=1.0)
 
 
-def test_use_ema_raises_value_error_saying_what_to_do():
-    with pytest.raises(ValueError, match=r"`use_ema=True`.*optax\.ema"):
-        rj.compat.keras_rmsprop(use_ema=True)
-
-
 def test_complex_parameters_raise_type_error_naming_the_leaf():
     tx = rj.compat.keras_rmsprop()
     with pytest.raises(TypeError, match=r"\['w'\] is complex"):
