@@ -77,12 +77,20 @@ def plot(paths: dict[str, np.ndarray], path: Path, learning_rate: float) -> None
 
 
 def main(argv: list[str] | None = None) -> dict[str, int | None]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--learning-rate", type=float, default=0.019, help="shared by all three")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--radius", type=float, default=0.05, help="distance to the minimum")
     parser.add_argument("--out", type=Path, default=Path("outputs/ellipse"))
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.learning_rate <= 0 or args.radius <= 0:
+        parser.error(
+            "--steps, --learning-rate and --radius must be positive, got "
+            f"{args.steps}, {args.learning_rate} and {args.radius}"
+        )
 
     rate = args.learning_rate
     optimizers = {

@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from progress_report import Progress
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from tqdm import tqdm
 
 import rmsprop_jax as rj
 
@@ -169,14 +169,20 @@ def plot_heatmaps(metrics: dict[str, np.ndarray], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/sweep_digits"))
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--epochs-per-chunk", type=int, default=5)
+    parser.add_argument("--epochs-per-chunk", type=int, default=5, help="epochs per compiled call")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard", action="store_true", help="split the sweep across devices")
     args = parser.parse_args(argv)
+    for flag in ("epochs", "epochs_per_chunk", "batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.epochs % args.epochs_per_chunk:
         parser.error("--epochs must be a multiple of --epochs-per-chunk")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -187,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     carry = rj.sweep.run(start, grid, data, shard=args.shard).results
 
     chunk_seconds, train_losses = [], []
-    bar = tqdm(range(args.epochs // args.epochs_per_chunk), desc="sweep", unit="chunk")
+    chunks = args.epochs // args.epochs_per_chunk
+    bar = Progress(range(chunks), total=chunks, desc="sweep", unit="chunk")
     for _ in bar:
         begin = time.perf_counter()
         result = rj.sweep.run(train_chunk, grid, carry, data, in_axes=(0, None), shard=args.shard)
