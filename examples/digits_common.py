@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from cli_help import DefaultsHelpFormatter
 from progress_report import Progress, format_loss
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -134,10 +135,10 @@ class Trainer(Protocol):
 
 
 def build_parser(description: str, default_out: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelpFormatter)
+    parser.add_argument(
+        "--optimizer", choices=OPTIMIZERS, default="rmsprop", help="the last three are optax's"
     )
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="rmsprop")
     parser.add_argument(
         "--learning-rate",
         type=float,
@@ -152,11 +153,17 @@ def build_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--bias-correction", action="store_true", help="Adam-style debiasing (RMSprop only)"
     )
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--epochs", type=int, default=20, help="epochs in all, resumed ones included"
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
     parser.add_argument("--hidden-size", type=int, default=128, help="width of the dense layer")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(default_out))
+    parser.add_argument(
+        "--seed", type=int, default=0, help="initialization and order of the batches"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path(default_out), help="folder for the history and figure"
+    )
     parser.add_argument(
         "--compare", action="store_true", help="train every optimizer and plot them together"
     )

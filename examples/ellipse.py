@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from cli_help import DefaultsHelpFormatter
 
 import rmsprop_jax as rj
 
@@ -79,12 +80,14 @@ def plot(paths: dict[str, np.ndarray], path: Path, learning_rate: float) -> None
 def main(argv: list[str] | None = None) -> dict[str, int | None]:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--learning-rate", type=float, default=0.019, help="shared by all three")
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=500, help="steps of each optimizer")
     parser.add_argument("--radius", type=float, default=0.05, help="distance to the minimum")
-    parser.add_argument("--out", type=Path, default=Path("outputs/ellipse"))
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/ellipse"), help="folder for the figure"
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.learning_rate <= 0 or args.radius <= 0:
         parser.error(

@@ -27,13 +27,15 @@ import subprocess
 import sys
 import time
 
+from cli_help import DefaultsHelpFormatter
+
 STORAGE_FORMATS = ("float32", "bfloat16", "int8", "factored")  # rj.rmsprop's nu_storage
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument(
         "--devices", type=int, default=None, help="simulated CPU devices per process"
@@ -45,11 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--storage", default="float32", choices=STORAGE_FORMATS, help="nu_storage of rj.rmsprop"
     )
     parser.add_argument("--hidden", type=int, default=512, help="width of the hidden layers")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=300, help="training steps")
     parser.add_argument("--batch", type=int, default=256, help="global batch size")
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="of rj.rmsprop")
     parser.add_argument("--timeout", type=float, default=600, help="seconds, with --processes")
-    parser.add_argument("--out", default="outputs/sharded_training")
+    parser.add_argument("--out", default="outputs/sharded_training", help="folder for the figures")
     args = parser.parse_args(argv)
     for flag in ("devices", "processes", "hidden", "steps", "batch"):
         value = getattr(args, flag)

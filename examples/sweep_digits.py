@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from cli_help import DefaultsHelpFormatter
 from progress_report import Progress
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -171,13 +172,17 @@ def plot_heatmaps(metrics: dict[str, np.ndarray], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
-    parser.add_argument("--out", type=Path, default=Path("outputs/sweep_digits"))
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/sweep_digits"), help="folder for the results"
+    )
+    parser.add_argument("--epochs", type=int, default=40, help="epochs of every configuration")
     parser.add_argument("--epochs-per-chunk", type=int, default=5, help="epochs per compiled call")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per step")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="initialization and order of the batches"
+    )
     parser.add_argument("--shard", action="store_true", help="split the sweep across devices")
     args = parser.parse_args(argv)
     for flag in ("epochs", "epochs_per_chunk", "batch_size"):
