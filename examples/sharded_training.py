@@ -187,7 +187,8 @@ def placement_figure(params: dict, state, path: str) -> None:
     palette = plt.get_cmap("tab10" if len(devices) <= 10 else "tab20")
     # One color per device, then light gray for entries held by several devices.
     colors = ListedColormap([palette(i) for i in range(len(devices))] + ["#dddddd"])
-    fig, axes = plt.subplots(1, len(arrays), figsize=(4 * len(arrays), 4.4))
+    width = 4 * len(arrays)
+    fig, axes = plt.subplots(1, len(arrays), figsize=(width, 4.8), layout="constrained")
     for ax, (title, leaf) in zip(axes, arrays.items(), strict=True):
         shape = leaf.shape if leaf.ndim == 2 else (1, leaf.shape[0])
         owner, holders = np.zeros(shape), np.zeros(shape, int)
@@ -213,9 +214,10 @@ def placement_figure(params: dict, state, path: str) -> None:
     labels = [f"device {i} (process {d.process_index})" for i, d in enumerate(devices)]
     labels.append("several devices (replicated)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors(i)) for i in range(len(labels))]
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
+    # As many columns as fit the figure's width (about 2 inches an entry), below the panels.
+    columns = max(1, min(len(labels), int(width / 2.1)))
+    fig.legend(handles, labels, loc="outside lower center", ncol=columns, fontsize=8)
     fig.suptitle("Which device holds each entry")
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
