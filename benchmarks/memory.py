@@ -10,9 +10,10 @@
    budget, over 3 seeds, for three RMSprop configurations.
 
     python benchmarks/memory.py            # about 10 minutes on 2 CPU cores
-    python benchmarks/memory.py --quick    # fewer repeats and one seed, to try it out
+    python benchmarks/memory.py --quick    # fewer repeats and one seed: about 3 minutes
 
-Prints tables and writes benchmarks/results/memory_<platform>.json.
+Prints tables and writes a new outputs/benchmarks/memory_<platform>_<time>.json;
+`--update-results` replaces benchmarks/results/memory_<platform>.json instead.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import _storage_quality as quality
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _machine import describe_machine
+from _results import add_output_flags, announce, check_output_flags, output_path
 
 import rmsprop_jax as rj
 
@@ -211,20 +212,34 @@ def print_tables(memory: dict, speed: dict, quality_results: dict) -> None:
     print(f"(least-squares optimum: {quality_results['least_squares_optimum']['mean']:.5f})")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+FULL_DURATION = "about 10 minutes on 2 CPU cores"
+QUICK_DURATION = "about 3 minutes"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=f"{__doc__.splitlines()[0]} The full run takes {FULL_DURATION}; "
+        f"--quick takes {QUICK_DURATION}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="2 repeats, 1 seed")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds of timing")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
-    parser.add_argument("--output", type=Path, default=None)
-    args = parser.parse_args()
+    add_output_flags(parser)
+    args = parser.parse_args(argv)
+    check_output_flags(parser, args)
+    announce(
+        f"memory: {QUICK_DURATION} (--quick)."
+        if args.quick
+        else f"memory: the full run takes {FULL_DURATION} (--quick: {QUICK_DURATION})."
+    )
     repeats, seeds = (2, [0]) if args.quick else (args.repeats, [0, 1, 2])
     memory = measure_memory()
     speed = measure_step_time(repeats, args.steps)
     quality_results = measure_quality(seeds)
     print_tables(memory, speed, quality_results)
     backend = jax.default_backend()
-    output = args.output or Path(__file__).parent / "results" / f"memory_{backend}.json"
+    output = output_path("memory", backend, args)
     output.parent.mkdir(parents=True, exist_ok=True)
     machine = describe_machine()
     settings = {

@@ -7,9 +7,11 @@ scalar hyperparameters); the sweep is `rj.sweep.run` (all 16 vmapped in one prog
 Compilation is excluded from the timed runs (each function runs once first) and reported
 separately as the first call's time minus the median run. Times are medians over `--repeats`.
 
-    python benchmarks/sweep.py
+    python benchmarks/sweep.py            # about 1 minute on 2 CPU cores
+    python benchmarks/sweep.py --quick    # hidden sizes 4 and 32, 3 repeats: under a minute
 
-Prints a table and writes benchmarks/results/sweep_<platform>.json.
+Prints a table and writes a new outputs/benchmarks/sweep_<platform>_<time>.json;
+`--update-results` replaces benchmarks/results/sweep_<platform>.json instead.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _machine import describe_machine
+from _results import add_output_flags, announce, check_output_flags, output_path
 from sklearn.datasets import load_digits
 
 import rmsprop_jax as rj
@@ -112,13 +114,32 @@ def measure(hidden: int, steps: int, repeats: int, x, y, grid) -> dict[str, floa
     }
 
 
+FULL_DURATION = "about 1 minute on 2 CPU cores"
+QUICK_DURATION = "under a minute"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, nargs="+", default=[4, 32, 256])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser = argparse.ArgumentParser(
+        description=f"{__doc__.splitlines()[0]} The full run takes {FULL_DURATION}; "
+        f"--quick takes {QUICK_DURATION}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--hidden", type=int, nargs="+", default=[4, 32, 256], help="hidden sizes of the MLP"
+    )
+    parser.add_argument("--steps", type=int, default=300, help="training steps of every run")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs of each")
+    parser.add_argument("--quick", action="store_true", help="hidden sizes 4 and 32, 3 repeats")
+    add_output_flags(parser)
     args = parser.parse_args(argv)
+    check_output_flags(parser, args)
+    if args.quick:
+        args.hidden, args.repeats = [4, 32], 3
+    announce(
+        f"sweep: {QUICK_DURATION} (--quick)."
+        if args.quick
+        else f"sweep: the full run takes {FULL_DURATION} (--quick: {QUICK_DURATION})."
+    )
 
     digits = load_digits()
     x = jnp.asarray(digits.data / 16.0, jnp.float32)
@@ -149,8 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if not all(r["results_agree"] for r in rows):
         raise SystemExit("The vmapped and sequential final losses differ: the timing is void.")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"sweep_{device.platform}.json"
+    path = output_path("sweep", device.platform, args)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"Wrote {path}")
     return report

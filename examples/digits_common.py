@@ -2,15 +2,22 @@
 
 Each example supplies a `Trainer` (its model, train step and checkpoint tree); this module
 runs it: seeded batches that depend only on (seed, step), so a resumed run sees exactly the
-batches the uninterrupted run would have; a tqdm bar; checkpoints through
-`rmsprop_jax.checkpoint`; and the `--compare` table and figure.
+batches the uninterrupted run would have; progress on stderr (`progress_report`); checkpoints
+through `rmsprop_jax.checkpoint`, with the history of the epochs next to them so that a
+resumed run's history covers the whole run; a clean stop on Ctrl-C that says how to resume;
+and the `--compare` table and figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import os
+import shlex
+import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,9 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from cli_help import DefaultsHelpFormatter
+from progress_report import Progress, format_loss
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from tqdm import tqdm
 
 import rmsprop_jax as rj
 
@@ -42,6 +50,16 @@ OPTIMIZERS = tuple(DEFAULT_LEARNING_RATES)
 RMSPROP_MOMENTUM = 0.9
 CHECKPOINTS_KEPT = 3
 DATA_ORDER_FLAGS = ("seed", "batch_size")  # stored in checkpoints: a resume must match them
+# Next to the checkpoints: {step: the history of the epochs finished by that step}.
+HISTORY_FILE = "history.json"
+
+
+class Interrupted(Exception):  # noqa: N818 (it is not an error: the user asked to stop)
+    """Ctrl-C during training, after the checkpoints in flight were finished."""
+
+    def __init__(self, step: int, saved_step: int | None):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.saved_step = step, saved_step
 
 
 class Digits(NamedTuple):
@@ -117,26 +135,41 @@ class Trainer(Protocol):
 
 
 def build_parser(description: str, default_out: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="rmsprop")
+    parser = argparse.ArgumentParser(description=description, formatter_class=DefaultsHelpFormatter)
     parser.add_argument(
-        "--learning-rate", type=float, help="default: per optimizer, " + str(DEFAULT_LEARNING_RATES)
+        "--optimizer", choices=OPTIMIZERS, default="rmsprop", help="the last three are optax's"
     )
-    parser.add_argument("--momentum", type=float, help="momentum for the RMSprop optimizers")
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        help="default: per optimizer, "
+        + ", ".join(f"{name} {rate:g}" for name, rate in DEFAULT_LEARNING_RATES.items()),
+    )
+    parser.add_argument(
+        "--momentum",
+        type=float,
+        help=f"momentum for the RMSprop optimizers (rmsprop-momentum: {RMSPROP_MOMENTUM})",
+    )
     parser.add_argument(
         "--bias-correction", action="store_true", help="Adam-style debiasing (RMSprop only)"
     )
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--epochs", type=int, default=20, help="epochs in all, resumed ones included"
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
     parser.add_argument("--hidden-size", type=int, default=128, help="width of the dense layer")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(default_out))
+    parser.add_argument(
+        "--seed", type=int, default=0, help="initialization and order of the batches"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path(default_out), help="folder for the history and figure"
+    )
     parser.add_argument(
         "--compare", action="store_true", help="train every optimizer and plot them together"
     )
-    parser.add_argument("--checkpoint-dir", type=Path)
+    parser.add_argument("--checkpoint-dir", type=Path, help="save checkpoints here")
     parser.add_argument(
-        "--checkpoint-every", type=int, help="steps between checkpoints (default: every epoch)"
+        "--checkpoint-every", type=int, help="steps between checkpoints (default: one epoch)"
     )
     parser.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint, if any"
@@ -194,50 +227,133 @@ def _check_data_order(stored: dict[str, Any], args: argparse.Namespace, step: in
         )
 
 
-def train(trainer: Trainer, data: Digits, args: argparse.Namespace) -> dict[str, Any]:
-    """Trains for args.epochs (resuming from a checkpoint if asked); returns the history."""
+def _read_history(directory: Path, step: int) -> dict[str, list[float]] | None:
+    """The history of the epochs finished by checkpoint `step`, if it was recorded."""
+    path = directory / HISTORY_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()).get(str(step))
+
+
+def _write_history(
+    directory: Path, step: int, history: dict[str, list[float]], kept_steps: list[int]
+) -> None:
+    """Records `history` for checkpoint `step`, dropping the steps orbax no longer keeps."""
+    path = directory / HISTORY_FILE
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    recorded[str(step)] = history
+    recorded = {s: h for s, h in recorded.items() if int(s) in {*kept_steps, step}}
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(recorded))
+    os.replace(temporary, path)  # atomic: an interrupted write leaves the old file
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Holds Ctrl-C back until the block ends, so that a checkpoint is never half written."""
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def _remove_unfinished_saves(directory: Path) -> None:
+    for leftover in directory.glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def train(trainer: Trainer, data: Digits, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Trains for args.epochs (resuming from a checkpoint if asked); returns the history.
+
+    Returns None, having changed nothing, when the checkpoint resumed from already covers
+    args.epochs. Raises `Interrupted` on Ctrl-C, after finishing the checkpoint in flight.
+    """
     num_train = len(data.x_train)
     steps_per_epoch = num_train // args.batch_size
     total_steps = args.epochs * steps_per_epoch
     every = args.checkpoint_every or steps_per_epoch
     manager = _open_manager(args) if args.checkpoint_dir else None
     step = 0
+    history: dict[str, list[float]] = {"epoch": [], "train_loss": [], "test_accuracy": []}
     if manager is not None and args.resume and manager.latest_step() is not None:
         # The fresh trainer's tree is the restore target: types and dtypes come from it, and a
         # checkpoint of another model or optimizer configuration is refused before training.
         restored = rj.checkpoint.restore(manager, checkpoint_tree(trainer, args))
         step = int(restored["step"])
         _check_data_order(restored["data_order"], args, step)
+        if step >= total_steps:
+            manager.close()
+            print(
+                f"nothing to do: the checkpoint in {args.checkpoint_dir} is at step {step} "
+                f"(epoch {step / steps_per_epoch:g}), which covers the {args.epochs} epochs "
+                "asked for; pass a larger --epochs to train further",
+                file=sys.stderr,
+            )
+            return None
         trainer.load_checkpoint_tree(restored)
-        print(f"resumed from {args.checkpoint_dir} at step {step}", file=sys.stderr)
-    history: dict[str, list[float]] = {"epoch": [], "train_loss": [], "test_accuracy": []}
-    start_epoch = min(step // steps_per_epoch, args.epochs)
-    bar = tqdm(
+        recorded = _read_history(args.checkpoint_dir, step)
+        if recorded is None:
+            print(
+                f"note: {args.checkpoint_dir} has no history for step {step}; the history "
+                f"starts at epoch {step // steps_per_epoch + 1}",
+                file=sys.stderr,
+            )
+        else:
+            history = recorded
+        print(
+            f"resumed from {args.checkpoint_dir} at step {step} "
+            f"(epoch {step / steps_per_epoch:g} of {args.epochs})",
+            file=sys.stderr,
+        )
+    start_epoch = step // steps_per_epoch
+    bar = Progress(
         range(start_epoch, args.epochs),
         desc=args.optimizer,
         initial=start_epoch,
         total=args.epochs,
         unit="epoch",
-        disable=None,
     )
-    last_saved = step
-    for epoch in bar:
-        for batch_step in range(max(step, epoch * steps_per_epoch), (epoch + 1) * steps_per_epoch):
-            idx = batch_indices(args.seed, batch_step, num_train, args.batch_size)
-            trainer.train_step(data.x_train[idx], data.y_train[idx])
-            if manager is not None and (batch_step + 1) % every == 0:
-                rj.checkpoint.save(manager, batch_step + 1, checkpoint_tree(trainer, args))
-                last_saved = batch_step + 1
-        step = (epoch + 1) * steps_per_epoch
-        train_loss, _ = loss_and_accuracy(trainer.logits(data.x_train), data.y_train)
-        _, test_accuracy = loss_and_accuracy(trainer.logits(data.x_test), data.y_test)
-        history["epoch"].append(epoch + 1)
-        history["train_loss"].append(train_loss)
-        history["test_accuracy"].append(test_accuracy)
-        bar.set_postfix(loss=f"{train_loss:.4f}", test_acc=f"{test_accuracy:.2%}")
+    last_saved = step if step > 0 else None  # the checkpoint resumed from
+
+    def save(at_step: int) -> None:
+        nonlocal last_saved
+        with _interrupts_deferred():
+            rj.checkpoint.save(manager, at_step, checkpoint_tree(trainer, args))
+            kept = list(manager.all_steps())
+            _write_history(args.checkpoint_dir, at_step, history, kept)
+            last_saved = at_step
+
+    try:
+        for epoch in bar:
+            for batch_step in range(
+                max(step, epoch * steps_per_epoch), (epoch + 1) * steps_per_epoch
+            ):
+                idx = batch_indices(args.seed, batch_step, num_train, args.batch_size)
+                trainer.train_step(data.x_train[idx], data.y_train[idx])
+                step = batch_step + 1
+                if manager is not None and step % every == 0 and step % steps_per_epoch:
+                    save(step)  # within an epoch; at its end, after the history has it
+            train_loss, _ = loss_and_accuracy(trainer.logits(data.x_train), data.y_train)
+            _, test_accuracy = loss_and_accuracy(trainer.logits(data.x_test), data.y_test)
+            history["epoch"].append(epoch + 1)
+            history["train_loss"].append(train_loss)
+            history["test_accuracy"].append(test_accuracy)
+            bar.set_postfix(loss=format_loss(train_loss), test_acc=f"{test_accuracy:.2%}")
+            if manager is not None and (step % every == 0 or step == total_steps):
+                save(step)
+    except KeyboardInterrupt:
+        bar.close()
+        if manager is not None:
+            with _interrupts_deferred():
+                manager.wait_until_finished()  # the save in flight completes
+                manager.close()
+                _remove_unfinished_saves(args.checkpoint_dir)
+        raise Interrupted(step, last_saved) from None
     if manager is not None:
-        if last_saved < step:
-            rj.checkpoint.save(manager, step, checkpoint_tree(trainer, args))
         manager.wait_until_finished()
         manager.close()
     train_loss, _ = loss_and_accuracy(trainer.logits(data.x_train), data.y_train)
@@ -256,10 +372,11 @@ def train(trainer: Trainer, data: Digits, args: argparse.Namespace) -> dict[str,
 
 def _timed_run(
     make_trainer: Callable[[argparse.Namespace], Trainer], data: Digits, args: argparse.Namespace
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     start = time.perf_counter()
     result = train(make_trainer(args), data, args)
-    result["wall_time_s"] = time.perf_counter() - start  # includes compilation
+    if result is not None:
+        result["wall_time_s"] = time.perf_counter() - start  # includes compilation
     return result
 
 
@@ -290,6 +407,8 @@ def main(
         warm_up.logits(data.x_train)
         warm_up.logits(data.x_test)
     results = [_timed_run(make_trainer, data, run_args) for run_args in runs]
+    if any(result is None for result in results):
+        return []  # resumed with nothing left to do: the outputs stay as they were
     for r in results:
         print(
             f"{r['optimizer']}: test accuracy {r['test_accuracy']:.2%}, final train loss "
@@ -311,9 +430,30 @@ def main(
     return results
 
 
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues this run from its latest checkpoint."""
+    flags = [flag for flag in argv if flag != "--resume"]
+    return shlex.join(["python", sys.argv[0], *flags, "--resume"])
+
+
 def run_cli(main_fn: Callable[[], object]) -> None:
-    """Runs an example's main, turning checkpoint problems into a one-line error and exit 1."""
+    """Runs an example's main: checkpoint problems and Ctrl-C end with one line, not a trace."""
     try:
         main_fn()
     except (rj.checkpoint.CheckpointMismatchError, FileExistsError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
+    except Interrupted as stop:
+        if stop.saved_step is None:
+            sys.stderr.write(
+                f"interrupted at step {stop.step}; nothing was saved (with --checkpoint-dir, "
+                "a run can be resumed)\n"
+            )
+        else:
+            sys.stderr.write(
+                f"interrupted at step {stop.step}; resume from the checkpoint at step "
+                f"{stop.saved_step} with: {resume_command(sys.argv[1:])}\n"
+            )
+        sys.exit(130)  # the shell's code for a process stopped by Ctrl-C
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted before training started\n")
+        sys.exit(130)

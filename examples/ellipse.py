@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from cli_help import DefaultsHelpFormatter
 
 import rmsprop_jax as rj
 
@@ -53,36 +54,89 @@ def steps_to_converge(points: np.ndarray, radius: float) -> int | None:
     return last_outside + 1 if last_outside + 1 < len(points) else None
 
 
-def plot(paths: dict[str, np.ndarray], path: Path, learning_rate: float) -> None:
+def plot(
+    paths: dict[str, np.ndarray], steps: dict[str, int | None], radius: float, path: Path,
+    learning_rate: float,
+) -> None:  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
 
-    xs, ys = np.meshgrid(np.linspace(-1.2, 0.4, 300), np.linspace(-1.2, 1.2, 200))
+    shown_steps = 160
+    xs, ys = np.meshgrid(np.linspace(-1.2, 0.4, 400), np.linspace(-1.2, 1.2, 300))
     values = 0.5 * (float(CURVATURE[0]) * xs**2 + float(CURVATURE[1]) * ys**2)
-    figure, axis = plt.subplots(figsize=(9, 4.8))
-    axis.contour(xs, ys, values, levels=np.geomspace(0.005, 60, 14), cmap="Greys", linewidths=0.8)
+    figure, axis = plt.subplots(figsize=(9, 5.4), layout="constrained")
+    # The height of the bowl as shading (log scale: it spans five orders of magnitude), and the
+    # level sets that close within the frame: ellipses 10x wider than tall, the bowl's shape.
+    norm = LogNorm(1e-3, 1e2)
+    shading = axis.pcolormesh(xs, ys, values, cmap="Greys", norm=norm, alpha=0.3, shading="auto")
+    axis.contour(xs, ys, values, levels=[0.01, 0.03, 0.1, 0.3], colors="0.45", linewidths=0.7)
+    colorbar = figure.colorbar(shading, ax=axis, pad=0.01, fraction=0.04)
+    colorbar.set_label("f(x, y), log scale")
     styles = {"gradient descent": "tab:red", "momentum 0.9": "tab:orange", "RMSprop": "tab:blue"}
-    for name, points in paths.items():
-        shown = points[:160]
-        axis.plot(shown[:, 0], shown[:, 1], "o-", ms=2.5, lw=1.2, color=styles[name], label=name)
-    axis.plot(0, 0, "k*", ms=12)
+
+    def draw(ax, with_labels: bool) -> None:
+        for name, points in paths.items():
+            shown = points[: shown_steps + 1]
+            count = steps[name]
+            reached = f"within {radius} after {count} steps" if count else "not within reach"
+            label = f"{name}: {reached}" if with_labels else None
+            ax.plot(shown[:, 0], shown[:, 1], "o-", ms=2.2, lw=1.1, color=styles[name], label=label)
+            # Arrowheads on a few segments give each path its direction.
+            for i in (0, 1, 2, 8, 20, 45, 90):
+                if i + 1 < len(shown) and np.linalg.norm(shown[i + 1] - shown[i]) > 1e-3:
+                    ax.annotate(
+                        "",
+                        xy=shown[i + 1],
+                        xytext=shown[i],
+                        arrowprops={"arrowstyle": "-|>", "color": styles[name], "lw": 1.1},
+                    )
+        angle = np.linspace(0, 2 * np.pi, 200)
+        target_label = f"target: within {radius} of the minimum" if with_labels else None
+        ax.plot(radius * np.cos(angle), radius * np.sin(angle), "k--", lw=1, label=target_label)
+        ax.plot(0, 0, "k*", ms=11)
+
+    draw(axis, with_labels=True)
+    start = np.asarray(START)
+    axis.annotate("start", start, xytext=(8, 6), textcoords="offset points", fontsize=10)
+    axis.set(xlim=(-1.2, 0.4), ylim=(-1.2, 1.2))
     axis.set(xlabel="x (flat direction)", ylabel="y (steep direction)")
-    axis.set_title(f"f(x, y) = (x² + 100y²)/2, learning rate {learning_rate}, first 160 steps")
-    axis.legend(loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    axis.set_title(
+        f"f(x, y) = (x² + 100y²)/2, learning rate {learning_rate}, first {shown_steps} steps"
+    )
+    figure.legend(loc="outside lower center", ncol=2, fontsize=9, frameon=False)
+    # Near the minimum, at equal scales: the target is a circle there.
+    inset = axis.inset_axes((0.68, 0.03, 0.3, 0.3))
+    inset.pcolormesh(xs, ys, values, cmap="Greys", norm=norm, alpha=0.3, shading="auto")
+    draw(inset, with_labels=False)
+    inset.set(xlim=(-0.12, 0.12), ylim=(-0.12, 0.12), aspect="equal", xticks=[], yticks=[])
+    inset.text(
+        0.5, 0.97, "near the minimum", transform=inset.transAxes, ha="center", va="top", fontsize=8
+    )
+    axis.indicate_inset_zoom(inset, edgecolor="0.3")
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> dict[str, int | None]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=DefaultsHelpFormatter,
+    )
     parser.add_argument("--learning-rate", type=float, default=0.019, help="shared by all three")
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=500, help="steps of each optimizer")
     parser.add_argument("--radius", type=float, default=0.05, help="distance to the minimum")
-    parser.add_argument("--out", type=Path, default=Path("outputs/ellipse"))
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/ellipse"), help="folder for the figure"
+    )
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.learning_rate <= 0 or args.radius <= 0:
+        parser.error(
+            "--steps, --learning-rate and --radius must be positive, got "
+            f"{args.steps}, {args.learning_rate} and {args.radius}"
+        )
 
     rate = args.learning_rate
     optimizers = {
@@ -105,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, int | None]:
         print("RMSprop did not beat gradient descent at this learning rate.")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    plot(paths, args.out / "ellipse.png", rate)
+    plot(paths, steps, args.radius, args.out / "ellipse.png", rate)
     (args.out / "ellipse.json").write_text(json.dumps({"learning_rate": rate, "steps": steps}))
     print(f"figure: {args.out / 'ellipse.png'}")
     return steps

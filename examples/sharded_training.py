@@ -12,8 +12,9 @@ the script starts that many copies of itself on this machine, which join through
 copies on separate hosts would. `--devices` simulates that many CPU devices per process
 (on a GPU or TPU host, leave it out: the accelerators are the devices).
 
-Every process prints its loss, and where one state leaf lives; process 0 writes loss.png and
-placement.png (which device holds which part of a weight matrix and of its state) to --out.
+Process 0 speaks for all of them: it reports progress, the loss, the test accuracy and which
+device (of which process) holds which slice of `w2` and of its second moment, and writes
+loss.png and placement.png (the same, as a picture) to --out.
 """
 
 from __future__ import annotations
@@ -26,21 +27,37 @@ import subprocess
 import sys
 import time
 
+from cli_help import DefaultsHelpFormatter
+
+STORAGE_FORMATS = ("float32", "bfloat16", "int8", "factored")  # rj.rmsprop's moment_storage
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--devices", type=int, default=None, help="simulated CPU devices")
-    parser.add_argument("--processes", type=int, default=1)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=DefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--devices", type=int, default=None, help="simulated CPU devices per process"
+    )
+    parser.add_argument("--processes", type=int, default=1, help="processes on this machine")
     parser.add_argument("--process-id", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--storage", default="float32", help="moment_storage of rj.rmsprop")
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument(
+        "--storage", default="float32", choices=STORAGE_FORMATS, help="moment_storage of rj.rmsprop"
+    )
+    parser.add_argument("--hidden", type=int, default=512, help="width of the hidden layers")
+    parser.add_argument("--steps", type=int, default=300, help="training steps")
+    parser.add_argument("--batch", type=int, default=256, help="global batch size")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="of rj.rmsprop")
     parser.add_argument("--timeout", type=float, default=600, help="seconds, with --processes")
-    parser.add_argument("--out", default="outputs/sharded_training")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", default="outputs/sharded_training", help="folder for the figures")
+    args = parser.parse_args(argv)
+    for flag in ("devices", "processes", "hidden", "steps", "batch"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag} must be >= 1, got {value}")
+    return args
 
 
 def launch(args: argparse.Namespace, argv: list[str]) -> int:
@@ -83,7 +100,7 @@ import optax  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from progress_report import Progress, format_loss  # noqa: E402
 
 import rmsprop_jax as rj  # noqa: E402
 
@@ -142,15 +159,17 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 
 def describe(name: str, leaf: jax.Array) -> str:
-    """Where a (global) array lives, and which slices this process holds."""
-    local = ", ".join(
-        f"device {shard.device.id}: "
+    """Where a (global) array lives: the slice each device holds, and in which process."""
+    number = {device: i for i, device in enumerate(jax.devices())}
+    places = leaf.sharding.devices_indices_map(leaf.shape)
+    slices = ", ".join(
+        f"{number[device]} (process {device.process_index}): "
         + " x ".join(
-            f"{s.start or 0}:{s.stop or n}" for s, n in zip(shard.index, leaf.shape, strict=True)
+            f"{s.start or 0}:{s.stop or n}" for s, n in zip(index, leaf.shape, strict=True)
         )
-        for shard in leaf.addressable_shards
+        for device, index in sorted(places.items(), key=lambda item: number[item[0]])
     )
-    return f"{name} {leaf.shape} {leaf.dtype} sharded as {leaf.sharding.spec}; here: {local}"
+    return f"{name} {leaf.shape} {leaf.dtype} sharded as {leaf.sharding.spec}; devices {slices}"
 
 
 def placement_figure(params: dict, state, path: str) -> None:
@@ -168,7 +187,8 @@ def placement_figure(params: dict, state, path: str) -> None:
     palette = plt.get_cmap("tab10" if len(devices) <= 10 else "tab20")
     # One color per device, then light gray for entries held by several devices.
     colors = ListedColormap([palette(i) for i in range(len(devices))] + ["#dddddd"])
-    fig, axes = plt.subplots(1, len(arrays), figsize=(4 * len(arrays), 4.4))
+    width = 4 * len(arrays)
+    fig, axes = plt.subplots(1, len(arrays), figsize=(width, 4.8), layout="constrained")
     for ax, (title, leaf) in zip(axes, arrays.items(), strict=True):
         shape = leaf.shape if leaf.ndim == 2 else (1, leaf.shape[0])
         owner, holders = np.zeros(shape), np.zeros(shape, int)
@@ -194,9 +214,10 @@ def placement_figure(params: dict, state, path: str) -> None:
     labels = [f"device {i} (process {d.process_index})" for i, d in enumerate(devices)]
     labels.append("several devices (replicated)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors(i)) for i in range(len(labels))]
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
+    # As many columns as fit the figure's width (about 2 inches an entry), below the panels.
+    columns = max(1, min(len(labels), int(width / 2.1)))
+    fig.legend(handles, labels, loc="outside lower center", ncol=columns, fontsize=8)
     fig.suptitle("Which device holds each entry")
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -209,9 +230,15 @@ def main(args: argparse.Namespace) -> None:
             num_processes=args.processes,
             process_id=args.process_id,
         )
-    me, devices = jax.process_index(), jax.device_count()
-    tag = f"[process {me}/{jax.process_count()}]"
-    print(f"{tag} {jax.local_device_count()} local of {devices} devices", flush=True)
+    me, devices, processes = jax.process_index(), jax.device_count(), jax.process_count()
+    speaks = me == 0  # one process reports for all: the others' lines would interleave
+
+    def say(line: str) -> None:
+        if speaks:
+            print(line, flush=True)
+
+    plural = "process" if processes == 1 else "processes"
+    say(f"{devices} devices in {processes} {plural}, {jax.local_device_count()} per process")
     mesh = jax.make_mesh((devices,), ("fsdp",), axis_types=(AxisType.Auto,))
 
     x_train, y_train, x_test, y_test = digits()
@@ -240,38 +267,41 @@ def main(args: argparse.Namespace) -> None:
 
     rng = np.random.default_rng(1)  # the same batches in every process
     losses = []
-    for i in tqdm(range(args.steps), desc=f"{tag} training", disable=me != 0):
+    bar = Progress(
+        range(args.steps), total=args.steps, desc="training", unit="step", enabled=speaks
+    )
+    for i in bar:
         batch = rng.choice(len(x_train), size=args.batch, replace=False)
         x, y = to_global(x_train[batch], batch_x), to_global(y_train[batch], batch_y)
         params, state, loss = step(params, state, x, y)
         losses.append(float(loss.addressable_data(0)))  # replicated: each process has it
+        bar.set_postfix(loss=format_loss(losses[-1]))
         if i % max(args.steps // 5, 1) == 0 or i == args.steps - 1:
-            tqdm.write(f"{tag} step {i:4d}  loss {losses[-1]:.4f}")
+            bar.write(f"step {i:4d}  loss {format_loss(losses[-1])}")
 
     host_params = {k: to_host(v) for k, v in params.items()}
     accuracy = float(np.mean(np.argmax(mlp(host_params, x_test), axis=1) == y_test))
-    print(f"{tag} test accuracy {accuracy:.3f}", flush=True)
-    print(f"{tag} {describe('params w2', params['w2'])}", flush=True)
+    say(f"test accuracy {accuracy:.3f}")
+    say(describe("params w2", params["w2"]))
     nu = optax.tree_utils.tree_get(state, "nu")
     if isinstance(nu, rj.QuantizedMoment | rj.FactoredMoment):
         stored = {field: tree["w2"] for field, tree in nu._asdict().items() if field != "dense"}
     else:
         stored = {"": nu["w2"]}
     for field, leaf in stored.items():
-        name = f"state nu{'.' + field if field else ''}['w2']"
-        print(f"{tag} {describe(name, leaf)}", flush=True)
+        say(describe(f"state nu{'.' + field if field else ''}['w2']", leaf))
 
-    if me == 0:
+    if speaks:
         os.makedirs(args.out, exist_ok=True)
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(losses)
         ax.set(xlabel="step", ylabel="training loss", yscale="log")
-        ax.set_title(f"MLP on digits, {devices} devices, {jax.process_count()} processes")
+        ax.set_title(f"MLP on digits, {devices} devices in {processes} {plural}")
         fig.tight_layout()
         fig.savefig(os.path.join(args.out, "loss.png"), dpi=100)
         plt.close(fig)
         placement_figure(params, state, os.path.join(args.out, "placement.png"))
-        print(f"{tag} wrote loss.png and placement.png to {args.out}", flush=True)
+        say(f"wrote loss.png and placement.png to {args.out}")
     if args.processes > 1:
         jax.distributed.shutdown()
 

@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from cli_help import DefaultsHelpFormatter
+from progress_report import Progress
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from tqdm import tqdm
 
 import rmsprop_jax as rj
 
@@ -137,7 +138,8 @@ def make_training(seed: int, batch_size: int, epochs_per_chunk: int):
     return start, train_chunk
 
 
-def plot_heatmaps(metrics: dict[str, np.ndarray], path: Path) -> None:
+def plot_heatmaps(metrics: dict[str, np.ndarray], selected: int, path: Path) -> None:
+    """Test accuracy and test loss over the grid; a box marks the `selected` configuration."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,13 +147,15 @@ def plot_heatmaps(metrics: dict[str, np.ndarray], path: Path) -> None:
 
     shape = (len(LEARNING_RATES), len(DECAYS))
     panels = [("test_accuracy", "final test accuracy", "viridis", "{:.3f}"),
-              ("test_loss", "final test loss", "magma_r", "{:.2f}")]  # fmt: skip
+              ("test_loss", "final test loss (cross-entropy)", "magma_r", "{:.2f}")]  # fmt: skip
+    # The grid is (learning rate, decay) in row-major order: the selected cell's position.
+    selected_rate, selected_decay = np.unravel_index(selected, shape)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), constrained_layout=True)
     for ax, (key, title, cmap, fmt) in zip(axes, panels, strict=True):
         # Rows: decay, columns: learning rate. Diverged runs (NaN) are left blank.
         values = metrics[key].reshape(shape).T
         image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, origin="lower", aspect="auto")
-        fig.colorbar(image, ax=ax)
+        fig.colorbar(image, ax=ax, label=title)
         for (row, col), value in np.ndenumerate(values):
             red, green, blue, _ = image.cmap(image.norm(value))
             dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
@@ -160,23 +164,40 @@ def plot_heatmaps(metrics: dict[str, np.ndarray], path: Path) -> None:
                     color="white" if dark else "black")  # fmt: skip
         ax.set_xticks(range(shape[0]), [f"{lr:.1e}" for lr in LEARNING_RATES], rotation=45)
         ax.set_yticks(range(shape[1]), [f"{d:g}" for d in DECAYS])
+        ax.add_patch(
+            plt.Rectangle(
+                (selected_rate - 0.5, selected_decay - 0.5), 1, 1,
+                fill=False, edgecolor="red", linewidth=2.5, label="selected by validation loss",
+            )
+        )  # fmt: skip
         ax.set_xlabel("learning rate")
         ax.set_ylabel("decay")
         ax.set_title(title)
+    axes[0].legend(loc="upper left", bbox_to_anchor=(0, -0.22), frameon=False, fontsize=9)
     fig.suptitle(f"RMSprop on digits: {values.size} configurations, one compiled sweep")
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("outputs/sweep_digits"))
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--epochs-per-chunk", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=DefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/sweep_digits"), help="folder for the results"
+    )
+    parser.add_argument("--epochs", type=int, default=40, help="epochs of every configuration")
+    parser.add_argument("--epochs-per-chunk", type=int, default=5, help="epochs per compiled call")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per step")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="initialization and order of the batches"
+    )
     parser.add_argument("--shard", action="store_true", help="split the sweep across devices")
     args = parser.parse_args(argv)
+    for flag in ("epochs", "epochs_per_chunk", "batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.epochs % args.epochs_per_chunk:
         parser.error("--epochs must be a multiple of --epochs-per-chunk")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -187,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     carry = rj.sweep.run(start, grid, data, shard=args.shard).results
 
     chunk_seconds, train_losses = [], []
-    bar = tqdm(range(args.epochs // args.epochs_per_chunk), desc="sweep", unit="chunk")
+    chunks = args.epochs // args.epochs_per_chunk
+    bar = Progress(range(chunks), total=chunks, desc="sweep", unit="chunk")
     for _ in bar:
         begin = time.perf_counter()
         result = rj.sweep.run(train_chunk, grid, carry, data, in_axes=(0, None), shard=args.shard)
@@ -199,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     metrics = {k: np.asarray(v) for k, v in metrics.items() if k != "train_loss"}
     best = result.best(lambda results: results[1]["val_loss"], mode="min")
-    plot_heatmaps(metrics, args.out / "heatmap.png")
+    plot_heatmaps(metrics, best.index, args.out / "heatmap.png")
     summary = {
         "configurations": result.size,
         "devices": jax.device_count() if args.shard else 1,

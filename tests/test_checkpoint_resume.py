@@ -255,6 +255,7 @@ def test_resuming_in_a_fresh_process_equals_the_uninterrupted_run_bit_for_bit(ca
     example(module).main([*argv, "--checkpoint-dir", str(straight), "--out", str(tmp_path)])
     resumed.mkdir()
     shutil.copytree(straight / "21", resumed / "21")
+    shutil.copy(straight / "history.json", resumed / "history.json")
 
     process = run_example_process(
         module, [*argv, "--checkpoint-dir", str(resumed), "--resume", "--out", "out"], tmp_path
@@ -262,8 +263,11 @@ def test_resuming_in_a_fresh_process_equals_the_uninterrupted_run_bit_for_bit(ca
 
     assert process.returncode == 0, process.stderr[-3000:]
     assert f"resumed from {resumed} at step 21" in process.stderr
+    # The history covers the whole run: epoch 1 from before the checkpoint, then 2 and 3.
     history = json.loads((tmp_path / "out" / f"history_{variant[1]}.json").read_text())
-    assert history[0]["history"]["epoch"] == [2, 3]  # it trained from step 21, not from 0
+    straight_history = json.loads((tmp_path / f"history_{variant[1]}.json").read_text())
+    assert history[0]["history"] == straight_history[0]["history"]
+    assert history[0]["history"]["epoch"] == [1, 2, 3]
     expected = restore_final(module, argv, straight)
     actual = restore_final(module, argv, resumed)
     opt_state = actual["opt_state"]
@@ -291,7 +295,7 @@ def test_resuming_with_another_hidden_size_fails_before_training(tmp_path):
             [*argv, "--hidden-size", "8", "--checkpoint-dir", str(directory), "--resume"]
         )
 
-    assert sorted(p.name for p in directory.iterdir()) == ["14"]
+    assert sorted(p.name for p in directory.iterdir()) == ["14", "history.json"]
     assert not (tmp_path / "history_rmsprop.json").exists()
 
 
@@ -310,7 +314,7 @@ def test_resuming_with_another_batch_size_or_seed_fails_before_training(tmp_path
     ):
         example("train_digits").main([*resume, "--resume"])
 
-    assert sorted(p.name for p in directory.iterdir()) == ["14"]
+    assert sorted(p.name for p in directory.iterdir()) == ["14", "history.json"]
     assert not (tmp_path / "history_rmsprop.json").exists()
 
 
@@ -338,5 +342,5 @@ def test_resuming_a_plain_checkpoint_as_centered_exits_with_the_error_and_trains
     assert last_line.startswith("error: checkpoint at step 14 does not match")
     assert "lacks leaves the target has: 'opt_state.2.mu.conv1.bias'" in last_line
     assert "Traceback" not in process.stderr
-    assert sorted(p.name for p in directory.iterdir()) == ["14"]
+    assert sorted(p.name for p in directory.iterdir()) == ["14", "history.json"]
     assert not (tmp_path / "out" / "history_rmsprop-centered.json").exists()

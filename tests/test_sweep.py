@@ -579,9 +579,12 @@ def test_docstring_examples_run():
     assert attempted > 5 and failed == 0
 
 
-def test_digits_sweep_example_writes_heatmap_and_names_the_best_configuration(tmp_path, capsys):
+def test_digits_sweep_example_writes_heatmap_and_names_the_best_configuration(
+    tmp_path, capsys, monkeypatch
+):
     pytest.importorskip("matplotlib")
     path = Path(__file__).resolve().parents[1] / "examples" / "sweep_digits.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # the examples import their shared modules
     spec = importlib.util.spec_from_file_location("sweep_digits_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

@@ -1,0 +1,67 @@
+"""Where a benchmark writes its JSON, and the flags and notes every benchmark shares.
+
+The committed results in benchmarks/results/ are what benchmarks/README.md quotes. A run
+writes a new file (outputs/benchmarks/<name>_<platform>_<time>.json) unless it is asked to
+replace the committed one with `--update-results`, which a `--quick` run may not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+from pathlib import Path
+
+COMMITTED = Path(__file__).resolve().parent / "results"
+NEW_RESULTS = Path("outputs") / "benchmarks"
+# Optional contenders: the module they need and the extra of this package that installs it.
+OPTIONAL_CONTENDERS = {"torch": ("PyTorch", "conformance")}
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=NEW_RESULTS,
+        help="folder for the new results file",
+    )
+    parser.add_argument(
+        "--update-results",
+        action="store_true",
+        help=f"replace the committed results in {COMMITTED.parent.name}/{COMMITTED.name}/ "
+        "(the files benchmarks/README.md quotes) instead of writing a new file",
+    )
+
+
+def check_output_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.update_results and getattr(args, "quick", False):
+        parser.error("--update-results replaces the committed full results: run without --quick")
+
+
+def output_path(name: str, platform: str, args: argparse.Namespace) -> Path:
+    """The committed file with --update-results, otherwise a new file in args.out."""
+    if args.update_results:
+        return COMMITTED / f"{name}_{platform}.json"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"{name}_{platform}_{stamp}.json"
+    suffix = 1
+    while path.exists():  # two runs within one second
+        suffix += 1
+        path = args.out / f"{name}_{platform}_{stamp}-{suffix}.json"
+    return path
+
+
+def missing_contenders(module: str) -> str | None:
+    """A note naming the missing optional framework and the extra that installs it."""
+    if importlib.util.find_spec(module) is not None:
+        return None
+    framework, extra = OPTIONAL_CONTENDERS[module]
+    return (
+        f"{framework} is not installed, so its contenders are left out of this run; "
+        f'install them with: pip install -e ".[{extra}]"'
+    )
+
+
+def announce(duration: str) -> None:
+    """The first line of every benchmark: what the run will cost."""
+    print(f"{duration} Cores are assumed idle: other work slows every contender.", flush=True)

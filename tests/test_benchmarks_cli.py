@@ -1,0 +1,95 @@
+"""The benchmark scripts: new results files unless told otherwise, durations, missing contenders."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = ("update_step", "memory", "sweep")
+
+
+def benchmark(name):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
+def committed_results() -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in (BENCHMARKS / "results").glob("*.json")}
+
+
+def test_a_run_writes_a_new_file_and_only_update_results_names_the_committed_one(tmp_path):
+    results = benchmark("_results")
+    args = argparse.Namespace(out=tmp_path, update_results=False)
+    first = results.output_path("sweep", "cpu", args)
+    assert first.parent == tmp_path and first.name.startswith("sweep_cpu_")
+    first.write_text("{}")
+    second = results.output_path("sweep", "cpu", args)
+    assert second != first and not second.exists()
+
+    args.update_results = True
+    assert results.output_path("sweep", "cpu", args) == BENCHMARKS / "results" / "sweep_cpu.json"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_quick_runs_may_not_replace_the_committed_results(script, capsys):
+    with pytest.raises(SystemExit) as stop:
+        benchmark(script).main(["--quick", "--update-results"])
+    assert stop.value.code == 2
+    assert "--update-results replaces the committed full results" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_says_how_long_the_full_and_quick_runs_take(script, capsys):
+    with pytest.raises(SystemExit) as stop:
+        benchmark(script).main(["--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert re.search(r"full (run|grid) takes about \d+ minutes? on 2 CPU cores", text), text
+    assert re.search(r"--quick takes (about \d+|under a) minute", text), text
+
+
+def test_missing_pytorch_is_reported_with_the_extra_that_installs_it(monkeypatch):
+    results = benchmark("_results")
+    monkeypatch.setattr(results.importlib.util, "find_spec", lambda name: None)
+    note = results.missing_contenders("torch")
+    assert note.startswith("PyTorch is not installed")
+    assert 'pip install -e ".[conformance]"' in note
+
+
+@pytest.mark.slow
+def test_update_step_writes_a_new_file_and_names_skipped_contenders(tmp_path, monkeypatch, capsys):
+    update_step = benchmark("update_step")
+    monkeypatch.setattr(update_step, "missing_contenders", lambda module: f"no {module} here")
+    before = committed_results()
+
+    report = update_step.main(
+        ["--sizes", "4096", "--leaves", "1", "--repeats", "1", "--out", str(tmp_path)]
+    )
+
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("update_step: the full grid takes about 20 minutes")
+    assert "note: no torch here" in out
+    assert report["skipped_contenders"] == {"torch": "no torch here"}
+    assert not any("torch" in name for name in report["runs"][0]["results"])
+    [written] = tmp_path.glob("update_step_*.json")
+    assert json.loads(written.read_text())["skipped_contenders"] == {"torch": "no torch here"}
+    assert committed_results() == before
+
+
+@pytest.mark.slow
+def test_sweep_writes_a_new_file(tmp_path):
+    before = committed_results()
+    benchmark("sweep").main(
+        ["--hidden", "4", "--steps", "5", "--repeats", "1", "--out", str(tmp_path)]
+    )
+    [written] = tmp_path.glob("sweep_*.json")
+    assert json.loads(written.read_text())["rows"][0]["hidden"] == 4
+    assert committed_results() == before
