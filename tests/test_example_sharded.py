@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from jax.sharding import PartitionSpec
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "sharded_training.py"
 
@@ -28,7 +29,8 @@ def test_two_process_example_trains_and_shows_where_the_state_lives(tmp_path):
     # holds rows 256:512 on its two devices.
     states = re.findall(r"\[process 1/2\] state nu\['w2'\] \(512, 512\) float32 .*", output)
     assert states, output[-3000:]
-    assert "sharded as P('fsdp',)" in states[0]
+    # The repr is "P(...)" in newer JAX and "PartitionSpec(...)" in older.
+    assert f"sharded as {PartitionSpec('fsdp')}" in states[0]
     assert "256:384 x 0:512" in states[0] and "384:512 x 0:512" in states[0]
     assert (tmp_path / "loss.png").stat().st_size > 0
     assert (tmp_path / "placement.png").stat().st_size > 0
