@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import _validation
+from rmsprop_jax import _jax_compat, _validation
 
 # Below this many elements a leaf's kernels cost more to launch than copying it into the
 # packed buffer; measured by benchmarks/update_step.py (see benchmarks/README.md).
@@ -83,7 +83,7 @@ def _is_partitioned(leaf: Any) -> bool:
     Answers alike for concrete and traced leaves (`_sharded_ops.explicit_sharding` only
     looks at traced ones), so an eager `init` packs what a jitted `update` packs.
     """
-    spec = getattr(getattr(jax.typeof(leaf), "sharding", None), "spec", None)
+    spec = getattr(getattr(_jax_compat.typeof(leaf), "sharding", None), "spec", None)
     return spec is not None and any(axis is not None for axis in spec)
 
 

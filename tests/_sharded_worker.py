@@ -50,6 +50,7 @@ from _sharded_checks import (  # noqa: E402
 )
 
 import rmsprop_jax as rj  # noqa: E402
+from rmsprop_jax import _jax_compat  # noqa: E402
 
 STEPS = 10
 
@@ -103,7 +104,7 @@ def layouts() -> dict:
                     lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding),
                     params,
                 )
-                with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():
+                with _jax_compat.set_mesh(mesh) if explicit else contextlib.nullcontext():
                     grads = [jax.device_put(g, shardings) for g in host_grads]
                     initial, params, state = _train(tx, params, grads)
                     derived = rj.sharding.state_shardings(tx, abstract)
@@ -134,7 +135,7 @@ def _packing(host_grads: list) -> dict:
         shardings = _named(mesh, specs)
         explicit = axis_type == AxisType.Explicit
         params = jax.device_put(host, shardings)
-        with jax.set_mesh(mesh) if explicit else contextlib.nullcontext():
+        with _jax_compat.set_mesh(mesh) if explicit else contextlib.nullcontext():
             grads = [jax.device_put(g, shardings) for g in host_grads]
             _, params, state = _train(tx, params, grads)
         nu = state[2].nu

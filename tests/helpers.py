@@ -9,6 +9,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
+
+from rmsprop_jax import _jax_compat
+
+# Where state lands under automatic sharding is decided by XLA's sharding propagation; the
+# placement tests pin down what JAX 0.10 and newer do. JAX 0.5.3 places some state of
+# replicated parameters elsewhere, so those tests skip there, saying so.
+needs_jax_0_10_placement = pytest.mark.skipif(
+    _jax_compat.JAX_VERSION < (0, 10),
+    reason=f"state placement by sharding propagation is checked on JAX 0.10+, this is "
+    f"JAX {jax.__version__}",
+)
+
+
+def enable_x64(enabled: bool = True):
+    """`jax.enable_x64` as a context manager; `jax.experimental.enable_x64` before JAX had it."""
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(enabled)
+    from jax.experimental import disable_x64
+    from jax.experimental import enable_x64 as enable
+
+    return enable() if enabled else disable_x64()
 
 
 def random_problem(

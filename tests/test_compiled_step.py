@@ -48,7 +48,7 @@ CASES = [
 def costs(compiled) -> dict[str, float]:
     analysis = compiled.cost_analysis()
     memory = compiled.memory_analysis()
-    outputs = len(jax.tree.leaves(compiled.out_info))
+    outputs = compiled.out_tree.num_leaves
     return {
         "kernels": array_kernels(compiled),
         "bytes": analysis["bytes accessed"],

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import needs_jax_0_10_placement
 
 WORKER = Path(__file__).with_name("_sharded_worker.py")
 STORAGES = {"float32", "bfloat16", "int8", "factored"}
@@ -76,6 +77,7 @@ def _check_results(label: str, errors: dict, storage: str) -> None:
 
 
 @pytest.mark.slow
+@needs_jax_0_10_placement
 def test_state_lives_with_its_parameter_and_matches_the_single_device_run(tmp_path):
     """Every state leaf, after `init` and after 10 steps, is placed like its parameter.
 

@@ -160,8 +160,9 @@ def test_int8_init_represents_the_initial_value_exactly(value):
 def _bf16_neighbours(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The bfloat16 values just below and above |x| (as float32), by truncating the bits."""
     bits = np.abs(x).astype(np.float32).view(np.uint32)
-    down = (bits & 0xFFFF0000).view(np.float32)
-    up = ((bits & 0xFFFF0000) + 0x10000).view(np.float32)
+    # uint32 masks: NumPy 1.x would widen `uint32 & int` to int64 and refuse the view.
+    down = (bits & np.uint32(0xFFFF0000)).view(np.float32)
+    up = ((bits & np.uint32(0xFFFF0000)) + np.uint32(0x10000)).view(np.float32)
     return down, up
 
 

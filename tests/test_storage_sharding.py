@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+from helpers import needs_jax_0_10_placement
+
 CHILD = textwrap.dedent(
     """
     import jax
@@ -122,6 +124,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@needs_jax_0_10_placement
 def test_sharded_states_follow_their_parameters_and_equal_the_unsharded_run():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     env["JAX_PLATFORMS"] = "cpu"

@@ -67,7 +67,10 @@ def assert_close(actual, desired, rtol=1e-6):
     Relative to each element would fail on elements that cancellation brought near zero,
     where one ulp of a larger intermediate is a large relative error.
     """
-    desired = np.asarray(desired)
+    # In float64: NumPy 1.x cannot promote bfloat16 in `isclose`, and float64 holds every
+    # lower-precision value exactly.
+    actual = np.asarray(actual, np.float64)
+    desired = np.asarray(desired, np.float64)
     atol = rtol * float(np.max(np.abs(desired), initial=0.0))
     np.testing.assert_allclose(actual, desired, rtol=rtol, atol=atol)
 
