@@ -35,7 +35,7 @@ def _array_bytes(leaf: Any, *, what: str) -> int:
 def state_bytes(state: Any, params: Any) -> StateMemory:
     """Counts the bytes of `state` and divides them by the number of elements of `params`.
 
-    Leaves may be arrays or `jax.ShapeDtypeStruct`s, so the figure for a model too large to
+    Leaves may be arrays or `jax.ShapeDtypeStruct` leaves, so the figure for a model too large to
     allocate comes from `jax.eval_shape(optimizer.init, abstract_params)`. Python numbers in
     the state (static hyperparameters) take no device memory and count as 0.
 

@@ -102,7 +102,7 @@ def state_shardings(tx: optax.GradientTransformation, params: Any, shardings: An
     Args:
       tx: the optimizer, e.g. `rj.rmsprop(1e-3, moment_storage="int8")`.
       params: the parameters: `jax.Array`s (placed with `jax.device_put`), or
-        `jax.ShapeDtypeStruct`s with a `sharding`, or anything with `shape` and `dtype` when
+        `jax.ShapeDtypeStruct` leaves with a `sharding`, or anything with `shape` and `dtype` when
         `shardings` is given.
       shardings: optional tree of `jax.sharding.Sharding` with the structure of `params`,
         used instead of the parameters' own shardings.
@@ -135,7 +135,7 @@ def state_shardings(tx: optax.GradientTransformation, params: Any, shardings: An
 
 
 def abstract_state(tx: optax.GradientTransformation, params: Any, shardings: Any = None) -> Any:
-    """`tx.init(params)` as `jax.ShapeDtypeStruct`s carrying the shardings of the state.
+    """`tx.init(params)` as `jax.ShapeDtypeStruct` leaves carrying the shardings of the state.
 
     The target for restoring a checkpoint straight onto the devices, each process reading
     only its shards, e.g. with orbax:

@@ -129,7 +129,7 @@ def scale_by_rms(
 
         With a compressed format, a centered state is a :class:`ScaleByCenteredVarianceState`
         whose `variance` field holds :math:`\nu - |\mu|^2`, updated without cancellation,
-        instead of :math:`\nu`; see :mod:`rmsprop_jax.storage`. Every format keeps a
+        instead of :math:`\nu`; see ``rmsprop_jax.storage``. Every format keeps a
         non-finite value of one element to that element. `rj.state_bytes` reports the memory.
 
     Returns:

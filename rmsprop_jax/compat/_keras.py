@@ -129,7 +129,7 @@ def keras_rmsprop(
       global_clipnorm: scale all gradients together so their joint L2 norm is at most this.
         At most one of the three clipping arguments may be set; 0 means no clipping.
       use_ema: keep Keras's moving average of the weights in the state (see
-        :mod:`rmsprop_jax.compat._keras_ema`); read it with
+        ``rmsprop_jax.compat._keras_ema``); read it with
         :func:`rmsprop_jax.compat.keras_ema_weights`. `update` then needs `params`.
       ema_momentum: the average's momentum (ignored when `use_ema` is False, as in Keras).
       ema_overwrite_frequency: replace the weights by their average every this many

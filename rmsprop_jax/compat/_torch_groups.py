@@ -70,8 +70,16 @@ def torch_rmsprop_groups(
         `state_dict()` can be passed as they are.
       param_labels: a tree of labels with the structure of the parameters (or a prefix of
         it), or a function from the parameters to such a tree, as for :func:`optax.partition`.
-      lr, alpha, eps, weight_decay, momentum, centered, capturable, foreach, maximize,
-        differentiable: the defaults of every group, as in `torch.optim.RMSprop`.
+      lr: the default of every group, as in `torch.optim.RMSprop`.
+      alpha: the default of every group, as in `torch.optim.RMSprop`.
+      eps: the default of every group, as in `torch.optim.RMSprop`.
+      weight_decay: the default of every group, as in `torch.optim.RMSprop`.
+      momentum: the default of every group, as in `torch.optim.RMSprop`.
+      centered: the default of every group, as in `torch.optim.RMSprop`.
+      capturable: the default of every group, as in `torch.optim.RMSprop`.
+      foreach: the default of every group, as in `torch.optim.RMSprop`.
+      maximize: the default of every group, as in `torch.optim.RMSprop`.
+      differentiable: the default of every group, as in `torch.optim.RMSprop`.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose state is an
