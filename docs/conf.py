@@ -79,26 +79,6 @@ html_theme = "furo"
 html_title = f"rmsprop-jax {release}"
 html_static_path: list[str] = []
 
-# The architecture page is optional: when docs/architecture.md exists, index.md gets a "Design"
-# toctree with it (a toctree entry naming a missing page would fail the build under -W).
-_ARCHITECTURE_MARKER = "<!-- architecture-toctree:"
-
-
-def _add_architecture_toctree(app, docname: str, source: list[str]) -> None:
-    if docname != "index":
-        return
-    text = source[0]
-    start = text.find(_ARCHITECTURE_MARKER)
-    if start < 0:
-        return
-    end = text.index("-->", start) + len("-->")
-    has_page = (Path(app.srcdir) / "architecture.md").exists()
-    toctree = (
-        "```{toctree}\n:maxdepth: 2\n:caption: Design\n\narchitecture\n```" if has_page else ""
-    )
-    source[0] = text[:start] + toctree + text[end:]
-
-
 # Docstring markup that does not render yet, keyed by the object's full name: (text, fix).
 # Each fix applies to the rendered page only; once the docstring itself is fixed the text is
 # gone and the build stops with a reminder to delete the entry here.
@@ -118,5 +98,4 @@ def _fix_docstring(app, what, name, obj, options, lines: list[str]) -> None:
 
 
 def setup(app):
-    app.connect("source-read", _add_architecture_toctree)
     app.connect("autodoc-process-docstring", _fix_docstring)
