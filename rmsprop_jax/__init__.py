@@ -9,13 +9,12 @@ from rmsprop_jax.grouping import PackedTree, pack_small_leaves
 from rmsprop_jax.memory import StateMemory, state_bytes
 from rmsprop_jax.storage import FactoredMoment, QuantizedMoment
 from rmsprop_jax.transform import (
-    DecoupledWeightDecayState,
     ScaleByCenteredRmsState,
     ScaleByCenteredVarianceState,
     ScaleByRmsState,
-    add_decoupled_weight_decay,
     scale_by_rms,
 )
+from rmsprop_jax.weight_decay import DecoupledWeightDecayState, add_decoupled_weight_decay
 
 __version__ = "0.1.0"
 

@@ -92,21 +92,6 @@ def _path_str(path: tuple[Any, ...]) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
 
-def check_float_leaves(params: Any) -> None:
-    """Raises `TypeError` naming the first integer or boolean leaf: they cannot be optimized."""
-
-    def check(path, leaf):
-        dtype = _leaf_dtype(leaf)
-        if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
-            raise TypeError(
-                f"Parameter at {_path_str(path)} has dtype {dtype}; RMSprop needs floating or "
-                "complex parameters. Keep integer or boolean leaves out of the optimized tree "
-                "(for example with `optax.masked` or `flax.nnx.Optimizer(..., wrt=nnx.Param)`)."
-            )
-
-    jax.tree.map_with_path(check, params)
-
-
 def _leaf_dtype(leaf: Any) -> Any:
     """The dtype of an array leaf; for a Python number, its type (an int or bool is integral)."""
     if isinstance(leaf, bool):
@@ -116,22 +101,41 @@ def _leaf_dtype(leaf: Any) -> Any:
     return getattr(leaf, "dtype", None)
 
 
-def check_float_gradients(updates: Any) -> None:
-    """Raises `TypeError` naming the first integer or boolean gradient leaf.
-
-    Such a gradient would give an integer update (and for float parameters a zero one).
-    """
+def _check_inexact(tree: Any, what: str, remedy: str) -> None:
+    """Raises `TypeError` naming the first leaf of `tree` that is neither floating nor complex."""
 
     def check(path, leaf):
         dtype = _leaf_dtype(leaf)
         if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
-                f"Gradient at {_path_str(path)} has dtype {dtype}; RMSprop needs floating or "
-                "complex gradients. Differentiate with respect to floating-point parameters, "
-                "or cast the gradient (e.g. `g.astype(jnp.float32)`)."
+                f"{what.capitalize()} at {_path_str(path)} has dtype {dtype}; RMSprop needs "
+                f"floating or complex {what}s. {remedy}"
             )
 
-    jax.tree.map_with_path(check, updates)
+    jax.tree.map_with_path(check, tree)
+
+
+def check_float_leaves(params: Any) -> None:
+    """Raises `TypeError` naming the first integer or boolean parameter: it cannot be optimized."""
+    _check_inexact(
+        params,
+        "parameter",
+        "Keep integer or boolean leaves out of the optimized tree (for example with "
+        "`optax.masked` or `flax.nnx.Optimizer(..., wrt=nnx.Param)`).",
+    )
+
+
+def check_float_gradients(updates: Any) -> None:
+    """Raises `TypeError` naming the first integer or boolean gradient.
+
+    Such a gradient would give an integer update (and for float parameters a zero one).
+    """
+    _check_inexact(
+        updates,
+        "gradient",
+        "Differentiate with respect to floating-point parameters, or cast the gradient "
+        "(e.g. `g.astype(jnp.float32)`).",
+    )
 
 
 def _leaves_with_paths(tree: Any) -> list[tuple[Any, Any]]:

@@ -9,7 +9,8 @@ import chex
 import optax
 
 from rmsprop_jax import _placement, _precision, _validation
-from rmsprop_jax.transform import add_decoupled_weight_decay, scale_by_rms
+from rmsprop_jax.transform import scale_by_rms
+from rmsprop_jax.weight_decay import add_decoupled_weight_decay
 
 WeightDecayMask = Any | Callable[[optax.Params], Any] | None
 
