@@ -175,8 +175,16 @@ def open_manager(
       directory: where the checkpoints live (made absolute; created by the first save).
       options: orbax's `CheckpointManagerOptions` (how many to keep, async saving, ...); its
         `create` field is ignored, as said above.
+
+    Raises:
+      TypeError: `options` is not a `CheckpointManagerOptions` (a dict, for example).
     """
     ocp_ = _orbax()
+    if options is not None and not isinstance(options, ocp_.CheckpointManagerOptions):
+        raise TypeError(
+            "`options` must be an orbax.checkpoint.CheckpointManagerOptions or None, got "
+            f"{options!r}."
+        )
     options = dataclasses.replace(options or ocp_.CheckpointManagerOptions(), create=False)
     return ocp_.CheckpointManager(
         Path(directory).absolute(),

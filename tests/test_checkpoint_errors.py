@@ -108,3 +108,10 @@ def test_a_step_that_is_not_a_natural_number_is_refused_and_writes_nothing(
     save_steps(tmp_path, steps=(1,))
     with pytest.raises(error, match=message):
         rj.checkpoint.restore(rj.checkpoint.open_manager(tmp_path), state(0.0), step=step)
+
+
+def test_options_of_another_type_are_named(tmp_path):
+    with pytest.raises(
+        TypeError, match=r"`options` must be .*CheckpointManagerOptions.*max_to_keep"
+    ):
+        rj.checkpoint.open_manager(tmp_path, {"max_to_keep": 2})
