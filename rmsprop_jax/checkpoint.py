@@ -175,8 +175,16 @@ def open_manager(
       directory: where the checkpoints live (made absolute; created by the first save).
       options: orbax's `CheckpointManagerOptions` (how many to keep, async saving, ...); its
         `create` field is ignored, as said above.
+
+    Raises:
+      TypeError: `options` is not a `CheckpointManagerOptions` (a dict, for example).
     """
     ocp_ = _orbax()
+    if options is not None and not isinstance(options, ocp_.CheckpointManagerOptions):
+        raise TypeError(
+            "`options` must be an orbax.checkpoint.CheckpointManagerOptions or None, got "
+            f"{options!r}."
+        )
     options = dataclasses.replace(options or ocp_.CheckpointManagerOptions(), create=False)
     return ocp_.CheckpointManager(
         Path(directory).absolute(),
@@ -185,12 +193,26 @@ def open_manager(
     )
 
 
+def _check_step(step: Any) -> None:
+    # Orbax takes any value as a step and names a directory after it ("1.5", "True", "-1").
+    if isinstance(step, bool) or not isinstance(step, int | np.integer):
+        raise TypeError(f"`step` must be an integer, got {step!r}.")
+    if step < 0:
+        raise ValueError(f"`step` must be >= 0, got {step!r}.")
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool = False) -> bool:
     """Saves the pytree `state` as `step` of `manager` (one item, orbax's standard format).
 
     Returns:
       Whether a checkpoint was written (the manager's save policy may skip a step).
+
+    Raises:
+      TypeError: `step` is not an integer (a float or a bool would name a directory "1.5" or
+        "True").
+      ValueError: `step` is negative.
     """
+    _check_step(step)
     ocp_ = _orbax()
     return manager.save(step, args=ocp_.args.StandardSave(state), force=force)
 
@@ -243,7 +265,7 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
       target: a tree like the one saved, e.g. built from a freshly initialized model and
         optimizer (arrays or `jax.ShapeDtypeStruct` leaves; only shapes, dtypes, shardings and
         the tree structure are used).
-      step: the step to restore; None for the latest.
+      step: the step to restore (a non-negative integer); None for the latest.
 
     Returns:
       The stored values in a tree with the structure and node types of `target` (NamedTuple
@@ -253,6 +275,7 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
       FileNotFoundError: the manager's directory does not exist (nothing is created), it holds
         no checkpoint, or none at `step`.
       NotADirectoryError: the manager's path is a file.
+      TypeError, ValueError: `step` is not a non-negative integer.
       ValueError: the manager cannot read the checkpoint's metadata (not opened by
         :func:`open_manager`).
       CorruptCheckpointError: the checkpoint's metadata files are truncated or damaged.
@@ -274,11 +297,13 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
         step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint to restore in {manager.directory}")
-    elif step not in manager.all_steps():
-        raise FileNotFoundError(
-            f"no checkpoint at step {step} in {manager.directory}; it holds steps "
-            f"{sorted(manager.all_steps())}"
-        )
+    else:
+        _check_step(step)
+        if step not in manager.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint at step {step} in {manager.directory}; it holds steps "
+                f"{sorted(manager.all_steps())}"
+            )
     try:
         metadata = manager.item_metadata(step)
     except ValueError as error:  # JSONDecodeError, or tensorstore's error for a damaged file

@@ -9,6 +9,7 @@ sees them replaces their per-leaf state kernels with one kernel per dtype.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -23,36 +24,19 @@ from rmsprop_jax import _jax_compat, _validation
 DEFAULT_MAX_SIZE = 2048
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
 class LeafSlot:
     """Where one leaf of the original tree went: its shape, dtype and buffer (None if kept).
 
-    A pytree node without children: it holds no array, so it costs nothing in a compiled step
-    or a checkpoint, while its fields travel in the tree structure through `jax.jit`,
+    A static pytree node: it holds no array, so it costs nothing in a compiled step or a
+    checkpoint, while its fields travel in the tree structure through `jax.jit`,
     `jax.tree.map`, `jax.vmap` and Flax NNX's state conversions.
     """
 
-    __slots__ = ("buffer", "dtype", "shape")
-
-    def __init__(self, shape: tuple[int, ...], dtype: str, buffer: str | None):
-        self.shape, self.dtype, self.buffer = tuple(shape), str(dtype), buffer
-
-    def _key(self) -> tuple[Any, ...]:
-        return (self.shape, self.dtype, self.buffer)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, LeafSlot) and self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        where = f"packed into {self.buffer!r}" if self.buffer else "kept"
-        return f"LeafSlot({self.shape}, {self.dtype}, {where})"
-
-
-jax.tree_util.register_pytree_node(
-    LeafSlot, lambda slot: ((), slot._key()), lambda key, _: LeafSlot(*key)
-)
+    shape: tuple[int, ...]
+    dtype: str
+    buffer: str | None
 
 
 def _is_slot(x: Any) -> bool:
@@ -102,7 +86,9 @@ def _buffer(leaf: Any, max_size: int | None) -> str | None:
 def layout(tree: Any, max_size: int | None) -> Any:
     """`tree` with each leaf replaced by its :class:`LeafSlot` (None leaves stay None)."""
     return jax.tree.map(
-        lambda leaf: LeafSlot(np.shape(leaf), jnp.result_type(leaf), _buffer(leaf, max_size)),
+        lambda leaf: LeafSlot(
+            tuple(np.shape(leaf)), str(jnp.result_type(leaf)), _buffer(leaf, max_size)
+        ),
         tree,
     )
 

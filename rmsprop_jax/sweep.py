@@ -154,6 +154,8 @@ def grid(*, product: bool = True, **values: Any) -> dict[str, jax.Array]:
       >>> grid(product=False, learning_rate=[0.5, 1.0], decay=[0.9, 0.99])["learning_rate"].tolist()
       [0.5, 1.0]
     """
+    if not isinstance(product, bool):  # grid(product="no") would take the product
+        raise TypeError(f"`product` must be True or False, got {product!r}.")
     if not values:
         raise ValueError("`grid` needs at least one named list of values, e.g. grid(decay=[0.9]).")
     arrays = {name: _as_values(name, value) for name, value in values.items()}
@@ -301,6 +303,8 @@ def _check_sizes(hyperparameters: Mapping[str, Any], args: tuple, axes: tuple) -
 
 def _mesh(devices: Sequence[jax.Device] | None, size: int) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("`devices` is empty: pass at least one device, or None for all.")
     if size % len(devices):
         raise ValueError(
             f"Cannot shard a sweep of {size} configurations over {len(devices)} devices: {size} "
@@ -391,6 +395,8 @@ def run(
     }
     axes = _normalized_in_axes(in_axes, len(args))
     size = _check_sizes(hyperparameters, args, axes)
+    if not isinstance(shard, bool):  # shard="False" would shard
+        raise TypeError(f"`shard` must be True or False, got {shard!r}.")
     mesh = _mesh(devices, size) if shard else None
     results = _compiled_sweep(train, axes, mesh)(hyperparameters, args)
     return SweepResult(hyperparameters=hyperparameters, results=results)

@@ -87,3 +87,31 @@ def test_restoring_from_a_file_says_it_is_not_a_directory(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(NotADirectoryError, match=f"{path} is a file, not a checkpoint directory"):
         rj.checkpoint.restore(rj.checkpoint.open_manager(path), state(0.0))
+
+
+@pytest.mark.parametrize(
+    ("step", "error", "message"),
+    [
+        (1.5, TypeError, "`step` must be an integer, got 1.5"),
+        (True, TypeError, "`step` must be an integer, got True"),
+        ("5", TypeError, "`step` must be an integer, got '5'"),
+        (-1, ValueError, "`step` must be >= 0, got -1"),
+    ],
+)
+def test_a_step_that_is_not_a_natural_number_is_refused_and_writes_nothing(
+    step, error, message, tmp_path
+):
+    manager = rj.checkpoint.open_manager(tmp_path)
+    with pytest.raises(error, match=message):
+        rj.checkpoint.save(manager, step, state(1.0), force=True)
+    assert list(tmp_path.iterdir()) == []
+    save_steps(tmp_path, steps=(1,))
+    with pytest.raises(error, match=message):
+        rj.checkpoint.restore(rj.checkpoint.open_manager(tmp_path), state(0.0), step=step)
+
+
+def test_options_of_another_type_are_named(tmp_path):
+    with pytest.raises(
+        TypeError, match=r"`options` must be .*CheckpointManagerOptions.*max_to_keep"
+    ):
+        rj.checkpoint.open_manager(tmp_path, {"max_to_keep": 2})

@@ -529,6 +529,16 @@ def test_run_checks_hyperparameters_given_as_lists_or_numpy_arrays_like_grid():
     assert result.results["y"].tolist() == [0.5, 1.0]
 
 
+def test_flags_of_grid_and_run_must_be_bools_and_devices_not_empty():
+    with pytest.raises(TypeError, match="`product` must be True or False, got 'no'"):
+        rj.sweep.grid(product="no", a=[1.0, 2.0], b=[3.0, 4.0])
+    grid = rj.sweep.grid(lr=[1.0, 2.0])
+    with pytest.raises(TypeError, match="`shard` must be True or False, got 'False'"):
+        rj.sweep.run(lambda lr: {"y": lr}, grid, shard="False")
+    with pytest.raises(ValueError, match="`devices` is empty"):
+        rj.sweep.run(lambda lr: {"y": lr}, grid, shard=True, devices=[])
+
+
 @pytest.mark.parametrize("in_axes", [False, True, (0, False)])
 def test_run_refuses_boolean_in_axes(in_axes):
     # False == 0 would map the argument over the sweep, the opposite of what False suggests.
