@@ -1,4 +1,4 @@
-"""The numerics rules of DESIGN.md §1: float32 math, no 0/0, no NaN, dtypes preserved."""
+"""The numerics rules (README, Numerics): float32 math, no 0/0, no NaN, dtypes preserved."""
 
 from __future__ import annotations
 

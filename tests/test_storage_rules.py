@@ -1,4 +1,4 @@
-"""The numerics rules of DESIGN.md §1 and the state contract, for every `moment_storage` format."""
+"""The numerics rules (README, Numerics) and the state contract, for every `moment_storage` format."""
 
 from __future__ import annotations
 

@@ -1,29 +1,22 @@
-"""Compressed states of sharded parameters: sharded alike, no cross-shard blocks, same numbers.
-
-The checks run in a child process with 8 simulated CPU devices: XLA_FLAGS must be set before
-JAX is imported, and this process has imported it already.
-"""
+"""Compressed states of sharded parameters: sharded alike, no cross-shard blocks, same numbers."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
+import jax
+import numpy as np
+import optax
+from conftest import needs_simulated_devices
 from helpers import needs_jax_0_10_placement
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-CHILD = textwrap.dedent(
-    """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import rmsprop_jax as rj
 
-    import rmsprop_jax as rj
 
-    assert jax.device_count() == 8, jax.devices()
+@needs_simulated_devices
+@needs_jax_0_10_placement
+def test_sharded_states_follow_their_parameters_and_equal_the_unsharded_run():
+
     SPECS = {
         "wide": ((256, 1024), P("data", "model")),  # blocks of 256, one per shard
         "tall": ((512, 768), P(None, "model")),  # blocks of 192: 768 / 4 shards = 192
@@ -33,13 +26,11 @@ CHILD = textwrap.dedent(
     rng = np.random.default_rng(0)
     host = {k: rng.normal(size=s).astype(np.float32) for k, (s, _) in SPECS.items()}
     grads = [
-        {k: rng.normal(size=s).astype(np.float32) for k, (s, _) in SPECS.items()}
-        for _ in range(3)
+        {k: rng.normal(size=s).astype(np.float32) for k, (s, _) in SPECS.items()} for _ in range(3)
     ]
     # Automatic sharding: parameters placed with NamedSharding, the compiler propagates.
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
     shardings = {k: NamedSharding(mesh, spec) for k, (_, spec) in SPECS.items()}
-
 
     def expected_specs(stored, spec):
         spec = tuple(spec) + (None,) * (2 - len(spec))
@@ -53,12 +44,10 @@ CHILD = textwrap.dedent(
             return rj.FactoredMoment(row=P(*spec[:-1]), col=P(spec[-1]), dense=P())
         return P(*spec)
 
-
     def per_parameter(average):
         if isinstance(average, rj.QuantizedMoment | rj.FactoredMoment):
             return {name: type(average)(*(tree[name] for tree in average)) for name in SPECS}
         return average
-
 
     def check_placement(mesh, state, moment_storage):
         for field in ("mu", "variance"):
@@ -70,9 +59,12 @@ CHILD = textwrap.dedent(
                 wanted = jax.tree.leaves(wanted, is_leaf=lambda x: isinstance(x, P))
                 for array, want in zip(jax.tree.leaves(stored), wanted, strict=True):
                     assert array.sharding.is_equivalent_to(NamedSharding(mesh, want), array.ndim), (
-                        moment_storage, field, name, array.sharding, want
+                        moment_storage,
+                        field,
+                        name,
+                        array.sharding,
+                        want,
                     )
-
 
     def run(tx, params, jitted_step):
         state = tx.init(params)
@@ -80,11 +72,10 @@ CHILD = textwrap.dedent(
             params, state = jitted_step(params, state, g)
         return params, state
 
-
     for moment_storage in ("bfloat16", "int8", "factored"):
         tx = rj.rmsprop(1e-2, centered=True, momentum=0.9, moment_storage=moment_storage)
 
-        def step(params, state, g):
+        def step(params, state, g, tx=tx):
             updates, state = tx.update(g, state, params)
             return optax.apply_updates(params, updates), state
 
@@ -119,17 +110,3 @@ CHILD = textwrap.dedent(
             np.testing.assert_allclose(
                 np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=state_tolerance, atol=0
             )
-        print("checked", moment_storage, flush=True)
-    """
-)
-
-
-@needs_jax_0_10_placement
-def test_sharded_states_follow_their_parameters_and_equal_the_unsharded_run():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    env["JAX_PLATFORMS"] = "cpu"
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("checked") == 3, result.stdout

@@ -578,7 +578,8 @@ def test_shared_arguments_reach_every_configuration_unbatched():
 
 
 def test_sharding_over_the_available_devices_gives_the_unsharded_results():
-    grid = rj.sweep.grid(learning_rate=[0.01, 0.1], decay=[0.9, 0.99])
+    # 8 configurations: a multiple of the device count with 1, 2, 4 or 8 devices.
+    grid = rj.sweep.grid(learning_rate=[0.01, 0.03, 0.1, 0.3], decay=[0.9, 0.99])
     sharded = rj.sweep.run(quadratic_train, grid, shard=True)
     plain = rj.sweep.run(quadratic_train, grid)
     leaf = sharded.results["params"]["w"]
