@@ -2,6 +2,7 @@
 
 from rmsprop_jax.compat._keras import keras_rmsprop
 from rmsprop_jax.compat._keras_ema import KerasEmaState, keras_ema_weights
+from rmsprop_jax.compat._keras_state import state_from_keras, state_to_keras
 from rmsprop_jax.compat._tf1 import tf1_rmsprop
 from rmsprop_jax.compat._torch import TorchLayoutState, torch_rmsprop
 from rmsprop_jax.compat._torch_groups import torch_rmsprop_groups
@@ -28,7 +29,9 @@ __all__ = [
     "TorchPlateauState",
     "keras_ema_weights",
     "keras_rmsprop",
+    "state_from_keras",
     "state_from_torch",
+    "state_to_keras",
     "state_to_torch",
     "tf1_rmsprop",
     "torch_constant_lr",
