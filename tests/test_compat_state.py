@@ -279,6 +279,17 @@ def test_a_wrapped_torch_rmsprop_is_still_recognised_and_continues_torch(torch):
     state = rj.compat.state_from_torch(optimizer.state_dict(), halfway, tx)
     _, ours = run_preset(tx, halfway, grads, slice(10, 20), state)
     assert worst_relative_difference(ours, [h[10:] for h in full]) <= TOLERANCE
+    # Other wrappers keep the chain too: the torch statistics land inside them.
+    preset = rj.compat.torch_rmsprop(LR, **kwargs)
+    expected = rj.compat.state_from_torch(optimizer.state_dict(), halfway, preset)
+    for wrapped in (
+        optax.MultiSteps(preset, 2).gradient_transformation(),
+        optax.apply_if_finite(preset, 3),
+    ):
+        state = rj.compat.state_from_torch(optimizer.state_dict(), halfway, wrapped)
+        inner = state.inner_state if hasattr(state, "inner_state") else state.inner_opt_state
+        for a, b in zip(jax.tree.leaves(inner), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_array_equal(a, b)
     # A foreign buffer chained after the preset is not mistaken for the preset's.
     tx = optax.chain(rj.compat.torch_rmsprop(LR, centered=True), optax.trace(0.5))
     with pytest.raises(ValueError, match=r"momentum=0\.9"):

@@ -221,3 +221,29 @@ def test_groups_work_inside_an_nnx_optimizer_under_nnx_jit():
         not np.allclose(a, b) for a, b in zip(jax.tree.leaves(ours_params), initial, strict=True)
     ]
     assert all(moved)
+
+
+@pytest.mark.conformance
+def test_the_param_groups_of_a_torch_state_dict_build_the_same_optimizer(torch):
+    params, grads = problem(seed=3)
+    tensors = [torch.tensor(p) for p in params]
+    optimizer = torch.optim.RMSprop(
+        [
+            {"params": [(f"leaf{i}", tensors[i]) for i in (0, 3)], "weight_decay": 0.01},
+            {"params": [(f"leaf{i}", tensors[i]) for i in (1, 2, 4)], "lr": 0.05, "alpha": 0.9},
+        ],
+        lr=0.01,
+        momentum=0.9,
+        centered=True,
+    )
+    # A scheduler records `initial_lr` in every group; a constant one leaves the rate alone.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0)
+    groups = optimizer.state_dict()["param_groups"]
+    assert "initial_lr" in groups[0] and "param_names" in groups[0]
+    steps = 30
+    theirs = run_torch(
+        torch, tensors, optimizer, scheduler, [g[:steps] for g in grads], range(steps)
+    )
+    tx = rj.compat.torch_rmsprop_groups(groups, [0, 1, 1, 0, 1])
+    _, ours = run_preset(tx, params, [g[:steps] for g in grads])
+    assert worst_relative_difference(ours, theirs) <= TOLERANCE

@@ -1,7 +1,14 @@
 """Presets that reproduce the RMSprop of PyTorch, Keras 3 and TF1, and checkpoint conversion."""
 
+from rmsprop_jax.compat._example_libraries import (
+    example_libraries_rmsprop,
+    example_libraries_rmsprop_momentum,
+    state_from_example_libraries,
+    state_to_example_libraries,
+)
 from rmsprop_jax.compat._keras import keras_rmsprop
 from rmsprop_jax.compat._keras_ema import KerasEmaState, keras_ema_weights
+from rmsprop_jax.compat._keras_state import state_from_keras, state_to_keras
 from rmsprop_jax.compat._tf1 import tf1_rmsprop
 from rmsprop_jax.compat._torch import TorchLayoutState, torch_rmsprop
 from rmsprop_jax.compat._torch_groups import torch_rmsprop_groups
@@ -26,9 +33,15 @@ __all__ = [
     "KerasEmaState",
     "TorchLayoutState",
     "TorchPlateauState",
+    "example_libraries_rmsprop",
+    "example_libraries_rmsprop_momentum",
     "keras_ema_weights",
     "keras_rmsprop",
+    "state_from_example_libraries",
+    "state_from_keras",
     "state_from_torch",
+    "state_to_example_libraries",
+    "state_to_keras",
     "state_to_torch",
     "tf1_rmsprop",
     "torch_constant_lr",

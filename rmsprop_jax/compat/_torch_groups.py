@@ -24,8 +24,9 @@ OPTIONS = (
     "maximize",
     "differentiable",
 )
-# Keys of a torch group that say which parameters it holds; the labels say that here.
-MEMBERSHIP = ("params", "param_names")
+# Keys of a torch group that say which parameters it holds (the labels say that here), and
+# the base rate a scheduler records (a schedule given as `lr` says that here).
+MEMBERSHIP = ("params", "param_names", "initial_lr")
 
 
 def _groups(param_groups: Any) -> tuple[list[Hashable], list[Mapping[str, Any]]]:
@@ -66,8 +67,8 @@ def torch_rmsprop_groups(
         `alpha`, `eps`, `weight_decay`, `momentum`, `centered`, `maximize` and the accepted
         no-ops `capturable`, `foreach`, `differentiable`), as a list (labels are positions, the
         torch group order) or a dict from label to options (its order is the torch group
-        order). `params` and `param_names` keys are ignored, so the `param_groups` of a torch
-        `state_dict()` can be passed as they are.
+        order). `params`, `param_names` and `initial_lr` keys are ignored, so the
+        `param_groups` of a torch `state_dict()` can be passed as they are.
       param_labels: a tree of labels with the structure of the parameters (or a prefix of
         it), or a function from the parameters to such a tree, as for :func:`optax.partition`.
       lr: the default of every group, as in `torch.optim.RMSprop`.

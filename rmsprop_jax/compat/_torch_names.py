@@ -20,6 +20,11 @@ _SHOWN = 6
 
 def torch_name(path: Sequence[Any]) -> str:
     """The PyTorch-style name of a pytree key path: its keys as strings, joined by dots."""
+    return ".".join(key_parts(path))
+
+
+def key_parts(path: Sequence[Any]) -> list[str]:
+    """Each key of a pytree key path as a string: dict key, attribute name or index."""
     parts = []
     for key in path:
         if isinstance(key, jax.tree_util.DictKey):
@@ -32,7 +37,7 @@ def torch_name(path: Sequence[Any]) -> str:
             parts.append(str(key.key))
         else:
             parts.append(str(key))
-    return ".".join(parts)
+    return parts
 
 
 def _listing(names: Sequence[str]) -> str:
