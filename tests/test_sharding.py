@@ -217,7 +217,9 @@ def _check_placement(label: str, placement: dict, storage: str) -> None:
     assert placement["disagrees_with_state_shardings"] == [], f"{label}: state_shardings is off"
     assert placement["replicated_but_kept_axis_sharded"] == [], f"{label}: replicated leaves"
     reduced = FACTORED_REDUCED_OVER_SPLIT_AXIS if storage == "factored" else set()
-    assert set(placement["replicated_reduced_stats"]) == reduced, label
+    # The second moment is `nu`, or `variance` for centered compressed states.
+    replicated = {p.replace(".variance.", ".nu.") for p in placement["replicated_reduced_stats"]}
+    assert replicated == reduced, label
     assert placement["scalars_replicated"], f"{label}: a step count is not on all 8 devices"
 
 

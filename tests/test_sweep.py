@@ -585,7 +585,12 @@ def test_sharding_over_the_available_devices_gives_the_unsharded_results():
     leaf = sharded.results["params"]["w"]
     assert isinstance(leaf.sharding, jax.sharding.NamedSharding)
     assert leaf.sharding.spec == jax.sharding.PartitionSpec(rj.sweep.SWEEP_AXIS)
-    jax.tree.map(np.testing.assert_array_equal, sharded.results, plain.results)
+    # Two programs (one per device count) may fuse differently: equal to float32 rounding.
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        sharded.results,
+        plain.results,
+    )
 
 
 def test_docstring_examples_run():
