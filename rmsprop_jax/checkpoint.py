@@ -33,20 +33,14 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
+from rmsprop_jax._checkpoint_match import (
+    _flat,
+    _path_key,
+    check_matches,
+)
+
 if TYPE_CHECKING:
     import orbax.checkpoint as ocp
-
-_SHOWN_PER_KIND = 3
-_CAUSES = {
-    "params": "the model differs (other layers, layer sizes or names)",
-    "opt_state": "the optimizer configuration differs (centered or not, with or without "
-    "momentum, or another optimizer)",
-}
-_LEAF_KINDS = {"opt_state": "optimizer state leaf", "params": "parameter"}
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit the tree it is restored into (structure, shape or dtype)."""
 
 
 class CorruptCheckpointError(ValueError):
@@ -66,91 +60,6 @@ def _orbax() -> Any:
             "rmsprop_jax.checkpoint needs orbax-checkpoint: pip install 'rmsprop-jax[examples]'"
         ) from error
     return ocp
-
-
-def _key_name(key: Any) -> str:
-    for attribute in ("name", "key", "idx"):
-        if hasattr(key, attribute):
-            return str(getattr(key, attribute))
-    return str(key)
-
-
-def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
-    """Leaves keyed by their path, with NamedTuple fields, dict keys and indices all as strings.
-
-    Orbax's metadata stores a NamedTuple as a dict of its fields and a tuple as a list, so paths
-    spelled this way are the same for a live state and for its stored metadata.
-    """
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_path_key(path): leaf for path, leaf in leaves}
-
-
-def _path_key(path: tuple[Any, ...]) -> tuple[str, ...]:
-    return tuple(_key_name(key) for key in path)
-
-
-def _describe(path: tuple[str, ...]) -> str:
-    kind = _LEAF_KINDS.get(path[0], "leaf") if path else "leaf"
-    return f"{kind} '{'.'.join(path) or '<root>'}'"
-
-
-def _params_first(path: tuple[str, ...]) -> tuple[bool, tuple[str, ...]]:
-    return (path[:1] != ("params",), path)
-
-
-def _listed(paths: list[tuple[str, ...]]) -> str:
-    shown = ", ".join(f"'{'.'.join(path)}'" for path in paths[:_SHOWN_PER_KIND])
-    more = len(paths) - _SHOWN_PER_KIND
-    return shown + (f" and {more} more" if more > 0 else "")
-
-
-def check_matches(stored: Any, target: Any, *, where: str = "checkpoint") -> None:
-    """Raises unless `stored` has exactly the leaves of `target`, with equal shapes and dtypes.
-
-    Args:
-      stored: the checkpoint's tree metadata (`manager.item_metadata(step)`, or its `.tree`), or
-        any tree whose leaves have `.shape` and `.dtype`.
-      target: the tree to restore into: arrays or `jax.ShapeDtypeStruct` leaves.
-      where: how the messages name the checkpoint, e.g. "checkpoint at step 100".
-
-    Raises:
-      CheckpointMismatchError: (a `ValueError`) naming every leaf that is missing on either side
-        or differs in shape or dtype (the first few of each kind).
-    """
-    stored_leaves = _flat(getattr(stored, "tree", stored))
-    target_leaves = _flat(target)
-    problems = []
-    only_stored = sorted(set(stored_leaves) - set(target_leaves), key=_params_first)
-    only_target = sorted(set(target_leaves) - set(stored_leaves), key=_params_first)
-    if only_stored:
-        problems.append(f"it has leaves the target lacks: {_listed(only_stored)}")
-    if only_target:
-        problems.append(f"it lacks leaves the target has: {_listed(only_target)}")
-    differing = []
-    for path in sorted(set(stored_leaves) & set(target_leaves), key=_params_first):
-        saved, expected = stored_leaves[path], target_leaves[path]
-        saved_shape, expected_shape = tuple(np.shape(saved)), tuple(np.shape(expected))
-        if saved_shape != expected_shape:
-            differing.append((path, "shape", saved_shape, expected_shape))
-        elif np.dtype(saved.dtype) != np.dtype(expected.dtype):
-            differing.append((path, "dtype", np.dtype(saved.dtype), np.dtype(expected.dtype)))
-    problems += [
-        f"it has {_describe(path)} with {what} {saved}, the target expects {expected}"
-        for path, what, saved, expected in differing[:_SHOWN_PER_KIND]
-    ]
-    if len(differing) > _SHOWN_PER_KIND:
-        problems.append(f"and {len(differing) - _SHOWN_PER_KIND} more leaves differ")
-    if not problems:
-        return
-    # A parameter of another shape also changes the optimizer state's shapes: blame the model.
-    roots = {path[0] for path in only_stored + only_target if path}
-    roots |= {path[0] for path, *_ in differing if path and path[0] == "params"}
-    hints = [_CAUSES[root] for root in sorted(roots, reverse=True) if root in _CAUSES]
-    cause = f" Probably {' and '.join(hints)}." if hints else ""
-    raise CheckpointMismatchError(
-        f"{where} does not match the restore target: {'; '.join(problems)}.{cause} Restore "
-        "with the configuration that wrote the checkpoint, or use a new checkpoint directory."
-    )
 
 
 def _abstract_leaf(leaf: Any) -> jax.ShapeDtypeStruct:
