@@ -82,10 +82,10 @@ def check_in_range(
     above = values > high if high_inclusive else values >= high
     if np.any(below | above):
         if high == float("inf"):
-            expected = f">= {low}"
+            expected = f"be >= {low}"
         else:
-            expected = f"in [{low}, {high}{']' if high_inclusive else ')'}"
-        raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
+            expected = f"lie in [{low}, {high}{']' if high_inclusive else ')'}"
+        raise ValueError(f"`{name}` must {expected}, got {value!r}.")
 
 
 def _path_str(path: tuple[Any, ...]) -> str:

@@ -33,11 +33,9 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from rmsprop_jax._checkpoint_match import (
-    _flat,
-    _path_key,
-    check_matches,
-)
+from rmsprop_jax._checkpoint_match import CheckpointMismatchError as CheckpointMismatchError
+from rmsprop_jax._checkpoint_match import _flat, _path_key
+from rmsprop_jax._checkpoint_match import check_matches as check_matches
 
 if TYPE_CHECKING:
     import orbax.checkpoint as ocp

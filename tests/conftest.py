@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
+from pathlib import Path
 
 SIMULATED_DEVICES = 8
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -19,6 +21,10 @@ os.environ["XLA_FLAGS"] = " ".join(
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# The examples import their shared helpers (`cli_help`, `digits_common`) as a script does, from
+# their own folder; tests that load an example as a module need that folder on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 REQUIRE_CONFORMANCE = os.environ.get("RMSPROP_JAX_REQUIRE_CONFORMANCE") == "1"
 

@@ -1,4 +1,4 @@
-"""The numerics rules (README, Numerics) and the state contract, for every `moment_storage` format."""
+"""The numerics rules (README, Numerics) and the state contract of every `moment_storage`."""
 
 from __future__ import annotations
 
