@@ -38,6 +38,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow  # trains the example
 def test_resuming_with_nothing_left_to_do_says_so_and_changes_nothing(tmp_path, capsys):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     flags = [*TINY, "--checkpoint-dir", str(ckpt), "--out", str(out)]
@@ -54,6 +55,7 @@ def test_resuming_with_nothing_left_to_do_says_so_and_changes_nothing(tmp_path, 
     assert snapshot(tmp_path) == before  # neither the history, the figure nor a checkpoint
 
 
+@pytest.mark.slow  # trains the example
 def test_a_resumed_run_records_the_history_of_the_whole_run(tmp_path):
     ckpt = tmp_path / "ckpt"
     flags = [*TINY, "--checkpoint-dir", str(ckpt)]
@@ -83,7 +85,13 @@ def test_ctrl_c_stops_with_one_line_saying_how_to_resume_and_leaves_no_partial_c
     command = [sys.executable, str(EXAMPLES / "train_digits.py"), "--epochs", "200", *TINY]
     command += ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--out", "out"]
     process = subprocess.Popen(
-        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # As in a terminal: a process started by one that ignores SIGINT would inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 120
@@ -136,6 +144,7 @@ def test_resume_command_repeats_the_flags_once_with_resume(monkeypatch):
     )
 
 
+@pytest.mark.slow  # one Python process per case
 @pytest.mark.parametrize(
     ("script", "default"),
     [
@@ -158,6 +167,7 @@ def test_help_shows_the_defaults(script, default):
     assert "(default: None)" not in result.stdout
 
 
+@pytest.mark.slow  # one Python process per case
 @pytest.mark.parametrize(
     ("script", "flags", "message"),
     [
@@ -192,7 +202,7 @@ def test_progress_off_a_terminal_is_plain_periodic_lines():
             bar.write("a line of its own")
     lines = stream.getvalue().splitlines()
     # The first line after `interval` seconds (10 by default: none here) and the last.
-    assert lines == ["a line of its own", "train: epoch 4/4, loss 0.001 (0 s)"]
+    assert lines == ["a line of its own", "train: epoch 4/4, loss 0.00100 (0 s)"]
     assert "\r" not in stream.getvalue()
 
     quiet = io.StringIO()
@@ -217,7 +227,7 @@ def test_progress_off_a_terminal_is_plain_periodic_lines():
 
 @pytest.mark.parametrize(
     ("value", "text"),
-    [(2.302585, "2.3"), (0.01234, "0.0123"), (7.41e-4, "7.41e-04"), (3e-9, "3.00e-09"), (0, "0")],
+    [(2.302585, "2.30"), (0.01234, "0.0123"), (7.41e-4, "7.41e-04"), (3e-9, "3.00e-09"), (0, "0")],
 )
 def test_small_losses_are_not_printed_as_zero(value, text):
     assert example("progress_report").format_loss(value) == text
