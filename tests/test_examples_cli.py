@@ -20,6 +20,12 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# Runs the script in argv[1] with Python's own Ctrl-C handler installed.
+RUN_WITH_CTRL_C = (
+    "import os, runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 # 1347 training examples in batches of 96: 14 steps an epoch.
 TINY = ["--batch-size", "96", "--hidden-size", "16"]
 
@@ -82,7 +88,10 @@ def test_ctrl_c_stops_with_one_line_saying_how_to_resume_and_leaves_no_partial_c
     tmp_path,
 ):
     ckpt = tmp_path / "ckpt"
-    command = [sys.executable, str(EXAMPLES / "train_digits.py"), "--epochs", "200", *TINY]
+    # As in a terminal, Ctrl-C raises KeyboardInterrupt, even if this process was started by one
+    # that ignores SIGINT (the child would inherit that).
+    command = [sys.executable, "-c", RUN_WITH_CTRL_C, str(EXAMPLES / "train_digits.py")]
+    command += ["--epochs", "200", *TINY]
     command += ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--out", "out"]
     process = subprocess.Popen(
         command,
@@ -90,8 +99,6 @@ def test_ctrl_c_stops_with_one_line_saying_how_to_resume_and_leaves_no_partial_c
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        # As in a terminal: a process started by one that ignores SIGINT would inherit that.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 120
