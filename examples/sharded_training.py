@@ -88,18 +88,24 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
     forward = threading.Thread(target=_forward_output, args=(children[0].stdout,), daemon=True)
     forward.start()
     deadline = time.monotonic() + args.timeout
+    interrupted = False
     try:
         for child in children:
             child.wait(timeout=max(deadline - time.monotonic(), 1))
         forward.join(timeout=10)
-    except (subprocess.TimeoutExpired, KeyboardInterrupt):
-        print(f"stopping: not done after {args.timeout} s or interrupted", file=sys.stderr)
+    except subprocess.TimeoutExpired:
+        print(f"stopping: not done after --timeout {args.timeout} s", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        interrupted = True
     finally:
         # A process whose peer died waits for it in a collective: stop them all.
         for child in children:
             if child.poll() is None:
                 child.kill()
                 child.wait()
+    if interrupted:
+        return 130  # the shell's code for a process stopped by Ctrl-C
     return max(abs(child.returncode) for child in children)
 
 
@@ -328,4 +334,10 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(ARGS)
+    try:
+        main(ARGS)
+    except KeyboardInterrupt:
+        # One line instead of a traceback; with --processes, the launcher says it.
+        if ARGS.process_id is None:
+            sys.stderr.write("interrupted\n")
+        sys.exit(130)
