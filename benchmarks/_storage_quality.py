@@ -1,4 +1,4 @@
-"""Two small training tasks that tell whether a `nu_storage` format changes what RMSprop learns.
+"""Two small training tasks that tell whether a `moment_storage` format changes what RMSprop learns.
 
 - digits: scikit-learn's 8x8 digits, a fixed stratified 80/20 split, an MLP 64-256-256-10 with
   ReLU, minibatches of 64, cross-entropy. The two 256-wide layers are what int8 (>= 4096

@@ -1,4 +1,4 @@
-"""Memory, speed and quality of each `nu_storage` format against float32, measured in one run.
+"""Memory, speed and quality of each `moment_storage` format against float32, measured in one run.
 
 1. Memory: bytes of RMSprop state per parameter on a transformer-sized tree (token embedding
    8192 x 512 and 4 blocks of d_model=512: attention q, k, v, o; MLP 512 -> 2048 -> 512; layer
@@ -70,17 +70,17 @@ def measure_memory() -> dict[str, Any]:
     abstract = jax.eval_shape(transformer_init, jax.random.key(0))
     parameters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
     results = {"parameters": parameters}
-    for nu_storage in FORMATS:
+    for moment_storage in FORMATS:
         row = {}
         for name, options in (("plain", {}), ("centered", {"centered": True})):
-            tx = rj.rmsprop(1e-3, nu_storage=nu_storage, **options)
+            tx = rj.rmsprop(1e-3, moment_storage=moment_storage, **options)
             memory = rj.state_bytes(jax.eval_shape(tx.init, abstract), abstract)
             row[name] = memory._asdict()
-        row["target_bytes_per_parameter"] = TARGET_BYTES[nu_storage]
+        row["target_bytes_per_parameter"] = TARGET_BYTES[moment_storage]
         # The step count (4 bytes for the whole tree) is not per parameter: compare to 3 places.
         per_parameter = round(row["plain"]["bytes_per_parameter"], 3)
-        row["meets_target"] = per_parameter <= TARGET_BYTES[nu_storage]
-        results[nu_storage] = row
+        row["meets_target"] = per_parameter <= TARGET_BYTES[moment_storage]
+        results[moment_storage] = row
     return results
 
 
@@ -88,8 +88,8 @@ def measure_step_time(repeats: int, steps: int) -> dict[str, Any]:
     key = jax.random.key(0)
     grads = jax.jit(transformer_init)(jax.random.fold_in(key, 1))
     steppers, carries = {}, {}
-    for nu_storage in FORMATS:
-        tx = rj.rmsprop(1e-3, nu_storage=nu_storage)
+    for moment_storage in FORMATS:
+        tx = rj.rmsprop(1e-3, moment_storage=moment_storage)
 
         def step(params, state, grads, tx=tx):
             updates, state = tx.update(grads, state, params)
@@ -97,36 +97,36 @@ def measure_step_time(repeats: int, steps: int) -> dict[str, Any]:
 
         params = jax.jit(transformer_init)(key)
         state = tx.init(params)
-        steppers[nu_storage] = (
+        steppers[moment_storage] = (
             jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
         )
-        carries[nu_storage] = steppers[nu_storage](params, state, grads)  # warm up
-    times = {nu_storage: [] for nu_storage in FORMATS}
+        carries[moment_storage] = steppers[moment_storage](params, state, grads)  # warm up
+    times = {moment_storage: [] for moment_storage in FORMATS}
     for _ in range(repeats):
-        for nu_storage in FORMATS:
-            params, state = carries[nu_storage]
+        for moment_storage in FORMATS:
+            params, state = carries[moment_storage]
             started = time.perf_counter()
             for _ in range(steps):
-                params, state = steppers[nu_storage](params, state, grads)
+                params, state = steppers[moment_storage](params, state, grads)
             jax.block_until_ready((params, state))
-            times[nu_storage].append((time.perf_counter() - started) / steps)
-            carries[nu_storage] = (params, state)
+            times[moment_storage].append((time.perf_counter() - started) / steps)
+            carries[moment_storage] = (params, state)
     reference = statistics.median(times["float32"])
     return {
-        nu_storage: {
+        moment_storage: {
             "median_seconds": statistics.median(t),
             "relative_to_float32": statistics.median(t) / reference,
             "seconds_per_repeat": t,
         }
-        for nu_storage, t in times.items()
+        for moment_storage, t in times.items()
     }
 
 
-def _optimizer(nu_storage: str, rate: float, options: dict, weight_decay: float):
+def _optimizer(moment_storage: str, rate: float, options: dict, weight_decay: float):
     def build(schedule: optax.Schedule) -> optax.GradientTransformation:
         return rj.rmsprop(
             lambda count: rate * schedule(count),
-            nu_storage=nu_storage,
+            moment_storage=moment_storage,
             weight_decay=weight_decay,
             **options,
         )
@@ -147,16 +147,16 @@ def measure_quality(seeds: list[int]) -> dict[str, Any]:
     results = {"least_squares_optimum": _summary(optimum)}
     for name, (rate, options) in CONFIGURATIONS.items():
         rows = {}
-        for nu_storage in FORMATS:
+        for moment_storage in FORMATS:
             digits = quality.make_digits_run(
-                _optimizer(nu_storage, rate, options, DIGITS_WEIGHT_DECAY), DIGITS_STEPS
+                _optimizer(moment_storage, rate, options, DIGITS_WEIGHT_DECAY), DIGITS_STEPS
             )
             outcomes = [jax.device_get(digits(seed)) for seed in seeds]
             regression = quality.make_least_squares_run(
-                _optimizer(nu_storage, rate * LEAST_SQUARES_RATE_FACTOR, options, 0.0),
+                _optimizer(moment_storage, rate * LEAST_SQUARES_RATE_FACTOR, options, 0.0),
                 LEAST_SQUARES_STEPS,
             )
-            rows[nu_storage] = {
+            rows[moment_storage] = {
                 "digits_train_loss": _summary([float(o["train_loss"]) for o in outcomes]),
                 "digits_test_accuracy": _summary(
                     [100 * float(o["test_accuracy"]) for o in outcomes]

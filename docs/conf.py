@@ -64,6 +64,8 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(typing|collections\.abc|os|pathlib)\..*"),
     (r"py:class", r"Any|Callable|Mapping|Sequence|Iterable|NamedTuple|Path|PyTree"),
     (r"py:.*", r"int|float|bool|str|bytes|tuple|dict|list|None|ValueError|TypeError"),
+    # Private type aliases named in signatures.
+    (r"py:class", r"(_torch_mapping\.)?MatchBy|LeafSlot"),
 ]
 # Single backticks in the docstrings mean code, as in Markdown.
 default_role = "literal"
@@ -77,43 +79,10 @@ html_theme = "furo"
 html_title = f"rmsprop-jax {release}"
 html_static_path: list[str] = []
 
-# The architecture page is optional: when docs/architecture.md exists, index.md gets a "Design"
-# toctree with it (a toctree entry naming a missing page would fail the build under -W).
-_ARCHITECTURE_MARKER = "<!-- architecture-toctree:"
-
-
-def _add_architecture_toctree(app, docname: str, source: list[str]) -> None:
-    if docname != "index":
-        return
-    text = source[0]
-    start = text.find(_ARCHITECTURE_MARKER)
-    if start < 0:
-        return
-    end = text.index("-->", start) + len("-->")
-    has_page = (Path(app.srcdir) / "architecture.md").exists()
-    toctree = (
-        "```{toctree}\n:maxdepth: 2\n:caption: Design\n\narchitecture\n```" if has_page else ""
-    )
-    source[0] = text[:start] + toctree + text[end:]
-
-
 # Docstring markup that does not render yet, keyed by the object's full name: (text, fix).
 # Each fix applies to the rendered page only; once the docstring itself is fixed the text is
 # gone and the build stops with a reminder to delete the entry here.
-DOCSTRING_FIXES = {
-    # A backtick directly followed by a letter does not end inline code in reStructuredText.
-    "rmsprop_jax.sharding.abstract_state": (
-        "`jax.ShapeDtypeStruct`s",
-        "`jax.ShapeDtypeStruct`\\ s",
-    ),
-    "rmsprop_jax.sharding.state_shardings": (
-        "`jax.ShapeDtypeStruct`s",
-        "`jax.ShapeDtypeStruct`\\ s",
-    ),
-    "rmsprop_jax.state_bytes": ("`jax.ShapeDtypeStruct`s", "`jax.ShapeDtypeStruct`\\ s"),
-    # A private module has no page to link to.
-    "rmsprop_jax.scale_by_rms": (":mod:`rmsprop_jax._nu_storage`", "`rmsprop_jax._nu_storage`"),
-}
+DOCSTRING_FIXES: dict[str, tuple[str, str]] = {}
 
 
 def _fix_docstring(app, what, name, obj, options, lines: list[str]) -> None:
@@ -145,6 +114,5 @@ def _link_type_aliases(app, env, node, contnode):
 
 
 def setup(app):
-    app.connect("source-read", _add_architecture_toctree)
     app.connect("missing-reference", _link_type_aliases)
     app.connect("autodoc-process-docstring", _fix_docstring)

@@ -30,7 +30,7 @@ import time
 
 from cli_help import DefaultsHelpFormatter
 
-STORAGE_FORMATS = ("float32", "bfloat16", "int8", "factored")  # rj.rmsprop's nu_storage
+STORAGE_FORMATS = ("float32", "bfloat16", "int8", "factored")  # rj.rmsprop's moment_storage
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--process-id", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument(
-        "--storage", default="float32", choices=STORAGE_FORMATS, help="nu_storage of rj.rmsprop"
+        "--storage", default="float32", choices=STORAGE_FORMATS, help="moment_storage of rj.rmsprop"
     )
     parser.add_argument("--hidden", type=int, default=512, help="width of the hidden layers")
     parser.add_argument("--steps", type=int, default=300, help="training steps")
@@ -202,14 +202,14 @@ def describe(name: str, leaf: jax.Array) -> str:
 
 def placement_figure(params: dict, state, path: str) -> None:
     """Maps of which device holds which entries of w2 and of its stored second moment."""
-    nu = optax.tree_utils.tree_get(state, "nu")["w2"]
+    nu = optax.tree_utils.tree_get(state, "nu")
     arrays = {"parameter w2": params["w2"]}
-    if isinstance(nu, rj.QuantizedArray):
-        arrays.update({"nu codes (int8)": nu.codes, "nu block scales": nu.scales})
+    if isinstance(nu, rj.QuantizedMoment):
+        arrays.update({"nu codes (int8)": nu.codes["w2"], "nu block scales": nu.scales["w2"]})
     elif isinstance(nu, rj.FactoredMoment):
-        arrays.update({"nu row statistics": nu.row, "nu column statistics": nu.col})
+        arrays.update({"nu row statistics": nu.row["w2"], "nu column statistics": nu.col["w2"]})
     else:
-        arrays[f"nu ({nu.dtype})"] = nu
+        arrays[f"nu ({nu['w2'].dtype})"] = nu["w2"]
     devices = jax.devices()
     number = {device: i for i, device in enumerate(devices)}
     palette = plt.get_cmap("tab10" if len(devices) <= 10 else "tab20")
@@ -281,7 +281,7 @@ def main(args: argparse.Namespace) -> None:
     params = {k: to_global(v, shardings[k]) for k, v in host_params.items()}
     batch_x, batch_y = NamedSharding(mesh, P("fsdp", None)), NamedSharding(mesh, P("fsdp"))
 
-    tx = rj.rmsprop(args.learning_rate, momentum=0.9, nu_storage=args.storage)
+    tx = rj.rmsprop(args.learning_rate, momentum=0.9, moment_storage=args.storage)
     # The state's layout, known before anything is allocated; init places it there.
     state_shardings = rj.sharding.state_shardings(tx, params)
     state = jax.jit(tx.init, out_shardings=state_shardings)(params)
@@ -313,10 +313,13 @@ def main(args: argparse.Namespace) -> None:
     accuracy = float(np.mean(np.argmax(mlp(host_params, x_test), axis=1) == y_test))
     say(f"test accuracy {accuracy:.3f}")
     say(describe("params w2", params["w2"]))
-    nu = optax.tree_utils.tree_get(state, "nu")["w2"]
-    stored = nu._asdict() if isinstance(nu, rj.QuantizedArray | rj.FactoredMoment) else {"": nu}
+    nu = optax.tree_utils.tree_get(state, "nu")
+    if isinstance(nu, rj.QuantizedMoment | rj.FactoredMoment):
+        stored = {field: tree["w2"] for field, tree in nu._asdict().items() if field != "dense"}
+    else:
+        stored = {"": nu["w2"]}
     for field, leaf in stored.items():
-        say(describe(f"state nu['w2']{'.' + field if field else ''}", leaf))
+        say(describe(f"state nu{'.' + field if field else ''}['w2']", leaf))
 
     if speaks:
         os.makedirs(args.out, exist_ok=True)

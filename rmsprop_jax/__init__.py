@@ -3,18 +3,18 @@
 from rmsprop_jax import checkpoint as checkpoint
 from rmsprop_jax import compat, sweep
 from rmsprop_jax import sharding as sharding
-from rmsprop_jax._storage_factored import FactoredMoment
-from rmsprop_jax._storage_int8 import QuantizedArray
+from rmsprop_jax import storage as storage
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.grouping import PackedTree, pack_small_leaves
 from rmsprop_jax.memory import StateMemory, state_bytes
+from rmsprop_jax.storage import FactoredMoment, QuantizedMoment
 from rmsprop_jax.transform import (
-    DecoupledWeightDecayState,
     ScaleByCenteredRmsState,
+    ScaleByCenteredVarianceState,
     ScaleByRmsState,
-    add_decoupled_weight_decay,
     scale_by_rms,
 )
+from rmsprop_jax.weight_decay import DecoupledWeightDecayState, add_decoupled_weight_decay
 
 __version__ = "0.1.0"
 
@@ -22,8 +22,9 @@ __all__ = [
     "DecoupledWeightDecayState",
     "FactoredMoment",
     "PackedTree",
-    "QuantizedArray",
+    "QuantizedMoment",
     "ScaleByCenteredRmsState",
+    "ScaleByCenteredVarianceState",
     "ScaleByRmsState",
     "StateMemory",
     "add_decoupled_weight_decay",
@@ -32,5 +33,6 @@ __all__ = [
     "rmsprop",
     "scale_by_rms",
     "state_bytes",
+    "storage",
     "sweep",
 ]

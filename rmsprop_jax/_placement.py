@@ -1,8 +1,8 @@
 """Where optimizer state lives: on the devices, and in the layout, of its parameter.
 
-A state leaf follows one parameter (`nu`, `mu` and momentum buffers: the same shape; int8
-codes: the same shape; int8 block scales and factored row / column statistics: the
-parameter's shape with its last axis, respectively one of its last two axes, reduced).
+A state leaf follows one parameter (`nu`, `mu` and momentum buffers: the same shape); the
+parts of a compressed average (int8 block scales, factored row and column statistics) have
+shapes of their own, and their format says where they live (`tie`, `part_shardings`).
 
 Three ways of running need three mechanisms:
 
@@ -15,98 +15,102 @@ Three ways of running need three mechanisms:
 - Under `jax.jit` with automatic sharding, a traced parameter carries no sharding, and state
   built from constants (zeros, the initial scale) does not depend on the parameter's values:
   the compiler would place it as it sees fit, in practice all on one device. So
-  :func:`follow_params` adds to each state leaf a zero computed from its parameter (or, for
-  a reduced leaf, from a slice of the parameter of the leaf's shape), and sharding
-  propagation places the sum like the parameter. `update` needs nothing of the kind: the
-  new state is computed from the old state and the gradients, and is placed like them.
+  :func:`follow_params` ties each state leaf to its parameter (a zero computed from the
+  parameter, or from a slice of it shaped like the part), and sharding propagation places it
+  like the parameter. `update` needs nothing of the kind: the new state is computed from the
+  old state and the gradients, and is placed like them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rmsprop_jax import _sharded_ops, _storage_int8
-from rmsprop_jax._storage_factored import FactoredMoment
-from rmsprop_jax._storage_int8 import QuantizedArray
+from rmsprop_jax import _sharded_ops, _wrappers, storage
+
+# (stored leaf as a tuple of arrays, its format or None for a plain array, the parameter)
+# -> the same tuple, transformed.
+Placer = Callable[[tuple, Any, Any], tuple]
 
 
 def is_stored_leaf(x: Any) -> bool:
-    """A state leaf as the optimizer stores it: an array, or a compressed array."""
-    return x is None or isinstance(x, QuantizedArray | FactoredMoment)
+    """A node of the state that placement handles whole: None, or a compressed container."""
+    return x is None or storage.is_container(x)
 
 
-def logical_shape(stored: Any) -> tuple[int, ...]:
-    """The shape of the parameter-sized array a stored leaf stands for."""
-    if isinstance(stored, QuantizedArray):
-        return tuple(stored.codes.shape)
-    if isinstance(stored, FactoredMoment):
-        return (*stored.row.shape, stored.col.shape[-1])
-    return tuple(np.shape(stored))
+def _param_lookup(params: Any) -> dict[tuple, Any]:
+    return {tuple(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
-def matched_leaves(state: Any, params: Any) -> Iterator[tuple[Any, Any, Any]]:
-    """Yields (path, stored leaf, parameter or None) for every stored leaf of `state`.
+def _find_param(path: tuple, shape: tuple, by_path: dict[tuple, Any]) -> Any:
+    """The parameter whose path is the longest suffix of `path`, if its shape is `shape`."""
+    for start in range(len(path) + 1):
+        candidate = by_path.get(tuple(path[start:]))
+        if candidate is not None and tuple(np.shape(candidate)) == shape:
+            return candidate
+    return None
 
-    A stored leaf belongs to the parameter whose path is the longest suffix of the leaf's
-    path and whose shape is the leaf's (logical) shape: `state[2].nu["dense"]["w"]` belongs to
-    `params["dense"]["w"]`. Leaves matching no parameter (step counts) come with None.
+
+def map_stored(state: Any, params: Any, place: Placer) -> Any:
+    """`state` with every stored leaf that belongs to a parameter replaced by `place(...)`.
+
+    A plain array belongs to the parameter whose path is the longest suffix of its own and
+    whose shape is its shape (`state[2].nu["dense"]["w"]` to `params["dense"]["w"]`); the
+    leaves of a compressed container belong to the parameter at the path within the
+    container's trees. Leaves that belong to no parameter (step counts) go to
+    `place(leaf, None, None)`.
     """
-    by_path = {tuple(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-    for path, stored in jax.tree_util.tree_leaves_with_path(state, is_leaf=is_stored_leaf):
-        if stored is None:
-            continue
-        shape = logical_shape(stored)
-        param = None
-        for start in range(len(path) + 1):
-            candidate = by_path.get(tuple(path[start:]))
-            if candidate is not None and tuple(np.shape(candidate)) == shape:
-                param = candidate
-                break
-        yield path, stored, param
+    by_path = _param_lookup(params)
+
+    def visit(path: tuple, node: Any) -> Any:
+        if node is None:
+            return None
+        fmt = storage.format_of(node)
+        if fmt is None:
+            param = _find_param(path, tuple(np.shape(node)), by_path)
+            return place((node,), None, param)[0]
+        treedef = jax.tree.structure(node.dense)
+        leaf_paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(node.dense)]
+        placed = []
+        for leaf_path, stored_leaf in zip(leaf_paths, fmt.split(node, treedef), strict=True):
+            param = _find_param(leaf_path, fmt.leaf_logical_shape(stored_leaf), by_path)
+            placed.append(place(stored_leaf, fmt, param))
+        return fmt.join(placed, treedef)
+
+    return jax.tree_util.tree_map_with_path(visit, state, is_leaf=is_stored_leaf)
 
 
-def _block_anchor(param: jax.Array) -> jax.Array:
-    """A slice of `param` shaped like its int8 block scales: each block's first element."""
-    blocks, block_length = _storage_int8.block_layout(param.shape[-1])
-    return _sharded_ops.split_last_axis(param, blocks, block_length)[..., 0]
-
-
-def _follow(stored: Any, param: Any) -> Any:
-    if isinstance(stored, QuantizedArray):
-        return QuantizedArray(
-            codes=_sharded_ops.plus_zero_from(param, stored.codes),
-            scales=_sharded_ops.plus_zero_from(_block_anchor(param), stored.scales),
-        )
-    if isinstance(stored, FactoredMoment):
-        return FactoredMoment(
-            row=_sharded_ops.plus_zero_from(param[..., 0], stored.row),
-            col=_sharded_ops.plus_zero_from(param[..., 0, :], stored.col),
-        )
-    return _sharded_ops.plus_zero_from(param, stored)
-
-
-def _replicated_on_mesh(params: Any) -> NamedSharding | None:
-    """Replicated on the mesh of the first concrete parameter placed with a NamedSharding."""
+def replicated_sharding(params: Any) -> NamedSharding | None:
+    """Replicated on the mesh of the first parameter placed with a `NamedSharding`."""
     for param in jax.tree.leaves(params):
         sharding = getattr(param, "sharding", None)
-        if isinstance(param, jax.Array) and isinstance(sharding, NamedSharding):
+        if isinstance(sharding, NamedSharding):
             return NamedSharding(sharding.mesh, PartitionSpec())
     return None
 
 
 def _replicate_scalar(leaf: Any, replicated: NamedSharding) -> Any:
-    if not isinstance(leaf, jax.Array) or leaf.ndim or not leaf.is_fully_addressable:
+    # Step counts, and the one-element placeholders of compressed averages.
+    if not isinstance(leaf, jax.Array) or leaf.size != 1 or not leaf.is_fully_addressable:
         return leaf
     if leaf.sharding.is_equivalent_to(replicated, 0):
         return leaf
     # From the host: every process holds the same fresh scalar, and may pass it to a mesh
     # that spans other processes' devices.
     return jax.device_put(np.asarray(leaf), replicated)
+
+
+def _tie(stored_leaf: tuple, fmt: Any, param: Any) -> tuple:
+    if param is None or not _sharded_ops.is_auto_traced(param):
+        return stored_leaf
+    if fmt is None:
+        return (_sharded_ops.plus_zero_from(param, stored_leaf[0]),)
+    return fmt.leaf_tie(stored_leaf, param)
 
 
 def follow_params(state: Any, params: Any) -> Any:
@@ -118,15 +122,15 @@ def follow_params(state: Any, params: Any) -> Any:
     put them. With explicit sharding, the types place everything.
     """
     leaves = jax.tree.leaves(params)
-    if not any(_sharded_ops.is_auto_traced(p) for p in leaves):
-        replicated = _replicated_on_mesh(params)
-        if replicated is None or any(isinstance(p, jax.core.Tracer) for p in leaves):
-            return state
-        return jax.tree.map(lambda leaf: _replicate_scalar(leaf, replicated), state)
-    placed = {}
-    for path, stored, param in matched_leaves(state, params):
-        if param is not None and _sharded_ops.is_auto_traced(param):
-            placed[tuple(path)] = _follow(stored, param)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, stored: placed.get(tuple(path), stored), state, is_leaf=is_stored_leaf
-    )
+    if any(_sharded_ops.is_auto_traced(p) for p in leaves):
+        return map_stored(state, params, _tie)
+    concrete = [p for p in leaves if isinstance(p, jax.Array)]
+    replicated = replicated_sharding(concrete)
+    if replicated is None or any(isinstance(p, jax.core.Tracer) for p in leaves):
+        return state
+    return jax.tree.map(lambda leaf: _replicate_scalar(leaf, replicated), state)
+
+
+def placed(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """`inner` whose new state is placed like the parameters (once per optimizer)."""
+    return _wrappers.map_transformation(inner, after_init=follow_params, once="placement")

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _placement, _validation
+from rmsprop_jax import _validation, _wrappers
 
 
 def compute_dtype(dtype: Any) -> jnp.dtype:
@@ -25,6 +25,11 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
 def real_dtype(dtype: Any) -> jnp.dtype:
     """The real dtype of the squared magnitude `|g|**2` of a leaf of compute dtype `dtype`."""
     return jnp.finfo(dtype).dtype
+
+
+def squared_dtype(leaf: Any) -> jnp.dtype:
+    """The dtype of `|g|**2` for a leaf (an array or `jax.ShapeDtypeStruct`) in compute dtype."""
+    return real_dtype(leaf.dtype)
 
 
 def as_hyperparameter(value: Any) -> Any:
@@ -40,8 +45,16 @@ def as_hyperparameter(value: Any) -> Any:
     return value.astype(compute_dtype(value.dtype))
 
 
+def _upcast_leaf(x: Any) -> Any:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(
+            x.shape, compute_dtype(x.dtype), sharding=getattr(x, "sharding", None)
+        )
+    return jnp.asarray(x, compute_dtype(jnp.result_type(x)))
+
+
 def _upcast(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jnp.asarray(x, compute_dtype(jnp.result_type(x))), tree)
+    return jax.tree.map(_upcast_leaf, tree)
 
 
 def _cast_like(tree: Any, reference: Any) -> Any:
@@ -59,18 +72,15 @@ def with_compute_dtype(
     """Runs `inner` on gradients and parameters upcast to their compute dtype.
 
     The returned transformation has the same state as `inner`; its updates have the dtype of the
-    incoming gradients. Integer or boolean parameters are rejected with a `TypeError`.
+    incoming gradients. Integer or boolean parameters are rejected with a `TypeError`. Nested
+    inside another such wrapper (a public transformation chained into another), it does
+    nothing: the outer one has cast already, and casting back in between would round.
     """
-    inner = optax.with_extra_args_support(inner)
-
-    def init_fn(params):
-        _validation.check_float_leaves(params)
-        # Under `jax.jit` the state would otherwise not follow sharded parameters.
-        return _placement.follow_params(inner.init(_upcast(params)), params)
-
-    def update_fn(updates, state, params=None, **extra_args):
-        params = None if params is None else _upcast(params)
-        new_updates, new_state = inner.update(_upcast(updates), state, params, **extra_args)
-        return _cast_like(new_updates, updates), new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _wrappers.map_transformation(
+        inner,
+        map_inputs=_upcast,
+        map_updates_back=_cast_like,
+        check_params=_validation.check_float_leaves,
+        check_updates=_validation.check_float_gradients,
+        once="compute_dtype",
+    )

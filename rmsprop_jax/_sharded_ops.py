@@ -19,21 +19,24 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-_EXPLICIT = jax.sharding.AxisType.Explicit
-_AUTO = jax.sharding.AxisType.Auto
+from rmsprop_jax import _jax_compat
 
 
 def mesh_axis_types(x: Any) -> tuple | None:
-    """The axis types of the mesh a traced value's type refers to; None for other values."""
+    """The axis types of the mesh a traced value's type refers to; None for other values.
+
+    A JAX without axis types (or a type without a sharding) reads as all-automatic: ().
+    """
     if not isinstance(x, jax.core.Tracer):
         return None
-    return tuple(jax.typeof(x).sharding.mesh.axis_types)
+    mesh = getattr(getattr(_jax_compat.typeof(x), "sharding", None), "mesh", None)
+    return tuple(getattr(mesh, "axis_types", ()))
 
 
 def is_auto_traced(x: Any) -> bool:
     """Whether `x` is traced with automatic sharding (its type carries no sharding)."""
     types = mesh_axis_types(x)
-    return types is not None and all(t == _AUTO for t in types)
+    return types is not None and all(_jax_compat.is_axis_type(t, "Auto") for t in types)
 
 
 def plus_zero_from(anchor: jax.Array, value: jax.Array) -> jax.Array:
@@ -53,9 +56,9 @@ def plus_zero_from(anchor: jax.Array, value: jax.Array) -> jax.Array:
 def explicit_sharding(x: Any) -> NamedSharding | None:
     """`x`'s sharding when it is traced with explicit sharding (part of its type), else None."""
     types = mesh_axis_types(x)
-    if not types or not any(t == _EXPLICIT for t in types):
+    if not types or not any(_jax_compat.is_axis_type(t, "Explicit") for t in types):
         return None
-    return jax.typeof(x).sharding
+    return _jax_compat.typeof(x).sharding
 
 
 def padded_spec(spec: PartitionSpec, ndim: int) -> tuple:
@@ -106,6 +109,21 @@ def split_entry(
     return as_entry(names[:leading]), as_entry(within)
 
 
+def with_entries(sharding: Any, entries: tuple, what: str) -> Any:
+    """`sharding` with its `PartitionSpec` replaced by `entries` (for a state leaf of another
+    shape than its parameter: block scales, row or column statistics)."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(
+            sharding.mesh, PartitionSpec(*entries), memory_kind=sharding.memory_kind
+        )
+    if sharding.is_fully_replicated:
+        return sharding
+    raise TypeError(
+        f"The {what} of a parameter sharded with {sharding!r} has another shape, so its "
+        "sharding cannot be derived; use jax.sharding.NamedSharding for the parameters."
+    )
+
+
 def _explicit_context(x: Any) -> tuple[NamedSharding, list, Any, dict[str, int]] | None:
     sharding = explicit_sharding(x)
     if sharding is None:
@@ -124,7 +142,7 @@ def first_along(x: jax.Array, axis: int) -> jax.Array:
         entries = list(padded_spec(sharding.spec, x.ndim))
         if entries[axis] is not None:
             entries[axis] = None
-            x = jax.sharding.reshard(x, sharding.update(spec=PartitionSpec(*entries)))
+            x = _jax_compat.reshard(x, _jax_compat.with_spec(sharding, PartitionSpec(*entries)))
     return jax.lax.index_in_dim(x, 0, axis % x.ndim, keepdims=False)
 
 
@@ -142,13 +160,15 @@ def split_last_axis(x: jax.Array, blocks: int, block_length: int) -> jax.Array:
         outer, inner = split_entry(last, blocks, block_length, x.shape[-1], sizes)
         kept = as_entry(axis_names(outer) + axis_names(inner))
         if kept != last:
-            x = jax.sharding.reshard(x, sharding.update(spec=PartitionSpec(*leading, kept)))
+            x = _jax_compat.reshard(
+                x, _jax_compat.with_spec(sharding, PartitionSpec(*leading, kept))
+            )
     if padding:
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padding)])
     if context is None:
         return x.reshape(shape)
-    out_sharding = sharding.update(spec=PartitionSpec(*leading, outer, inner))
-    return jax.lax.reshape(x, shape, out_sharding=out_sharding)
+    out_sharding = _jax_compat.with_spec(sharding, PartitionSpec(*leading, outer, inner))
+    return _jax_compat.reshape(x, shape, out_sharding)
 
 
 def merge_last_axes(x: jax.Array, like: jax.Array) -> jax.Array:
@@ -164,18 +184,15 @@ def merge_last_axes(x: jax.Array, like: jax.Array) -> jax.Array:
     else:
         *leading, outer, inner = padded_spec(sharding.spec, x.ndim)
         merged_entry = as_entry(axis_names(outer) + axis_names(inner))
-        out_sharding = sharding.update(spec=PartitionSpec(*leading, merged_entry))
-        merged = jax.lax.reshape(x, shape, out_sharding=out_sharding)
+        out_sharding = _jax_compat.with_spec(sharding, PartitionSpec(*leading, merged_entry))
+        merged = _jax_compat.reshape(x, shape, out_sharding)
     if length != shape[-1]:
         merged = merged[..., :length]
         if is_auto_traced(like):
             # Propagation through the padding and the cut can lose the sharding.
             merged = plus_zero_from(like, merged)
     target = explicit_sharding(like)
-    if (
-        sharding is not None
-        and target is not None
-        and target.spec != explicit_sharding(merged).spec
-    ):
-        merged = jax.sharding.reshard(merged, target)
+    current = explicit_sharding(merged) if sharding is not None else None
+    if current is not None and target is not None and target.spec != current.spec:
+        merged = _jax_compat.reshard(merged, target)
     return merged

@@ -12,8 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-NU_STORAGE_FORMATS = ("float32", "bfloat16", "int8", "factored")
-
 
 def _concrete_values(value: Any) -> np.ndarray | None:
     """Returns `value` as a NumPy array, or None when it cannot be inspected."""
@@ -40,6 +38,15 @@ def is_literal_zero(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
 
 
+def check_flag(name: str, value: Any) -> None:
+    """Raises `TypeError` unless `value` is a Python bool: flags choose the state's structure.
+
+    A string such as "False" is truthy, so accepting it would silently build the opposite.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+
+
 def check_in_range(
     name: str,
     value: Any,
@@ -47,44 +54,88 @@ def check_in_range(
     low: float,
     high: float = float("inf"),
     high_inclusive: bool = True,
+    optional: bool = False,
 ) -> None:
-    """Raises `ValueError` unless every element of a concrete `value` lies in [low, high]."""
+    """Raises `ValueError` unless every element of a concrete `value` is finite and in range.
+
+    The range is [low, high] (or [low, high) when not `high_inclusive`). None is refused
+    unless `optional`. Traced values and schedules cannot be inspected and pass.
+    """
+    if value is None:
+        if optional:
+            return
+        raise ValueError(f"`{name}` must be a number, an array or a schedule, got None.")
     values = _concrete_values(value)
     if values is None:
         return
     # jnp.issubdtype, unlike NumPy's, counts bfloat16 (as inject_hyperparams stores it) as a number.
-    if not jnp.issubdtype(values.dtype, jnp.number) or np.iscomplexobj(values):
+    if (
+        not jnp.issubdtype(values.dtype, jnp.number)
+        or np.iscomplexobj(values)
+        or values.dtype == np.bool_
+    ):
         raise ValueError(f"`{name}` must be a real number, got {value!r}.")
     values = values.astype(np.float64)
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"`{name}` must be finite, got {value!r}.")
     below = values < low
     above = values > high if high_inclusive else values >= high
-    if np.any(np.isnan(values) | below | above):
-        closing = "]" if high_inclusive else ")"
-        raise ValueError(f"`{name}` must lie in [{low}, {high}{closing}, got {value!r}.")
-
-
-def check_nu_storage(nu_storage: str) -> None:
-    if not isinstance(nu_storage, str) or nu_storage not in NU_STORAGE_FORMATS:
-        raise ValueError(f"`nu_storage` must be one of {NU_STORAGE_FORMATS}, got {nu_storage!r}.")
+    if np.any(below | above):
+        if high == float("inf"):
+            expected = f">= {low}"
+        else:
+            expected = f"in [{low}, {high}{']' if high_inclusive else ')'}"
+        raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
 
 
 def _path_str(path: tuple[Any, ...]) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
 
-def check_float_leaves(params: Any) -> None:
-    """Raises `TypeError` naming the first integer or boolean leaf: they cannot be optimized."""
+def _leaf_dtype(leaf: Any) -> Any:
+    """The dtype of an array leaf; for a Python number, its type (an int or bool is integral)."""
+    if isinstance(leaf, bool):
+        return np.dtype(np.bool_)
+    if isinstance(leaf, int):
+        return np.dtype(np.int64)
+    return getattr(leaf, "dtype", None)
+
+
+def _check_inexact(tree: Any, what: str, remedy: str) -> None:
+    """Raises `TypeError` naming the first leaf of `tree` that is neither floating nor complex."""
 
     def check(path, leaf):
-        dtype = getattr(leaf, "dtype", None)
+        dtype = _leaf_dtype(leaf)
         if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
-                f"Parameter at {_path_str(path)} has dtype {dtype}; RMSprop needs floating or "
-                "complex parameters. Keep integer or boolean leaves out of the optimized tree "
-                "(for example with `optax.masked` or `flax.nnx.Optimizer(..., wrt=nnx.Param)`)."
+                f"{what.capitalize()} at {_path_str(path)} has dtype {dtype}; RMSprop needs "
+                f"floating or complex {what}s. {remedy}"
             )
 
-    jax.tree.map_with_path(check, params)
+    jax.tree.map_with_path(check, tree)
+
+
+def check_float_leaves(params: Any) -> None:
+    """Raises `TypeError` naming the first integer or boolean parameter: it cannot be optimized."""
+    _check_inexact(
+        params,
+        "parameter",
+        "Keep integer or boolean leaves out of the optimized tree (for example with "
+        "`optax.masked` or `flax.nnx.Optimizer(..., wrt=nnx.Param)`).",
+    )
+
+
+def check_float_gradients(updates: Any) -> None:
+    """Raises `TypeError` naming the first integer or boolean gradient.
+
+    Such a gradient would give an integer update (and for float parameters a zero one).
+    """
+    _check_inexact(
+        updates,
+        "gradient",
+        "Differentiate with respect to floating-point parameters, or cast the gradient "
+        "(e.g. `g.astype(jnp.float32)`).",
+    )
 
 
 def _leaves_with_paths(tree: Any) -> list[tuple[Any, Any]]:

@@ -8,11 +8,9 @@ from typing import Any
 import chex
 import optax
 
-from rmsprop_jax import _precision, _validation
-from rmsprop_jax.transform import (
-    _add_decoupled_weight_decay_in_compute_dtype,
-    _scale_by_rms_in_compute_dtype,
-)
+from rmsprop_jax import _placement, _precision, _validation
+from rmsprop_jax.transform import scale_by_rms
+from rmsprop_jax.weight_decay import add_decoupled_weight_decay
 
 WeightDecayMask = Any | Callable[[optax.Params], Any] | None
 
@@ -32,7 +30,7 @@ def rmsprop(
     decoupled_weight_decay: bool = False,
     weight_decay_mask: WeightDecayMask = None,
     maximize: bool = False,
-    nu_storage: str = "float32",
+    moment_storage: str = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     r"""RMSprop with every variant the major frameworks implement.
 
@@ -67,7 +65,9 @@ def rmsprop(
       weight_decay_mask: a tree of booleans with the structure of the parameters (or a function
         of the parameters returning one) selecting the leaves that are decayed.
       maximize: ascend the objective instead of descending it.
-      nu_storage: storage format of :math:`\nu` (see :func:`rmsprop_jax.scale_by_rms`).
+      moment_storage: how :math:`\nu` (and :math:`\mu`, when centered) are stored between
+        steps: `"float32"`, `"bfloat16"`, `"int8"` or `"factored"` (see
+        :func:`rmsprop_jax.scale_by_rms`).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; its state is the tuple of the states
@@ -77,47 +77,12 @@ def rmsprop(
       Tieleman and Hinton, Lecture 6.5 - RMSProp, 2012.
       https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf
     """
-    return _precision.with_compute_dtype(
-        _rmsprop_in_compute_dtype(
-            learning_rate,
-            decay,
-            eps,
-            eps_in_sqrt=eps_in_sqrt,
-            initial_scale=initial_scale,
-            centered=centered,
-            momentum=momentum,
-            nesterov=nesterov,
-            bias_correction=bias_correction,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            weight_decay_mask=weight_decay_mask,
-            maximize=maximize,
-            nu_storage=nu_storage,
-        )
-    )
-
-
-def _rmsprop_in_compute_dtype(
-    learning_rate: optax.ScalarOrSchedule,
-    decay: chex.Numeric,
-    eps: chex.Numeric,
-    *,
-    eps_in_sqrt: bool,
-    initial_scale: chex.Numeric,
-    centered: bool,
-    momentum: chex.Numeric | None,
-    nesterov: bool,
-    bias_correction: bool,
-    weight_decay: chex.Numeric,
-    decoupled_weight_decay: bool,
-    weight_decay_mask: WeightDecayMask,
-    maximize: bool,
-    nu_storage: str,
-) -> optax.GradientTransformation:
-    """`rmsprop` for gradients and parameters already in their compute dtype.
-
-    The presets of `rmsprop_jax.compat` chain it under their own single compute-dtype wrapper.
-    """
+    for name, flag in (
+        ("nesterov", nesterov),
+        ("decoupled_weight_decay", decoupled_weight_decay),
+        ("maximize", maximize),
+    ):
+        _validation.check_flag(name, flag)
     _validation.check_in_range("learning_rate", learning_rate, low=0.0)
     _validation.check_in_range("weight_decay", weight_decay, low=0.0)
     if momentum is not None:
@@ -140,21 +105,21 @@ def _rmsprop_in_compute_dtype(
         masked(optax.add_decayed_weights(_precision.as_hyperparameter(weight_decay)))
         if decays_weights and not decoupled_weight_decay
         else optax.identity(),
-        _scale_by_rms_in_compute_dtype(
+        scale_by_rms(
             decay,
             eps,
             eps_in_sqrt=eps_in_sqrt,
             initial_scale=initial_scale,
             centered=centered,
             bias_correction=bias_correction,
-            nu_storage=nu_storage,
+            moment_storage=moment_storage,
         ),
         optax.scale_by_learning_rate(learning_rate),
         optax.identity()
         if momentum is None
         else optax.trace(decay=_precision.as_hyperparameter(momentum), nesterov=nesterov),
-        masked(_add_decoupled_weight_decay_in_compute_dtype(learning_rate, weight_decay))
+        masked(add_decoupled_weight_decay(learning_rate, weight_decay))
         if decays_weights and decoupled_weight_decay
         else optax.identity(),
     ]
-    return optax.chain(*stages)
+    return _placement.placed(_precision.with_compute_dtype(optax.chain(*stages)))

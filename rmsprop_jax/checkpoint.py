@@ -6,7 +6,9 @@ lists that no optax `update` accepts. Restoring against an abstract target built
 initialized optimizer gives back the original types and dtypes. Before restoring, the stored
 tree is compared leaf by leaf with that target, so a checkpoint written by another model or
 another optimizer configuration (centered or not, with or without momentum) is refused with a
-message naming the leaf, instead of being padded, truncated or half-restored.
+message naming the leaf, instead of being padded, truncated or half-restored. A step whose
+metadata files are damaged raises :class:`CorruptCheckpointError` naming the step, its
+directory and the way out, and a directory that does not exist is reported, never created.
 
 Typical use, with any pytree of arrays (the keys `params` and `opt_state` make the messages
 speak of parameters and optimizer state)::
@@ -22,6 +24,8 @@ Needs `orbax-checkpoint` (`pip install rmsprop-jax[examples]`), imported on firs
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +47,15 @@ _LEAF_KINDS = {"opt_state": "optimizer state leaf", "params": "parameter"}
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the tree it is restored into (structure, shape or dtype)."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's metadata cannot be read: the files of a step are truncated or damaged.
+
+    Raised by :func:`restore` instead of the `json.JSONDecodeError` (or storage error) that
+    reading the damaged file gives, with the step, its directory, the damaged files and what
+    to do: restore another step, or delete the damaged one.
+    """
 
 
 def _orbax() -> Any:
@@ -69,7 +82,11 @@ def _flat(tree: Any) -> dict[tuple[str, ...], Any]:
     spelled this way are the same for a live state and for its stored metadata.
     """
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {tuple(_key_name(key) for key in path): leaf for path, leaf in leaves}
+    return {_path_key(path): leaf for path, leaf in leaves}
+
+
+def _path_key(path: tuple[Any, ...]) -> tuple[str, ...]:
+    return tuple(_key_name(key) for key in path)
 
 
 def _describe(path: tuple[str, ...]) -> str:
@@ -150,11 +167,25 @@ def open_manager(
     It knows the format of its items from the start, so a new process can read the metadata
     of existing checkpoints before restoring any of them (a plain manager cannot).
 
+    Opening creates nothing: the directory is made by the first :func:`save` (orbax's
+    `create` option is turned off), so a mistyped directory given to :func:`restore` raises
+    `FileNotFoundError` naming it instead of leaving a new empty directory behind.
+
     Args:
-      directory: where the checkpoints live (made absolute; created if missing).
-      options: orbax's `CheckpointManagerOptions` (how many to keep, async saving, ...).
+      directory: where the checkpoints live (made absolute; created by the first save).
+      options: orbax's `CheckpointManagerOptions` (how many to keep, async saving, ...); its
+        `create` field is ignored, as said above.
+
+    Raises:
+      TypeError: `options` is not a `CheckpointManagerOptions` (a dict, for example).
     """
     ocp_ = _orbax()
+    if options is not None and not isinstance(options, ocp_.CheckpointManagerOptions):
+        raise TypeError(
+            "`options` must be an orbax.checkpoint.CheckpointManagerOptions or None, got "
+            f"{options!r}."
+        )
+    options = dataclasses.replace(options or ocp_.CheckpointManagerOptions(), create=False)
     return ocp_.CheckpointManager(
         Path(directory).absolute(),
         options=options,
@@ -162,14 +193,68 @@ def open_manager(
     )
 
 
+def _check_step(step: Any) -> None:
+    # Orbax takes any value as a step and names a directory after it ("1.5", "True", "-1").
+    if isinstance(step, bool) or not isinstance(step, int | np.integer):
+        raise TypeError(f"`step` must be an integer, got {step!r}.")
+    if step < 0:
+        raise ValueError(f"`step` must be >= 0, got {step!r}.")
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool = False) -> bool:
     """Saves the pytree `state` as `step` of `manager` (one item, orbax's standard format).
 
     Returns:
       Whether a checkpoint was written (the manager's save policy may skip a step).
+
+    Raises:
+      TypeError: `step` is not an integer (a float or a bool would name a directory "1.5" or
+        "True").
+      ValueError: `step` is negative.
     """
+    _check_step(step)
     ocp_ = _orbax()
     return manager.save(step, args=ocp_.args.StandardSave(state), force=force)
+
+
+def _step_directory(manager: ocp.CheckpointManager, step: int) -> Any:
+    try:  # honours a custom `step_name_format`; private in orbax, hence the fallback
+        return manager._get_read_step_directory(step, manager.directory)
+    except AttributeError:  # another orbax version: the default layout, <directory>/<step>
+        return manager.directory / str(step)
+
+
+def _unreadable_json(step_directory: Any) -> list[str]:
+    """The JSON metadata files of a step directory that do not parse, relative to it."""
+    root = Path(str(step_directory))
+    damaged = []
+    for path in sorted(root.rglob("*")):
+        is_metadata = path.name.startswith("_") or path.parent.name == "array_metadatas"
+        if not (path.is_file() and is_metadata):
+            continue
+        try:
+            json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            damaged.append(str(path.relative_to(root)))
+    return damaged
+
+
+def _corrupt(manager: ocp.CheckpointManager, step: int, error: Exception) -> CorruptCheckpointError:
+    step_directory = _step_directory(manager, step)
+    damaged = _unreadable_json(step_directory)
+    which = f" ({', '.join(damaged)} in it)" if damaged else ""
+    others = [other for other in manager.all_steps() if other != step]
+    instead = (
+        f"restore another step (restore(manager, target, step=N) with N in {sorted(others)})"
+        if others
+        else "restore from another copy"
+    )
+    return CorruptCheckpointError(
+        f"checkpoint at step {step} is damaged: its metadata in {step_directory}{which} cannot "
+        f"be read ({type(error).__name__}: {error}). It was probably truncated by a full disk "
+        f"or an interrupted copy. Either {instead}, or delete {step_directory} so that the "
+        "latest step is an intact one."
+    )
 
 
 def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None) -> Any:
@@ -180,25 +265,49 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
       target: a tree like the one saved, e.g. built from a freshly initialized model and
         optimizer (arrays or `jax.ShapeDtypeStruct` leaves; only shapes, dtypes, shardings and
         the tree structure are used).
-      step: the step to restore; None for the latest.
+      step: the step to restore (a non-negative integer); None for the latest.
 
     Returns:
       The stored values in a tree with the structure and node types of `target` (NamedTuple
       states stay NamedTuples) and the stored dtypes.
 
     Raises:
-      FileNotFoundError: the manager holds no checkpoint.
+      FileNotFoundError: the manager's directory does not exist (nothing is created), it holds
+        no checkpoint, or none at `step`.
+      NotADirectoryError: the manager's path is a file.
+      TypeError, ValueError: `step` is not a non-negative integer.
       ValueError: the manager cannot read the checkpoint's metadata (not opened by
         :func:`open_manager`).
+      CorruptCheckpointError: the checkpoint's metadata files are truncated or damaged.
       CheckpointMismatchError: the checkpoint's leaves, shapes or dtypes differ from `target`'s;
         nothing is restored.
     """
     ocp_ = _orbax()
+    if not manager.directory.exists():
+        raise FileNotFoundError(
+            f"checkpoint directory {manager.directory} does not exist: nothing to restore. "
+            "Check the path (it is resolved against the current directory)."
+        )
+    if not manager.directory.is_dir():
+        raise NotADirectoryError(
+            f"{manager.directory} is a file, not a checkpoint directory: pass the directory "
+            "that save() wrote the checkpoints into."
+        )
     if step is None:
         step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint to restore in {manager.directory}")
-    metadata = manager.item_metadata(step)
+    else:
+        _check_step(step)
+        if step not in manager.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint at step {step} in {manager.directory}; it holds steps "
+                f"{sorted(manager.all_steps())}"
+            )
+    try:
+        metadata = manager.item_metadata(step)
+    except ValueError as error:  # JSONDecodeError, or tensorstore's error for a damaged file
+        raise _corrupt(manager, step, error) from error
     if metadata is None:
         raise ValueError(
             f"cannot read the metadata of checkpoint step {step} in {manager.directory}: create "
@@ -206,11 +315,16 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
             "item_handlers=orbax.checkpoint.StandardCheckpointHandler() to CheckpointManager"
         )
     check_matches(metadata, target, where=f"checkpoint at step {step}")
-    abstract = jax.tree.map(_abstract_leaf, target)
-    restored = manager.restore(step, args=ocp_.args.StandardRestore(abstract))
-    if jax.tree.structure(restored) != jax.tree.structure(target):
-        raise CheckpointMismatchError(
-            f"checkpoint at step {step} restored as {jax.tree.structure(restored)}, "
-            f"expected {jax.tree.structure(target)}"
-        )
-    return restored
+    # Orbax compares the stored structure with the restore item's, empty nodes included, so
+    # the item is the stored structure (NamedTuples as dicts) with the target's shapes, dtypes
+    # and shardings; the leaves then go back into the target's structure by path. A target
+    # with a leafless node the checkpoint lacks (a newer version's layout record) restores.
+    abstract = {path: _abstract_leaf(leaf) for path, leaf in _flat(target).items()}
+    item = jax.tree_util.tree_map_with_path(
+        lambda path, _: abstract[_path_key(path)], getattr(metadata, "tree", metadata)
+    )
+    try:
+        restored = _flat(manager.restore(step, args=ocp_.args.StandardRestore(item)))
+    except json.JSONDecodeError as error:  # the per-array metadata, read only when restoring
+        raise _corrupt(manager, step, error) from error
+    return jax.tree_util.tree_map_with_path(lambda path, _: restored[_path_key(path)], target)

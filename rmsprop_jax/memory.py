@@ -35,12 +35,12 @@ def _array_bytes(leaf: Any, *, what: str) -> int:
 def state_bytes(state: Any, params: Any) -> StateMemory:
     """Counts the bytes of `state` and divides them by the number of elements of `params`.
 
-    Leaves may be arrays or `jax.ShapeDtypeStruct`s, so the figure for a model too large to
+    Leaves may be arrays or `jax.ShapeDtypeStruct` leaves, so the figure for a model too large to
     allocate comes from `jax.eval_shape(optimizer.init, abstract_params)`. Python numbers in
     the state (static hyperparameters) take no device memory and count as 0.
 
     Args:
-      state: an optimizer state, for example `rj.rmsprop(1e-3, nu_storage="int8").init(params)`.
+      state: an optimizer state, for example `rj.rmsprop(1e-3, moment_storage="int8").init(params)`.
       params: the parameters (or their shapes) the state was built for.
 
     Returns:
@@ -48,7 +48,7 @@ def state_bytes(state: Any, params: Any) -> StateMemory:
 
     Example:
       >>> params = {"w": jax.ShapeDtypeStruct((4096, 4096), jnp.float32)}
-      >>> state = jax.eval_shape(rj.rmsprop(1e-3, nu_storage="int8").init, params)
+      >>> state = jax.eval_shape(rj.rmsprop(1e-3, moment_storage="int8").init, params)
       >>> rj.state_bytes(state, params).bytes_per_parameter  # doctest: +SKIP
       1.0156...
     """

@@ -24,9 +24,9 @@ Example, FSDP over 8 devices, before any parameter exists::
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
     abstract = {"w": jax.ShapeDtypeStruct((4096, 1024), jnp.float32,
                                           sharding=NamedSharding(mesh, P("fsdp", None)))}
-    tx = rj.rmsprop(1e-3, nu_storage="int8")
+    tx = rj.rmsprop(1e-3, moment_storage="int8")
     shardings = rj.sharding.state_shardings(tx, abstract)
-    shardings[2].nu["w"].scales.spec      # PartitionSpec('fsdp', None): (4096, 4) scales
+    shardings[2].nu.scales["w"].spec      # PartitionSpec('fsdp', None): (4096, 4) scales
     params = jax.jit(init_params, out_shardings={"w": abstract["w"].sharding})(key)
     state = jax.jit(tx.init, out_shardings=shardings)(params)
 
@@ -43,11 +43,9 @@ from typing import Any
 
 import jax
 import optax
-from jax.sharding import NamedSharding, PartitionSpec, Sharding
+from jax.sharding import Sharding
 
-from rmsprop_jax import _placement, _sharded_ops, _storage_int8
-from rmsprop_jax._storage_factored import FactoredMoment
-from rmsprop_jax._storage_int8 import QuantizedArray
+from rmsprop_jax import _placement
 
 
 def _abstract_params(params: Any, shardings: Any) -> Any:
@@ -81,52 +79,14 @@ def _replicated(params: Any) -> Sharding:
     shardings = [leaf.sharding for leaf in jax.tree.leaves(params)]
     if not shardings:
         raise ValueError("`params` has no leaves, so there is no device to place the state on.")
-    for sharding in shardings:
-        if isinstance(sharding, NamedSharding):
-            return NamedSharding(sharding.mesh, PartitionSpec())
+    replicated = _placement.replicated_sharding(params)
+    if replicated is not None:
+        return replicated
     if shardings[0].is_fully_replicated:
         return shardings[0]
     raise TypeError(
         f"Cannot place scalars next to parameters sharded with {shardings[0]!r}: use "
         "jax.sharding.NamedSharding."
-    )
-
-
-def _with_entries(sharding: Sharding, entries: tuple, what: str) -> Sharding:
-    if isinstance(sharding, NamedSharding):
-        return NamedSharding(
-            sharding.mesh, PartitionSpec(*entries), memory_kind=sharding.memory_kind
-        )
-    if sharding.is_fully_replicated:
-        return sharding
-    raise TypeError(
-        f"The {what} of a parameter sharded with {sharding!r} has another shape, so its "
-        "sharding cannot be derived; use jax.sharding.NamedSharding for the parameters."
-    )
-
-
-def _stored_shardings(stored: Any, param: jax.ShapeDtypeStruct) -> Any:
-    """The sharding (or a QuantizedArray / FactoredMoment of them) of one stored leaf."""
-    sharding, shape = param.sharding, param.shape
-    if not isinstance(stored, QuantizedArray | FactoredMoment):
-        return sharding
-    entries = ()
-    if isinstance(sharding, NamedSharding):
-        entries = _sharded_ops.padded_spec(sharding.spec, len(shape))
-    if isinstance(stored, FactoredMoment):
-        return FactoredMoment(
-            row=_with_entries(sharding, entries[:-1], "row statistic"),
-            col=_with_entries(sharding, entries[:-2] + entries[-1:], "column statistic"),
-        )
-    blocks_entry = None
-    if entries:
-        blocks, block_length = _storage_int8.block_layout(shape[-1])
-        blocks_entry, _ = _sharded_ops.split_entry(
-            entries[-1], blocks, block_length, shape[-1], dict(sharding.mesh.shape)
-        )
-    return QuantizedArray(
-        codes=sharding,
-        scales=_with_entries(sharding, (*entries[:-1], blocks_entry), "block scales"),
     )
 
 
@@ -140,9 +100,9 @@ def state_shardings(tx: optax.GradientTransformation, params: Any, shardings: An
     that match no parameter are replicated.
 
     Args:
-      tx: the optimizer, e.g. `rj.rmsprop(1e-3, nu_storage="int8")`.
+      tx: the optimizer, e.g. `rj.rmsprop(1e-3, moment_storage="int8")`.
       params: the parameters: `jax.Array`s (placed with `jax.device_put`), or
-        `jax.ShapeDtypeStruct`s with a `sharding`, or anything with `shape` and `dtype` when
+        `jax.ShapeDtypeStruct` leaves with a `sharding`, or anything with `shape` and `dtype` when
         `shardings` is given.
       shardings: optional tree of `jax.sharding.Sharding` with the structure of `params`,
         used instead of the parameters' own shardings.
@@ -155,28 +115,27 @@ def state_shardings(tx: optax.GradientTransformation, params: Any, shardings: An
       >>> mesh = jax.make_mesh((2, 4), ("data", "model"))  # doctest: +SKIP
       >>> w = jax.ShapeDtypeStruct((512, 1024), jnp.float32,
       ...                          sharding=NamedSharding(mesh, P("data", "model")))
-      >>> tx = rj.rmsprop(1e-3, nu_storage="factored")
-      >>> rj.sharding.state_shardings(tx, {"w": w})[2].nu["w"].col.spec  # doctest: +SKIP
+      >>> tx = rj.rmsprop(1e-3, moment_storage="factored")
+      >>> rj.sharding.state_shardings(tx, {"w": w})[2].nu.col["w"].spec  # doctest: +SKIP
       PartitionSpec('model',)
     """
     abstract_params = _abstract_params(params, shardings)
     unplaced = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), abstract_params)
     state = jax.eval_shape(tx.init, unplaced)
-    derived = {
-        tuple(path): _stored_shardings(stored, param)
-        for path, stored, param in _placement.matched_leaves(state, abstract_params)
-        if param is not None
-    }
     replicated = _replicated(abstract_params)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, stored: derived.get(tuple(path), replicated) if stored is not None else None,
-        state,
-        is_leaf=_placement.is_stored_leaf,
-    )
+
+    def place(stored_leaf: tuple, fmt: Any, param: Any) -> tuple:
+        if param is None:
+            return tuple(replicated for _ in stored_leaf)
+        if fmt is None:
+            return (param.sharding,)
+        return fmt.leaf_shardings(stored_leaf, param.sharding, param.shape, replicated)
+
+    return _placement.map_stored(state, abstract_params, place)
 
 
 def abstract_state(tx: optax.GradientTransformation, params: Any, shardings: Any = None) -> Any:
-    """`tx.init(params)` as `jax.ShapeDtypeStruct`s carrying the shardings of the state.
+    """`tx.init(params)` as `jax.ShapeDtypeStruct` leaves carrying the shardings of the state.
 
     The target for restoring a checkpoint straight onto the devices, each process reading
     only its shards, e.g. with orbax:

@@ -53,20 +53,77 @@ SWEEP_AXIS = "sweep"
 InAxes = int | None | Sequence[int | None]
 
 
+_INT32 = np.iinfo(np.int32)
+_FLOAT32 = np.finfo(np.float32)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool | np.bool_) or getattr(value, "dtype", None) == np.bool_
+
+
 def _as_values(name: str, values: Any) -> np.ndarray:
-    array = np.asarray(values)
-    if array.ndim != 1 or array.size == 0:
+    """`values` as the int32 or float32 array a sweep passes on, or an error naming `name`.
+
+    Every conversion NumPy would make silently is refused instead: integers outside int32
+    (which `astype` wraps around), reals outside float32 (which become inf) or so small that
+    they become 0, ragged lists, and booleans (a structural flag such as `centered` cannot be
+    swept under `jax.vmap`, and True among numbers would silently count as 1).
+    """
+    wrap = (
+        f"The values of `{name}` must be a non-empty 1-D sequence of numbers, got {values!r}. "
+        f"Wrap a single value in a list: {name}=[...]."
+    )
+    if isinstance(values, str | bytes | Mapping):
+        raise ValueError(wrap)
+    try:
+        array = np.asarray(values)
+    except ValueError as error:  # a ragged list: NumPy cannot make one array of it
         raise ValueError(
-            f"The values of `{name}` must be a non-empty 1-D sequence of numbers, got {values!r}. "
-            f"Wrap a single value in a list: {name}=[...]."
+            f"The values of `{name}` must be a flat list of numbers, got {values!r} ({error})."
+        ) from None
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(wrap)
+    # np.asarray([1, True]) is [1, 1]: look at the elements as given, not at the array.
+    given = values if isinstance(values, list | tuple) else array
+    if array.dtype == np.bool_ or any(map(_is_bool, given)):
+        raise TypeError(
+            f"The values of `{name}` must be real numbers, got {values!r}: booleans are refused, "
+            "since a structural flag cannot vary inside one compiled sweep. Sweep it with one "
+            "`rj.sweep.run` per setting."
         )
-    if np.issubdtype(array.dtype, np.integer):
+    # Python ints beyond int64 make an object array: check them as the Python ints they are.
+    integers = np.issubdtype(array.dtype, np.integer) or (
+        array.dtype == object and all(isinstance(v, int | np.integer) for v in array)
+    )
+    if integers:
+        bad = [v for v in array.tolist() if not _INT32.min <= v <= _INT32.max]
+        if bad:
+            raise ValueError(
+                f"The values of `{name}` are integers, which a sweep stores as int32, but "
+                f"{bad[0]!r} lies outside [{_INT32.min}, {_INT32.max}]: got {values!r}. "
+                "Pass them as floats if they are not meant as integers."
+            )
         return array.astype(np.int32)
     if not np.issubdtype(array.dtype, np.floating):
         raise TypeError(f"The values of `{name}` must be real numbers, got {values!r}.")
     if not np.all(np.isfinite(array)):
         raise ValueError(f"The values of `{name}` must be finite, got {values!r}.")
-    return array.astype(np.float32)
+    with np.errstate(over="ignore"):  # overflow is reported below, naming the value
+        as_float32 = array.astype(np.float32)
+    overflow = array[~np.isfinite(as_float32)]
+    if overflow.size:
+        raise ValueError(
+            f"The values of `{name}` must fit in float32 (magnitude at most {_FLOAT32.max:.4g}), "
+            f"but {overflow[0].item()!r} does not: got {values!r}."
+        )
+    underflow = array[(as_float32 == 0) & (array != 0)]
+    if underflow.size:
+        raise ValueError(
+            f"The values of `{name}` must be representable in float32, but "
+            f"{underflow[0].item()!r} rounds to 0 (the smallest positive float32 is about "
+            f"{_FLOAT32.smallest_subnormal:.4g}): got {values!r}."
+        )
+    return as_float32
 
 
 def grid(*, product: bool = True, **values: Any) -> dict[str, jax.Array]:
@@ -77,10 +134,18 @@ def grid(*, product: bool = True, **values: Any) -> dict[str, jax.Array]:
         varying slowest, so a result reshapes to `(len(values_1), len(values_2), ...)`), or,
         when False, pair the i-th values of each name (all lists must then have one length).
       **values: for each hyperparameter, a 1-D sequence of its values. Real values become
-        float32; integer values (a random seed, for example) become int32.
+        float32; integer values (a random seed, for example) become int32. Booleans are
+        refused: a structural flag (`centered`, `nesterov`) changes the program, so sweep it
+        with one :func:`run` per setting.
 
     Returns:
       A dict from name to a 1-D array, all of one length: the number of configurations.
+
+    Raises:
+      ValueError: no values were given, a list is empty, nested, ragged or not finite, an
+        integer lies outside int32, a real value overflows float32 or rounds to 0 in it, or
+        (with `product=False`) the lists differ in length. The message names the argument.
+      TypeError: a value is not a real number, or is a boolean.
 
     Example:
       >>> g = grid(learning_rate=[0.5, 1.0, 2.0], decay=[0.9, 0.99])
@@ -89,6 +154,8 @@ def grid(*, product: bool = True, **values: Any) -> dict[str, jax.Array]:
       >>> grid(product=False, learning_rate=[0.5, 1.0], decay=[0.9, 0.99])["learning_rate"].tolist()
       [0.5, 1.0]
     """
+    if not isinstance(product, bool):  # grid(product="no") would take the product
+        raise TypeError(f"`product` must be True or False, got {product!r}.")
     if not values:
         raise ValueError("`grid` needs at least one named list of values, e.g. grid(decay=[0.9]).")
     arrays = {name: _as_values(name, value) for name, value in values.items()}
@@ -125,7 +192,19 @@ class SweepResult(NamedTuple):
         return int(next(iter(self.hyperparameters.values())).shape[0])
 
     def config(self, index: int) -> dict[str, float]:
-        """The hyperparameters of configuration `index`, as Python numbers."""
+        """The hyperparameters of configuration `index`, as Python numbers.
+
+        Raises:
+          IndexError: `index` lies outside [-size, size) (JAX indexing would clamp it and
+            silently return the last or first configuration).
+          TypeError: `index` is not an integer.
+        """
+        if isinstance(index, bool) or not isinstance(index, int | np.integer):
+            raise TypeError(f"`index` must be an integer, got {index!r}.")
+        if not -self.size <= index < self.size:
+            raise IndexError(
+                f"`index` {index} is out of range for a sweep of {self.size} configurations."
+            )
         return {name: values[index].item() for name, values in self.hyperparameters.items()}
 
     def metric(self, key: str | Callable[[Any], Any]) -> np.ndarray:
@@ -150,7 +229,14 @@ class SweepResult(NamedTuple):
     def best(self, key: str | Callable[[Any], Any], mode: str = "min") -> Best:
         """The configuration with the lowest (`mode="min"`) or highest (`"max"`) metric.
 
-        Configurations whose metric is NaN (a diverged run) are skipped.
+        A configuration whose metric is NaN, or infinite in the direction being optimized
+        (+inf for `"min"`, -inf for `"max"`), diverged: it is never the best one, even when
+        every other configuration is worse. Ties go to the first configuration.
+
+        Raises:
+          ValueError: `mode` is neither "min" nor "max", the metric is not one real number per
+            configuration, or no configuration is eligible (all NaN or diverged to inf).
+          KeyError: the results have no entry `key`.
 
         Example:
           >>> r = SweepResult({"lr": jnp.array([0.5, 0.25])}, {"loss": jnp.array([3.0, 1.0])})
@@ -160,9 +246,21 @@ class SweepResult(NamedTuple):
         if mode not in ("min", "max"):
             raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}.")
         values = self.metric(key)
-        if np.all(np.isnan(values)):
-            raise ValueError(f"Every configuration gave NaN for {key!r}: no best one.")
-        index = int(np.nanargmin(values) if mode == "min" else np.nanargmax(values))
+        if values.dtype == object or np.iscomplexobj(values):
+            raise ValueError(f"Metric {key!r} must be real numbers, got dtype {values.dtype}.")
+        ranked = values.astype(np.float64)
+        diverged = np.inf if mode == "min" else -np.inf
+        eligible = ~np.isnan(ranked) & (ranked != diverged)
+        if not np.any(eligible):
+            raise ValueError(
+                f"No configuration is eligible as the best under {key!r} (mode={mode!r}): every "
+                f"value is NaN or {diverged}, the mark of a diverged run. Got {values.tolist()}."
+            )
+        # Ineligible values rank last; argmin/argmax then return the first of the best.
+        if mode == "min":
+            index = int(np.argmin(np.where(eligible, ranked, np.inf)))
+        else:
+            index = int(np.argmax(np.where(eligible, ranked, -np.inf)))
         return Best(
             index=index,
             hyperparameters=self.config(index),
@@ -174,7 +272,10 @@ class SweepResult(NamedTuple):
 def _normalized_in_axes(in_axes: InAxes, num_args: int) -> tuple[int | None, ...]:
     axes = (in_axes,) * num_args if in_axes is None or isinstance(in_axes, int) else in_axes
     axes = tuple(axes)
-    if len(axes) != num_args or any(axis not in (0, None) for axis in axes):
+    # False == 0, so a bool would silently map the argument: refuse it.
+    if len(axes) != num_args or any(
+        isinstance(axis, bool) or axis not in (0, None) for axis in axes
+    ):
         raise ValueError(
             f"`in_axes` must be 0, None, or one of them per extra argument ({num_args} given), "
             f"got {in_axes!r}."
@@ -202,6 +303,8 @@ def _check_sizes(hyperparameters: Mapping[str, Any], args: tuple, axes: tuple) -
 
 def _mesh(devices: Sequence[jax.Device] | None, size: int) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("`devices` is empty: pass at least one device, or None for all.")
     if size % len(devices):
         raise ValueError(
             f"Cannot shard a sweep of {size} configurations over {len(devices)} devices: {size} "
@@ -260,6 +363,8 @@ def run(
       train: a function of the positional `args` and one keyword argument per hyperparameter
         (each a scalar tracer), returning a pytree of arrays. Build the optimizer inside it.
       hyperparameters: name -> 1-D array of values, one entry per configuration (see :func:`grid`).
+        Values that are not JAX arrays (lists, NumPy arrays) are checked and converted as
+        :func:`grid` does.
       *args: extra arguments to `train`: data (shared by all configurations) or a state carried
         between calls (one slice per configuration).
       in_axes: for each of `args`, 0 if its arrays have a leading axis with one entry per
@@ -282,9 +387,16 @@ def run(
       >>> result.results["y"].shape
       (2, 3)
     """
-    hyperparameters = {name: jnp.asarray(values) for name, values in hyperparameters.items()}
+    # Lists and NumPy arrays get the checks of `grid`: jnp.asarray would wrap int64 values
+    # into int32 and turn reals beyond float32 into inf without a word.
+    hyperparameters = {
+        name: values if isinstance(values, jax.Array) else jnp.asarray(_as_values(name, values))
+        for name, values in hyperparameters.items()
+    }
     axes = _normalized_in_axes(in_axes, len(args))
     size = _check_sizes(hyperparameters, args, axes)
+    if not isinstance(shard, bool):  # shard="False" would shard
+        raise TypeError(f"`shard` must be True or False, got {shard!r}.")
     mesh = _mesh(devices, size) if shard else None
     results = _compiled_sweep(train, axes, mesh)(hyperparameters, args)
     return SweepResult(hyperparameters=hyperparameters, results=results)

@@ -9,24 +9,43 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _nu_storage, _precision, _validation
+from rmsprop_jax import _placement, _precision, _validation, storage
+from rmsprop_jax.storage import _rounding
+from rmsprop_jax.storage._format import abs_sq
+
+# The stochastic rounding bits of compressed formats derive from the step count, the leaf's
+# position and the stream (which average is rounded).
+_SECOND_MOMENT_STREAM, _FIRST_MOMENT_STREAM = 0, 1
 
 
 class ScaleByRmsState(NamedTuple):
     """Step count and exponential moving average of squared gradients."""
 
     count: chex.Array  # shape=(), dtype=int32: the number of updates applied so far.
-    # Per leaf: an array, or a `QuantizedArray` / `FactoredMoment` (see `nu_storage`).
+    # A tree of arrays, or a `QuantizedMoment` / `FactoredMoment` of trees (`moment_storage`).
     nu: optax.Updates
 
 
 class ScaleByCenteredRmsState(NamedTuple):
-    """Step count and moving averages of the gradients and of their squares."""
+    """Step count and moving averages of the gradients and of their squares (float32)."""
 
     count: chex.Array  # shape=(), dtype=int32: the number of updates applied so far.
     mu: optax.Updates
-    # With a `nu_storage` other than "float32", the variance nu - |mu|**2 (see `nu_storage`).
     nu: optax.Updates
+
+
+class ScaleByCenteredVarianceState(NamedTuple):
+    r"""Step count, moving average of the gradients, and the variance :math:`\nu - |\mu|^2`.
+
+    The state of a centered :func:`scale_by_rms` whose `moment_storage` compresses: storing
+    :math:`\nu` and :math:`\mu` with rounding errors and subtracting would lose every
+    significant digit of a small variance, so the variance itself is kept (see
+    :func:`scale_by_rms`).
+    """
+
+    count: chex.Array  # shape=(), dtype=int32: the number of updates applied so far.
+    mu: optax.Updates
+    variance: optax.Updates
 
 
 def _divide_by_rms(
@@ -54,7 +73,9 @@ def _divide_by_rms(
 def _centered_variance(nu: chex.Array, mu: chex.Array) -> chex.Array:
     # nu - |mu|**2 is a variance, >= 0 in exact arithmetic, but rounding makes it slightly
     # negative under near-constant gradients; sqrt of that would be NaN (Graves 2013, eq. 40).
-    return jnp.maximum(nu - jnp.real(mu * jnp.conj(mu)), 0)
+    # |mu|**2 <= nu, so |mu|**2 overflows only with nu: capping it keeps inf - inf from
+    # turning an overflowed (infinite) nu into NaN.
+    return jnp.maximum(nu - jnp.minimum(abs_sq(mu), jnp.finfo(nu.dtype).max), 0)
 
 
 def scale_by_rms(
@@ -65,7 +86,7 @@ def scale_by_rms(
     initial_scale: chex.Numeric = 0.0,
     centered: bool = False,
     bias_correction: bool = False,
-    nu_storage: str = "float32",
+    moment_storage: str = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Divides each gradient by the root of the moving average of its square.
 
@@ -93,26 +114,28 @@ def scale_by_rms(
         second moment (Graves, 2013).
       bias_correction: divide the moving averages by :math:`1 - \beta^t` as Adam does. Not
         allowed with `centered`, whose debiased variance is exactly 0 after the first step.
-      nu_storage: how the moving averages are stored between steps; the arithmetic is float32
-        (or wider) in every format.
+      moment_storage: how the moving averages (:math:`\nu`, and :math:`\mu` when centered)
+        are stored between steps; the arithmetic is float32 (or wider) in every format.
 
-        - `"float32"` (default): 4 bytes per parameter.
+        - `"float32"` (default): 4 bytes per parameter and average, the compute dtype.
         - `"bfloat16"`: 2 bytes, rounded stochastically (unbiased) with bits derived from the
           step count, so increments far below bfloat16's resolution still accumulate.
         - `"int8"`: about 1.02 bytes: blocks of up to 256 along the last axis, one float32
           scale per block, logarithmic codes over 12 orders of magnitude (signed for `mu`),
-          stochastic rounding, exact zeros kept; leaves under 4096 elements stay float32.
+          stochastic rounding, exact zeros kept; leaves under 4096 elements stay dense.
         - `"factored"`: for leaves whose last two axes are both >= 128, only the moving
           averages of row and column means (Adafactor's rank-one estimate); other leaves stay
-          float32. `mu` (centered) has no such structure and is stored as in `"bfloat16"`.
+          dense. `mu` (centered) has no such structure and is stored as in `"bfloat16"`.
 
-        With any format but `"float32"`, a centered state's `nu` holds the variance
-        :math:`\nu - |\mu|^2`, updated without cancellation, instead of :math:`\nu`; see
-        :mod:`rmsprop_jax._nu_storage`. `rj.state_bytes` reports the memory taken.
+        With a compressed format, a centered state is a :class:`ScaleByCenteredVarianceState`
+        whose `variance` field holds :math:`\nu - |\mu|^2`, updated without cancellation,
+        instead of :math:`\nu`; see ``rmsprop_jax.storage``. Every format keeps a
+        non-finite value of one element to that element. `rj.state_bytes` reports the memory.
 
     Returns:
       An optax transformation whose state is :class:`ScaleByRmsState`, or
-      :class:`ScaleByCenteredRmsState` when `centered`. The state's tree does not depend on
+      :class:`ScaleByCenteredRmsState` (:class:`ScaleByCenteredVarianceState` for compressed
+      formats) when `centered`. The state's tree does not depend on
       `bias_correction`, so a checkpoint restores whichever way it is set.
 
     References:
@@ -121,37 +144,17 @@ def scale_by_rms(
       Graves, Generating Sequences With Recurrent Neural Networks, 2013.
       https://arxiv.org/abs/1308.0850
     """
-    return _precision.with_compute_dtype(
-        _scale_by_rms_in_compute_dtype(
-            decay,
-            eps,
-            eps_in_sqrt=eps_in_sqrt,
-            initial_scale=initial_scale,
-            centered=centered,
-            bias_correction=bias_correction,
-            nu_storage=nu_storage,
-        )
-    )
-
-
-def _scale_by_rms_in_compute_dtype(
-    decay: chex.Numeric,
-    eps: chex.Numeric,
-    *,
-    eps_in_sqrt: bool,
-    initial_scale: chex.Numeric,
-    centered: bool,
-    bias_correction: bool,
-    nu_storage: str,
-) -> optax.GradientTransformation:
-    """:func:`scale_by_rms` for gradients and parameters already in their compute dtype.
-
-    For composing inside a transformation that does the casting once (as `rmsprop` does).
-    """
+    for name, flag in (
+        ("eps_in_sqrt", eps_in_sqrt),
+        ("centered", centered),
+        ("bias_correction", bias_correction),
+    ):
+        _validation.check_flag(name, flag)
     _validation.check_in_range("decay", decay, low=0.0, high=1.0)
     _validation.check_in_range("eps", eps, low=0.0)
     _validation.check_in_range("initial_scale", initial_scale, low=0.0)
-    _validation.check_nu_storage(nu_storage)
+    fmt = storage.get(moment_storage)
+    mu_fmt = storage.first_moment_format(fmt)
     if centered and bias_correction:
         raise ValueError(
             "`centered=True` with `bias_correction=True` is degenerate: after one step the "
@@ -162,113 +165,65 @@ def _scale_by_rms_in_compute_dtype(
         _validation.check_in_range("decay", decay, low=0.0, high=1.0, high_inclusive=False)
     eps_is_positive = _validation.is_concrete_and_positive(eps)
     decay, eps, initial_scale = map(_precision.as_hyperparameter, (decay, eps, initial_scale))
+    keeps_variance = centered and fmt.stores_centered_variance
 
     def init_fn(params):
         count = jnp.zeros([], jnp.int32)
-        if nu_storage != "float32":
-            mu, nu = _nu_storage.init(nu_storage, params, initial_scale, centered)
-            if centered:
-                return ScaleByCenteredRmsState(count=count, mu=mu, nu=nu)
+        nu = fmt.init(params, initial_scale, signed=False, dtype_of=_precision.squared_dtype)
+        if not centered:
             return ScaleByRmsState(count=count, nu=nu)
-        nu = jax.tree.map(
-            lambda p: jnp.full_like(p, initial_scale, _precision.real_dtype(p.dtype)), params
-        )
-        if centered:
-            return ScaleByCenteredRmsState(count=count, mu=optax.tree.zeros_like(params), nu=nu)
-        return ScaleByRmsState(count=count, nu=nu)
+        mu = mu_fmt.init(params, 0.0, signed=True, dtype_of=jnp.result_type)
+        if keeps_variance:  # nu - |mu|**2 starts at initial_scale - 0.
+            return ScaleByCenteredVarianceState(count=count, mu=mu, variance=nu)
+        return ScaleByCenteredRmsState(count=count, mu=mu, nu=nu)
 
     def update_fn(updates, state, params=None):
         del params
-        _validation.check_same_tree(updates, _nu_storage.logical_shapes(state.nu))
+        stored_nu = state.variance if keeps_variance else state.nu
+        _validation.check_same_tree(updates, storage.logical_shapes(fmt, stored_nu))
         count = optax.safe_increment(state.count)
-        if nu_storage != "float32":
-            mu = state.mu if centered else None
-            mu, nu, variance = _nu_storage.update(updates, mu, state.nu, decay, count)
-            # `variance` is nu itself unless centered, and centered excludes bias correction.
-            if bias_correction:
-                variance = optax.tree.bias_correction(variance, decay, count)
-        else:
-            nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, decay, 2)
-            nu_hat = optax.tree.bias_correction(nu, decay, count) if bias_correction else nu
-            if centered:
-                mu = optax.tree.update_moment(updates, state.mu, decay, 1)
-                variance = jax.tree.map(_centered_variance, nu_hat, mu)
+        grads, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
+        nus = fmt.split(stored_nu, treedef)
+        mus = mu_fmt.split(state.mu, treedef) if centered else [None] * len(grads)
+        correction = 1 - decay**count if bias_correction else None
+        steps, new_nus, new_mus = [], [], []
+        for index, (g, nu, mu) in enumerate(zip(grads, nus, mus, strict=True)):
+            if g is None:
+                steps.append(None)
+                new_nus.append(None)
+                new_mus.append(None)
+                continue
+            nu_seed = _rounding.seed(count, index, _SECOND_MOMENT_STREAM)
+            mu_seed = _rounding.seed(count, index, _FIRST_MOMENT_STREAM)
+            if not centered:
+                # nu_t = decay * nu_{t-1} + (1 - decay) * |g_t|**2
+                nu, variance = fmt.leaf_update(nu, abs_sq(g), decay, nu_seed, signed=False)
+            elif keeps_variance:
+                # nu_t - |mu_t|**2 = decay * (nu_{t-1} - |mu_{t-1}|**2)
+                #                    + (1 - decay) * decay * |g_t - mu_{t-1}|**2  (no cancellation)
+                previous_mu = mu_fmt.leaf_decode(mu, g, signed=True)
+                mu, _ = mu_fmt.leaf_update(mu, g, decay, mu_seed, signed=True)
+                spread = decay * abs_sq(g - previous_mu)
+                nu, variance = fmt.leaf_update(nu, spread, decay, nu_seed, signed=False)
             else:
-                variance = nu_hat
-        updates = jax.tree.map(
-            lambda g, v: (
-                None if g is None else _divide_by_rms(g, v, eps, eps_in_sqrt, eps_is_positive)
-            ),
-            updates,
-            variance,
-            is_leaf=lambda x: x is None,
-        )
-        if centered:
-            return updates, ScaleByCenteredRmsState(count=count, mu=mu, nu=nu)
-        return updates, ScaleByRmsState(count=count, nu=nu)
+                nu, second_moment = fmt.leaf_update(nu, abs_sq(g), decay, nu_seed, signed=False)
+                mu, first_moment = mu_fmt.leaf_update(mu, g, decay, mu_seed, signed=True)
+                variance = _centered_variance(second_moment, first_moment)
+            if bias_correction:
+                variance = variance / correction.astype(variance.dtype)
+            # u_t = g_t / (sqrt(nu_t) + eps)
+            steps.append(_divide_by_rms(g, variance, eps, eps_in_sqrt, eps_is_positive))
+            new_nus.append(nu)
+            new_mus.append(mu)
+        updates = treedef.unflatten(steps)
+        nu = fmt.join(new_nus, treedef)
+        if not centered:
+            return updates, ScaleByRmsState(count=count, nu=nu)
+        mu = mu_fmt.join(new_mus, treedef)
+        if keeps_variance:
+            return updates, ScaleByCenteredVarianceState(count=count, mu=mu, variance=nu)
+        return updates, ScaleByCenteredRmsState(count=count, mu=mu, nu=nu)
 
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-class DecoupledWeightDecayState(NamedTuple):
-    """Step count, for evaluating a learning-rate schedule."""
-
-    count: chex.Array  # shape=(), dtype=int32.
-
-
-def add_decoupled_weight_decay(
-    learning_rate: optax.ScalarOrSchedule,
-    weight_decay: chex.Numeric,
-) -> optax.GradientTransformationExtraArgs:
-    r"""Adds :math:`-\eta_t \lambda p` to the update: weight decay applied to the parameter.
-
-    .. math::
-
-        u_t \leftarrow u_t - \eta_t \lambda p_{t-1}
-
-    Unlike L2 regularization (:func:`optax.add_decayed_weights` before the preconditioner), the
-    decay is neither divided by the RMS nor fed through a momentum buffer.
-
-    Args:
-      learning_rate: :math:`\eta_t`, a number or an optax schedule of the step count.
-      weight_decay: :math:`\lambda >= 0`.
-
-    Returns:
-      An optax transformation; it needs `params` in `update`.
-
-    References:
-      Loshchilov and Hutter, Decoupled Weight Decay Regularization, 2019.
-      https://arxiv.org/abs/1711.05101
-    """
-    return _precision.with_compute_dtype(
-        _add_decoupled_weight_decay_in_compute_dtype(learning_rate, weight_decay)
+    return _placement.placed(
+        _precision.with_compute_dtype(optax.GradientTransformation(init_fn, update_fn))
     )
-
-
-def _add_decoupled_weight_decay_in_compute_dtype(
-    learning_rate: optax.ScalarOrSchedule,
-    weight_decay: chex.Numeric,
-) -> optax.GradientTransformation:
-    """:func:`add_decoupled_weight_decay` for updates and parameters in their compute dtype."""
-    _validation.check_in_range("learning_rate", learning_rate, low=0.0)
-    _validation.check_in_range("weight_decay", weight_decay, low=0.0)
-    learning_rate, weight_decay = map(_precision.as_hyperparameter, (learning_rate, weight_decay))
-
-    def init_fn(params):
-        del params
-        return DecoupledWeightDecayState(count=jnp.zeros([], jnp.int32))
-
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError(optax.NO_PARAMS_MSG)
-        rate = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        rate = _precision.as_hyperparameter(rate)
-        updates = jax.tree.map(
-            lambda u, p: None if u is None else u - rate * weight_decay * p,
-            updates,
-            params,
-            is_leaf=lambda x: x is None,
-        )
-        return updates, DecoupledWeightDecayState(count=optax.safe_increment(state.count))
-
-    return optax.GradientTransformation(init_fn, update_fn)

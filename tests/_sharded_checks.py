@@ -92,14 +92,24 @@ def _whole_blocks(positions: tuple, block_length: int, blocks: int) -> tuple:
     return (0, blocks)
 
 
-def _param_of(path: tuple, params_by_path: dict) -> tuple[Any, str]:
+def _param_of(path: tuple, params_by_path: dict, leaf: Any) -> tuple[Any, str]:
+    """The parameter a state leaf belongs to, and which part of a compressed average it is.
+
+    A compressed average holds one tree per part (`nu.codes["w"]`, `nu.row["w"]`, ...);
+    its one-element placeholders belong to no parameter.
+    """
     kind = "same"
-    name = getattr(path[-1], "name", None)
-    if name in _KINDS:
-        kind, path = name, path[:-1]
+    for index, key in enumerate(path):
+        name = getattr(key, "name", None)
+        if name in _KINDS or name == "dense":
+            kind, path = ("same" if name == "dense" else name), path[:index] + path[index + 1 :]
+            break
     for start in range(len(path)):
         if path[start:] in params_by_path:
-            return params_by_path[path[start:]], kind
+            param = params_by_path[path[start:]]
+            if np.shape(leaf) == (1,) and np.shape(param) != (1,):
+                return None, kind
+            return param, kind
     return None, kind
 
 
@@ -116,7 +126,7 @@ def placement_report(state: Any, params: Any, derived: Any) -> dict:
         report["leaves"] += 1
         if not leaf.sharding.is_equivalent_to(want, leaf.ndim):
             report["disagrees_with_state_shardings"].append(where)
-        param, kind = _param_of(tuple(path), params_by_path)
+        param, kind = _param_of(tuple(path), params_by_path, leaf)
         if param is None:
             replicated = leaf.sharding.is_fully_replicated
             report["scalars_replicated"] &= bool(

@@ -1,12 +1,24 @@
-"""Shared fixtures: jit/eager variants and the policy for tests that need PyTorch or Keras."""
+"""Shared fixtures: jit/eager variants and the policy for tests that need PyTorch or Keras.
+
+Every test process sees 8 simulated CPU devices, so sharded layouts are tested in process, as
+optax's own tests do: XLA reads the device count once, when JAX starts its CPU backend, so it
+is set here, before anything imports JAX. Only the multi-process tests start processes.
+"""
 
 from __future__ import annotations
 
 import importlib
 import os
 
-import jax
-import pytest
+SIMULATED_DEVICES = 8
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_FLAG)]
+    + [f"{_DEVICE_FLAG}={SIMULATED_DEVICES}"]
+)
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 REQUIRE_CONFORMANCE = os.environ.get("RMSPROP_JAX_REQUIRE_CONFORMANCE") == "1"
 
@@ -39,3 +51,9 @@ def maybe_jit(request):
 def torch():
     """PyTorch, or a skip (a failure under RMSPROP_JAX_REQUIRE_CONFORMANCE=1)."""
     return import_reference_framework("torch")
+
+
+needs_simulated_devices = pytest.mark.skipif(
+    jax.device_count() < SIMULATED_DEVICES,
+    reason=f"needs {SIMULATED_DEVICES} devices (simulated CPU devices; this backend has fewer)",
+)

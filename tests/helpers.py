@@ -9,6 +9,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
+
+from rmsprop_jax import _jax_compat
+
+# Where state lands under automatic sharding is decided by XLA's sharding propagation; the
+# placement tests pin down what JAX 0.10 and newer do. JAX 0.5.3 places some state of
+# replicated parameters elsewhere, so those tests skip there, saying so.
+needs_jax_0_10_placement = pytest.mark.skipif(
+    _jax_compat.JAX_VERSION < (0, 10),
+    reason=f"state placement by sharding propagation is checked on JAX 0.10+, this is "
+    f"JAX {jax.__version__}",
+)
+
+
+def enable_x64(enabled: bool = True):
+    """`jax.enable_x64` as a context manager; `jax.experimental.enable_x64` before JAX had it."""
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(enabled)
+    from jax.experimental import disable_x64
+    from jax.experimental import enable_x64 as enable
+
+    return enable() if enabled else disable_x64()
 
 
 def random_problem(
@@ -140,3 +162,28 @@ def array_kernels(compiled) -> int:
     entry = compiled.as_text().split("\nENTRY", 1)[1]
     writes = re.findall(r"= (\w+\[[\d,]*\])\S* (?!parameter\(|tuple\(|get-tuple-element\()", entry)
     return sum(1 for shape in writes if not shape.endswith("[]"))
+
+
+def stored_leaf(average, name):
+    """What a state stores for parameter `name`: an array, or (int8, factored) the format's
+    container holding that parameter's part of each tree (placeholders where unused)."""
+    import rmsprop_jax as rj
+
+    if isinstance(average, rj.QuantizedMoment | rj.FactoredMoment):
+        return type(average)(*(tree[name] for tree in average))
+    return average[name]
+
+
+def is_compressed(stored) -> bool:
+    """Whether a `stored_leaf` holds compressed parts (rather than its dense average)."""
+    import rmsprop_jax as rj
+
+    if isinstance(stored, rj.QuantizedMoment | rj.FactoredMoment):
+        return stored.dense.shape == (1,) and stored[0].shape != (1,)
+    return stored.dtype in (jnp.bfloat16,)
+
+
+def second_moment_field(state):
+    """The stored second moment of a `scale_by_rms` state: `nu`, or `variance` (centered,
+    compressed formats)."""
+    return getattr(state, "variance", None) if hasattr(state, "variance") else state.nu

@@ -1,4 +1,4 @@
-"""An independent float64 NumPy RMSprop, written from the equations of DESIGN.md §1.
+"""An independent float64 NumPy RMSprop, written from the equations (README, Numerics).
 
 It shares no code with the package: one leaf at a time, one step at a time, plain NumPy.
 """

@@ -34,7 +34,7 @@ VARIANTS = {
     "nesterov": {"momentum": 0.5, "nesterov": True},
     "decoupled_weight_decay": {"weight_decay": 0.01, "decoupled_weight_decay": True},
     "coupled_weight_decay_maximize": {"weight_decay": 0.01, "maximize": True},
-    "bfloat16_nu": {"nu_storage": "bfloat16"},
+    "bfloat16_nu": {"moment_storage": "bfloat16"},
 }
 
 
@@ -167,7 +167,7 @@ def test_restoring_into_another_optimizer_configuration_names_the_extra_or_missi
 
 
 def test_restoring_a_bfloat16_moment_into_a_float32_one_names_both_dtypes(tmp_path):
-    manager = saved_manager(tmp_path, rj.rmsprop(1e-2, nu_storage="bfloat16"))
+    manager = saved_manager(tmp_path, rj.rmsprop(1e-2, moment_storage="bfloat16"))
 
     with pytest.raises(
         ValueError,
@@ -184,6 +184,7 @@ def test_bias_correction_does_not_change_the_state_so_either_setting_restores(tm
 
 
 def test_restore_without_checkpoints_or_without_metadata_says_what_is_wrong(tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoint to restore"):
         rj.checkpoint.restore(
             rj.checkpoint.open_manager(tmp_path / "empty"), fresh_target(rj.rmsprop(1e-2))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,10 @@ STEPS, SPLIT = 100, 50
 SHAPES = [(), (5,), (3, 4), (2, 3, 4)]
 TOLERANCE = 1e-5
 LR = 0.01
+
+
+# The settings of a torch.optim.RMSprop group, as `state_dict()` lists them.
+GROUP = dict(lr=LR, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False)
 
 
 def warmup(t):
@@ -234,9 +240,192 @@ def test_param_groups_with_different_settings_raise_value_error(torch):
 
 def test_a_state_without_rms_statistics_raises_value_error():
     params = [jnp.zeros(2)]
-    groups = [{"lr": LR, "momentum": 0, "centered": False, "params": [0]}]
+    groups = [GROUP | {"params": [0]}]
     with pytest.raises(ValueError, match="no RMS statistics"):
         rj.compat.state_to_torch(optax.sgd(0.1).init(params), params, groups)
     state_dict = {"state": {}, "param_groups": groups}
     with pytest.raises(ValueError, match="no RMS statistics"):
         rj.compat.state_from_torch(state_dict, params, optax.sgd(0.1))
+
+
+@pytest.mark.conformance
+@pytest.mark.parametrize("centered", [False, True])
+def test_an_rmsprop_whose_buffer_holds_scaled_steps_is_refused_in_both_directions(torch, centered):
+    params, grads = make_problem(seed=10)
+    params, grads = params[:4], grads[:4]  # rj.rmsprop keeps |g|**2 for complex leaves
+    optimizer = stepped_torch(torch, params, grads, momentum=0.9, centered=centered)
+    tx = rj.rmsprop(LR, momentum=0.9, centered=centered)
+    with pytest.raises(ValueError, match=r"not one of `rmsprop_jax\.compat\.torch_rmsprop`"):
+        rj.compat.state_from_torch(optimizer.state_dict(), params, tx)
+    with pytest.raises(ValueError, match=r"Build the optimizer with `rmsprop_jax\.compat"):
+        rj.compat.state_to_torch(tx.init(params), params, optimizer.state_dict()["param_groups"])
+
+
+@pytest.mark.conformance
+def test_a_wrapped_torch_rmsprop_is_still_recognised_and_continues_torch(torch):
+    params, grads = make_problem(seed=11)
+    kwargs = dict(momentum=0.9, centered=True)
+    tensors = [torch.tensor(p) for p in params]
+    optimizer = torch.optim.RMSprop(tensors, lr=LR, **kwargs)
+    full = run_torch(torch, optimizer, tensors, grads, range(20))
+    tensors = [torch.tensor(p) for p in params]
+    optimizer = torch.optim.RMSprop(tensors, lr=LR, **kwargs)
+    run_torch(torch, optimizer, tensors, grads, range(10))
+    halfway = [x.detach().numpy().copy() for x in tensors]
+    # The rate becomes a traced hyperparameter; the chain (and its marker) sit one level down.
+    tx = optax.inject_hyperparams(rj.compat.torch_rmsprop, hyperparam_dtype=jnp.float32)(
+        lr=LR, **kwargs
+    )
+    state = rj.compat.state_from_torch(optimizer.state_dict(), halfway, tx)
+    _, ours = run_preset(tx, halfway, grads, slice(10, 20), state)
+    assert worst_relative_difference(ours, [h[10:] for h in full]) <= TOLERANCE
+    # Other wrappers keep the chain too: the torch statistics land inside them.
+    preset = rj.compat.torch_rmsprop(LR, **kwargs)
+    expected = rj.compat.state_from_torch(optimizer.state_dict(), halfway, preset)
+    for wrapped in (
+        optax.MultiSteps(preset, 2).gradient_transformation(),
+        optax.apply_if_finite(preset, 3),
+    ):
+        state = rj.compat.state_from_torch(optimizer.state_dict(), halfway, wrapped)
+        inner = state.inner_state if hasattr(state, "inner_state") else state.inner_opt_state
+        for a, b in zip(jax.tree.leaves(inner), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_array_equal(a, b)
+    # A foreign buffer chained after the preset is not mistaken for the preset's.
+    tx = optax.chain(rj.compat.torch_rmsprop(LR, centered=True), optax.trace(0.5))
+    with pytest.raises(ValueError, match=r"momentum=0\.9"):
+        rj.compat.state_from_torch(optimizer.state_dict(), halfway, tx)
+
+
+def other_state_dicts(torch):
+    """State dicts that are not a torch.optim.RMSprop's, and the key each message must name."""
+    model = torch.nn.Linear(3, 2)
+    model(torch.ones(3)).sum().backward()
+    adam = torch.optim.Adam(model.parameters())
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rmsprop = torch.optim.RMSprop(model.parameters(), lr=0.1)
+    for optimizer in (adam, sgd, rmsprop):
+        optimizer.step()
+    # state_dict() shares the per-parameter dicts with the optimizer: copy before deleting.
+    without_square_avg = copy.deepcopy(rmsprop.state_dict())
+    del without_square_avg["state"][1]["square_avg"]
+    without_step = copy.deepcopy(rmsprop.state_dict())
+    del without_step["state"][0]["step"]
+    without_groups = {"state": rmsprop.state_dict()["state"]}
+    return {
+        "adam": (adam.state_dict(), "'alpha'"),
+        "sgd": (sgd.state_dict(), "'alpha'"),
+        "model": (model.state_dict(), "no 'state' and no 'param_groups'.*weight"),
+        "no-square-avg": (without_square_avg, "parameter 1 has no 'square_avg'"),
+        "no-step": (without_step, "parameter 0 has no 'step'"),
+        "no-param-groups": (without_groups, "no 'param_groups'"),
+    }
+
+
+@pytest.mark.conformance
+@pytest.mark.parametrize(
+    "kind", ["adam", "sgd", "model", "no-square-avg", "no-step", "no-param-groups"]
+)
+def test_a_state_dict_that_is_not_rmsprop_raises_value_error_naming_what_is_missing(torch, kind):
+    state_dict, message = other_state_dicts(torch)[kind]
+    params = [np.zeros((2, 3), np.float32), np.zeros(2, np.float32)]
+    with pytest.raises(ValueError, match=message):
+        rj.compat.state_from_torch(state_dict, params, rj.compat.torch_rmsprop())
+    if "param_groups" in state_dict:
+        tx = rj.compat.torch_rmsprop()
+        groups = state_dict["param_groups"]
+        if kind in ("adam", "sgd"):
+            with pytest.raises(ValueError, match=message):
+                rj.compat.state_to_torch(tx.init(params), params, groups)
+
+
+def named_torch(torch, seed, **kwargs):
+    """A two-layer torch model, optimized in two groups built from `named_parameters()`."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    named = list(model.named_parameters())
+    optimizer = torch.optim.RMSprop([{"params": named[:2]}, {"params": named[2:]}], lr=LR, **kwargs)
+    return model, optimizer
+
+
+def torch_steps(torch, model, optimizer, grads, steps):
+    history = []
+    for t in steps:
+        for name, tensor in model.named_parameters():
+            tensor.grad = torch.tensor(grads[name][t])
+        optimizer.step()
+        history.append({n: p.detach().numpy().copy() for n, p in model.named_parameters()})
+    return history
+
+
+def as_tree(flat):
+    """{"0.weight": w, ...} as the nested {"0": {"weight": w}, ...} a JAX model would hold."""
+    tree = {}
+    for name, value in flat.items():
+        layer, leaf = name.split(".")
+        tree.setdefault(layer, {})[leaf] = value
+    return tree
+
+
+@pytest.mark.conformance
+def test_named_parameter_groups_port_by_name_in_both_directions(torch):
+    kwargs = dict(momentum=0.9, centered=True)
+    model, optimizer = named_torch(torch, seed=12, **kwargs)
+    rng = np.random.default_rng(12)
+    grads = {
+        n: rng.normal(size=(20, *p.shape)).astype(np.float32) for n, p in model.named_parameters()
+    }
+    start = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+    full = torch_steps(torch, model, optimizer, grads, range(20))
+    full_optimizer = optimizer
+
+    model, optimizer = named_torch(torch, seed=12, **kwargs)
+    torch_steps(torch, model, optimizer, grads, range(10))
+    halfway = as_tree({n: p.detach().numpy().copy() for n, p in model.named_parameters()})
+    # In tree order "0.bias" comes before "0.weight": only the names give the right pairing.
+    tx = rj.compat.torch_rmsprop(LR, **kwargs)
+    state = rj.compat.state_from_torch(optimizer.state_dict(), halfway, tx)
+
+    def step(carry, g):
+        p, s = carry
+        u, s = tx.update(g, s, p)
+        p = optax.apply_updates(p, u)
+        return (p, s), p
+
+    tree_grads = as_tree({n: jnp.asarray(g[10:]) for n, g in grads.items()})
+    (_, state), ours = jax.jit(lambda p, s: jax.lax.scan(step, (p, s), tree_grads))(halfway, state)
+    theirs = as_tree({n: np.stack([h[n] for h in full[10:]]) for n in start})
+    assert worst_relative_difference(jax.tree.leaves(ours), jax.tree.leaves(theirs)) <= TOLERANCE
+
+    # Back to torch: the state after 20 steps here is, index by index, torch's after 20 steps.
+    ported = rj.compat.state_to_torch(
+        state, jax.tree.map(lambda h: h[-1], ours), optimizer.state_dict()["param_groups"]
+    )
+    expected = full_optimizer.state_dict()["state"]
+    assert sorted(ported["state"]) == sorted(expected) == [0, 1, 2, 3]
+    for index, entry in expected.items():
+        for key in ("square_avg", "momentum_buffer", "grad_avg"):
+            np.testing.assert_allclose(
+                ported["state"][index][key].numpy(), entry[key].numpy(), rtol=1e-5, atol=1e-7
+            )
+    _, fresh = named_torch(torch, seed=12, **kwargs)
+    fresh.load_state_dict(ported)
+
+
+@pytest.mark.conformance
+def test_a_leaf_whose_name_torch_does_not_have_is_refused_naming_both(torch):
+    model, optimizer = named_torch(torch, seed=13)
+    params = {
+        "0": {"kernel": np.zeros((3, 4), np.float32), "bias": np.zeros(3, np.float32)},
+        "2": {"weight": np.zeros((2, 3), np.float32), "bias": np.zeros(2, np.float32)},
+    }
+    tx = rj.compat.torch_rmsprop(LR)
+    message = r"\['0'\]\['kernel'\] of `params` is named '0.kernel'.*unmatched names are '0.weight'"
+    with pytest.raises(ValueError, match=message):
+        rj.compat.state_from_torch(optimizer.state_dict(), params, tx)
+    with pytest.raises(ValueError, match=message):
+        rj.compat.state_to_torch(tx.init(params), params, optimizer.state_dict()["param_groups"])
+    # Pairing by position is still available, and then the shapes decide.
+    with pytest.raises(ValueError, match=r"parameter 0 has shape \(3, 4\)"):
+        model(torch.ones(4)).sum().backward()
+        optimizer.step()
+        rj.compat.state_from_torch(optimizer.state_dict(), params, tx, match_by="order")

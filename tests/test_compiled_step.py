@@ -22,11 +22,16 @@ PARAMS = {
     "bias": jnp.ones((100,), jnp.float32),
     "conv": jnp.ones((3, 5, 7), jnp.float32),
 }
+PARAMETERS = sum(leaf.size for leaf in jax.tree.leaves(PARAMS))
 # A tuple-valued program's outputs include a table of one pointer per output.
 POINTER_BYTES = 8
 # The step count is one int32, read and written once per step (plus its output pointer),
 # with a few scalar operations.
 COUNT_BYTES, COUNT_FLOPS = 4 + 4 + POINTER_BYTES, 8
+# Centered steps cap |mu|**2 before subtracting it from nu, one more operation per element than
+# optax: optax's centered step turns a squared gradient that overflowed (nu = inf) into NaN
+# through inf - inf, where every other RMSprop step gives a finite update.
+OVERFLOW_GUARD_FLOPS_PER_ELEMENT = 1
 
 CASES = [
     {},
@@ -43,7 +48,7 @@ CASES = [
 def costs(compiled) -> dict[str, float]:
     analysis = compiled.cost_analysis()
     memory = compiled.memory_analysis()
-    outputs = len(jax.tree.leaves(compiled.out_info))
+    outputs = compiled.out_tree.num_leaves
     return {
         "kernels": array_kernels(compiled),
         "bytes": analysis["bytes accessed"],
@@ -64,7 +69,8 @@ def test_compiled_step_costs_no_more_than_optax(case):
 
     assert ours["kernels"] <= theirs["kernels"], (ours, theirs)
     assert ours["bytes"] <= theirs["bytes"] + COUNT_BYTES, (ours, theirs)
-    assert ours["flops"] <= theirs["flops"] + COUNT_FLOPS, (ours, theirs)
+    guard = OVERFLOW_GUARD_FLOPS_PER_ELEMENT * PARAMETERS if case.get("centered") else 0
+    assert ours["flops"] <= theirs["flops"] + COUNT_FLOPS + guard, (ours, theirs)
     assert ours["transcendentals"] <= theirs["transcendentals"], (ours, theirs)
     assert ours["temp_bytes"] <= theirs["temp_bytes"], (ours, theirs)
 

@@ -91,7 +91,7 @@ def test_state_packs_small_leaves_per_dtype_in_tree_order():
     packed = grouping.pack(params, max_size=64)
     np.testing.assert_array_equal(packed.packed["float32"][:30], params["dense"]["b"])
     np.testing.assert_array_equal(packed.packed["float32"][30:60], params["norms"][0])
-    restored = grouping.unpack(packed, params, max_size=64)
+    restored = grouping.unpack(packed, params)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
@@ -151,17 +151,132 @@ def test_packed_state_survives_a_checkpoint(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_checkpoint_without_the_layout_record_restores_and_trains_on(tmp_path):
+    # Orbax stores a NamedTuple as a dict of its fields: a packed state saved before
+    # PackedTree recorded its layout is this tree, without the "layout" entries.
+    params, grads = random_problem(SHAPES, 6, seed=6)
+    tx = rj.pack_small_leaves(rj.rmsprop(0.01, momentum=0.9), max_size=MAX_SIZE)
+    trajectory, state = run_transformation(tx, params, grads[:3])
+    legacy = jax.tree.map(
+        lambda x: {"leaves": x.leaves, "packed": x.packed} if isinstance(x, rj.PackedTree) else x,
+        state,
+        is_leaf=lambda x: isinstance(x, rj.PackedTree),
+    )
+    with rj.checkpoint.open_manager(tmp_path) as manager:
+        rj.checkpoint.save(manager, 3, legacy, force=True)
+        manager.wait_until_finished()
+        restored = rj.checkpoint.restore(manager, tx.init(params))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    resumed, step = trajectory[-1], jax.jit(tx.update)
+    for grad in grads[3:]:
+        updates, restored = step(grad, restored, resumed)
+        resumed = optax.apply_updates(resumed, updates)
+    straight, _ = run_transformation(tx, params, grads)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight[-1]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_unbuilt_inner_transformation_is_refused_when_wrapping():
+    with pytest.raises(TypeError, match=r"`inner` must be an optax.GradientTransformation"):
+        rj.pack_small_leaves(rj.rmsprop)
+
+
 @pytest.mark.parametrize("max_size", [0, -3, 2.5, True, "16"])
 def test_bad_max_size_is_rejected_with_its_value(max_size):
     with pytest.raises(ValueError, match=r"max_size.*" + re.escape(repr(max_size))):
         rj.pack_small_leaves(rj.rmsprop(0.01), max_size=max_size)
 
 
-def test_a_gradient_for_another_model_fails_readably():
+def error_of(fn, *args):
+    """The exception `fn(*args)` raises (the test fails if it raises none)."""
+    with pytest.raises((ValueError, TypeError)) as error:
+        fn(*args)
+    return error.value
+
+
+SMALL = {"kernel": jnp.ones((12, 10)), "bias": jnp.ones((10,)), "col": jnp.ones((4, 1))}
+WRONG_GRADIENTS = {
+    "transposed": {**SMALL, "col": jnp.ones((1, 4))},
+    "wrong size": {**SMALL, "bias": jnp.ones((11,))},
+    "missing leaf": {"kernel": SMALL["kernel"], "bias": SMALL["bias"]},
+    "extra leaf": {**SMALL, "gain": jnp.ones(())},
+    "renamed leaf": {"kernel": SMALL["kernel"], "bias": SMALL["bias"], "row": SMALL["col"]},
+    "None for an array": {**SMALL, "bias": None},
+}
+
+
+@pytest.mark.parametrize("case", WRONG_GRADIENTS)
+def test_a_wrong_gradient_gets_the_unpacked_optimizers_error_naming_the_leaf(case, maybe_jit):
+    plain, packed = rj.rmsprop(0.01), rj.pack_small_leaves(rj.rmsprop(0.01), max_size=MAX_SIZE)
+    grads = WRONG_GRADIENTS[case]
+    expected = error_of(plain.update, grads, plain.init(SMALL))
+    actual = error_of(maybe_jit(packed.update), grads, packed.init(SMALL))
+    assert (type(actual), str(actual)) == (type(expected), str(expected))
+    assert "packed" not in str(actual)
+
+
+def test_a_transposed_gradient_never_reshapes_the_parameter(maybe_jit):
+    # Same size, other shape: slicing the packed vector back out would hide it.
+    tx = rj.pack_small_leaves(rj.rmsprop(0.01))
+    params = {"w": jnp.ones((4, 1))}
+    with pytest.raises(
+        ValueError,
+        match=re.escape("Gradient at ['w'] has shape (1, 4) but the optimizer state was "),
+    ):
+        maybe_jit(tx.update)({"w": jnp.ones((1, 4))}, tx.init(params), params)
+
+
+def test_parameters_of_another_shape_are_named(maybe_jit):
+    tx = rj.pack_small_leaves(rj.rmsprop(0.01, weight_decay=0.1))
+    state = tx.init(SMALL)
+    with pytest.raises(ValueError, match=re.escape("Parameter at ['col'] has shape (1, 4)")):
+        maybe_jit(tx.update)(SMALL, state, {**SMALL, "col": jnp.ones((1, 4))})
+
+
+@pytest.mark.parametrize("grad_dtypes", ["float16", "bfloat16", "mixed"])
+def test_low_precision_gradients_of_float32_params_give_the_unpacked_updates(
+    grad_dtypes, maybe_jit
+):
+    params, grads = random_problem(SHAPES, 3, seed=7)
+    names = sorted(SHAPES)
+
+    def cast(grad):
+        if grad_dtypes == "mixed":  # one float16 leaf in the float32 buffer, one bfloat16
+            dtypes = dict(zip(names, ["bfloat16", "float16", "float32", "float32"], strict=True))
+        else:
+            dtypes = dict.fromkeys(names, grad_dtypes)
+        return {name: g.astype(dtypes[name]) for name, g in grad.items()}
+
+    settings = dict(momentum=0.9, centered=True, weight_decay=0.01)
+    plain_tx = rj.rmsprop(0.01, **settings)
+    packed_tx = rj.pack_small_leaves(rj.rmsprop(0.01, **settings), max_size=MAX_SIZE)
+    plain_state, packed_state = plain_tx.init(params), packed_tx.init(params)
+    for grad in map(cast, grads):
+        plain, plain_state = maybe_jit(plain_tx.update)(grad, plain_state, params)
+        packed, packed_state = maybe_jit(packed_tx.update)(grad, packed_state, params)
+        for name in names:
+            assert packed[name].dtype == plain[name].dtype == grad[name].dtype, name
+            np.testing.assert_array_equal(
+                np.asarray(packed[name], np.float32), np.asarray(plain[name], np.float32)
+            )
+    assert {k: v.dtype for k, v in packed_state[2].nu.packed.items()} == {"float32": jnp.float32}
+
+
+@pytest.mark.parametrize(
+    ("bad", "dtype"), [(jnp.ones((10,), jnp.int32), "int32"), (jnp.ones((10,), bool), "bool")]
+)
+def test_an_integer_gradient_is_refused_not_silently_converted_by_packing(bad, dtype, maybe_jit):
     tx = rj.pack_small_leaves(rj.rmsprop(0.01), max_size=MAX_SIZE)
-    state = tx.init({"kernel": jnp.ones((12, 10)), "bias": jnp.ones((10,))})
-    with pytest.raises(ValueError, match=r"packed\['float32'\] has shape \(11,\)"):
-        tx.update({"kernel": jnp.ones((12, 10)), "bias": jnp.ones((11,))}, state)
+    with pytest.raises(TypeError, match=re.escape(f"Gradient at ['bias'] has dtype {dtype}")):
+        maybe_jit(tx.update)({**SMALL, "bias": bad}, tx.init(SMALL))
+
+
+def test_a_stateless_inner_transformation_packs_by_the_gradients(maybe_jit):
+    grads = {"a": jnp.ones((3,), jnp.float16), "b": jnp.full((2, 2), 2.0)}
+    tx = rj.pack_small_leaves(optax.scale(-0.5))
+    updates, _ = maybe_jit(tx.update)(grads, tx.init(grads))
+    assert updates["a"].dtype == jnp.float16 and updates["b"].shape == (2, 2)
+    np.testing.assert_array_equal(updates["b"], -np.ones((2, 2)))
 
 
 def test_state_shardings_and_memory_see_the_packed_state():
@@ -183,3 +298,40 @@ def test_a_mask_tree_for_the_unpacked_params_is_refused_not_misapplied():
     tx = rj.pack_small_leaves(rj.rmsprop(0.01, weight_decay=0.1, weight_decay_mask=mask))
     with pytest.raises(ValueError, match="PackedTree"):
         tx.init(params)
+
+
+def test_flax_nnx_optimizer_keeps_the_layout_and_the_unpacked_updates():
+    nnx = pytest.importorskip("flax.nnx")
+
+    class Model(nnx.Module):
+        def __init__(self):
+            rngs = nnx.Rngs(0)
+            self.small = nnx.Linear(4, 3, rngs=rngs)  # kernel 12, bias 3: packed
+            self.large = nnx.Linear(3, 60, rngs=rngs)  # kernel 180: kept; bias 60: kept
+
+        def __call__(self, x):
+            return self.large(jnp.tanh(self.small(x)))
+
+    def train(tx):
+        model = Model()
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+        @nnx.jit
+        def step(model, optimizer, x):
+            grads = nnx.grad(lambda m: jnp.mean((m(x) - 1.0) ** 2))(model)
+            optimizer.update(model, grads)
+
+        for i in range(3):
+            step(model, optimizer, jnp.full((2, 4), 0.5 + i))
+        return nnx.state(model, nnx.Param), optimizer
+
+    settings = dict(centered=True, momentum=0.9)
+    packed_params, optimizer = train(
+        rj.pack_small_leaves(rj.rmsprop(0.01, **settings), max_size=MAX_SIZE)
+    )
+    plain_params, _ = train(rj.rmsprop(0.01, **settings))
+    assert max_relative_difference(packed_params, plain_params) < 1e-6
+    nu = nnx.as_pure(optimizer.opt_state)[2].nu
+    assert nu.packed["float32"].shape == (15,)
+    slots = jax.tree.leaves(nu.layout, is_leaf=lambda x: isinstance(x, grouping.LeafSlot))
+    assert sorted(s.shape for s in slots if s.buffer) == [(3,), (4, 3)]

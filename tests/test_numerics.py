@@ -1,4 +1,4 @@
-"""The numerics rules of DESIGN.md §1: float32 math, no 0/0, no NaN, dtypes preserved."""
+"""The numerics rules (README, Numerics): float32 math, no 0/0, no NaN, dtypes preserved."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import max_relative_difference, run_transformation
+from helpers import enable_x64, max_relative_difference, run_transformation
 from reference import Config, reference_trajectory
 
 import rmsprop_jax as rj
@@ -139,7 +139,7 @@ def test_low_precision_updates_are_the_float32_result_rounded_once():
 
 
 def test_float64_params_keep_float64_moments_when_x64_is_enabled():
-    with jax.enable_x64(True):
+    with enable_x64(True):
         params = {"w": jnp.ones((3,), jnp.float64)}
         tx = rj.rmsprop(0.1, centered=True, momentum=0.5)
         state = tx.init(params)

@@ -7,6 +7,7 @@ import contextlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import enable_x64
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import Config, reference_trajectory
@@ -56,7 +57,7 @@ def test_updates_match_the_float64_reference_for_random_shapes_dtypes_and_hyperp
     config, leaf_shapes, dtype, seed, steps
 ):
     rng = np.random.default_rng(seed)
-    x64 = jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
+    x64 = enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
     with x64:
         names = [f"leaf{i}" for i in range(len(leaf_shapes))]
         params = {

@@ -1,37 +1,38 @@
 """Optimizer state sharded like its parameters, on 8 simulated CPU devices.
 
-XLA reads the number of simulated CPU devices once, when JAX starts, and this process has
-started it already: `tests/_sharded_worker.py layouts` does the work in a child process and
-writes a JSON report, which one test reads (one test, so that `pytest -n` starts one child:
-the compilations take about a minute).
-
-What the child runs: a (2, 4) mesh ("data", "model"); an FSDP layout (every parameter split
+What runs: a (2, 4) mesh ("data", "model"); an FSDP layout (every parameter split
 over all 8 devices along its largest axis) and a tensor-parallel one (Megatron column- and
 row-parallel layers over "model", one matrix over both axes, one replicated bias); every
 storage format; two variants that between them cover centered, heavy-ball and Nesterov
 momentum, bias correction, coupled and decoupled weight decay; automatic sharding
 (`Mesh(..., Auto)`) and explicit sharding (`jax.set_mesh` with Explicit axes); `init` and
 10 `update` steps under `jax.jit` with no `out_shardings`, against the same on one device.
+(One test, so that the minute of compilations runs once.)
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+import contextlib
 
+import jax
+import numpy as np
+import optax
 import pytest
+from _sharded_checks import STORAGES, VARIANTS, compare_runs, layout_params, placement_report
+from conftest import needs_simulated_devices
+from helpers import needs_jax_0_10_placement
+from jax.sharding import AxisType, NamedSharding
 
-WORKER = Path(__file__).with_name("_sharded_worker.py")
-STORAGES = {"float32", "bfloat16", "int8", "factored"}
+import rmsprop_jax as rj
+from rmsprop_jax import _jax_compat
+
+STEPS = 10
 # Column statistics of a matrix split by rows (and row statistics of one split by columns)
 # are means over the split axis: every device needs all of them.
 FACTORED_REDUCED_OVER_SPLIT_AXIS = {
-    "[2].nu['fsdp']['w_out'].col",
-    "[2].nu['tensor_parallel']['w_col'].row",
-    "[2].nu['tensor_parallel']['w_row'].col",
+    "[2].nu.col['fsdp']['w_out']",
+    "[2].nu.col['tensor_parallel']['w_row']",
+    "[2].nu.row['tensor_parallel']['w_col']",
 }
 # bfloat16 and int8 round stochastically: a last-bit difference between the sharded and the
 # single-device programs (another fusion, another summation order) moves an isolated element
@@ -39,18 +40,175 @@ FACTORED_REDUCED_OVER_SPLIT_AXIS = {
 STOCHASTIC_ROUNDING_ALLOWANCE = 1e-3
 
 
-def _layouts_report(tmp_path) -> dict:
-    out = tmp_path / "layouts.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    process = subprocess.run(
-        [sys.executable, str(WORKER), "layouts", "--out", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+def _named(mesh: jax.sharding.Mesh, specs: dict) -> dict:
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+
+
+def _train(tx, params, grads, shardings=None):
+    """Init and `STEPS` jitted steps; returns (state after init, params, state)."""
+    init = jax.jit(tx.init, out_shardings=shardings)
+
+    @jax.jit
+    def step(params, state, g):
+        updates, state = tx.update(g, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = init(params)
+    initial = state
+    for g in grads:
+        params, state = step(params, state, g)
+    return initial, params, state
+
+
+def layouts() -> dict:
+    host, specs = layout_params()
+    rng = np.random.default_rng(1)
+    host_grads = [
+        jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), host)
+        for _ in range(STEPS)
+    ]
+    single = jax.devices()[0]
+    reference = {}
+    runs = []
+    for axis_type in (AxisType.Auto, AxisType.Explicit):
+        mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+        shardings = _named(mesh, specs)
+        explicit = axis_type == AxisType.Explicit
+        for variant, options in VARIANTS.items():
+            if explicit and variant != "centered_nesterov_decoupled":
+                continue
+            for storage in STORAGES:
+                tx = rj.rmsprop(1e-2, moment_storage=storage, **options)
+                if (variant, storage) not in reference:
+                    on_one = jax.device_put(host, single)
+                    grads = [jax.device_put(g, single) for g in host_grads]
+                    reference[variant, storage] = _train(tx, on_one, grads)[1:]
+                params = jax.device_put(host, shardings)
+                abstract = jax.tree.map(
+                    lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding),
+                    params,
+                )
+                with _jax_compat.set_mesh(mesh) if explicit else contextlib.nullcontext():
+                    grads = [jax.device_put(g, shardings) for g in host_grads]
+                    initial, params, state = _train(tx, params, grads)
+                    derived = rj.sharding.state_shardings(tx, abstract)
+                record = {
+                    "mesh": "explicit" if explicit else "auto",
+                    "variant": variant,
+                    "storage": storage,
+                    "init": placement_report(initial, params, derived),
+                    "final": placement_report(state, params, derived),
+                }
+                record.update(compare_runs((params, state), reference[variant, storage]))
+                runs.append(record)
+                print("checked", record["mesh"], variant, storage, flush=True)
+    return {"runs": runs, "abstract": _abstract_inputs(), "packing": _packing(host_grads)}
+
+
+def _packing(host_grads: list) -> dict:
+    """`rj.pack_small_leaves` on both meshes against plain `rj.rmsprop` on one device."""
+    host, specs = layout_params()
+    inner = dict(centered=True, momentum=0.9, weight_decay=1e-2, decoupled_weight_decay=True)
+    on_one = jax.device_put(host, jax.devices()[0])
+    grads = [jax.device_put(g, jax.devices()[0]) for g in host_grads]
+    reference = _train(rj.rmsprop(1e-2, **inner), on_one, grads)[1:]
+    tx = rj.pack_small_leaves(rj.rmsprop(1e-2, **inner), max_size=2048)
+    report = {}
+    for axis_type in (AxisType.Auto, AxisType.Explicit):
+        mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+        shardings = _named(mesh, specs)
+        explicit = axis_type == AxisType.Explicit
+        params = jax.device_put(host, shardings)
+        with _jax_compat.set_mesh(mesh) if explicit else contextlib.nullcontext():
+            grads = [jax.device_put(g, shardings) for g in host_grads]
+            _, params, state = _train(tx, params, grads)
+        nu = state[2].nu
+        kept = jax.tree_util.tree_leaves_with_path(nu.leaves)
+        big = {jax.tree_util.keystr(path): leaf for path, leaf in kept}
+        big_params = {
+            jax.tree_util.keystr(path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+            if jax.tree_util.keystr(path) in big
+        }
+        report["explicit" if explicit else "auto"] = {
+            "unpacked": sorted(big),
+            "packed_sizes": {name: int(v.size) for name, v in nu.packed.items()},
+            "unpacked_state_placed_like_params": all(
+                big[name].sharding.is_equivalent_to(big_params[name].sharding, big[name].ndim)
+                for name in big
+            ),
+            "params": compare_runs((params, ()), (reference[0], ()))["params"],
+        }
+    return report
+
+
+def _abstract_inputs() -> dict:
+    """`state_shardings` from arrays, from ShapeDtypeStructs, from shapes plus shardings."""
+    host, specs = layout_params()
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    shardings = _named(mesh, specs)
+    params = jax.device_put(host, shardings)
+    shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), host)
+    placed = jax.tree.map(
+        lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), host, shardings
     )
-    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-5000:]
-    return json.loads(out.read_text())
+    report = {}
+    # The formats whose state leaves have shapes of their own; the others are like float32.
+    for storage in ("int8", "factored"):
+        tx = rj.rmsprop(1e-2, moment_storage=storage, centered=True, momentum=0.9)
+        from_arrays = rj.sharding.state_shardings(tx, params)
+        from_structs = rj.sharding.state_shardings(tx, placed)
+        from_shapes = rj.sharding.state_shardings(tx, shapes, shardings)
+        abstract_state = rj.sharding.abstract_state(tx, placed)
+        evaluated = jax.eval_shape(tx.init, placed)
+        state = jax.jit(tx.init, out_shardings=from_structs)(params)
+        plain = jax.jit(tx.init)(params)
+        report[storage] = {
+            "inputs_agree": jax.tree.leaves(from_arrays) == jax.tree.leaves(from_structs)
+            and jax.tree.leaves(from_structs) == jax.tree.leaves(from_shapes),
+            "abstract_state_matches_eval_shape": [
+                (a.shape, str(a.dtype)) for a in jax.tree.leaves(abstract_state)
+            ]
+            == [(a.shape, str(a.dtype)) for a in jax.tree.leaves(evaluated)],
+            "abstract_state_shardings": jax.tree.leaves(
+                jax.tree.map(lambda a: a.sharding, abstract_state)
+            )
+            == jax.tree.leaves(from_structs),
+            "out_shardings_init": placement_report(state, params, from_structs),
+            "out_shardings_init_equals_plain_jit": all(
+                bool(np.array_equal(np.asarray(a), np.asarray(b)))
+                for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(plain), strict=True)
+            ),
+        }
+    report["int8"]["orbax_restore"] = _orbax_round_trip(params)
+    for storage in STORAGES:
+        tx = rj.rmsprop(1e-2, moment_storage=storage, centered=True, momentum=0.9)
+        expected = rj.sharding.state_shardings(tx, params)
+        report[storage] = report.get(storage, {})
+        report[storage]["eager_init"] = placement_report(tx.init(params), params, expected)
+    return report
+
+
+def _orbax_round_trip(params: dict) -> dict:
+    """Saves a sharded int8 state with orbax and restores it onto `abstract_state`."""
+    import tempfile
+
+    import orbax.checkpoint as ocp
+
+    tx = rj.rmsprop(1e-2, moment_storage="int8", centered=True, momentum=0.9)
+    state = jax.jit(tx.init)(params)
+    state = jax.jit(lambda s, p: tx.update(p, s, p)[1])(state, params)
+    with tempfile.TemporaryDirectory() as directory, ocp.CheckpointManager(directory) as manager:
+        manager.save(1, args=ocp.args.StandardSave(state))
+        manager.wait_until_finished()
+        target = rj.sharding.abstract_state(tx, params)
+        restored = manager.restore(1, args=ocp.args.StandardRestore(target))
+    pairs = list(zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True))
+    return {
+        "same_structure": jax.tree.structure(restored) == jax.tree.structure(state),
+        "same_shardings": all(a.sharding.is_equivalent_to(b.sharding, a.ndim) for a, b in pairs),
+        "same_values": all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs),
+    }
 
 
 def _check_placement(label: str, placement: dict, storage: str) -> None:
@@ -76,7 +234,9 @@ def _check_results(label: str, errors: dict, storage: str) -> None:
 
 
 @pytest.mark.slow
-def test_state_lives_with_its_parameter_and_matches_the_single_device_run(tmp_path):
+@needs_simulated_devices
+@needs_jax_0_10_placement
+def test_state_lives_with_its_parameter_and_matches_the_single_device_run():
     """Every state leaf, after `init` and after 10 steps, is placed like its parameter.
 
     Same-shaped leaves (`nu`, `mu`, momentum, int8 codes) on each device hold exactly the
@@ -92,11 +252,11 @@ def test_state_lives_with_its_parameter_and_matches_the_single_device_run(tmp_pa
     same way. `rj.pack_small_leaves` packs only leaves that are not split over devices and
     gives the single-device results.
     """
-    report = _layouts_report(tmp_path)
+    report = layouts()
     runs = report["runs"]
     configurations = {(r["mesh"], r["variant"], r["storage"]) for r in runs}
     assert len(configurations) == len(runs) == 12
-    assert {r["storage"] for r in runs if r["mesh"] == "explicit"} == STORAGES
+    assert {r["storage"] for r in runs if r["mesh"] == "explicit"} == set(STORAGES)
     for run in runs:
         label = f"{run['mesh']} mesh, {run['variant']}, {run['storage']}"
         _check_placement(f"{label}, after init", run["init"], run["storage"])
@@ -105,7 +265,7 @@ def test_state_lives_with_its_parameter_and_matches_the_single_device_run(tmp_pa
         _check_results(f"{label}, state", run["state"], run["storage"])
 
     abstract = report["abstract"]
-    assert set(abstract) == STORAGES
+    assert set(abstract) == set(STORAGES)
     for storage in ("int8", "factored"):
         checks = abstract[storage]
         assert checks["inputs_agree"], storage

@@ -66,7 +66,7 @@ def test_rejects_parameters_without_elements_and_non_array_leaves():
 
 
 @pytest.mark.parametrize(
-    ("nu_storage", "low", "high"),
+    ("moment_storage", "low", "high"),
     [
         ("float32", 4.0, 4.0001),
         ("bfloat16", 2.0, 2.0001),
@@ -74,20 +74,22 @@ def test_rejects_parameters_without_elements_and_non_array_leaves():
         ("factored", 0, 0.1),
     ],
 )
-def test_bytes_per_parameter_of_each_format_on_a_transformer(nu_storage, low, high):
+def test_bytes_per_parameter_of_each_format_on_a_transformer(moment_storage, low, high):
     params = _transformer_shapes()
-    state = jax.eval_shape(rj.rmsprop(1e-3, nu_storage=nu_storage).init, params)
+    state = jax.eval_shape(rj.rmsprop(1e-3, moment_storage=moment_storage).init, params)
     assert low <= rj.state_bytes(state, params).bytes_per_parameter <= high
 
 
 def test_int8_block_scales_cost_four_bytes_per_block():
     params = {"w": jax.ShapeDtypeStruct((512, 768), jnp.float32)}
-    state = jax.eval_shape(rj.scale_by_rms(nu_storage="int8").init, params)
-    # 768 = 4 blocks of 192 per row: 512 * 768 codes, 512 * 4 float32 scales, the count.
-    assert rj.state_bytes(state, params).total_bytes == 512 * 768 + 512 * 4 * 4 + 4
+    state = jax.eval_shape(rj.scale_by_rms(moment_storage="int8").init, params)
+    # 768 = 4 blocks of 192 per row: 512 * 768 codes, 512 * 4 float32 scales, the count, and
+    # the one-byte placeholder of the unused dense part.
+    assert rj.state_bytes(state, params).total_bytes == 512 * 768 + 512 * 4 * 4 + 4 + 1
 
 
 def test_factored_keeps_rows_plus_columns_per_matrix():
     params = {"w": jax.ShapeDtypeStruct((3, 256, 1024), jnp.float32)}
-    state = jax.eval_shape(rj.scale_by_rms(nu_storage="factored").init, params)
-    assert rj.state_bytes(state, params).total_bytes == 3 * (256 + 1024) * 4 + 4
+    state = jax.eval_shape(rj.scale_by_rms(moment_storage="factored").init, params)
+    # Rows and columns, the count, and the one-byte placeholder of the unused dense part.
+    assert rj.state_bytes(state, params).total_bytes == 3 * (256 + 1024) * 4 + 4 + 1

@@ -1,27 +1,22 @@
-"""Compressed states of sharded parameters: sharded alike, no cross-shard blocks, same numbers.
-
-The checks run in a child process with 8 simulated CPU devices: XLA_FLAGS must be set before
-JAX is imported, and this process has imported it already.
-"""
+"""Compressed states of sharded parameters: sharded alike, no cross-shard blocks, same numbers."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
+import jax
+import numpy as np
+import optax
+from conftest import needs_simulated_devices
+from helpers import needs_jax_0_10_placement
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-CHILD = textwrap.dedent(
-    """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import rmsprop_jax as rj
 
-    import rmsprop_jax as rj
 
-    assert jax.device_count() == 8, jax.devices()
+@needs_simulated_devices
+@needs_jax_0_10_placement
+def test_sharded_states_follow_their_parameters_and_equal_the_unsharded_run():
+
     SPECS = {
         "wide": ((256, 1024), P("data", "model")),  # blocks of 256, one per shard
         "tall": ((512, 768), P(None, "model")),  # blocks of 192: 768 / 4 shards = 192
@@ -31,26 +26,32 @@ CHILD = textwrap.dedent(
     rng = np.random.default_rng(0)
     host = {k: rng.normal(size=s).astype(np.float32) for k, (s, _) in SPECS.items()}
     grads = [
-        {k: rng.normal(size=s).astype(np.float32) for k, (s, _) in SPECS.items()}
-        for _ in range(3)
+        {k: rng.normal(size=s).astype(np.float32) for k, (s, _) in SPECS.items()} for _ in range(3)
     ]
     # Automatic sharding: parameters placed with NamedSharding, the compiler propagates.
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
     shardings = {k: NamedSharding(mesh, spec) for k, (_, spec) in SPECS.items()}
 
-
     def expected_specs(stored, spec):
         spec = tuple(spec) + (None,) * (2 - len(spec))
-        if isinstance(stored, rj.QuantizedArray):
-            return rj.QuantizedArray(codes=P(*spec), scales=P(*spec))
+        if isinstance(stored, rj.QuantizedMoment):
+            if stored.dense.shape != (1,):
+                return rj.QuantizedMoment(codes=P(), scales=P(), dense=P(*spec))
+            return rj.QuantizedMoment(codes=P(*spec), scales=P(*spec), dense=P())
         if isinstance(stored, rj.FactoredMoment):
-            return rj.FactoredMoment(row=P(*spec[:-1]), col=P(spec[-1]))
+            if stored.dense.shape != (1,):
+                return rj.FactoredMoment(row=P(), col=P(), dense=P(*spec))
+            return rj.FactoredMoment(row=P(*spec[:-1]), col=P(spec[-1]), dense=P())
         return P(*spec)
 
+    def per_parameter(average):
+        if isinstance(average, rj.QuantizedMoment | rj.FactoredMoment):
+            return {name: type(average)(*(tree[name] for tree in average)) for name in SPECS}
+        return average
 
-    def check_placement(mesh, state, nu_storage):
-        for field in ("mu", "nu"):
-            for name, stored in getattr(state, field).items():
+    def check_placement(mesh, state, moment_storage):
+        for field in ("mu", "variance"):
+            for name, stored in per_parameter(getattr(state, field)).items():
                 spec = SPECS[name][1]
                 if name == "small" or len(SPECS[name][0]) == 1:
                     spec = P(*spec)
@@ -58,9 +59,12 @@ CHILD = textwrap.dedent(
                 wanted = jax.tree.leaves(wanted, is_leaf=lambda x: isinstance(x, P))
                 for array, want in zip(jax.tree.leaves(stored), wanted, strict=True):
                     assert array.sharding.is_equivalent_to(NamedSharding(mesh, want), array.ndim), (
-                        nu_storage, field, name, array.sharding, want
+                        moment_storage,
+                        field,
+                        name,
+                        array.sharding,
+                        want,
                     )
-
 
     def run(tx, params, jitted_step):
         state = tx.init(params)
@@ -68,28 +72,27 @@ CHILD = textwrap.dedent(
             params, state = jitted_step(params, state, g)
         return params, state
 
+    for moment_storage in ("bfloat16", "int8", "factored"):
+        tx = rj.rmsprop(1e-2, centered=True, momentum=0.9, moment_storage=moment_storage)
 
-    for nu_storage in ("bfloat16", "int8", "factored"):
-        tx = rj.rmsprop(1e-2, centered=True, momentum=0.9, nu_storage=nu_storage)
-
-        def step(params, state, g):
+        def step(params, state, g, tx=tx):
             updates, state = tx.update(g, state, params)
             return optax.apply_updates(params, updates), state
 
         params = jax.device_put(host, shardings)
         sharded_grads = [jax.device_put(g, shardings) for g in grads]
         state = tx.init(params)
-        check_placement(mesh, state[2], nu_storage)
+        check_placement(mesh, state[2], moment_storage)
         jitted = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, sharded_grads[0])
         jitted = jitted.compile()
-        if nu_storage != "factored":
+        if moment_storage != "factored":
             # Blocks within shards: the update needs no communication at all.
             hlo = jitted.as_text()
             for collective in ("all-reduce", "all-gather", "all-to-all", "collective-permute"):
-                assert collective not in hlo, (nu_storage, collective)
+                assert collective not in hlo, (moment_storage, collective)
         for g in sharded_grads:
             params, state = jitted(params, state, g)
-        check_placement(mesh, state[2], nu_storage)
+        check_placement(mesh, state[2], moment_storage)
 
         plain_params, plain_state = host, tx.init(host)
         plain_step = jax.jit(step)
@@ -98,7 +101,7 @@ CHILD = textwrap.dedent(
         # The stored averages are bit for bit the same (elementwise work, exact block maxima),
         # except factored row / column means, which may be summed in another order across
         # shards; the parameters may differ by an ulp where the compiler fuses differently.
-        state_tolerance = 1e-5 if nu_storage == "factored" else 0.0
+        state_tolerance = 1e-5 if moment_storage == "factored" else 0.0
         for name in SPECS:
             np.testing.assert_allclose(params[name], plain_params[name], rtol=1e-5, atol=1e-6)
         stored = jax.tree.leaves(state[2])
@@ -107,16 +110,3 @@ CHILD = textwrap.dedent(
             np.testing.assert_allclose(
                 np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=state_tolerance, atol=0
             )
-        print("checked", nu_storage, flush=True)
-    """
-)
-
-
-def test_sharded_states_follow_their_parameters_and_equal_the_unsharded_run():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    env["JAX_PLATFORMS"] = "cpu"
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("checked") == 3, result.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -66,7 +67,10 @@ def assert_close(actual, desired, rtol=1e-6):
     Relative to each element would fail on elements that cancellation brought near zero,
     where one ulp of a larger intermediate is a large relative error.
     """
-    desired = np.asarray(desired)
+    # In float64: NumPy 1.x cannot promote bfloat16 in `isclose`, and float64 holds every
+    # lower-precision value exactly.
+    actual = np.asarray(actual, np.float64)
+    desired = np.asarray(desired, np.float64)
     atol = rtol * float(np.max(np.abs(desired), initial=0.0))
     np.testing.assert_allclose(actual, desired, rtol=rtol, atol=atol)
 
@@ -357,14 +361,14 @@ def test_inject_hyperparams_in_a_sweep_equals_plain_rmsprop():
 
 
 @pytest.mark.parametrize("centered", [False, True])
-@pytest.mark.parametrize("nu_storage", ["float32", "bfloat16", "int8", "factored"])
-def test_every_nu_storage_format_sweeps_like_configurations_run_alone(nu_storage, centered):
+@pytest.mark.parametrize("moment_storage", ["float32", "bfloat16", "int8", "factored"])
+def test_every_moment_storage_format_sweeps_like_configurations_run_alone(moment_storage, centered):
     noise = jax.random.normal(jax.random.key(2), (6, 128, 128))  # large enough to be compressed
 
     def train(learning_rate, decay, eps, initial_scale, momentum):
         optimizer = rj.rmsprop(
             learning_rate, decay, eps, initial_scale=initial_scale, centered=centered,
-            momentum=momentum, nu_storage=nu_storage,
+            momentum=momentum, moment_storage=moment_storage,
         )  # fmt: skip
 
         def step(carry, n):
@@ -384,7 +388,7 @@ def test_every_nu_storage_format_sweeps_like_configurations_run_alone(nu_storage
     for i in range(swept.size):
         alone = train_alone(**{k: v[i] for k, v in hyperparameters.items()})
         # Factored storage rebuilds nu from row and column sums, which adds a few ulps.
-        assert_close(swept.results[i], alone, rtol=1e-5 if nu_storage == "factored" else 1e-6)
+        assert_close(swept.results[i], alone, rtol=1e-5 if moment_storage == "factored" else 1e-6)
 
 
 def test_grid_product_takes_every_combination_with_the_first_name_slowest():
@@ -410,13 +414,38 @@ def test_grid_zipped_pairs_values_by_position_and_keeps_integer_seeds_integer():
         ([], ValueError, "`decay` must be a non-empty 1-D sequence"),
         ([[0.9]], ValueError, "`decay` must be a non-empty 1-D sequence"),
         ([0.9, float("nan")], ValueError, "`decay` must be finite"),
-        ([True, False], TypeError, "`decay` must be real numbers"),
+        ([True, False], TypeError, "`decay` must be real numbers.*booleans are refused"),
+        ([0.9, True], TypeError, r"`decay` must be real numbers, got \[0.9, True\]: booleans"),
+        ([1, np.True_], TypeError, "`decay` must be real numbers.*booleans are refused"),
+        (np.array([True]), TypeError, "`decay` must be real numbers.*booleans are refused"),
         ([1j], TypeError, "`decay` must be real numbers"),
+        ("0.9", ValueError, "`decay` must be a non-empty 1-D sequence"),
+        (
+            [0.9, [0.99]],
+            ValueError,
+            r"`decay` must be a flat list of numbers, got \[0.9, \[0.99\]\]",
+        ),
+        ([[0.9], [0.9, 0.99]], ValueError, "`decay` must be a flat list of numbers"),
+        ([1, 2**31], ValueError, r"`decay` are integers.*2147483648 lies outside \[-2147483648, "),
+        ([-(2**31) - 1], ValueError, r"`decay` are integers.*-2147483649 lies outside"),
+        ([2**70], ValueError, r"`decay` are integers.*outside.*got \[1180591620717411303424\]"),
+        (np.array([2**40], np.int64), ValueError, r"`decay` are integers.*1099511627776"),
+        ([0.5, 1e39], ValueError, r"`decay` must fit in float32.*1e\+39 does not"),
+        ([-1e39], ValueError, r"`decay` must fit in float32.*-1e\+39 does not"),
+        ([0.5, 1e-50], ValueError, r"`decay` must be representable in float32, but 1e-50 rounds"),
     ],
 )
 def test_grid_rejects_values_that_are_not_a_list_of_finite_numbers(values, error, message):
     with pytest.raises(error, match=message):
         rj.sweep.grid(decay=values)
+
+
+def test_grid_keeps_the_extremes_of_int32_and_float32_exactly():
+    g = rj.sweep.grid(product=False, seed=[-(2**31), 2**31 - 1], scale=[3.4e38, 1e-45])
+    assert g["seed"].dtype == jnp.int32 and g["seed"].tolist() == [-(2**31), 2**31 - 1]
+    assert g["scale"].dtype == jnp.float32
+    assert g["scale"].tolist() == [np.float32(3.4e38), np.float32(1e-45)]
+    assert rj.sweep.grid(decay=(0.0, 0.5))["decay"].tolist() == [0.0, 0.5]
 
 
 def test_building_the_optimizer_from_the_whole_grid_checks_every_value():
@@ -447,8 +476,75 @@ def test_best_picks_the_lowest_or_highest_metric_and_skips_diverged_runs():
         result.best("accuracy")
     with pytest.raises(ValueError, match="`mode` must be 'min' or 'max', got 'lowest'"):
         result.best("loss", mode="lowest")
-    with pytest.raises(ValueError, match="Every configuration gave NaN"):
+    with pytest.raises(ValueError, match=r"No configuration is eligible.*every value is NaN"):
         result.best(lambda r: r["loss"] * jnp.nan)
+
+
+@pytest.mark.parametrize(
+    ("loss", "mode", "index"),
+    [
+        ([jnp.nan, jnp.inf, 2.0], "min", 2),
+        ([jnp.nan, jnp.inf], "min", None),
+        ([jnp.inf, jnp.nan, 5.0, -jnp.inf], "max", 0),  # +inf is a top score, not a divergence
+        ([jnp.nan, -jnp.inf, 3.0, 7.0], "max", 3),
+        ([-jnp.inf, jnp.nan], "max", None),
+        ([jnp.nan, -jnp.inf, 1.0], "min", 1),  # -inf is the lowest a minimized metric can go
+        ([4.0, jnp.nan, 1.0, 1.0], "min", 2),  # ties go to the first
+    ],
+)
+def test_best_is_never_nan_nor_infinite_in_the_optimized_direction(loss, mode, index):
+    result = rj.sweep.SweepResult(
+        {"lr": jnp.arange(len(loss), dtype=jnp.float32)}, {"loss": jnp.array(loss)}
+    )
+    if index is None:
+        with pytest.raises(ValueError, match=r"No configuration is eligible.*'loss'.*mode='"):
+            result.best("loss", mode=mode)
+        return
+    best = result.best("loss", mode=mode)
+    assert best.index == index
+    assert best.value == loss[index] and best.hyperparameters == {"lr": float(index)}
+
+
+def test_config_refuses_an_index_outside_the_sweep_instead_of_clamping():
+    result = rj.sweep.SweepResult({"lr": jnp.array([0.5, 0.25, 0.125])}, {})
+    assert result.config(-1) == {"lr": 0.125} and result.config(np.int64(1)) == {"lr": 0.25}
+    for index in (3, -4, 100):
+        with pytest.raises(IndexError, match=f"`index` {index} is out of range .* 3 config"):
+            result.config(index)
+    for index in (1.0, True, "0"):
+        with pytest.raises(TypeError, match=f"`index` must be an integer, got {index!r}"):
+            result.config(index)
+
+
+def test_run_checks_hyperparameters_given_as_lists_or_numpy_arrays_like_grid():
+    def train(lr):
+        return {"y": lr * 2}
+
+    with pytest.raises(ValueError, match=r"`lr` are integers.*1099511627776 lies outside"):
+        rj.sweep.run(train, {"lr": np.array([2**40, 1])})
+    with pytest.raises(ValueError, match=r"`lr` must fit in float32.*1e\+39"):
+        rj.sweep.run(train, {"lr": [0.1, 1e39]})
+    result = rj.sweep.run(train, {"lr": [0.25, 0.5]})
+    assert result.hyperparameters["lr"].dtype == jnp.float32
+    assert result.results["y"].tolist() == [0.5, 1.0]
+
+
+def test_flags_of_grid_and_run_must_be_bools_and_devices_not_empty():
+    with pytest.raises(TypeError, match="`product` must be True or False, got 'no'"):
+        rj.sweep.grid(product="no", a=[1.0, 2.0], b=[3.0, 4.0])
+    grid = rj.sweep.grid(lr=[1.0, 2.0])
+    with pytest.raises(TypeError, match="`shard` must be True or False, got 'False'"):
+        rj.sweep.run(lambda lr: {"y": lr}, grid, shard="False")
+    with pytest.raises(ValueError, match="`devices` is empty"):
+        rj.sweep.run(lambda lr: {"y": lr}, grid, shard=True, devices=[])
+
+
+@pytest.mark.parametrize("in_axes", [False, True, (0, False)])
+def test_run_refuses_boolean_in_axes(in_axes):
+    # False == 0 would map the argument over the sweep, the opposite of what False suggests.
+    with pytest.raises(ValueError, match=re.escape(f"got {in_axes!r}")):
+        rj.sweep.run(lambda x, y, lr: {"y": lr}, {"lr": jnp.ones(2)}, jnp.ones(2), jnp.ones(2),
+                     in_axes=in_axes)  # fmt: skip
 
 
 def test_best_reads_named_tuple_results_by_attribute():
@@ -482,7 +578,8 @@ def test_shared_arguments_reach_every_configuration_unbatched():
 
 
 def test_sharding_over_the_available_devices_gives_the_unsharded_results():
-    grid = rj.sweep.grid(learning_rate=[0.01, 0.1], decay=[0.9, 0.99])
+    # 8 configurations: a multiple of the device count with 1, 2, 4 or 8 devices.
+    grid = rj.sweep.grid(learning_rate=[0.01, 0.03, 0.1, 0.3], decay=[0.9, 0.99])
     sharded = rj.sweep.run(quadratic_train, grid, shard=True)
     plain = rj.sweep.run(quadratic_train, grid)
     leaf = sharded.results["params"]["w"]

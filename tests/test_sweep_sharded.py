@@ -1,19 +1,9 @@
-"""Sweeps sharded over 8 simulated CPU devices give the results of the unsharded sweep.
-
-XLA reads `--xla_force_host_platform_device_count` once, when JAX first starts its CPU
-backend, so the test starts a fresh Python process with the flag set: this file is also that
-program (`python tests/test_sweep_sharded.py` prints a JSON report), and the test in the
-pytest process only reads the report.
-"""
+"""Sweeps sharded over 8 simulated CPU devices give the results of the unsharded sweep."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
-DEVICES = 8
+from conftest import SIMULATED_DEVICES as DEVICES
+from conftest import needs_simulated_devices
 
 
 def _report() -> dict:
@@ -98,20 +88,13 @@ def _report() -> dict:
     }
 
 
+@needs_simulated_devices
 def test_sharded_sweep_on_eight_cpu_devices_equals_unsharded_sweep():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = " ".join(
-        [env.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={DEVICES}"]
-    ).strip()
-    process = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert process.returncode == 0, process.stderr[-5000:]
-    report = json.loads(process.stdout.strip().splitlines()[-1])
+    report = _report()
 
     assert report["device_count"] == DEVICES
     assert report["devices_holding_results"] == DEVICES
-    assert report["shard_shapes"] == [[2, 5]]  # 16 configurations, 2 per device
+    assert report["shard_shapes"] == [(2, 5)]  # 16 configurations, 2 per device
     assert report["partition_spec"] == ["sweep"]
     assert report["losses_differ"]
     assert report["first_chunk_difference"] <= 1e-6
@@ -121,7 +104,3 @@ def test_sharded_sweep_on_eight_cpu_devices_equals_unsharded_sweep():
     assert report["traces_over_six_chunked_runs"] == 2
     assert report["four_device_shards"] == 4
     assert "12 configurations over 8 devices" in report["indivisible_error"]
-
-
-if __name__ == "__main__":
-    print(json.dumps(_report()))

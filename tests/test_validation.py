@@ -20,7 +20,7 @@ BAD_RMSPROP_ARGUMENTS = [
     ("momentum", dict(momentum=1.0), "1.0"),
     ("momentum", dict(momentum=-0.5), "-0.5"),
     ("weight_decay", dict(weight_decay=-1e-4), "-0.0001"),
-    ("nu_storage", dict(nu_storage="float8"), "float8"),
+    ("moment_storage", dict(moment_storage="float8"), "float8"),
     ("decay", dict(decay=jnp.asarray([0.9, 1.1])), "1.1"),
 ]
 

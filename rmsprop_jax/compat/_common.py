@@ -8,11 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-
-def check_flag(name: str, value: Any) -> None:
-    """Raises `TypeError` unless `value` is a Python bool: flags choose the state's structure."""
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+from rmsprop_jax import _wrappers
 
 
 def _view_as_real(x: Any) -> Any:
@@ -33,6 +29,10 @@ def view_as_real(tree: Any) -> Any:
     return jax.tree.map(_view_as_real, tree)
 
 
+def _complex_like(new_updates: Any, updates: Any) -> Any:
+    return jax.tree.map(_view_as_complex, new_updates, updates, is_leaf=lambda x: x is None)
+
+
 def as_real_pairs(
     inner: optax.GradientTransformation,
 ) -> optax.GradientTransformationExtraArgs:
@@ -41,20 +41,9 @@ def as_real_pairs(
     The state of `inner` holds each complex leaf of shape `s` as a real array of shape
     `s + (2,)` (see :func:`view_as_real`); updates come back complex, in the gradient's dtype.
     """
-    inner = optax.with_extra_args_support(inner)
-
-    def init_fn(params):
-        return inner.init(view_as_real(params))
-
-    def update_fn(updates, state, params=None, **extra_args):
-        params = None if params is None else view_as_real(params)
-        new_updates, new_state = inner.update(view_as_real(updates), state, params, **extra_args)
-        new_updates = jax.tree.map(
-            _view_as_complex, new_updates, updates, is_leaf=lambda x: x is None
-        )
-        return new_updates, new_state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _wrappers.map_transformation(
+        inner, map_inputs=view_as_real, map_updates_back=_complex_like
+    )
 
 
 def reject_complex(

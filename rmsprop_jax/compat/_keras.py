@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _precision, _validation
-from rmsprop_jax.alias import _rmsprop_in_compute_dtype
-from rmsprop_jax.compat import _common
+from rmsprop_jax import _placement, _precision, _validation
+from rmsprop_jax.alias import rmsprop
+from rmsprop_jax.compat import _common, _keras_ema
 
 
 def _clip_each_by_norm(clipnorm: float) -> optax.GradientTransformation:
@@ -46,7 +46,7 @@ def _gradient_clipping(
         ("clipvalue", clipvalue),
         ("global_clipnorm", global_clipnorm),
     ):
-        _validation.check_in_range(name, value, low=0.0)
+        _validation.check_in_range(name, value, low=0.0, optional=True)
     given = [v is not None for v in (clipnorm, clipvalue, global_clipnorm)]
     if sum(given) > 1:
         raise ValueError(
@@ -64,18 +64,9 @@ def _gradient_clipping(
 
 
 def _check_keras_only_arguments(
-    use_ema: bool,
     loss_scale_factor: float | None,
     gradient_accumulation_steps: int | None,
 ) -> None:
-    if use_ema:
-        raise ValueError(
-            "`use_ema=True` is not supported: Keras keeps a moving average of the weights "
-            "inside the optimizer and swaps it into the model at the end of `fit`, which an "
-            "optax transformation (it returns updates, not weights) cannot do. Keep an "
-            "average of the parameters alongside training instead, e.g. with `optax.ema` "
-            "applied to the parameters, or `optax.tree.update_moment`."
-        )
     if loss_scale_factor is not None:
         _validation.check_in_range("loss_scale_factor", loss_scale_factor, low=0.0)
         if loss_scale_factor == 0:
@@ -137,10 +128,12 @@ def keras_rmsprop(
       clipvalue: clip each gradient element to [-clipvalue, clipvalue].
       global_clipnorm: scale all gradients together so their joint L2 norm is at most this.
         At most one of the three clipping arguments may be set; 0 means no clipping.
-      use_ema: must be False; a moving average of the weights is not an update (raises
-        `ValueError` otherwise, with what to do instead).
-      ema_momentum: accepted for compatibility; Keras ignores it when `use_ema` is False.
-      ema_overwrite_frequency: accepted for compatibility; ignored when `use_ema` is False.
+      use_ema: keep Keras's moving average of the weights in the state (see
+        ``rmsprop_jax.compat._keras_ema``); read it with
+        :func:`rmsprop_jax.compat.keras_ema_weights`. `update` then needs `params`.
+      ema_momentum: the average's momentum (ignored when `use_ema` is False, as in Keras).
+      ema_overwrite_frequency: replace the weights by their average every this many
+        updates; None never does (ignored when `use_ema` is False).
       loss_scale_factor: divide incoming gradients by this (they are gradients of a loss
         multiplied by it).
       gradient_accumulation_steps: average this many successive gradients and update once
@@ -158,15 +151,15 @@ def keras_rmsprop(
       Tieleman and Hinton, Lecture 6.5 - RMSProp, 2012.
       https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf
     """
-    del ema_momentum, ema_overwrite_frequency, name  # Meaningless without use_ema; a label.
+    del name  # A label for Keras's variables.
     _validation.check_in_range("learning_rate", learning_rate, low=0.0)
     _validation.check_in_range("rho", rho, low=0.0, high=1.0)
     _validation.check_in_range("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
     _validation.check_in_range("epsilon", epsilon, low=0.0)
-    _validation.check_in_range("weight_decay", weight_decay, low=0.0)
-    _common.check_flag("centered", centered)
-    _common.check_flag("use_ema", use_ema)
-    _check_keras_only_arguments(use_ema, loss_scale_factor, gradient_accumulation_steps)
+    _validation.check_in_range("weight_decay", weight_decay, low=0.0, optional=True)
+    _validation.check_flag("centered", centered)
+    _validation.check_flag("use_ema", use_ema)
+    _check_keras_only_arguments(loss_scale_factor, gradient_accumulation_steps)
     clipping = _gradient_clipping(clipnorm, clipvalue, global_clipnorm)
 
     rate = learning_rate
@@ -179,21 +172,15 @@ def keras_rmsprop(
 
     step = optax.chain(
         clipping,
-        _rmsprop_in_compute_dtype(
+        rmsprop(
             rate,
             rho,
             epsilon,
             eps_in_sqrt=True,
-            initial_scale=0.0,
             centered=centered,
             momentum=None if _validation.is_literal_zero(momentum) else momentum,
-            nesterov=False,
-            bias_correction=False,
             weight_decay=0.0 if weight_decay is None else weight_decay,
             decoupled_weight_decay=True,
-            weight_decay_mask=None,
-            maximize=False,
-            nu_storage="float32",
         ),
     )
     if gradient_accumulation_steps:
@@ -201,4 +188,9 @@ def keras_rmsprop(
         step = step.gradient_transformation()
     if loss_scale_factor is not None:
         step = optax.chain(optax.stateless_with_tree_map(lambda g, _: g / loss_scale_factor), step)
-    return _common.reject_complex(_precision.with_compute_dtype(step), "Keras")
+    tx = _common.reject_complex(_placement.placed(_precision.with_compute_dtype(step)), "Keras")
+    if not use_ema:
+        return tx
+    return _keras_ema.with_keras_ema(
+        tx, ema_momentum, ema_overwrite_frequency, gradient_accumulation_steps
+    )

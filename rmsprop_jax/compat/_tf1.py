@@ -5,8 +5,8 @@ from __future__ import annotations
 import chex
 import optax
 
-from rmsprop_jax import _precision, _validation
-from rmsprop_jax.alias import _rmsprop_in_compute_dtype
+from rmsprop_jax import _validation
+from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.compat import _common
 
 
@@ -65,9 +65,9 @@ def tf1_rmsprop(
     _validation.check_in_range("decay", decay, low=0.0, high=1.0)
     _validation.check_in_range("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
     _validation.check_in_range("epsilon", epsilon, low=0.0)
-    _common.check_flag("use_locking", use_locking)
-    _common.check_flag("centered", centered)
-    step = _rmsprop_in_compute_dtype(
+    _validation.check_flag("use_locking", use_locking)
+    _validation.check_flag("centered", centered)
+    step = rmsprop(
         learning_rate,
         decay,
         epsilon,
@@ -76,12 +76,5 @@ def tf1_rmsprop(
         centered=centered,
         # TF1 always keeps a buffer; with momentum 0 it holds the last increment, a no-op.
         momentum=None if _validation.is_literal_zero(momentum) else momentum,
-        nesterov=False,
-        bias_correction=False,
-        weight_decay=0.0,
-        decoupled_weight_decay=False,
-        weight_decay_mask=None,
-        maximize=False,
-        nu_storage="float32",
     )
-    return _common.reject_complex(_precision.with_compute_dtype(step), "TF1")
+    return _common.reject_complex(step, "TF1")

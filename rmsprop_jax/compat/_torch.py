@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import chex
 import optax
 
-from rmsprop_jax import _precision, _validation
+from rmsprop_jax import _placement, _precision, _validation
 from rmsprop_jax.compat import _common
-from rmsprop_jax.transform import _scale_by_rms_in_compute_dtype
+from rmsprop_jax.transform import scale_by_rms
+
+
+class TorchLayoutState(NamedTuple):
+    """Marks a `torch_rmsprop` chain: its statistics and buffer hold torch RMSprop's numbers.
+
+    It has no leaves. `rj.rmsprop(lr, momentum=...)` keeps a buffer of rate-scaled increments,
+    which torch's `momentum_buffer` is not; the checkpoint conversion looks for this marker so
+    that it never copies a buffer into, or out of, a state where it means something else.
+    """
+
+
+def torch_layout() -> optax.GradientTransformation:
+    """The identity transformation whose state is a :class:`TorchLayoutState`."""
+    return optax.GradientTransformation(
+        lambda params: TorchLayoutState(), lambda updates, state, params=None: (updates, state)
+    )
 
 
 def torch_rmsprop(
@@ -68,7 +84,8 @@ def torch_rmsprop(
       An :class:`optax.GradientTransformationExtraArgs`. Its state is the tuple of the chained
       states: the :class:`rmsprop_jax.ScaleByRmsState` (or centered) statistics, an
       :class:`optax.TraceState` holding the momentum buffer when `momentum` is not a literal
-      0, and, when `lr` is a schedule, its step count. To port a PyTorch checkpoint, see
+      0, when `lr` is a schedule, its step count, and last an empty
+      :class:`TorchLayoutState` marking the chain as PyTorch's. To port a PyTorch checkpoint, see
       :func:`rmsprop_jax.compat.state_from_torch`.
 
     References:
@@ -90,28 +107,24 @@ def torch_rmsprop(
         ("maximize", maximize),
         ("differentiable", differentiable),
     ):
-        _common.check_flag(name, flag)
+        _validation.check_flag(name, flag)
     if foreach is not None:
-        _common.check_flag("foreach", foreach)
+        _validation.check_flag("foreach", foreach)
 
     stages: list[Any] = [
         optax.scale(-1.0) if maximize else optax.identity(),
         optax.identity()
         if _validation.is_literal_zero(weight_decay)
         else optax.add_decayed_weights(_precision.as_hyperparameter(weight_decay)),
-        _scale_by_rms_in_compute_dtype(
-            alpha,
-            eps,
-            eps_in_sqrt=False,
-            initial_scale=0.0,
-            centered=centered,
-            bias_correction=False,
-            nu_storage="float32",
-        ),
+        scale_by_rms(alpha, eps, centered=centered),
         optax.identity()
         if _validation.is_literal_zero(momentum)
         else optax.trace(decay=_precision.as_hyperparameter(momentum)),
         # After the buffer: PyTorch scales the buffer, not each increment, by the current rate.
         optax.scale_by_learning_rate(_precision.as_hyperparameter(lr)),
+        # Last, so the tuple positions of the stages above are those of earlier releases.
+        torch_layout(),
     ]
-    return _common.as_real_pairs(_precision.with_compute_dtype(optax.chain(*stages)))
+    return _common.as_real_pairs(
+        _placement.placed(_precision.with_compute_dtype(optax.chain(*stages)))
+    )

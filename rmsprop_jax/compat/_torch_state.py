@@ -3,6 +3,14 @@
 PyTorch keeps, per parameter index, `step`, `square_avg` and, depending on the flags,
 `momentum_buffer` and `grad_avg`; the preset keeps the same numbers as the `nu`, `trace` and
 `mu` trees of its state (complex leaves as `view_as_real` pairs) and one shared step count.
+Only a state marked by the preset's :class:`~rmsprop_jax.compat._torch.TorchLayoutState` is
+converted: other RMSprop states (`rj.rmsprop(lr, momentum=...)` applies the rate before its
+buffer) hold numbers that mean something else.
+
+Parameters are matched by name when PyTorch recorded `param_names` (an optimizer built from
+`model.named_parameters()`, PyTorch >= 2.6), by order otherwise; see
+:mod:`rmsprop_jax.compat._torch_mapping`. A `torch_rmsprop_groups` state holds one preset
+state per torch parameter group.
 """
 
 from __future__ import annotations
@@ -15,81 +23,62 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rmsprop_jax.compat import _torch_mapping, _torch_state_dict
 from rmsprop_jax.compat._common import view_as_real
+from rmsprop_jax.compat._torch import TorchLayoutState
 from rmsprop_jax.transform import ScaleByCenteredRmsState, ScaleByRmsState
 
 _STATS = (ScaleByRmsState, ScaleByCenteredRmsState)
 
 
-def _find(state: Any, kinds: tuple[type, ...], what: str) -> list[Any]:
-    nodes = [
-        node
-        for node in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kinds))
-        if isinstance(node, kinds)
-    ]
-    if len(nodes) > 1:
-        raise ValueError(
-            f"The optimizer state holds {len(nodes)} {what}s; a `torch_rmsprop` state holds "
-            "at most one. Convert the state of a single `rmsprop_jax.compat.torch_rmsprop`."
+def torch_chains(state: Any) -> list[tuple[Any, ...]]:
+    """The chain states of the `torch_rmsprop` presets inside `state`, in tree order."""
+
+    def is_chain(node: Any) -> bool:
+        return type(node) is tuple and any(isinstance(e, TorchLayoutState) for e in node)
+
+    return [node for node in jax.tree.leaves(state, is_leaf=is_chain) if is_chain(node)]
+
+
+def _not_torch_error(what: str, state: Any) -> ValueError:
+    has_stats = any(
+        isinstance(node, _STATS)
+        for node in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, _STATS))
+    )
+    if not has_stats:
+        return ValueError(
+            f"{what} has no RMS statistics; pass a `rmsprop_jax.compat.torch_rmsprop` preset."
         )
-    return nodes
-
-
-def _replace(state: Any, kinds: tuple[type, ...], make: Any) -> Any:
-    return jax.tree.map(
-        lambda node: make(node) if isinstance(node, kinds) else node,
-        state,
-        is_leaf=lambda x: isinstance(x, kinds),
+    return ValueError(
+        f"{what} is an RMSprop state but not one of `rmsprop_jax.compat.torch_rmsprop`. Only "
+        "that preset keeps torch's numbers: `rj.rmsprop(lr, momentum=...)` applies the rate "
+        "before its momentum buffer, so a torch `momentum_buffer` copied into it would make the "
+        "next step wrong by a factor of about 1/lr. Build the optimizer with "
+        "`rmsprop_jax.compat.torch_rmsprop`."
     )
 
 
-def _torch_order(param_groups: Sequence[Mapping[str, Any]], params: Any) -> list[int]:
-    """The torch parameter indices in group order, checked against the leaves of `params`."""
-    if not param_groups:
-        raise ValueError("`param_groups` is empty; pass the torch optimizer's param_groups.")
-    settings = [{k: v for k, v in g.items() if k != "params"} for g in param_groups]
-    for index, group in enumerate(settings[1:], start=1):
-        if group != settings[0]:
-            raise ValueError(
-                f"Torch param_groups 0 and {index} have different settings ({settings[0]} vs "
-                f"{group}); one `torch_rmsprop` reproduces one group. Convert each group "
-                "separately and combine them with `optax.partition`."
-            )
-    order = [int(i) for g in param_groups for i in g["params"]]
-    n_leaves = len(jax.tree.leaves(params))
-    if len(order) != n_leaves:
+def chains_of(state: Any, what: str) -> list[tuple[Any, ...]]:
+    """The `torch_rmsprop` chain states in `state`; `ValueError` when there is none."""
+    chains = torch_chains(state)
+    if not chains:
+        raise _not_torch_error(what, state)
+    return chains
+
+
+def chain_parts(chain: tuple[Any, ...]) -> tuple[Any, Any | None]:
+    """The statistics and the momentum state (None without momentum) of one preset chain."""
+    stats = [node for node in chain if isinstance(node, _STATS)]
+    traces = [node for node in chain if isinstance(node, optax.TraceState)]
+    if len(stats) != 1 or len(traces) > 1:
         raise ValueError(
-            f"The torch optimizer has {len(order)} parameters but `params` has {n_leaves} "
-            "leaves; pass the parameters whose `jax.tree.leaves` order is the torch order."
+            f"A `torch_rmsprop` state holds one RMS statistic and at most one momentum buffer; "
+            f"this one holds {len(stats)} and {len(traces)}."
         )
-    return order
+    return stats[0], (traces[0] if traces else None)
 
 
-def _check_flags(param_groups: Sequence[Mapping[str, Any]], stats: Any, trace: list[Any]) -> None:
-    group = param_groups[0]
-    torch_centered = bool(group.get("centered", False))
-    torch_momentum = float(group.get("momentum", 0)) > 0
-    ours_centered = isinstance(stats, ScaleByCenteredRmsState)
-    if torch_centered != ours_centered:
-        raise ValueError(
-            f"The torch optimizer has centered={torch_centered} but the optax state has "
-            f"centered={ours_centered}; build the preset with centered={torch_centered}."
-        )
-    if torch_momentum != bool(trace):
-        raise ValueError(
-            f"The torch optimizer has momentum={group.get('momentum', 0)} "
-            f"({'a' if torch_momentum else 'no'} momentum buffer) but the optax state has "
-            f"{'a' if trace else 'no'} momentum buffer; build the preset with the same momentum."
-        )
-
-
-def _to_numpy(tensor: Any) -> np.ndarray:
-    if hasattr(tensor, "detach"):
-        tensor = tensor.detach().cpu().resolve_conj()
-    return np.asarray(tensor)
-
-
-def _import_torch():
+def import_torch():
     try:
         import torch
     except ImportError as error:
@@ -100,57 +89,25 @@ def _import_torch():
     return torch
 
 
-def state_from_torch(
-    state_dict: Mapping[str, Any], params: Any, optimizer: optax.GradientTransformation
-) -> optax.OptState:
-    """The state of `optimizer` (a `torch_rmsprop`) equal to a torch RMSprop `state_dict()`.
+def fill_chain(
+    chain: tuple[Any, ...],
+    per_param: Mapping[Any, Any],
+    indices: Sequence[int],
+    paths_and_params: Sequence[tuple[Any, Any]],
+    count: jax.Array,
+) -> tuple[Any, ...]:
+    """`chain` (a preset's initial state) holding the torch state of `indices`.
 
-    Args:
-      state_dict: `torch.optim.RMSprop.state_dict()`: per-parameter `step`, `square_avg`
-        and, with the matching flags, `momentum_buffer` and `grad_avg`.
-      params: the parameters, a pytree whose leaves in `jax.tree.leaves` order are the torch
-        optimizer's parameters in its order.
-      optimizer: a :func:`rmsprop_jax.compat.torch_rmsprop` built with the same `centered`
-        and (zero or non-zero) `momentum` as the torch optimizer.
-
-    Returns:
-      `optimizer.init(params)` with the statistics, momentum buffer and step count (also the
-      learning-rate schedule's count) taken from `state_dict`. A torch optimizer that has not
-      stepped yet gives the initial state.
-
-    Raises:
-      ValueError: on a different number of parameters, a shape or complex/real mismatch, a
-        parameter without state, differing step counts, or differing `centered`/`momentum`.
+    `paths_and_params` are the chain's leaves (path and parameter), in tree order, one per
+    entry of `indices`.
     """
-    param_groups, per_param = state_dict["param_groups"], state_dict["state"]
-    order = _torch_order(param_groups, params)
-    opt_state = optimizer.init(params)
-    stats = _find(opt_state, _STATS, "RMS statistic")
-    if not stats:
-        raise ValueError("`optimizer` has no RMS statistics; pass a `torch_rmsprop` preset.")
-    trace = _find(opt_state, (optax.TraceState,), "momentum buffer")
-    _check_flags(param_groups, stats[0], trace)
-    if not per_param:
-        return opt_state
-    missing = [i for i in order if i not in per_param]
-    if missing:
-        raise ValueError(
-            f"Torch parameters {missing} have no optimizer state (they never received a "
-            "gradient), so there is no single step count to port."
-        )
-    steps = {float(_to_numpy(per_param[i]["step"])) for i in order}
-    if len(steps) != 1:
-        raise ValueError(f"Torch parameters have different step counts {sorted(steps)}.")
-    count = jnp.asarray(int(steps.pop()), jnp.int32)
-
-    paths_and_params = jax.tree_util.tree_flatten_with_path(params)[0]
 
     def convert(key: str, like: Any) -> Any:
         converted = []
         for index, (path, param), reference in zip(
-            order, paths_and_params, jax.tree.leaves(like), strict=True
+            indices, paths_and_params, jax.tree.leaves(like), strict=True
         ):
-            value = _to_numpy(per_param[index][key])
+            value = _torch_state_dict.to_numpy(per_param[index][key])
             if np.iscomplexobj(value) != jnp.iscomplexobj(param) or value.shape != jnp.shape(param):
                 raise ValueError(
                     f"Torch {key!r} of parameter {index} has shape {value.shape} and dtype "
@@ -160,50 +117,34 @@ def state_from_torch(
             converted.append(jnp.asarray(view_as_real(value), reference.dtype))
         return jax.tree.unflatten(jax.tree.structure(like), converted)
 
-    def new_stats(node: Any) -> Any:
-        fields = {"count": count, "nu": convert("square_avg", node.nu)}
-        if isinstance(node, ScaleByCenteredRmsState):
-            fields["mu"] = convert("grad_avg", node.mu)
-        return node._replace(**fields)
+    def fill(node: Any) -> Any:
+        if isinstance(node, _STATS):
+            fields = {"count": count, "nu": convert("square_avg", node.nu)}
+            if isinstance(node, ScaleByCenteredRmsState):
+                fields["mu"] = convert("grad_avg", node.mu)
+            return node._replace(**fields)
+        if isinstance(node, optax.TraceState):
+            return node._replace(trace=convert("momentum_buffer", node.trace))
+        if isinstance(node, optax.ScaleByScheduleState):
+            return node._replace(count=count)
+        return node
 
-    opt_state = _replace(opt_state, _STATS, new_stats)
-    opt_state = _replace(
-        opt_state,
-        (optax.TraceState,),
-        lambda node: node._replace(trace=convert("momentum_buffer", node.trace)),
+    return tuple(fill(node) for node in chain)
+
+
+def replace_chains(state: Any, new_chains: Sequence[tuple[Any, ...]]) -> Any:
+    """`state` with its `torch_rmsprop` chain states replaced, in tree order, by `new_chains`."""
+    chains = torch_chains(state)
+    replacements = {id(old): new for old, new in zip(chains, new_chains, strict=True)}
+    return jax.tree.map(
+        lambda node: replacements.get(id(node), node),
+        state,
+        is_leaf=lambda node: id(node) in replacements,
     )
-    return _replace(
-        opt_state, (optax.ScaleByScheduleState,), lambda node: node._replace(count=count)
-    )
 
 
-def state_to_torch(
-    opt_state: optax.OptState, params: Any, param_groups: Sequence[Mapping[str, Any]]
-) -> dict[str, Any]:
-    """A `state_dict` for `torch.optim.RMSprop.load_state_dict` equal to a `torch_rmsprop` state.
-
-    Args:
-      opt_state: the state of a :func:`rmsprop_jax.compat.torch_rmsprop`.
-      params: the parameters, leaves in `jax.tree.leaves` order matching the torch order.
-      param_groups: `torch_optimizer.state_dict()["param_groups"]` of the optimizer that will
-        load the result; its settings (learning rate, flags) are kept as they are.
-
-    Returns:
-      `{"state": {index: {"step", "square_avg", ...}}, "param_groups": [...]}` with torch
-      tensors; an empty `state` when no update has been applied yet.
-
-    Raises:
-      ValueError: on a different number of parameters or differing `centered`/`momentum`.
-    """
-    torch = _import_torch()
-    order = _torch_order(param_groups, params)
-    stats = _find(opt_state, _STATS, "RMS statistic")
-    if not stats:
-        raise ValueError("`opt_state` has no RMS statistics; pass a `torch_rmsprop` state.")
-    stats = stats[0]
-    trace = _find(opt_state, (optax.TraceState,), "momentum buffer")
-    _check_flags(param_groups, stats, trace)
-    for param, value in zip(jax.tree.leaves(params), jax.tree.leaves(stats.nu), strict=True):
+def check_shapes(stats: Any, params: Sequence[Any]) -> None:
+    for param, value in zip(params, jax.tree.leaves(stats.nu), strict=True):
         expected = jnp.shape(view_as_real(param))
         if jnp.shape(value) != expected:
             raise ValueError(
@@ -211,14 +152,21 @@ def state_to_torch(
                 f"of shape {jnp.shape(param)} needs {expected}; pass the parameters the state "
                 "was initialized with."
             )
-    groups = [dict(g) for g in param_groups]
+
+
+def chain_to_torch(
+    chain: tuple[Any, ...], params: Sequence[Any], indices: Sequence[int]
+) -> dict[int, dict[str, Any]]:
+    """The torch per-parameter state of one preset chain (leaves `params`), by torch index."""
+    torch = import_torch()
+    stats, trace = chain_parts(chain)
     count = int(stats.count)
     if count == 0:
-        return {"state": {}, "param_groups": groups}
+        return {}
 
     def tensors(tree: Any) -> list[Any]:
         out = []
-        for param, value in zip(jax.tree.leaves(params), jax.tree.leaves(tree), strict=True):
+        for param, value in zip(params, jax.tree.leaves(tree), strict=True):
             value = np.array(value)
             if jnp.iscomplexobj(param):
                 value = (value[..., 0] + 1j * value[..., 1]).astype(jnp.result_type(param))
@@ -226,13 +174,112 @@ def state_to_torch(
         return out
 
     fields = {"square_avg": tensors(stats.nu)}
-    if trace:
-        fields["momentum_buffer"] = tensors(trace[0].trace)
+    if trace is not None:
+        fields["momentum_buffer"] = tensors(trace.trace)
     if isinstance(stats, ScaleByCenteredRmsState):
         fields["grad_avg"] = tensors(stats.mu)
-    state = {
+    return {
         index: {"step": torch.tensor(float(count))}
         | {key: values[position] for key, values in fields.items()}
-        for position, index in enumerate(order)
+        for position, index in enumerate(indices)
     }
-    return {"state": state, "param_groups": groups}
+
+
+def state_from_torch(
+    state_dict: Mapping[str, Any],
+    params: Any,
+    optimizer: optax.GradientTransformation,
+    *,
+    match_by: _torch_mapping.MatchBy = "auto",
+) -> optax.OptState:
+    """The state of `optimizer` (a `torch_rmsprop`) equal to a torch RMSprop `state_dict()`.
+
+    Args:
+      state_dict: `torch.optim.RMSprop.state_dict()`: per-parameter `step`, `square_avg`
+        and, with the matching flags, `momentum_buffer` and `grad_avg`.
+      params: the parameters. When torch recorded `param_names` (an optimizer built from
+        `model.named_parameters()`), each leaf is matched to the torch parameter whose name is
+        its path with the keys joined by dots: `params["layer"]["weight"]` and
+        `params["layer.weight"]` are both `"layer.weight"`, `params[0]["bias"]` is `"0.bias"`.
+        Otherwise the leaves in `jax.tree.leaves` order are the torch parameters in its order
+        (within each group, for `torch_rmsprop_groups`).
+      optimizer: a :func:`rmsprop_jax.compat.torch_rmsprop` built with the same `centered`
+        and (zero or non-zero) `momentum` as the torch optimizer, or a
+        :func:`rmsprop_jax.compat.torch_rmsprop_groups` with one group per torch group (each
+        group's leaves exactly the torch group's parameters). It may be wrapped (for example
+        by `optax.inject_hyperparams`).
+      match_by: "auto" (names where torch recorded them, order otherwise) or "order" (ignore
+        the names).
+
+    Returns:
+      `optimizer.init(params)` with the statistics, momentum buffer and step count (also the
+      learning-rate schedule's count) taken from `state_dict`. A torch optimizer that has not
+      stepped yet gives the initial state.
+
+    Raises:
+      ValueError: on a `state_dict` that is not a torch RMSprop's (naming the missing key), an
+        `optimizer` that is not a `torch_rmsprop` (such as `rj.rmsprop`, whose momentum buffer
+        holds other numbers), groups with different settings, a different number of
+        parameters or groups, a name with no leaf, a group whose leaves are not one torch
+        group's parameters, a shape or complex/real mismatch, a parameter without state,
+        differing step counts within a group, or differing `centered`/`momentum`.
+    """
+    param_groups, per_param = _torch_state_dict.check_state_dict(state_dict)
+    opt_state = optimizer.init(params)
+    chains = chains_of(opt_state, "The state of `optimizer`")
+    parts = [chain_parts(chain) for chain in chains]
+    assignments = _torch_mapping.assign(
+        param_groups, params, [stats for stats, _ in parts], match_by
+    )
+    for (stats, trace), share in zip(parts, assignments, strict=True):
+        _torch_state_dict.check_flags(share.group, stats, trace)
+    if not per_param:
+        return opt_state
+    filled = []
+    for chain, share in zip(chains, assignments, strict=True):
+        _torch_state_dict.check_entries(per_param, share.indices, share.group)
+        count = _torch_state_dict.step_count(per_param, share.indices)
+        filled.append(fill_chain(chain, per_param, share.indices, share.leaves, count))
+    return replace_chains(opt_state, filled)
+
+
+def state_to_torch(
+    opt_state: optax.OptState,
+    params: Any,
+    param_groups: Sequence[Mapping[str, Any]],
+    *,
+    match_by: _torch_mapping.MatchBy = "auto",
+) -> dict[str, Any]:
+    """A `state_dict` for `torch.optim.RMSprop.load_state_dict` equal to a `torch_rmsprop` state.
+
+    Args:
+      opt_state: the state of a :func:`rmsprop_jax.compat.torch_rmsprop` or
+        :func:`rmsprop_jax.compat.torch_rmsprop_groups`.
+      params: the parameters, matched to torch's as in :func:`state_from_torch`.
+      param_groups: `torch_optimizer.state_dict()["param_groups"]` of the optimizer that will
+        load the result; its settings (learning rate, flags) are kept as they are.
+      match_by: "auto" (names where torch recorded them, order otherwise) or "order".
+
+    Returns:
+      `{"state": {index: {"step", "square_avg", ...}}, "param_groups": [...]}` with torch
+      tensors; an empty `state` when no update has been applied yet.
+
+    Raises:
+      ValueError: on groups that are not a torch RMSprop's or have different settings, a state
+        that is not a `torch_rmsprop`'s, a different number of parameters or groups, a name
+        with no leaf, a group whose leaves are not one torch group's parameters, or differing
+        `centered`/`momentum`.
+    """
+    param_groups = _torch_state_dict.check_param_groups(param_groups)
+    chains = chains_of(opt_state, "`opt_state`")
+    parts = [chain_parts(chain) for chain in chains]
+    assignments = _torch_mapping.assign(
+        param_groups, params, [stats for stats, _ in parts], match_by
+    )
+    state: dict[int, dict[str, Any]] = {}
+    for chain, (stats, trace), share in zip(chains, parts, assignments, strict=True):
+        _torch_state_dict.check_flags(share.group, stats, trace)
+        leaves = [param for _, param in share.leaves]
+        check_shapes(stats, leaves)
+        state |= chain_to_torch(chain, leaves, share.indices)
+    return {"state": dict(sorted(state.items())), "param_groups": [dict(g) for g in param_groups]}

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import chex
 import jax.numpy as jnp
-from jax import lax
 
-from rmsprop_jax import _sharded_ops
+from rmsprop_jax import _jax_compat, _sharded_ops
 
 _GOLDEN = 0x9E3779B9
 
@@ -48,7 +47,7 @@ def bits(step_seed: chex.Array, like: chex.Array) -> chex.Array:
     index = jnp.zeros((), jnp.uint32)
     stride = 1
     for axis in reversed(range(like.ndim)):
-        iota = lax.broadcasted_iota(jnp.uint32, like.shape, axis, out_sharding=sharding)
+        iota = _jax_compat.broadcasted_iota(jnp.uint32, like.shape, axis, sharding)
         index = index + iota * jnp.uint32(stride & 0xFFFFFFFF)
         stride *= like.shape[axis]
     step_seed = jnp.asarray(step_seed, jnp.uint32)

@@ -7,7 +7,7 @@ freeze at its first value. Stochastic rounding rounds up with probability equal 
 distance to the lower neighbour, so the stored value is unbiased,
 :math:`E[\mathrm{round}(x)] = x`, and the average keeps moving in expectation. The rounding
 bits are a pure function of the step count, the leaf's position in the tree and the element's
-index (:mod:`rmsprop_jax._rounding_noise`), so a run is reproducible, resumes from a checkpoint
+index (:mod:`rmsprop_jax.storage._rounding`), so a run is reproducible, resumes from a checkpoint
 exactly, needs no random key in the state, and does not depend on how a leaf is sharded.
 
 Compensated (Kahan) summation would avoid the noise but needs a second buffer, giving up the
@@ -21,13 +21,14 @@ References:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import chex
 import jax.numpy as jnp
 from jax import lax
 
-from rmsprop_jax import _rounding_noise
+from rmsprop_jax.storage import _rounding
+from rmsprop_jax.storage._format import Parts, StorageFormat
 
 
 def stochastic_round(x: chex.Array, seed: chex.Array) -> chex.Array:
@@ -40,25 +41,32 @@ def stochastic_round(x: chex.Array, seed: chex.Array) -> chex.Array:
     """
     x = x.astype(jnp.float32)
     bits = lax.bitcast_convert_type(x, jnp.uint32)
-    noise = _rounding_noise.bits(seed, x) >> 16
+    noise = _rounding.bits(seed, x) >> 16
     kept = ((bits + noise) >> 16).astype(jnp.uint16)
     rounded = lax.bitcast_convert_type(kept, jnp.bfloat16)
     # A NaN whose mantissa is all ones would carry into the sign bit and become -0.
     return jnp.where(jnp.isnan(x), x.astype(jnp.bfloat16), rounded)
 
 
-def init(leaf: chex.Array, value: Any) -> chex.Array:
-    """A bfloat16 array shaped (and, when `leaf` is a sharded array, sharded) like `leaf`."""
-    return jnp.full_like(leaf, value, dtype=jnp.bfloat16)
+class BFloat16(StorageFormat):
+    """One bfloat16 array per real leaf, rounded stochastically; complex leaves stay dense."""
+
+    name: ClassVar[str] = "bfloat16"
+
+    def compresses(self, shape: tuple[int, ...], dtype: Any, *, signed: bool) -> bool:
+        del shape, signed
+        return not jnp.issubdtype(dtype, jnp.complexfloating)
+
+    def create(self, like: Any, value: Any, *, signed: bool) -> Parts:
+        del signed
+        return (jnp.full_like(like, value, dtype=jnp.bfloat16),)
+
+    def decode(self, parts: Parts, dtype: Any) -> chex.Array:
+        return parts[0].astype(dtype)
+
+    def encode(self, x: chex.Array, seed: chex.Array, *, signed: bool) -> Parts:
+        del signed
+        return (stochastic_round(x, seed),)
 
 
-def decode(stored: chex.Array, dtype: Any) -> chex.Array:
-    return stored.astype(dtype)
-
-
-def update(
-    stored: chex.Array, x: chex.Array, decay: Any, seed: chex.Array
-) -> tuple[chex.Array, chex.Array]:
-    """`decay * stored + (1 - decay) * x` in `x`'s dtype; returns (rounded, unrounded)."""
-    average = decay * decode(stored, x.dtype) + (1 - decay) * x
-    return stochastic_round(average, seed), average
+FORMAT = BFloat16()

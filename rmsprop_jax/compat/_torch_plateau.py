@@ -1,0 +1,132 @@
+r"""`torch.optim.lr_scheduler.ReduceLROnPlateau` as an optax transformation.
+
+The rate depends on a metric, not on the step count, so it cannot be an optax schedule. The
+transformation multiplies the updates by the current rate and keeps torch's bookkeeping in its
+state; chain it after :func:`~rmsprop_jax.compat.torch_rmsprop` built with `lr=1.0`. PyTorch
+multiplies its momentum buffer by the rate after the buffer, so scaling the preset's output
+is the same update.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class TorchPlateauState(NamedTuple):
+    """The rate in use and `ReduceLROnPlateau`'s `best`, `num_bad_epochs`, `cooldown_counter`."""
+
+    lr: chex.Array
+    best: chex.Array
+    num_bad_epochs: chex.Array
+    cooldown_counter: chex.Array
+
+
+def torch_reduce_lr_on_plateau(
+    lr: float,
+    mode: str = "min",
+    factor: float = 0.1,
+    patience: int = 10,
+    threshold: float = 1e-4,
+    threshold_mode: str = "rel",
+    cooldown: int = 0,
+    min_lr: float = 0.0,
+    eps: float = 1e-8,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Torch's `ReduceLROnPlateau`: multiply the updates by a rate cut when a metric stalls.
+
+    `update(updates, state, params, value=metric)` scales `updates` by the current rate and
+    then does what `scheduler.step(metric)` does: a metric better than the best so far (for
+    `mode="min"` and `"rel"`, below :math:`best (1 - threshold)`; `"abs"`: below
+    :math:`best - threshold`; mirrored for `"max"`) resets the count of bad epochs; after more
+    than `patience` bad epochs the rate becomes :math:`\max(lr \cdot factor, min\_lr)` (if it
+    drops by more than `eps`) and `cooldown` epochs are ignored. Without `value` (or with
+    `value=None`) only the scaling happens: pass the metric once per epoch, with the last
+    update of the epoch, as torch calls `scheduler.step(val_loss)` after the epoch's last
+    `optimizer.step()`.
+
+    Args:
+      lr: the initial rate (the torch group's `lr`).
+      mode, factor, patience, threshold, threshold_mode, cooldown, min_lr, eps: as in torch.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` with :class:`TorchPlateauState`; read
+      the current rate from `state.lr`.
+
+    Raises:
+      ValueError: on a `mode` or `threshold_mode` torch does not know, `factor` not in [0, 1),
+        or a negative number.
+
+    Examples:
+      >>> import optax
+      >>> import rmsprop_jax as rj
+      >>> tx = optax.chain(
+      ...     rj.compat.torch_rmsprop(lr=1.0, momentum=0.9),
+      ...     rj.compat.torch_reduce_lr_on_plateau(0.01, patience=2),
+      ... )
+    """
+    if mode not in ("min", "max"):
+        raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}.")
+    if threshold_mode not in ("rel", "abs"):
+        raise ValueError(f"`threshold_mode` must be 'rel' or 'abs', got {threshold_mode!r}.")
+    for name, value in (("lr", lr), ("threshold", threshold), ("min_lr", min_lr), ("eps", eps)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not (math.isfinite(value) and value >= 0)
+        ):
+            raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor < 1:
+        raise ValueError(f"`factor` must be in [0, 1), got {factor!r}.")
+    for name, value in (("patience", patience), ("cooldown", cooldown)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
+    sign = 1.0 if mode == "min" else -1.0  # "max" is "min" of the negated metric
+
+    def is_better(current, best):
+        if threshold_mode == "rel":
+            bar = best * (1.0 - sign * threshold)
+        else:
+            bar = best - sign * threshold
+        return sign * current < sign * bar
+
+    def init_fn(params):
+        del params
+        return TorchPlateauState(
+            lr=jnp.asarray(lr, jnp.float32),
+            best=jnp.asarray(sign * jnp.inf, jnp.float32),
+            num_bad_epochs=jnp.zeros([], jnp.int32),
+            cooldown_counter=jnp.zeros([], jnp.int32),
+        )
+
+    def scheduler_step(state, value):
+        current = jnp.asarray(value, jnp.float32)
+        better = is_better(current, state.best)
+        best = jnp.where(better, current, state.best)
+        bad = jnp.where(better, 0, state.num_bad_epochs + 1)
+        in_cooldown = state.cooldown_counter > 0
+        cooldown_counter = jnp.where(in_cooldown, state.cooldown_counter - 1, 0)
+        bad = jnp.where(in_cooldown, 0, bad)
+        reduce = bad > patience
+        cut = jnp.maximum(state.lr * factor, min_lr)
+        new_lr = jnp.where(reduce & (state.lr - cut > eps), cut, state.lr)
+        return TorchPlateauState(
+            lr=new_lr,
+            best=best,
+            num_bad_epochs=jnp.where(reduce, 0, bad).astype(jnp.int32),
+            cooldown_counter=jnp.where(reduce, cooldown, cooldown_counter).astype(jnp.int32),
+        )
+
+    def update_fn(updates, state, params=None, *, value=None, **extra_args):
+        del params, extra_args
+        updates = jax.tree.map(lambda u: (u * state.lr).astype(u.dtype), updates)
+        if value is not None:
+            state = scheduler_step(state, value)
+        return updates, state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

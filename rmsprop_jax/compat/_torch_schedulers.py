@@ -1,0 +1,311 @@
+r"""PyTorch's learning-rate schedulers as optax schedules of the update count.
+
+Each function takes the scheduler's arguments (without the optimizer), the base rate `lr`
+(the group's `lr` when the scheduler was built) and `steps_per_epoch`, and returns an optax
+schedule :math:`\gamma(t)` of the number :math:`t` of updates applied so far, the count that
+:func:`~rmsprop_jax.compat.torch_rmsprop` passes to a schedule given as `lr`.
+
+Stepping convention. A torch scheduler changes the rate when `scheduler.step()` is called,
+after `optimizer.step()`. Stepped once per optimizer step (per batch), the rate of update
+:math:`t` is the scheduler's value at epoch :math:`e = t`: keep `steps_per_epoch=1` and count
+arguments such as `step_size` or `T_max` in updates. Stepped once per epoch of
+:math:`n` batches, update :math:`t` uses epoch :math:`e = \lfloor t / n \rfloor`: pass
+`steps_per_epoch=n` and keep the arguments in epochs. `OneCycleLR` is stepped per batch, as
+torch requires. `CosineAnnealingWarmRestarts` stepped per batch with fractional epochs
+(`scheduler.step(epoch + i / n)`) is `T_0 * n` with `steps_per_epoch=1`.
+
+Every schedule is the closed form of torch's (chainable, recursive) update, evaluated in
+float32; powers are taken as `exp(e log gamma)` so that thousands of steps do not multiply a
+rounded `gamma` thousands of times.
+
+References:
+  PyTorch, torch.optim.lr_scheduler.
+  https://pytorch.org/docs/stable/optim.html#how-to-adjust-learning-rate
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def _positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def _finite(name: str, value: float, low: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise ValueError(f"`{name}` must be a number, got {value!r}.")
+    if not math.isfinite(value) or value < low:
+        raise ValueError(f"`{name}` must be a finite number >= {low}, got {value!r}.")
+    return float(value)
+
+
+def _epoch(count: jax.Array, steps_per_epoch: int) -> jax.Array:
+    return jnp.asarray(count, jnp.int32) // steps_per_epoch
+
+
+def _power(gamma: float, exponent: jax.Array) -> jax.Array:
+    """gamma ** exponent as exp(exponent * log(gamma)), log taken in float64."""
+    if gamma == 0.0:
+        return jnp.where(exponent == 0, 1.0, 0.0).astype(jnp.float32)
+    return jnp.exp(exponent.astype(jnp.float32) * np.float32(math.log(gamma)))
+
+
+def torch_step_lr(
+    lr: float, step_size: int, gamma: float = 0.1, *, steps_per_epoch: int = 1
+) -> optax.Schedule:
+    r"""`StepLR`: :math:`\gamma_e = lr \cdot gamma^{\lfloor e / step\_size \rfloor}`."""
+    lr, gamma = _finite("lr", lr), _finite("gamma", gamma)
+    step_size = _positive_int("step_size", step_size)
+    spe = _positive_int("steps_per_epoch", steps_per_epoch)
+    return lambda count: lr * _power(gamma, _epoch(count, spe) // step_size)
+
+
+def torch_multi_step_lr(
+    lr: float, milestones: Sequence[int], gamma: float = 0.1, *, steps_per_epoch: int = 1
+) -> optax.Schedule:
+    r"""`MultiStepLR`: :math:`lr \cdot gamma^{k}`, :math:`k` the milestones :math:`\le e`.
+
+    A milestone listed twice counts twice, as in torch.
+    """
+    lr, gamma = _finite("lr", lr), _finite("gamma", gamma)
+    spe = _positive_int("steps_per_epoch", steps_per_epoch)
+    marks = np.sort(np.asarray([_positive_int("milestones", m) for m in milestones], np.int32))
+
+    def schedule(count):
+        passed = jnp.sum(_epoch(count, spe)[..., None] >= marks, axis=-1)
+        return lr * _power(gamma, passed)
+
+    return schedule
+
+
+def torch_exponential_lr(lr: float, gamma: float, *, steps_per_epoch: int = 1) -> optax.Schedule:
+    r"""`ExponentialLR`: :math:`\gamma_e = lr \cdot gamma^e`."""
+    lr, gamma = _finite("lr", lr), _finite("gamma", gamma)
+    spe = _positive_int("steps_per_epoch", steps_per_epoch)
+    return lambda count: lr * _power(gamma, _epoch(count, spe))
+
+
+def torch_linear_lr(
+    lr: float,
+    start_factor: float = 1.0 / 3,
+    end_factor: float = 1.0,
+    total_iters: int = 5,
+    *,
+    steps_per_epoch: int = 1,
+) -> optax.Schedule:
+    r"""`LinearLR`: the factor goes linearly from `start_factor` to `end_factor` in
+    `total_iters` epochs, then stays: :math:`lr (s + (f - s) \min(e, T) / T)`."""
+    lr = _finite("lr", lr)
+    start, end = _finite("start_factor", start_factor), _finite("end_factor", end_factor)
+    if not 0 < start <= 1 or not 0 <= end <= 1:
+        raise ValueError(
+            f"`start_factor` must be in (0, 1] and `end_factor` in [0, 1], got {start_factor!r} "
+            f"and {end_factor!r}."
+        )
+    total = _positive_int("total_iters", total_iters)
+    spe = _positive_int("steps_per_epoch", steps_per_epoch)
+
+    def schedule(count):
+        done = jnp.minimum(_epoch(count, spe), total).astype(jnp.float32)
+        return lr * (start + (end - start) * done / total)
+
+    return schedule
+
+
+def torch_constant_lr(
+    lr: float, factor: float = 1.0 / 3, total_iters: int = 5, *, steps_per_epoch: int = 1
+) -> optax.Schedule:
+    r"""`ConstantLR`: :math:`lr \cdot factor` for the first `total_iters` epochs, then `lr`."""
+    lr, factor = _finite("lr", lr), _finite("factor", factor)
+    if not 0 <= factor <= 1:
+        raise ValueError(f"`factor` must be in [0, 1], got {factor!r}.")
+    total = _positive_int("total_iters", total_iters)
+    spe = _positive_int("steps_per_epoch", steps_per_epoch)
+    return lambda count: jnp.where(_epoch(count, spe) < total, lr * factor, lr).astype(jnp.float32)
+
+
+def _half_cosine(fraction: jax.Array) -> jax.Array:
+    """(1 + cos(pi x)) / 2 as cos(pi x / 2)**2: no cancellation near x = 1 in float32."""
+    return jnp.cos(jnp.pi / 2 * fraction) ** 2
+
+
+def _cosine(lr: float, eta_min: float, fraction: jax.Array) -> jax.Array:
+    return eta_min + (lr - eta_min) * _half_cosine(fraction)
+
+
+def torch_cosine_annealing_lr(
+    lr: float, T_max: int, eta_min: float = 0.0, *, steps_per_epoch: int = 1
+) -> optax.Schedule:
+    r"""`CosineAnnealingLR`: :math:`\eta_{min} + (lr - \eta_{min})(1 + \cos(\pi e / T_{max}))/2`.
+
+    Past `T_max` the rate rises again, with period `2 T_max`, as torch's does (unlike
+    `optax.cosine_decay_schedule`, which stays at its floor).
+    """
+    lr, eta_min = _finite("lr", lr), _finite("eta_min", eta_min)
+    t_max = _positive_int("T_max", T_max)
+    spe = _positive_int("steps_per_epoch", steps_per_epoch)
+    # The phase modulo one period keeps the cosine's argument small and exact in float32.
+    return lambda count: _cosine(
+        lr, eta_min, (_epoch(count, spe) % (2 * t_max)).astype(jnp.float32) / t_max
+    )
+
+
+def torch_cosine_annealing_warm_restarts(
+    lr: float, T_0: int, T_mult: int = 1, eta_min: float = 0.0, *, steps_per_epoch: int = 1
+) -> optax.Schedule:
+    r"""`CosineAnnealingWarmRestarts`: cosine from `lr` to `eta_min` over `T_i` epochs, then a
+    restart, with :math:`T_0` and :math:`T_{i+1} = T_{mult} T_i`."""
+    lr, eta_min = _finite("lr", lr), _finite("eta_min", eta_min)
+    t_0, t_mult = _positive_int("T_0", T_0), _positive_int("T_mult", T_mult)
+    spe = _positive_int("steps_per_epoch", steps_per_epoch)
+    # Restart epochs below 2**31, as integers: a float32 logarithm misplaces some.
+    starts, length = [0], t_0
+    while t_mult > 1 and starts[-1] + length < 2**31:
+        starts.append(starts[-1] + length)
+        length *= t_mult
+    starts_array = jnp.asarray(np.asarray(starts, np.int64).astype(np.int32))
+    lengths = np.asarray([t_0 * t_mult**i for i in range(len(starts))], np.float64)
+    lengths_array = jnp.asarray(lengths.clip(max=2.0**31).astype(np.float32))
+
+    def schedule(count):
+        epoch = _epoch(count, spe)
+        if t_mult == 1:
+            return _cosine(lr, eta_min, (epoch % t_0).astype(jnp.float32) / t_0)
+        cycle = jnp.sum(epoch[..., None] >= starts_array, axis=-1) - 1
+        t_cur = (epoch - starts_array[cycle]).astype(jnp.float32)
+        return _cosine(lr, eta_min, t_cur / lengths_array[cycle])
+
+    return schedule
+
+
+def torch_polynomial_lr(
+    lr: float, total_iters: int = 5, power: float = 1.0, *, steps_per_epoch: int = 1
+) -> optax.Schedule:
+    r"""`PolynomialLR`: :math:`lr (1 - \min(e, T) / T)^{power}`."""
+    lr, power = _finite("lr", lr), _finite("power", power)
+    total = _positive_int("total_iters", total_iters)
+    spe = _positive_int("steps_per_epoch", steps_per_epoch)
+
+    def schedule(count):
+        done = jnp.minimum(_epoch(count, spe), total).astype(jnp.float32)
+        return lr * (1.0 - done / total) ** power
+
+    return schedule
+
+
+def torch_lambda_lr(
+    lr: float, lr_lambda: Callable[[jax.Array], jax.Array], *, steps_per_epoch: int = 1
+) -> optax.Schedule:
+    r"""`LambdaLR`: :math:`lr \cdot f(e)`; `lr_lambda` must accept a traced integer epoch
+    (use `jnp.minimum`, `jnp.where`, ... instead of Python's `min` and `if`)."""
+    lr = _finite("lr", lr)
+    if not callable(lr_lambda):
+        raise TypeError(f"`lr_lambda` must be a function of the epoch, got {lr_lambda!r}.")
+    spe = _positive_int("steps_per_epoch", steps_per_epoch)
+    return lambda count: lr * jnp.asarray(lr_lambda(_epoch(count, spe)), jnp.float32)
+
+
+def torch_sequential_lr(
+    schedules: Sequence[optax.Schedule], milestones: Sequence[int], *, steps_per_epoch: int = 1
+) -> optax.Schedule:
+    """`SequentialLR`: schedule `i` from epoch `milestones[i - 1]` on, restarted at its count 0.
+
+    At a milestone torch resets the next scheduler to its epoch 0 from the group's initial
+    rate, so each schedule is built with the base `lr` and the same `steps_per_epoch`.
+    """
+    spe = _positive_int("steps_per_epoch", steps_per_epoch)
+    marks = [_positive_int("milestones", m) for m in milestones]
+    if len(marks) != len(schedules) - 1 or marks != sorted(marks):
+        raise ValueError(
+            f"`milestones` must be {len(schedules) - 1} increasing epochs (one fewer than the "
+            f"schedules), got {list(milestones)!r}."
+        )
+    return optax.join_schedules(list(schedules), [m * spe for m in marks])
+
+
+def torch_one_cycle_lr(
+    max_lr: float,
+    total_steps: int | None = None,
+    epochs: int | None = None,
+    steps_per_epoch: int | None = None,
+    pct_start: float = 0.3,
+    anneal_strategy: str = "cos",
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+    three_phase: bool = False,
+) -> optax.Schedule:
+    """`OneCycleLR` (stepped per batch): the rate of its 1cycle policy.
+
+    With torch's default `cycle_momentum=True` torch also cycles the optimizer's `momentum`;
+    reproduce that with :func:`torch_one_cycle_momentum` and `optax.inject_hyperparams`.
+    """
+    total = _one_cycle_total(total_steps, epochs, steps_per_epoch)
+    initial = _finite("max_lr", max_lr) / _finite("div_factor", div_factor)
+    values = (initial, float(max_lr), initial / _finite("final_div_factor", final_div_factor))
+    return _one_cycle(total, pct_start, anneal_strategy, three_phase, values)
+
+
+def torch_one_cycle_momentum(
+    total_steps: int | None = None,
+    epochs: int | None = None,
+    steps_per_epoch: int | None = None,
+    pct_start: float = 0.3,
+    anneal_strategy: str = "cos",
+    base_momentum: float = 0.85,
+    max_momentum: float = 0.95,
+    three_phase: bool = False,
+) -> optax.Schedule:
+    """The `momentum` that `OneCycleLR(..., cycle_momentum=True)` sets, per update."""
+    total = _one_cycle_total(total_steps, epochs, steps_per_epoch)
+    base, top = _finite("base_momentum", base_momentum), _finite("max_momentum", max_momentum)
+    return _one_cycle(total, pct_start, anneal_strategy, three_phase, (top, base, top))
+
+
+def _one_cycle_total(total_steps, epochs, steps_per_epoch) -> int:
+    if total_steps is not None:
+        return _positive_int("total_steps", total_steps)
+    if epochs is None or steps_per_epoch is None:
+        raise ValueError("Pass `total_steps`, or both `epochs` and `steps_per_epoch`.")
+    return _positive_int("epochs", epochs) * _positive_int("steps_per_epoch", steps_per_epoch)
+
+
+def _one_cycle(total, pct_start, anneal_strategy, three_phase, values) -> optax.Schedule:
+    """Torch's phases: (start value, peak, end), ends at steps pct*T - 1 (, 2 pct*T - 2), T - 1."""
+    if not isinstance(pct_start, float) or not 0 <= pct_start <= 1:
+        raise ValueError(f"`pct_start` must be a float in [0, 1], got {pct_start!r}.")
+    if anneal_strategy not in ("cos", "linear"):
+        raise ValueError(f"`anneal_strategy` must be 'cos' or 'linear', got {anneal_strategy!r}.")
+    start, peak, end = values
+    if three_phase:
+        ends = [pct_start * total - 1, 2 * pct_start * total - 2, total - 1]
+        pairs = [(start, peak), (peak, start), (start, end)]
+    else:
+        ends = [pct_start * total - 1, total - 1]
+        pairs = [(start, peak), (peak, end)]
+    begins = [0.0, *ends[:-1]]
+
+    def anneal(a, b, pct):
+        if anneal_strategy == "cos":
+            return b + (a - b) * _half_cosine(pct)
+        return (b - a) * pct + a
+
+    def schedule(count):
+        step = jnp.asarray(count, jnp.float32)
+        value = jnp.float32(0.0)
+        # Phases from last to first, so the first phase whose end is not passed wins; past
+        # the last end torch keeps extrapolating the last phase (and raises after T steps).
+        for (a, b), begin, stop in reversed(list(zip(pairs, begins, ends, strict=True))):
+            phase = anneal(a, b, (step - begin) / (stop - begin))
+            value = phase if stop == ends[-1] else jnp.where(step <= stop, phase, value)
+        return value
+
+    return schedule

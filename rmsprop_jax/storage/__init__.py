@@ -1,0 +1,68 @@
+"""Storage formats of the moving averages: one module per format, one registry of names.
+
+Each format implements :class:`rmsprop_jax.storage._format.StorageFormat`. A new format is
+one new module defining a `FORMAT` plus one entry in :data:`FORMATS`.
+
+| name         | second moment `nu`                    | first moment `mu` (centered)    |
+|--------------|---------------------------------------|---------------------------------|
+| `"float32"`  | the compute dtype (4 bytes)           | the same                        |
+| `"bfloat16"` | bfloat16, stochastic rounding         | the same                        |
+| `"int8"`     | :class:`QuantizedMoment`, log codes   | :class:`QuantizedMoment`, signed|
+| `"factored"` | :class:`FactoredMoment` (row, column) | bfloat16, stochastic rounding   |
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from rmsprop_jax.storage import bfloat16, factored, float32, int8
+from rmsprop_jax.storage._format import StorageFormat
+from rmsprop_jax.storage.factored import FactoredMoment
+from rmsprop_jax.storage.int8 import QuantizedMoment
+
+FORMATS: dict[str, StorageFormat] = {
+    f.name: f for f in (float32.FORMAT, bfloat16.FORMAT, int8.FORMAT, factored.FORMAT)
+}
+
+
+def get(name: Any) -> StorageFormat:
+    """The format called `name`; `ValueError` naming the choices for any other value."""
+    if not isinstance(name, str) or name not in FORMATS:
+        raise ValueError(f"`moment_storage` must be one of {tuple(FORMATS)}, got {name!r}.")
+    return FORMATS[name]
+
+
+def first_moment_format(fmt: StorageFormat) -> StorageFormat:
+    """The format in which `fmt` keeps the first moment `mu` of centered RMSprop."""
+    return FORMATS[fmt.first_moment_name or fmt.name]
+
+
+def format_of(node: Any) -> StorageFormat | None:
+    """The format whose container `node` is, or None (a plain array or anything else)."""
+    for fmt in FORMATS.values():
+        if fmt.is_stored(node):
+            return fmt
+    return None
+
+
+def is_container(node: Any) -> bool:
+    """Whether `node` is a multi-part stored average (int8, factored)."""
+    return format_of(node) is not None
+
+
+def logical_shapes(fmt: StorageFormat, stored: Any) -> Any:
+    """`stored` as a tree of the parameter shapes it stands for (to check gradients against)."""
+    if fmt.container is None:
+        return stored
+    treedef = jax.tree.structure(stored.dense, is_leaf=lambda x: x is None)
+    return treedef.unflatten(
+        [
+            None if leaf is None else jax.ShapeDtypeStruct(fmt.leaf_logical_shape(leaf), "float32")
+            for leaf in fmt.split(stored, treedef)
+        ]
+    )
+
+
+__all__ = ["FORMATS", "FactoredMoment", "QuantizedMoment", "StorageFormat", "get"]

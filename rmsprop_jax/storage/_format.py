@@ -1,0 +1,207 @@
+"""The interface of a storage format, and the one tree-level implementation built on it.
+
+A format stores a moving average leaf by leaf. A leaf it compresses is a tuple of arrays
+(its *parts*: int8 `codes` and `scales`, factored `row` and `col`, or one bfloat16 array); a
+leaf it does not compress (too small, not a matrix, complex) is kept *dense*, in the compute
+dtype. A format implements five operations on one compressed leaf (`create`, `decode`,
+`encode` or `update`, `logical_shape`) and two on where its parts live (`part_shardings`
+ahead of time, `tie` under `jax.jit`); everything about trees is done here, once.
+
+The state holds, per format:
+
+- one part (`"float32"`, `"bfloat16"`): a tree shaped like the parameters, one array per leaf;
+- several parts (`"int8"`, `"factored"`): a NamedTuple (the format's `container`) with one such
+  tree per part plus a `dense` tree. Each tree has a leaf for every parameter: the leaves a
+  format does not compress hold their average in `dense` and a one-element placeholder in
+  every part; compressed leaves hold a one-element placeholder in `dense`. Every state leaf is
+  thus an array under the parameter's path, which is what Flax NNX, orbax and `jax.vmap` need
+  (orbax cannot save empty arrays, hence one element rather than none).
+
+Non-finite values never leave their element: `encode` keeps NaN and infinities per element,
+and statistics shared by several elements (block scales, row and column means) skip them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rmsprop_jax._sharded_ops import plus_zero_from
+
+Parts = tuple[Any, ...]
+
+
+def placeholder() -> jax.Array:
+    """The one-element array standing in for a part (or `dense`) a leaf does not use."""
+    return jnp.zeros((1,), jnp.uint8)
+
+
+def moving_average(stored: chex.Array, x: chex.Array, decay: Any) -> chex.Array:
+    """`decay * stored + (1 - decay) * x`, in the operation order of optax's moments."""
+    return (1 - decay) * x + decay * stored
+
+
+def abs_sq(x: chex.Array) -> chex.Array:
+    """`|x|**2`, real for complex `x`."""
+    return jnp.real(x * jnp.conj(x)) if jnp.iscomplexobj(x) else x * x
+
+
+class StorageFormat:
+    """How a format stores one leaf; subclasses override the per-leaf operations.
+
+    Attributes:
+      name: the name users pass as `moment_storage`.
+      container: for formats with several parts, the NamedTuple whose fields are the part
+        names followed by `dense`; None for formats that store one array per leaf.
+      stores_centered_variance: whether a centered state keeps the variance
+        :math:`\\nu - |\\mu|^2` (updated without cancellation) instead of :math:`\\nu`.
+      first_moment_name: the format of :math:`\\mu` (centered), by name.
+    """
+
+    name: ClassVar[str]
+    container: ClassVar[type | None] = None
+    stores_centered_variance: ClassVar[bool] = True
+    first_moment_name: ClassVar[str | None] = None
+
+    # -- one compressed leaf -------------------------------------------------------------
+    def compresses(self, shape: tuple[int, ...], dtype: Any, *, signed: bool) -> bool:
+        """Whether a leaf of this shape and (compute) dtype is compressed."""
+        del shape, dtype, signed
+        return False
+
+    def create(self, like: Any, value: Any, *, signed: bool) -> Parts:
+        """The parts of a leaf shaped like `like` whose every element is `value`.
+
+        Built from `jnp.full_like(like, ...)` so that a sharded `like` gives sharded parts.
+        """
+        raise NotImplementedError(f"{self.name} compresses no leaf")
+
+    def decode(self, parts: Parts, dtype: Any) -> chex.Array:
+        """The average a compressed leaf stands for, in `dtype`."""
+        raise NotImplementedError(f"{self.name} compresses no leaf")
+
+    def encode(self, x: chex.Array, seed: chex.Array, *, signed: bool) -> Parts:
+        """The parts storing `x`, with rounding bits selected by `seed` (a uint32)."""
+        raise NotImplementedError(f"{self.name} compresses no leaf")
+
+    def update(
+        self, parts: Parts, x: chex.Array, decay: Any, seed: chex.Array, *, signed: bool
+    ) -> tuple[Parts, chex.Array]:
+        """Folds `x` into the average; returns the new parts and the unrounded average."""
+        average = moving_average(self.decode(parts, x.dtype), x, decay)
+        return self.encode(average, seed, signed=signed), average
+
+    def logical_shape(self, parts: Parts) -> tuple[int, ...]:
+        """The shape of the parameter a compressed leaf belongs to."""
+        return tuple(np.shape(parts[0]))
+
+    def part_shardings(self, sharding: Any, shape: tuple[int, ...]) -> Parts:
+        """The sharding of each part of a compressed leaf whose parameter has `sharding`."""
+        del shape
+        return (sharding,)
+
+    def tie(self, parts: Parts, param: chex.Array) -> Parts:
+        """`parts` placed like `param` under `jax.jit` with automatic sharding."""
+        return tuple(plus_zero_from(param, part) for part in parts)
+
+    # -- trees ---------------------------------------------------------------------------
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return () if self.container is None else self.container._fields
+
+    def is_stored(self, node: Any) -> bool:
+        """Whether `node` is one of this format's containers."""
+        return self.container is not None and isinstance(node, self.container)
+
+    def init(self, params: Any, value: Any, *, signed: bool, dtype_of: Any) -> Any:
+        """The stored average of `value` for every leaf of `params`.
+
+        `dtype_of(param)` gives the compute dtype the leaf would be kept in densely.
+        """
+
+        def leaf(param: Any) -> Parts:
+            dtype = dtype_of(param)
+            if self.compresses(tuple(np.shape(param)), dtype, signed=signed):
+                return self._with_dense(self.create(param, value, signed=signed), None)
+            dense = jnp.full_like(param, value, dtype=dtype)
+            return self._with_dense(None, dense)
+
+        return self._gather(jax.tree.map(leaf, params), params)
+
+    def _with_dense(self, parts: Parts | None, dense: Any) -> Parts:
+        if self.container is None:
+            return (dense,) if parts is None else parts
+        if parts is None:
+            return (*(placeholder() for _ in self.fields[:-1]), dense)
+        return (*parts, placeholder())
+
+    def _gather(self, per_leaf: Any, like: Any) -> Any:
+        """A tree of per-leaf tuples -> the stored form (one tree, or a container of trees)."""
+        treedef = jax.tree.structure(like)
+        width = 1 if self.container is None else len(self.fields)
+        trees = jax.tree.transpose(treedef, jax.tree.structure((0,) * width), per_leaf)
+        return trees[0] if self.container is None else self.container(*trees)
+
+    def split(self, stored: Any, treedef: Any) -> list[Parts | None]:
+        """The stored form -> one tuple per leaf of `treedef` (None where the gradient is)."""
+        trees = (stored,) if self.container is None else tuple(stored)
+        columns = [treedef.flatten_up_to(tree) for tree in trees]
+        return [None if row[0] is None else tuple(row) for row in zip(*columns, strict=True)]
+
+    def join(self, per_leaf: list[Parts | None], treedef: Any) -> Any:
+        """The inverse of :meth:`split`."""
+        width = 1 if self.container is None else len(self.fields)
+        columns = [
+            treedef.unflatten([None if row is None else row[i] for row in per_leaf])
+            for i in range(width)
+        ]
+        return columns[0] if self.container is None else self.container(*columns)
+
+    def _dense_is_placeholder(self, stored_leaf: Parts) -> bool:
+        # A compressed leaf's parts have the parameter's rank and more than one element; a
+        # dense leaf's parts are all one-element placeholders.
+        return any(np.shape(part) != (1,) for part in stored_leaf[:-1])
+
+    def leaf_update(
+        self, stored_leaf: Parts, x: chex.Array, decay: Any, seed: chex.Array, *, signed: bool
+    ) -> tuple[Parts, chex.Array]:
+        """:meth:`update` for a stored leaf, compressed or dense (decided by `x`)."""
+        if not self.compresses(x.shape, x.dtype, signed=signed):
+            average = moving_average(stored_leaf[-1], x, decay)
+            return (*stored_leaf[:-1], average), average
+        parts = stored_leaf if self.container is None else stored_leaf[:-1]
+        parts, average = self.update(parts, x, decay, seed, signed=signed)
+        return (parts if self.container is None else (*parts, stored_leaf[-1])), average
+
+    def leaf_decode(self, stored_leaf: Parts, like: chex.Array, *, signed: bool) -> chex.Array:
+        """The average a stored leaf stands for, in the dtype of `like` (shaped as it)."""
+        if not self.compresses(like.shape, like.dtype, signed=signed):
+            return stored_leaf[-1].astype(like.dtype)
+        parts = stored_leaf if self.container is None else stored_leaf[:-1]
+        return self.decode(parts, like.dtype)
+
+    def leaf_tie(self, stored_leaf: Parts, param: chex.Array) -> Parts:
+        """A stored leaf tied to `param` (see :meth:`tie`); placeholders stay as they are."""
+        if self.container is None:
+            return self.tie(stored_leaf, param)
+        if self._dense_is_placeholder(stored_leaf):
+            return (*self.tie(stored_leaf[:-1], param), stored_leaf[-1])
+        return (*stored_leaf[:-1], *StorageFormat.tie(self, stored_leaf[-1:], param))
+
+    def leaf_shardings(self, stored_leaf: Parts, sharding: Any, shape: tuple, replicated: Any):
+        """The sharding of each array of a stored leaf whose parameter has `sharding`."""
+        if self.container is None:
+            return self.part_shardings(sharding, shape)
+        if self._dense_is_placeholder(stored_leaf):
+            return (*self.part_shardings(sharding, shape), replicated)
+        return (*(replicated for _ in stored_leaf[:-1]), sharding)
+
+    def leaf_logical_shape(self, stored_leaf: Parts) -> tuple[int, ...]:
+        """The shape of the parameter a stored leaf belongs to."""
+        if self.container is None or not self._dense_is_placeholder(stored_leaf):
+            return tuple(np.shape(stored_leaf[-1]))
+        return self.logical_shape(stored_leaf[:-1])

@@ -1,0 +1,134 @@
+r"""Factored storage of a non-negative moving average: row and column means (Adafactor).
+
+For a leaf of shape (..., R, C) whose last two axes both have at least 128 entries, only the
+moving averages of the row means and the column means of :math:`x` (:math:`g^2` for RMSprop)
+are kept, :math:`R + C` numbers per matrix instead of :math:`RC`, and the full average is
+rebuilt as their normalized outer product,
+
+.. math::
+
+    r_t = \beta r_{t-1} + (1 - \beta)\, \overline{x_t}^{\,\mathrm{cols}}, \quad
+    c_t = \beta c_{t-1} + (1 - \beta)\, \overline{x_t}^{\,\mathrm{rows}}, \quad
+    \hat\nu_t = r_t c_t^\top / \overline{r_t},
+
+the rank-one matrix that minimizes the generalized Kullback-Leibler divergence to the full
+average given its row and column sums (Shazeer and Stern 2018). Because the rebuild is linear
+in :math:`r_t` and in :math:`c_t`, bias correction can be applied to :math:`\hat\nu_t` as if it
+were the full average. Where every row mean is 0 (nothing seen yet, `initial_scale=0`) the
+estimate is 0, and a zero gradient then gives a zero step. Other leaves are stored as they are.
+
+Means are taken as sums of :math:`x / n`, which cannot overflow where the mean itself is
+representable. A non-finite entry of :math:`x` (a NaN or infinite gradient, or a square that
+overflowed) counts as 0 in the statistics, so it changes no other element's estimate; its own
+estimate in that step is the non-finite value itself (so the update is non-finite, or 0 for
+an overflowed square, as with float32 storage). The statistics cannot remember it: from the
+next step on, that element's estimate is rebuilt from the row and column means again, where
+float32 storage would keep the non-finite value.
+
+References:
+  Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory Cost
+  <https://arxiv.org/abs/1804.04235>`_, 2018.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple
+
+import chex
+import jax.numpy as jnp
+
+from rmsprop_jax import _sharded_ops
+from rmsprop_jax.storage._format import Parts, StorageFormat, moving_average
+
+MIN_DIM_SIZE = 128
+
+
+class FactoredMoment(NamedTuple):
+    """A factored moving average: one tree per part, each shaped like the parameters.
+
+    Per parameter leaf of shape (..., R, C), either `row` (shape (..., R), the averages over
+    the last axis) and `col` (shape (..., C), over the second-to-last) with a placeholder in
+    `dense`, or, for a leaf that is not such a matrix, the average itself in `dense` with
+    placeholders in `row` and `col`.
+    """
+
+    row: Any
+    col: Any
+    dense: Any
+
+
+def safe_mean(x: chex.Array, axis: int) -> chex.Array:
+    """The mean along `axis` as a sum of `x / n`: no overflow where the mean is finite."""
+    return jnp.sum(x * (1.0 / x.shape[axis]), axis=axis)
+
+
+def decode(row: chex.Array, col: chex.Array, dtype: Any) -> chex.Array:
+    r"""The rank-one estimate :math:`r c^\top / \overline{r}` of the full average."""
+    row, col = row.astype(dtype), col.astype(dtype)
+    row_mean = safe_mean(row, -1)[..., None]
+    # XLA:CPU divides through the reciprocal, which flushes to 0 for divisors beyond 2**126:
+    # scale such means (and their rows) down first.
+    scale = jnp.where(row_mean > 2.0**100, 2.0**-64, 1.0).astype(dtype)
+    divisor = jnp.where(row_mean > 0, row_mean * scale, 1)
+    normalized = jnp.where(row_mean > 0, (row * scale) / divisor, 0)
+    return normalized[..., :, None] * col[..., None, :]
+
+
+class Factored(StorageFormat):
+    """Row and column statistics for matrices of at least 128 x 128; other leaves dense."""
+
+    name: ClassVar[str] = "factored"
+    container: ClassVar[type] = FactoredMoment
+    # `mu` has no rank-one structure (it is signed); it is stored as bfloat16.
+    first_moment_name: ClassVar[str] = "bfloat16"
+
+    def compresses(self, shape: tuple[int, ...], dtype: Any, *, signed: bool) -> bool:
+        return (
+            not signed
+            and len(shape) >= 2
+            and min(shape[-2:]) >= MIN_DIM_SIZE
+            and not jnp.issubdtype(dtype, jnp.complexfloating)
+        )
+
+    def create(self, like: Any, value: Any, *, signed: bool) -> Parts:
+        del signed
+        full = jnp.full_like(like, value, dtype=jnp.finfo(jnp.result_type(like)).dtype)
+        # Slices, not means: exact, and XLA would spend seconds folding a reduction over a
+        # large constant when `init` is jitted.
+        return _sharded_ops.first_along(full, -1), _sharded_ops.first_along(full, -2)
+
+    def decode(self, parts: Parts, dtype: Any) -> chex.Array:
+        return decode(*parts, dtype)
+
+    def update(
+        self, parts: Parts, x: chex.Array, decay: Any, seed: chex.Array, *, signed: bool
+    ) -> tuple[Parts, chex.Array]:
+        """Averages `x`'s row and column means into the statistics (no rounding: no seed)."""
+        del seed, signed
+        row, col = parts
+        finite = jnp.isfinite(x)
+        counted = jnp.where(finite, x, 0)
+        row = moving_average(row, safe_mean(counted, -1), decay)
+        col = moving_average(col, safe_mean(counted, -2), decay)
+        return (row, col), jnp.where(finite, decode(row, col, x.dtype), x)
+
+    def logical_shape(self, parts: Parts) -> tuple[int, ...]:
+        row, col = parts
+        return (*row.shape, col.shape[-1])
+
+    def part_shardings(self, sharding: Any, shape: tuple[int, ...]) -> Parts:
+        entries = _sharded_ops.padded_spec(getattr(sharding, "spec", ()), len(shape))
+        return (
+            _sharded_ops.with_entries(sharding, entries[:-1], "row statistic"),
+            _sharded_ops.with_entries(sharding, entries[:-2] + entries[-1:], "column statistic"),
+        )
+
+    def tie(self, parts: Parts, param: chex.Array) -> Parts:
+        row, col = parts
+        return (
+            _sharded_ops.plus_zero_from(param[..., 0], row),
+            _sharded_ops.plus_zero_from(param[..., 0, :], col),
+        )
+
+
+FORMAT = Factored()

@@ -1,0 +1,68 @@
+"""Decoupled weight decay: the decay applied to the parameter, outside the preconditioner."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from rmsprop_jax import _placement, _precision, _validation
+
+
+class DecoupledWeightDecayState(NamedTuple):
+    """Step count, for evaluating a learning-rate schedule."""
+
+    count: chex.Array  # shape=(), dtype=int32.
+
+
+def add_decoupled_weight_decay(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: chex.Numeric,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adds :math:`-\eta_t \lambda p` to the update: weight decay applied to the parameter.
+
+    .. math::
+
+        u_t \leftarrow u_t - \eta_t \lambda p_{t-1}
+
+    Unlike L2 regularization (:func:`optax.add_decayed_weights` before the preconditioner), the
+    decay is neither divided by the RMS nor fed through a momentum buffer.
+
+    Args:
+      learning_rate: :math:`\eta_t`, a number or an optax schedule of the step count.
+      weight_decay: :math:`\lambda >= 0`.
+
+    Returns:
+      An optax transformation; it needs `params` in `update`.
+
+    References:
+      Loshchilov and Hutter, Decoupled Weight Decay Regularization, 2019.
+      https://arxiv.org/abs/1711.05101
+    """
+    _validation.check_in_range("learning_rate", learning_rate, low=0.0)
+    _validation.check_in_range("weight_decay", weight_decay, low=0.0)
+    learning_rate, weight_decay = map(_precision.as_hyperparameter, (learning_rate, weight_decay))
+
+    def init_fn(params):
+        del params
+        return DecoupledWeightDecayState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(optax.NO_PARAMS_MSG)
+        rate = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        rate = _precision.as_hyperparameter(rate)
+        updates = jax.tree.map(
+            lambda u, p: None if u is None else u - rate * weight_decay * p,
+            updates,
+            params,
+            is_leaf=lambda x: x is None,
+        )
+        return updates, DecoupledWeightDecayState(count=optax.safe_increment(state.count))
+
+    return _placement.placed(
+        _precision.with_compute_dtype(optax.GradientTransformation(init_fn, update_fn))
+    )

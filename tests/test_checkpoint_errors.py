@@ -1,0 +1,117 @@
+"""`rj.checkpoint` on damaged checkpoints and wrong paths: errors that say what to do."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rmsprop_jax as rj
+
+pytest.importorskip("orbax.checkpoint")
+
+
+def state(scale: float) -> dict:
+    params = {"w": jnp.full((3, 2), scale), "b": jnp.zeros((2,))}
+    return {"params": params, "opt_state": rj.rmsprop(1e-2, momentum=0.9).init(params)}
+
+
+def save_steps(directory, steps=(1, 3)):
+    with rj.checkpoint.open_manager(directory) as manager:
+        for step in steps:
+            rj.checkpoint.save(manager, step, state(float(step)), force=True)
+        manager.wait_until_finished()
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+# The JSON files orbax reads: the tree's metadata and the per-array metadata (read by
+# `item_metadata`), the shardings (read when restoring).
+METADATA_FILES = ["default/_METADATA", "default/array_metadatas/process_0", "default/_sharding"]
+
+
+@pytest.mark.parametrize("damaged", METADATA_FILES)
+def test_truncated_metadata_names_step_path_file_and_the_way_out(damaged, tmp_path):
+    save_steps(tmp_path)
+    step_directory = tmp_path.absolute() / "3"
+    truncate(step_directory / damaged)
+    manager = rj.checkpoint.open_manager(tmp_path)
+    with pytest.raises(rj.checkpoint.CorruptCheckpointError) as error:
+        rj.checkpoint.restore(manager, state(0.0))
+    message = str(error.value)
+    assert isinstance(error.value, ValueError)
+    assert "checkpoint at step 3 is damaged" in message
+    assert f"metadata in {step_directory} ({damaged} in it)" in message
+    assert "step=N) with N in [1]" in message and f"delete {step_directory}" in message
+    # The intact step still restores, with its values.
+    restored = rj.checkpoint.restore(manager, state(0.0), step=1)
+    np.testing.assert_array_equal(restored["params"]["w"], np.ones((3, 2)))
+
+
+def test_a_damaged_only_checkpoint_says_to_use_another_copy(tmp_path):
+    save_steps(tmp_path, steps=(5,))
+    truncate(tmp_path / "5" / "default" / "_METADATA")
+    with pytest.raises(rj.checkpoint.CorruptCheckpointError, match="restore from another copy"):
+        rj.checkpoint.restore(rj.checkpoint.open_manager(tmp_path), state(0.0))
+
+
+def test_restoring_from_a_missing_directory_names_it_and_creates_nothing(tmp_path):
+    missing = tmp_path / "runs" / "typo"
+    manager = rj.checkpoint.open_manager(missing)
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(FileNotFoundError, match=f"checkpoint directory {missing} does not exist"):
+        rj.checkpoint.restore(manager, state(0.0))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        rj.checkpoint.restore(manager, state(0.0), step=3)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saving_into_a_new_nested_directory_still_creates_it(tmp_path):
+    directory = tmp_path / "runs" / "new"
+    save_steps(directory, steps=(2,))
+    restored = rj.checkpoint.restore(rj.checkpoint.open_manager(directory), state(0.0))
+    np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 2), 2.0))
+
+
+def test_restoring_a_step_that_was_never_saved_lists_the_saved_ones(tmp_path):
+    save_steps(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 2 in .*steps \[1, 3\]"):
+        rj.checkpoint.restore(rj.checkpoint.open_manager(tmp_path), state(0.0), step=2)
+
+
+def test_restoring_from_a_file_says_it_is_not_a_directory(tmp_path):
+    path = tmp_path / "state.ckpt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(NotADirectoryError, match=f"{path} is a file, not a checkpoint directory"):
+        rj.checkpoint.restore(rj.checkpoint.open_manager(path), state(0.0))
+
+
+@pytest.mark.parametrize(
+    ("step", "error", "message"),
+    [
+        (1.5, TypeError, "`step` must be an integer, got 1.5"),
+        (True, TypeError, "`step` must be an integer, got True"),
+        ("5", TypeError, "`step` must be an integer, got '5'"),
+        (-1, ValueError, "`step` must be >= 0, got -1"),
+    ],
+)
+def test_a_step_that_is_not_a_natural_number_is_refused_and_writes_nothing(
+    step, error, message, tmp_path
+):
+    manager = rj.checkpoint.open_manager(tmp_path)
+    with pytest.raises(error, match=message):
+        rj.checkpoint.save(manager, step, state(1.0), force=True)
+    assert list(tmp_path.iterdir()) == []
+    save_steps(tmp_path, steps=(1,))
+    with pytest.raises(error, match=message):
+        rj.checkpoint.restore(rj.checkpoint.open_manager(tmp_path), state(0.0), step=step)
+
+
+def test_options_of_another_type_are_named(tmp_path):
+    with pytest.raises(
+        TypeError, match=r"`options` must be .*CheckpointManagerOptions.*max_to_keep"
+    ):
+        rj.checkpoint.open_manager(tmp_path, {"max_to_keep": 2})

@@ -1,0 +1,93 @@
+"""Presets and state conversion for `jax.example_libraries.optimizers.rmsprop(_momentum)`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import conformance_problem, worst_relative_difference
+from jax.example_libraries import optimizers
+
+import rmsprop_jax as rj
+
+STEPS, SPLIT = 100, 50
+SHAPES = [(3, 4), (5,), ()]
+TOLERANCE = 1e-6
+
+
+def schedule(i):
+    return 0.01 * jnp.exp(-0.02 * i)
+
+
+CASES = {
+    "rmsprop": (optimizers.rmsprop, rj.compat.example_libraries_rmsprop, dict(gamma=0.8)),
+    "rmsprop_momentum": (
+        optimizers.rmsprop_momentum,
+        rj.compat.example_libraries_rmsprop_momentum,
+        dict(gamma=0.85, eps=1e-6, momentum=0.7),
+    ),
+}
+
+
+def theirs(make, params, grads, steps, state=None, **kwargs):
+    init, update, get_params = make(schedule, **kwargs)
+    state = init(params) if state is None else state
+    step = jax.jit(update)
+    history = []
+    for i in steps:
+        state = step(i, [g[i] for g in grads], state)
+        history.append(get_params(state))
+    return state, [np.stack([h[k] for h in history]) for k in range(len(params))]
+
+
+def ours(tx, params, grads, steps, state):
+    def step(carry, g):
+        p, s = carry
+        u, s = tx.update(g, s, p)
+        p = optax.apply_updates(p, u)
+        return (p, s), p
+
+    chunk = [jnp.asarray(g[steps]) for g in grads]
+    (p, s), history = jax.jit(lambda p, s: jax.lax.scan(step, (p, s), chunk))(params, state)
+    return p, s, [np.asarray(h) for h in history]
+
+
+@pytest.mark.conformance
+@pytest.mark.parametrize("name", list(CASES))
+def test_preset_and_state_conversion_follow_the_example_library(name):
+    make, preset, kwargs = CASES[name]
+    params, grads = conformance_problem(11, SHAPES, STEPS)
+    params = [jnp.asarray(p) for p in params]
+    _, full = theirs(make, params, grads, range(STEPS), **kwargs)
+
+    tx = preset(schedule, **kwargs)
+    _, _, trajectory = ours(tx, params, grads, slice(0, STEPS), tx.init(params))
+    worst = worst_relative_difference(trajectory, full)
+    print(f"{name} preset, {STEPS} steps: worst relative difference {worst:.2e}")
+    assert worst <= TOLERANCE
+
+    # Theirs for SPLIT steps, then ours from the converted state.
+    state, _ = theirs(make, params, grads, range(SPLIT), **kwargs)
+    halfway, opt_state = rj.compat.state_from_example_libraries(state, tx, step=SPLIT)
+    _, _, rest = ours(tx, halfway, grads, slice(SPLIT, STEPS), opt_state)
+    worst_from = worst_relative_difference(rest, [h[SPLIT:] for h in full])
+    # Ours for SPLIT steps, then theirs from the converted state.
+    p, s, _ = ours(tx, params, grads, slice(0, SPLIT), tx.init(params))
+    back = rj.compat.state_to_example_libraries(s, p)
+    _, rest = theirs(make, params, grads, range(SPLIT, STEPS), state=back, **kwargs)
+    worst_to = worst_relative_difference(rest, [h[SPLIT:] for h in full])
+    print(f"{name} converted at {SPLIT}: {worst_from:.2e} (to optax), {worst_to:.2e} (back)")
+    assert max(worst_from, worst_to) <= TOLERANCE
+
+
+def test_a_state_of_the_other_variant_is_refused():
+    params = [jnp.ones(3)]
+    init, _, _ = optimizers.rmsprop_momentum(0.1)
+    with pytest.raises(ValueError, match="Use `example_libraries_rmsprop_momentum`"):
+        rj.compat.state_from_example_libraries(
+            init(params), rj.compat.example_libraries_rmsprop(0.1)
+        )
+    with pytest.raises(ValueError, match=r"must be a jax\.example_libraries"):
+        rj.compat.state_from_example_libraries((params,), rj.compat.example_libraries_rmsprop(0.1))

@@ -1,0 +1,186 @@
+"""Keras 3 RMSprop state crosses over to `keras_rmsprop` and back, trajectories unchanged."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import import_reference_framework
+from helpers import worst_relative_difference
+
+import rmsprop_jax as rj
+
+STEPS, SPLIT = 40, 20
+TOLERANCE = 1e-5
+LR = 0.01
+
+
+@pytest.fixture(scope="module")
+def keras():
+    return import_reference_framework("keras")
+
+
+def new_model(keras):
+    """Two Dense layers: variable paths sequential/dense/kernel, ..., sequential/dense_1/bias."""
+    keras.utils.clear_session()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.layers.Dense(4), keras.layers.Dense(2)])
+    model.build((None, 3))
+    return model
+
+
+def as_tree(flat):
+    """{"sequential/dense/kernel": w, ...} as the nested dict a JAX model would hold."""
+    tree = {}
+    for path, value in flat.items():
+        *scopes, leaf = path.split("/")
+        node = tree
+        for scope in scopes:
+            node = node.setdefault(scope, {})
+        node[leaf] = value
+    return tree
+
+
+def gradients(model, seed):
+    rng = np.random.default_rng(seed)
+    return {
+        v.path: (0.3 + rng.normal(size=(STEPS, *v.shape))).astype(np.float32)
+        for v in model.trainable_variables
+    }
+
+
+def keras_optimizer(keras, kwargs):
+    kwargs = dict(kwargs)
+    kwargs["learning_rate"] = (
+        keras.optimizers.schedules.ExponentialDecay(LR, 7, 0.8)
+        if kwargs.pop("scheduled", False)
+        else LR
+    )
+    return keras.optimizers.RMSprop(**kwargs)
+
+
+def our_optimizer(kwargs):
+    kwargs = dict(kwargs)
+    rate = optax.exponential_decay(LR, 7, 0.8) if kwargs.pop("scheduled", False) else LR
+    return rj.compat.keras_rmsprop(rate, **kwargs)
+
+
+def keras_steps(model, optimizer, grads, steps):
+    history = []
+    for t in steps:
+        variables = model.trainable_variables
+        optimizer.apply([grads[v.path][t] for v in variables], variables)
+        history.append({v.path: np.asarray(v.value) for v in variables})
+    return history
+
+
+def run_ours(tx, params, state, grads, steps):
+    def step(carry, g):
+        p, s = carry
+        u, s = tx.update(g, s, p)
+        p = optax.apply_updates(p, u)
+        return (p, s), p
+
+    chunk = as_tree({k: jnp.asarray(g[steps]) for k, g in grads.items()})
+    return jax.jit(lambda p, s: jax.lax.scan(step, (p, s), chunk))(params, state)
+
+
+CONFIGS = [
+    dict(momentum=0.9, centered=True, use_ema=True, ema_overwrite_frequency=5, scheduled=True),
+    dict(weight_decay=0.01),
+]
+
+
+@pytest.mark.conformance
+@pytest.mark.parametrize("kwargs", CONFIGS, ids=["momentum-centered-ema-schedule", "plain"])
+def test_keras_state_continued_here_and_back_equals_the_keras_run(keras, kwargs):
+    model = new_model(keras)
+    start = {v.path: np.asarray(v.value) for v in model.trainable_variables}
+    grads = gradients(model, seed=0)
+    full_optimizer = keras_optimizer(keras, kwargs)
+    full = keras_steps(model, full_optimizer, grads, range(STEPS))
+    expected = as_tree({k: np.stack([h[k] for h in full[SPLIT:]]) for k in start})
+
+    # Keras for SPLIT steps, then here: the tree's order differs from Keras's (bias < kernel).
+    model = new_model(keras)
+    for v in model.trainable_variables:
+        v.assign(start[v.path])
+    optimizer = keras_optimizer(keras, kwargs)
+    keras_steps(model, optimizer, grads, range(SPLIT))
+    halfway = as_tree({v.path: jnp.asarray(v.value) for v in model.trainable_variables})
+    tx = our_optimizer(kwargs)
+    state = rj.compat.state_from_keras(optimizer, halfway, tx)
+    (_, final_state), ours = run_ours(tx, halfway, state, grads, slice(SPLIT, STEPS))
+    worst = worst_relative_difference(jax.tree.leaves(ours), jax.tree.leaves(expected))
+    print(f"Keras {SPLIT} steps, keras_rmsprop after: worst relative difference {worst:.2e}")
+    assert worst <= TOLERANCE
+    if kwargs.get("use_ema"):
+        theirs = as_tree(
+            {
+                v.path: np.asarray(a.value)
+                for v, a in zip(
+                    model.trainable_variables,
+                    [a for a in full_optimizer.variables if a.path.endswith("_average")],
+                    strict=True,
+                )
+            }
+        )
+        worst_ema = worst_relative_difference(
+            jax.tree.leaves(rj.compat.keras_ema_weights(final_state)), jax.tree.leaves(theirs)
+        )
+        assert worst_ema <= TOLERANCE
+
+    # Here for SPLIT steps, then Keras.
+    tx = our_optimizer(kwargs)
+    params = as_tree({k: jnp.asarray(v) for k, v in start.items()})
+    (params, state), _ = run_ours(tx, params, tx.init(params), grads, slice(0, SPLIT))
+    model = new_model(keras)
+    flat = {"/".join(k.key for k in path): leaf for path, leaf in jax.tree.leaves_with_path(params)}
+    for v in model.trainable_variables:
+        v.assign(np.asarray(flat[v.path]))
+    optimizer = keras_optimizer(keras, kwargs)
+    optimizer.build(model.trainable_variables)
+    values = rj.compat.state_to_keras(state, params, optimizer)
+    assert set(values) <= {v.path for v in optimizer.variables}
+    for v in optimizer.variables:
+        if v.path in values:
+            v.assign(values[v.path])
+    theirs = keras_steps(model, optimizer, grads, range(SPLIT, STEPS))
+    theirs = as_tree({k: np.stack([h[k] for h in theirs]) for k in start})
+    worst = worst_relative_difference(jax.tree.leaves(theirs), jax.tree.leaves(expected))
+    print(f"keras_rmsprop {SPLIT} steps, Keras after: worst relative difference {worst:.2e}")
+    assert worst <= TOLERANCE
+
+
+@pytest.mark.conformance
+def test_states_that_do_not_match_are_refused(keras):
+    model = new_model(keras)
+    params = as_tree({v.path: np.asarray(v.value) for v in model.trainable_variables})
+    adam = keras.optimizers.Adam()
+    adam.build(model.trainable_variables)
+    with pytest.raises(ValueError, match=r"is a Adam, not a keras\.optimizers\.RMSprop"):
+        rj.compat.state_from_keras(adam, params, rj.compat.keras_rmsprop(momentum=0.9))
+    sgd = keras.optimizers.SGD(momentum=0.9)
+    sgd.build(model.trainable_variables)
+    sgd_variables = {v.path: v.value for v in sgd.variables}
+    with pytest.raises(ValueError, match=r"no '\*_velocity' variables.*not an RMSprop"):
+        rj.compat.state_from_keras(sgd_variables, params, rj.compat.keras_rmsprop(momentum=0.9))
+    rmsprop = keras.optimizers.RMSprop(momentum=0.9)
+    rmsprop.build(model.trainable_variables)
+    with pytest.raises(ValueError, match="has a momentum buffer"):
+        rj.compat.state_from_keras(rmsprop, params, rj.compat.keras_rmsprop())
+    with pytest.raises(ValueError, match=r"Keras optimizer has no use_ema"):
+        rj.compat.state_from_keras(
+            rmsprop, params, rj.compat.keras_rmsprop(momentum=0.9, use_ema=True)
+        )
+    renamed = {"sequential": {"dense": params["sequential"]["dense"], "head": {"w": 0, "b": 0}}}
+    renamed["sequential"]["head"] = params["sequential"]["dense_1"]
+    with pytest.raises(ValueError, match=r"\['head'\]\['bias'\].*'sequential_head_bias'"):
+        rj.compat.state_from_keras(rmsprop, renamed, rj.compat.keras_rmsprop(momentum=0.9))
+    # By order the shapes decide: dense's bias (4,) is paired with Keras's kernel (3, 4).
+    with pytest.raises(ValueError, match=r"has shape \(3, 4\), but the parameter"):
+        rj.compat.state_from_keras(
+            rmsprop, renamed, rj.compat.keras_rmsprop(momentum=0.9), match_by="order"
+        )

@@ -1,0 +1,145 @@
+"""Careless input gets a clear error naming the argument or leaf, never a silent wrong result."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmsprop_jax as rj
+
+FORMATS = ["float32", "bfloat16", "int8", "factored"]
+VARIANTS = {
+    "plain": {},
+    "centered": {"centered": True},
+    "momentum": {"momentum": 0.9},
+    "nesterov": {"momentum": 0.9, "nesterov": True},
+    "bias_correction": {"bias_correction": True},
+    "coupled_decay": {"weight_decay": 0.1},
+    "decoupled_decay": {"weight_decay": 0.1, "decoupled_weight_decay": True},
+    "maximize": {"maximize": True},
+}
+PRESETS = {
+    "torch": lambda: rj.compat.torch_rmsprop(1e-2, momentum=0.9, centered=True),
+    "keras": lambda: rj.compat.keras_rmsprop(1e-3, momentum=0.9, weight_decay=0.1),
+    "tf1": lambda: rj.compat.tf1_rmsprop(1e-3, momentum=0.9, centered=True),
+    "scale_by_rms": lambda: rj.scale_by_rms(centered=True),
+    "decoupled": lambda: rj.add_decoupled_weight_decay(1e-3, 0.1),
+}
+ABSTRACT = {
+    "w": jax.ShapeDtypeStruct((2, 4, 8), jnp.float32),
+    "m": jax.ShapeDtypeStruct((128, 256), jnp.bfloat16),
+}
+
+
+def _shapes(tree):
+    return jax.tree.map(lambda x: (tuple(np.shape(x)), jnp.result_type(x)), tree)
+
+
+@pytest.mark.parametrize("moment_storage", FORMATS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_init_accepts_abstract_leaves_for_every_variant_and_format(variant, moment_storage):
+    tx = rj.rmsprop(1.0, moment_storage=moment_storage, **VARIANTS[variant])
+    concrete = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), ABSTRACT)
+    assert _shapes(tx.init(ABSTRACT)) == _shapes(tx.init(concrete))
+    assert _shapes(jax.eval_shape(tx.init, ABSTRACT)) == _shapes(tx.init(concrete))
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_init_accepts_abstract_leaves_for_presets_and_transforms(preset):
+    tx = PRESETS[preset]()
+    concrete = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), ABSTRACT)
+    assert _shapes(tx.init(ABSTRACT)) == _shapes(tx.init(concrete))
+
+
+def test_init_of_a_single_abstract_leaf_matches_optax():
+    leaf = jax.ShapeDtypeStruct((2, 4, 8), jnp.float32)
+    ours = rj.rmsprop(1.0).init(leaf)
+    assert _shapes(optax.tree_utils.tree_get(ours, "nu")) == _shapes(
+        optax.tree_utils.tree_get(optax.rmsprop(1.0).init(leaf), "nu")
+    )
+
+
+@pytest.mark.parametrize("value", [1, True, np.int32(3)])
+def test_integer_python_or_numpy_parameters_are_refused_naming_the_leaf(value):
+    with pytest.raises(TypeError, match=r"\['w'\]"):
+        rj.rmsprop(0.1).init({"w": value, "b": jnp.ones(2)})
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_integer_or_boolean_gradients_are_refused_naming_the_leaf(dtype, maybe_jit):
+    params = {"w": jnp.ones(3), "b": jnp.ones(2)}
+    tx = rj.rmsprop(0.1)
+    state = tx.init(params)
+    grads = {"w": jnp.ones(3), "b": jnp.ones(2, dtype)}
+    with pytest.raises(TypeError, match=r"Gradient at \['b'\]"):
+        maybe_jit(tx.update)(grads, state, params)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda v: rj.rmsprop(v),
+        lambda v: rj.rmsprop(0.1, eps=v),
+        lambda v: rj.rmsprop(0.1, weight_decay=v),
+        lambda v: rj.rmsprop(0.1, initial_scale=v),
+        lambda v: rj.compat.torch_rmsprop(lr=v),
+        lambda v: rj.compat.keras_rmsprop(learning_rate=v),
+        lambda v: rj.compat.tf1_rmsprop(v),
+        lambda v: rj.add_decoupled_weight_decay(v, 0.1),
+    ],
+)
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -float("inf")])
+def test_non_finite_hyperparameters_are_refused(build, value):
+    with pytest.raises(ValueError, match="must be finite"):
+        build(value)
+
+
+def test_range_message_for_an_unbounded_range_says_at_least():
+    with pytest.raises(ValueError, match=r"`learning_rate` must be >= 0.0, got -1"):
+        rj.rmsprop(-1.0)
+
+
+@pytest.mark.parametrize(
+    ("build", "name"),
+    [
+        (lambda: rj.rmsprop(None), "learning_rate"),
+        (lambda: rj.compat.torch_rmsprop(lr=None), "lr"),
+        (lambda: rj.compat.tf1_rmsprop(None), "learning_rate"),
+        (lambda: rj.add_decoupled_weight_decay(None, 0.1), "learning_rate"),
+        (lambda: rj.scale_by_rms(decay=None), "decay"),
+    ],
+)
+def test_none_hyperparameter_names_the_argument(build, name):
+    with pytest.raises(ValueError, match=f"`{name}` must be a number"):
+        build()
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "centered",
+        "eps_in_sqrt",
+        "bias_correction",
+        "nesterov",
+        "maximize",
+        "decoupled_weight_decay",
+    ],
+)
+@pytest.mark.parametrize("value", ["False", 0, 1, None])
+def test_structural_flags_must_be_bools_in_rmsprop(flag, value):
+    with pytest.raises(TypeError, match=f"`{flag}` must be True or False"):
+        rj.rmsprop(0.1, momentum=0.9, **{flag: value})
+
+
+@pytest.mark.parametrize("flag", ["centered", "eps_in_sqrt", "bias_correction"])
+def test_structural_flags_must_be_bools_in_scale_by_rms(flag):
+    with pytest.raises(TypeError, match=f"`{flag}` must be True or False"):
+        rj.scale_by_rms(**{flag: "False"})
+
+
+def test_unknown_moment_storage_names_the_argument_and_the_choices():
+    with pytest.raises(ValueError, match=r"`moment_storage` must be one of .*'int4'"):
+        rj.rmsprop(0.1, moment_storage="int4")
