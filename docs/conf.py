@@ -65,7 +65,7 @@ nitpick_ignore_regex = [
     (r"py:class", r"Any|Callable|Mapping|Sequence|Iterable|NamedTuple|Path|PyTree"),
     (r"py:.*", r"int|float|bool|str|bytes|tuple|dict|list|None|ValueError|TypeError"),
     # Private type aliases named in signatures.
-    (r"py:class", r"_torch_mapping\.MatchBy|LeafSlot"),
+    (r"py:class", r"(_torch_mapping\.)?MatchBy|LeafSlot"),
 ]
 # Single backticks in the docstrings mean code, as in Markdown.
 default_role = "literal"
@@ -97,5 +97,22 @@ def _fix_docstring(app, what, name, obj, options, lines: list[str]) -> None:
     lines[:] = [line.replace(text, fix) for line in lines]
 
 
+def _link_type_aliases(app, env, node, contnode):
+    """Links a type alias of this package named in a signature (a `py:class` reference) to
+    its `py:data` entry, as Sphinx 8.2 and later do by themselves."""
+    target = node.get("reftarget", "")
+    if node.get("refdomain") != "py" or node.get("reftype") != "class":
+        return None
+    if not target.startswith("rmsprop_jax."):
+        return None
+    entry = env.get_domain("py").objects.get(target)
+    if entry is None or entry.objtype != "data":
+        return None
+    from sphinx.util.nodes import make_refnode
+
+    return make_refnode(app.builder, node["refdoc"], entry.docname, entry.node_id, contnode)
+
+
 def setup(app):
+    app.connect("missing-reference", _link_type_aliases)
     app.connect("autodoc-process-docstring", _fix_docstring)

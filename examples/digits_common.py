@@ -455,5 +455,5 @@ def run_cli(main_fn: Callable[[], object]) -> None:
             )
         sys.exit(130)  # the shell's code for a process stopped by Ctrl-C
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted before training started\n")
+        sys.stderr.write("interrupted\n")
         sys.exit(130)

@@ -7,7 +7,13 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogFormatter, MaxNLocator
+from matplotlib.ticker import (
+    FuncFormatter,
+    LogFormatter,
+    LogLocator,
+    MaxNLocator,
+    NullFormatter,
+)
 
 # RMSprop variants in solid blues and purples, the optax baselines dashed in warm colours,
 # so that the two families stay apart where the lines cross.
@@ -41,18 +47,23 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
         error_axis.plot(epochs, np.maximum(error, 0.05), **kwargs)
     loss_axis.set(xlabel="epoch", ylabel="training loss (cross-entropy)", yscale="log")
     error_axis.set(xlabel="epoch", ylabel="test error (%), log scale", yscale="log")
+    error_axis.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     for axis in (loss_axis, error_axis):
         # Plain numbers (0.01, 2.2) rather than 10^-2 and 2.2 x 10^0.
         axis.yaxis.set_major_formatter(LogFormatter())
         axis.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
         axis.grid(alpha=0.3, which="both")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # The error axis spans one or two decades: 1, 2, 5, 10, 20, 50 are labelled, nothing else.
+    error_axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    error_axis.yaxis.set_minor_formatter(NullFormatter())
     if len(results) > 1:
-        # One legend for both panels, below them, where it hides no line.
+        # One legend for both panels, below them, where it hides no line; filled column by
+        # column, so that the RMSprop variants and the baselines each get a column.
         figure.legend(
             *loss_axis.get_legend_handles_labels(),
             loc="outside lower center",
-            ncol=3,
+            ncol=2,
             fontsize="small",
             frameon=False,
         )

@@ -91,4 +91,6 @@ class Progress:
 
 def format_loss(value: float) -> str:
     """Three significant digits at any scale: 2.30, 0.0123, 7.41e-04, never 0.0000."""
-    return f"{value:.3g}" if 1e-3 <= abs(value) < 1e4 or value == 0 else f"{value:.2e}"
+    if value == 0:
+        return "0"
+    return f"{value:#.3g}" if 1e-3 <= abs(value) < 1e4 else f"{value:.2e}"

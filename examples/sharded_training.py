@@ -25,6 +25,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from cli_help import DefaultsHelpFormatter
@@ -60,25 +61,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _forward_output(stream) -> None:
+    """Copies process 0's output to ours, without gloo's notes on each connection it makes."""
+    for line in stream:
+        if not line.startswith("[Gloo]"):
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+
 def launch(args: argparse.Namespace, argv: list[str]) -> int:
     """Starts `args.processes` copies of this script on 127.0.0.1 and waits for all of them."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, os.path.abspath(__file__), *argv, "--port", str(port)]
-    children = [subprocess.Popen([*command, "--process-id", str(i)]) for i in range(args.processes)]
+    # Process 0 speaks for all: the others' standard output (the same lines, and the
+    # connection notes of gloo) is dropped, their errors are kept.
+    children = [
+        subprocess.Popen(
+            [*command, "--process-id", str(i)],
+            stdout=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
+            text=True,
+        )
+        for i in range(args.processes)
+    ]
+    forward = threading.Thread(target=_forward_output, args=(children[0].stdout,), daemon=True)
+    forward.start()
     deadline = time.monotonic() + args.timeout
+    interrupted = False
     try:
         for child in children:
             child.wait(timeout=max(deadline - time.monotonic(), 1))
-    except (subprocess.TimeoutExpired, KeyboardInterrupt):
-        print(f"stopping: not done after {args.timeout} s or interrupted", file=sys.stderr)
+        forward.join(timeout=10)
+    except subprocess.TimeoutExpired:
+        print(f"stopping: not done after --timeout {args.timeout} s", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        interrupted = True
     finally:
         # A process whose peer died waits for it in a collective: stop them all.
         for child in children:
             if child.poll() is None:
                 child.kill()
                 child.wait()
+    if interrupted:
+        return 130  # the shell's code for a process stopped by Ctrl-C
     return max(abs(child.returncode) for child in children)
 
 
@@ -107,6 +134,7 @@ import rmsprop_jax as rj  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def digits() -> tuple[np.ndarray, ...]:
@@ -207,6 +235,8 @@ def placement_figure(params: dict, state, path: str) -> None:
         )
         ax.set_title(f"{title}\n{leaf.shape}, {leaf.sharding.spec}")
         ax.set_xlabel("column" if leaf.ndim == 2 else "index")
+        if shape[1] < 10:  # a few columns (2 block scales): label each, not 0.5 steps
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if leaf.ndim == 2:
             ax.set_ylabel("row")
         else:
@@ -307,4 +337,10 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(ARGS)
+    try:
+        main(ARGS)
+    except KeyboardInterrupt:
+        # One line instead of a traceback; with --processes, the launcher says it.
+        if ARGS.process_id is None:
+            sys.stderr.write("interrupted\n")
+        sys.exit(130)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -252,4 +253,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        # The sweep keeps no checkpoints: one line instead of a traceback, as in a shell.
+        sys.stderr.write("interrupted; the sweep keeps no checkpoints, a new run starts over\n")
+        sys.exit(130)

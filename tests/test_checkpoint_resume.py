@@ -247,6 +247,7 @@ def restore_final(module, argv, directory):
     return rj.checkpoint.restore(rj.checkpoint.open_manager(directory), target, step=42)
 
 
+@pytest.mark.slow  # trains an example
 @pytest.mark.parametrize("case", RESUME_CASES)
 def test_resuming_in_a_fresh_process_equals_the_uninterrupted_run_bit_for_bit(case, tmp_path):
     module, variant = RESUME_CASES[case]
@@ -280,6 +281,7 @@ def test_resuming_in_a_fresh_process_equals_the_uninterrupted_run_bit_for_bit(ca
     assert_identical(actual, expected)
 
 
+@pytest.mark.slow  # trains an example
 def test_resuming_with_another_hidden_size_fails_before_training(tmp_path):
     directory = tmp_path / "ckpt"
     argv = ["--epochs", "1", "--batch-size", "96", "--hidden-size", "16", "--out", str(tmp_path)]
@@ -299,6 +301,7 @@ def test_resuming_with_another_hidden_size_fails_before_training(tmp_path):
     assert not (tmp_path / "history_rmsprop.json").exists()
 
 
+@pytest.mark.slow  # trains an example
 def test_resuming_with_another_batch_size_or_seed_fails_before_training(tmp_path):
     directory = tmp_path / "ckpt"
     argv = ["--epochs", "1", "--batch-size", "96", "--hidden-size", "16", "--out", str(tmp_path)]
@@ -318,6 +321,7 @@ def test_resuming_with_another_batch_size_or_seed_fails_before_training(tmp_path
     assert not (tmp_path / "history_rmsprop.json").exists()
 
 
+@pytest.mark.slow  # trains an example
 def test_resuming_a_plain_checkpoint_as_centered_exits_with_the_error_and_trains_nothing(
     tmp_path,
 ):

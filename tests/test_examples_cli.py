@@ -20,6 +20,12 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# Runs the script in argv[1] with Python's own Ctrl-C handler installed.
+RUN_WITH_CTRL_C = (
+    "import os, runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
 # 1347 training examples in batches of 96: 14 steps an epoch.
 TINY = ["--batch-size", "96", "--hidden-size", "16"]
 
@@ -38,6 +44,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow  # trains the example
 def test_resuming_with_nothing_left_to_do_says_so_and_changes_nothing(tmp_path, capsys):
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     flags = [*TINY, "--checkpoint-dir", str(ckpt), "--out", str(out)]
@@ -54,6 +61,7 @@ def test_resuming_with_nothing_left_to_do_says_so_and_changes_nothing(tmp_path, 
     assert snapshot(tmp_path) == before  # neither the history, the figure nor a checkpoint
 
 
+@pytest.mark.slow  # trains the example
 def test_a_resumed_run_records_the_history_of_the_whole_run(tmp_path):
     ckpt = tmp_path / "ckpt"
     flags = [*TINY, "--checkpoint-dir", str(ckpt)]
@@ -80,10 +88,17 @@ def test_ctrl_c_stops_with_one_line_saying_how_to_resume_and_leaves_no_partial_c
     tmp_path,
 ):
     ckpt = tmp_path / "ckpt"
-    command = [sys.executable, str(EXAMPLES / "train_digits.py"), "--epochs", "200", *TINY]
+    # As in a terminal, Ctrl-C raises KeyboardInterrupt, even if this process was started by one
+    # that ignores SIGINT (the child would inherit that).
+    command = [sys.executable, "-c", RUN_WITH_CTRL_C, str(EXAMPLES / "train_digits.py")]
+    command += ["--epochs", "200", *TINY]
     command += ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--out", "out"]
     process = subprocess.Popen(
-        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 120
@@ -136,6 +151,7 @@ def test_resume_command_repeats_the_flags_once_with_resume(monkeypatch):
     )
 
 
+@pytest.mark.slow  # one Python process per case
 @pytest.mark.parametrize(
     ("script", "default"),
     [
@@ -158,6 +174,7 @@ def test_help_shows_the_defaults(script, default):
     assert "(default: None)" not in result.stdout
 
 
+@pytest.mark.slow  # one Python process per case
 @pytest.mark.parametrize(
     ("script", "flags", "message"),
     [
@@ -192,7 +209,7 @@ def test_progress_off_a_terminal_is_plain_periodic_lines():
             bar.write("a line of its own")
     lines = stream.getvalue().splitlines()
     # The first line after `interval` seconds (10 by default: none here) and the last.
-    assert lines == ["a line of its own", "train: epoch 4/4, loss 0.001 (0 s)"]
+    assert lines == ["a line of its own", "train: epoch 4/4, loss 0.00100 (0 s)"]
     assert "\r" not in stream.getvalue()
 
     quiet = io.StringIO()
@@ -217,7 +234,7 @@ def test_progress_off_a_terminal_is_plain_periodic_lines():
 
 @pytest.mark.parametrize(
     ("value", "text"),
-    [(2.302585, "2.3"), (0.01234, "0.0123"), (7.41e-4, "7.41e-04"), (3e-9, "3.00e-09"), (0, "0")],
+    [(2.302585, "2.30"), (0.01234, "0.0123"), (7.41e-4, "7.41e-04"), (3e-9, "3.00e-09"), (0, "0")],
 )
 def test_small_losses_are_not_printed_as_zero(value, text):
     assert example("progress_report").format_loss(value) == text

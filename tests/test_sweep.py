@@ -598,6 +598,7 @@ def test_docstring_examples_run():
     assert attempted > 5 and failed == 0
 
 
+@pytest.mark.slow  # trains the example's 64 configurations
 def test_digits_sweep_example_writes_heatmap_and_names_the_best_configuration(
     tmp_path, capsys, monkeypatch
 ):
