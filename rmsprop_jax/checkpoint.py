@@ -33,9 +33,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
-from rmsprop_jax._checkpoint_match import CheckpointMismatchError as CheckpointMismatchError
-from rmsprop_jax._checkpoint_match import _flat, _path_key
-from rmsprop_jax._checkpoint_match import check_matches as check_matches
+from rmsprop_jax._checkpoint_match import CheckpointMismatchError, _flat, _path_key, check_matches
 
 if TYPE_CHECKING:
     import orbax.checkpoint as ocp
@@ -235,3 +233,13 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
     except json.JSONDecodeError as error:  # the per-array metadata, read only when restoring
         raise _corrupt(manager, step, error) from error
     return jax.tree_util.tree_map_with_path(lambda path, _: restored[_path_key(path)], target)
+
+
+__all__ = [
+    "CheckpointMismatchError",
+    "CorruptCheckpointError",
+    "check_matches",
+    "open_manager",
+    "restore",
+    "save",
+]
