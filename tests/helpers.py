@@ -52,25 +52,17 @@ def run_transformation(
     grads: Sequence,
     transform_fn: Callable = jax.jit,
 ):
-    """Applies `tx` to each gradient in turn; returns the parameter trajectory and final state.
+    """:func:`run_trajectory` for a list of gradient trees, one per step.
 
-    `transform_fn` wraps the update (jax.jit for the compiled variant, identity for eager).
+    `transform_fn` is `jax.jit` for the compiled variant (anything else runs eagerly).
+    Returns the parameter tree after each step and the final state.
     """
-    state = tx.init(params)
-
-    def step(params, state, grad):
-        updates, state = tx.update(grad, state, params)
-        return optax.apply_updates(params, updates), state
-
-    step = transform_fn(step)
-    trajectory = []
-    for grad in grads:
-        params, state = step(params, state, grad)
-        trajectory.append(params)
-    return trajectory, state
+    stacked = jax.tree.map(lambda *steps: np.stack(steps), *grads)
+    state, history = run_trajectory(tx, params, stacked, jit=transform_fn is jax.jit)
+    return [jax.tree.map(lambda h, t=t: h[t], history) for t in range(len(grads))], state
 
 
-def max_relative_difference(actual, expected, floor: float = 0.1) -> float:
+def max_elementwise_relative_error(actual, expected, floor: float = 0.1) -> float:
     """max |actual - expected| / max(|expected|, floor) over every leaf of two trees."""
     worst = 0.0
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
@@ -81,11 +73,13 @@ def max_relative_difference(actual, expected, floor: float = 0.1) -> float:
     return worst
 
 
-def run_preset(tx, params, grads, steps=slice(None), state=None, *, jit=True):
-    """Steps `tx` through `grads[i][steps]` from `state` (from `tx.init` when None).
+def run_trajectory(tx, params, grads, steps=slice(None), state=None, *, jit=True):
+    """The one trajectory runner: steps `tx` through the gradients from `state`.
 
-    One `lax.scan` under jit, or a Python loop. Returns the final state and, per parameter,
-    its values after each step.
+    `params` is any pytree; `grads` the same tree with a leading step axis on every leaf, of
+    which `steps` is taken. Starts from `tx.init(params)` when `state` is None. One
+    `lax.scan` under jit, or a Python loop. Returns the final state and the parameters after
+    each step (the tree of `params`, each leaf with a leading step axis).
     """
 
     def step(carry, g):
@@ -97,25 +91,25 @@ def run_preset(tx, params, grads, steps=slice(None), state=None, *, jit=True):
     def start(p):
         return p, tx.init(p) if state is None else state
 
-    params = [jnp.asarray(p) for p in params]
-    chunk = [jnp.asarray(g[steps]) for g in grads]
+    params = jax.tree.map(jnp.asarray, params)
+    chunk = jax.tree.map(lambda g: jnp.asarray(g[steps]), grads)
     if jit:
         run = jax.jit(lambda p, gs: jax.lax.scan(step, start(p), gs))
         (_, final), history = run(params, chunk)
-        return final, [np.asarray(h) for h in history]
+        return final, jax.tree.map(np.asarray, history)
     carry, history = start(params), []
-    for t in range(len(chunk[0])):
-        carry, p = step(carry, [g[t] for g in chunk])
+    for t in range(len(jax.tree.leaves(chunk)[0])):
+        carry, p = step(carry, jax.tree.map(lambda g, t=t: g[t], chunk))
         history.append(p)
-    return carry[1], [np.stack([np.asarray(h[i]) for h in history]) for i in range(len(params))]
+    return carry[1], jax.tree.map(lambda *h: np.stack([np.asarray(x) for x in h]), *history)
 
 
 def preset_trajectory(tx, params, grads, *, jit=True):
     """Parameters after each step of `tx` from `tx.init(params)`."""
-    return run_preset(tx, params, grads, jit=jit)[1]
+    return run_trajectory(tx, params, grads, jit=jit)[1]
 
 
-def worst_relative_difference(ours, reference):
+def max_error_relative_to_leaf_scale(ours, reference):
     """Max over leaves of max|ours - reference| / max|reference| over the whole trajectory.
 
     Relative to each leaf's scale rather than elementwise: a coordinate passing through 0

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import conformance_problem, worst_relative_difference
+from helpers import conformance_problem, max_error_relative_to_leaf_scale
 from jax.example_libraries import optimizers
 
 import rmsprop_jax as rj
@@ -64,7 +64,7 @@ def test_preset_and_state_conversion_follow_the_example_library(name):
 
     tx = preset(schedule, **kwargs)
     _, _, trajectory = ours(tx, params, grads, slice(0, STEPS), tx.init(params))
-    worst = worst_relative_difference(trajectory, full)
+    worst = max_error_relative_to_leaf_scale(trajectory, full)
     print(f"{name} preset, {STEPS} steps: worst relative difference {worst:.2e}")
     assert worst <= TOLERANCE
 
@@ -72,12 +72,12 @@ def test_preset_and_state_conversion_follow_the_example_library(name):
     state, _ = theirs(make, params, grads, range(SPLIT), **kwargs)
     halfway, opt_state = rj.compat.state_from_example_libraries(state, tx, step=SPLIT)
     _, _, rest = ours(tx, halfway, grads, slice(SPLIT, STEPS), opt_state)
-    worst_from = worst_relative_difference(rest, [h[SPLIT:] for h in full])
+    worst_from = max_error_relative_to_leaf_scale(rest, [h[SPLIT:] for h in full])
     # Ours for SPLIT steps, then theirs from the converted state.
     p, s, _ = ours(tx, params, grads, slice(0, SPLIT), tx.init(params))
     back = rj.compat.state_to_example_libraries(s, p)
     _, rest = theirs(make, params, grads, range(SPLIT, STEPS), state=back, **kwargs)
-    worst_to = worst_relative_difference(rest, [h[SPLIT:] for h in full])
+    worst_to = max_error_relative_to_leaf_scale(rest, [h[SPLIT:] for h in full])
     print(f"{name} converted at {SPLIT}: {worst_from:.2e} (to optax), {worst_to:.2e} (back)")
     assert max(worst_from, worst_to) <= TOLERANCE
 

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import import_reference_framework
-from helpers import worst_relative_difference
+from helpers import max_error_relative_to_leaf_scale
 
 import rmsprop_jax as rj
 
@@ -113,7 +113,7 @@ def test_keras_state_continued_here_and_back_equals_the_keras_run(keras, kwargs)
     tx = our_optimizer(kwargs)
     state = rj.compat.state_from_keras(optimizer, halfway, tx)
     (_, final_state), ours = run_ours(tx, halfway, state, grads, slice(SPLIT, STEPS))
-    worst = worst_relative_difference(jax.tree.leaves(ours), jax.tree.leaves(expected))
+    worst = max_error_relative_to_leaf_scale(jax.tree.leaves(ours), jax.tree.leaves(expected))
     print(f"Keras {SPLIT} steps, keras_rmsprop after: worst relative difference {worst:.2e}")
     assert worst <= TOLERANCE
     if kwargs.get("use_ema"):
@@ -127,7 +127,7 @@ def test_keras_state_continued_here_and_back_equals_the_keras_run(keras, kwargs)
                 )
             }
         )
-        worst_ema = worst_relative_difference(
+        worst_ema = max_error_relative_to_leaf_scale(
             jax.tree.leaves(rj.compat.keras_ema_weights(final_state)), jax.tree.leaves(theirs)
         )
         assert worst_ema <= TOLERANCE
@@ -149,7 +149,7 @@ def test_keras_state_continued_here_and_back_equals_the_keras_run(keras, kwargs)
             v.assign(values[v.path])
     theirs = keras_steps(model, optimizer, grads, range(SPLIT, STEPS))
     theirs = as_tree({k: np.stack([h[k] for h in theirs]) for k in start})
-    worst = worst_relative_difference(jax.tree.leaves(theirs), jax.tree.leaves(expected))
+    worst = max_error_relative_to_leaf_scale(jax.tree.leaves(theirs), jax.tree.leaves(expected))
     print(f"keras_rmsprop {SPLIT} steps, Keras after: worst relative difference {worst:.2e}")
     assert worst <= TOLERANCE
 
