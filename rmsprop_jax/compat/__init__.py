@@ -12,6 +12,7 @@ from rmsprop_jax.compat._keras_state import state_from_keras, state_to_keras
 from rmsprop_jax.compat._tf1 import tf1_rmsprop
 from rmsprop_jax.compat._torch import TorchLayoutState, torch_rmsprop
 from rmsprop_jax.compat._torch_groups import torch_rmsprop_groups
+from rmsprop_jax.compat._torch_one_cycle import torch_one_cycle_lr, torch_one_cycle_momentum
 from rmsprop_jax.compat._torch_plateau import TorchPlateauState, torch_reduce_lr_on_plateau
 from rmsprop_jax.compat._torch_schedulers import (
     torch_constant_lr,
@@ -21,8 +22,6 @@ from rmsprop_jax.compat._torch_schedulers import (
     torch_lambda_lr,
     torch_linear_lr,
     torch_multi_step_lr,
-    torch_one_cycle_lr,
-    torch_one_cycle_momentum,
     torch_polynomial_lr,
     torch_sequential_lr,
     torch_step_lr,
