@@ -96,12 +96,12 @@ def run_trajectory(tx, params, grads, steps=slice(None), state=None, *, jit=True
     if jit:
         run = jax.jit(lambda p, gs: jax.lax.scan(step, start(p), gs))
         (_, final), history = run(params, chunk)
-        return final, jax.tree.map(np.asarray, history)
+        return final, history
     carry, history = start(params), []
     for t in range(len(jax.tree.leaves(chunk)[0])):
         carry, p = step(carry, jax.tree.map(lambda g, t=t: g[t], chunk))
         history.append(p)
-    return carry[1], jax.tree.map(lambda *h: np.stack([np.asarray(x) for x in h]), *history)
+    return carry[1], jax.tree.map(lambda *h: jnp.stack(h), *history)
 
 
 def preset_trajectory(tx, params, grads, *, jit=True):
