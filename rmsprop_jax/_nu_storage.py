@@ -119,7 +119,7 @@ def update(
     grads, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
     nus = treedef.flatten_up_to(nu)
     mus = [None] * len(grads) if mu is None else treedef.flatten_up_to(mu)
-    new_mus, new_nus, estimates = [], [], []
+    new_mus, new_nus, estimates = [], [], []  # type: list[Any], list[Any], list[Any]
     for index, (g, stored_nu, stored_mu) in enumerate(zip(grads, nus, mus, strict=True)):
         if g is None:
             new_mus.append(None)
