@@ -139,10 +139,15 @@ def pack_small_leaves(
         raise ValueError(f"`max_size` must be a positive integer or None, got {max_size!r}.")
     inner = optax.with_extra_args_support(inner)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         return inner.init(pack(params, max_size))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         packed_params = None if params is None else pack(params, max_size)
         packed_updates, state = inner.update(
             pack(updates, max_size), state, packed_params, **extra_args

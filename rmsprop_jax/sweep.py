@@ -212,8 +212,8 @@ def _mesh(devices: Sequence[jax.Device] | None, size: int) -> Mesh:
 
 
 def _build(train_ref: Callable[[], Any], axes: tuple, mesh: Mesh | None) -> Callable:
-    def sweep(hyperparameters, args):
-        def one(hp, one_args):
+    def sweep(hyperparameters: dict[str, Any], args: tuple) -> Any:
+        def one(hp: dict[str, Any], one_args: tuple) -> Any:
             return train_ref()(*one_args, **hp)
 
         return jax.vmap(one, in_axes=(0, axes))(hyperparameters, args)

@@ -89,7 +89,7 @@ def _to_numpy(tensor: Any) -> np.ndarray:
     return np.asarray(tensor)
 
 
-def _import_torch():
+def _import_torch() -> Any:
     try:
         import torch
     except ImportError as error:
