@@ -107,7 +107,7 @@ def grid(*, product: bool = True, **values: Any) -> dict[str, jax.Array]:
 class Best(NamedTuple):
     """The best configuration of a sweep under one metric."""
 
-    index: int  # type: ignore[assignment]  # a field, shadowing tuple.index as NamedTuples may
+    index: int  # type: ignore[assignment]  # the field shadows tuple.index
     hyperparameters: dict[str, float]
     value: float
     results: Any
