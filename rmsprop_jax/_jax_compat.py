@@ -13,6 +13,7 @@ when neither exists, rather than letting an `AttributeError` escape from inside 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -47,12 +48,10 @@ def unavailable(feature: str, needs: str) -> FeatureUnavailableError:
 def typeof(x: Any) -> Any:
     """The abstract value (shape, dtype and, with explicit sharding, sharding) of `x`.
 
-    `jax.typeof` where it exists (it does from JAX 0.5.3 on); `jax.core.get_aval` is the
-    same function under its older name.
+    `jax.typeof` (present from JAX 0.5.3 on), in one place with the other version-dependent
+    calls so that a rename reaches one line.
     """
-    if hasattr(jax, "typeof"):
-        return jax.typeof(x)
-    return jax.core.get_aval(x)
+    return jax.typeof(x)
 
 
 # `jax.sharding.AxisType` (present from JAX 0.5.3 on); None where the installed JAX has no
@@ -68,11 +67,10 @@ def is_axis_type(value: Any, name: str) -> bool:
 def _find_reshard() -> Callable[..., Any] | None:
     if hasattr(jax.sharding, "reshard"):
         return jax.sharding.reshard  # its place in newer releases
-    try:
-        from jax.experimental.shard import reshard  # its place in JAX 0.5.3
-    except ImportError:
+    try:  # its place in JAX 0.5.3 (imported by name: newer JAX removed the module)
+        return importlib.import_module("jax.experimental.shard").reshard
+    except (ImportError, AttributeError):
         return None
-    return reshard
 
 
 _reshard = _find_reshard()

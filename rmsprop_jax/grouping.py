@@ -254,10 +254,15 @@ def pack_small_leaves(
         )
     inner = optax.with_extra_args_support(inner)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> optax.OptState:
         return inner.init(pack(params, max_size))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, optax.OptState]:
         # Pack as `init` did: by the parameters' layout, stored in the state, not by the
         # gradients' own dtypes; a stateless `inner` leaves nothing to check against.
         tree_layout = _state_layout(state)

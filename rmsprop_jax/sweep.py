@@ -73,7 +73,7 @@ def _check_sizes(hyperparameters: Mapping[str, Any], args: tuple, axes: tuple) -
     if not hyperparameters:
         raise ValueError("`hyperparameters` is empty; build it with `rj.sweep.grid(...)`.")
     shapes = {name: np.shape(values) for name, values in hyperparameters.items()}
-    sizes = {shape[0] if len(shape) == 1 else None for shape in shapes.values()}
+    sizes: set[Any] = {shape[0] if len(shape) == 1 else None for shape in shapes.values()}
     if len(sizes) != 1 or None in sizes:
         raise ValueError(f"Hyperparameters must be 1-D arrays of one length, got shapes {shapes}.")
     size = sizes.pop()
@@ -100,9 +100,9 @@ def _mesh(devices: Sequence[jax.Device] | None, size: int) -> Mesh:
     return Mesh(np.asarray(devices), (SWEEP_AXIS,))
 
 
-def _build(train_ref: Callable[[], Callable], axes: tuple, mesh: Mesh | None) -> Callable:
-    def sweep(hyperparameters, args):
-        def one(hp, one_args):
+def _build(train_ref: Callable[[], Any], axes: tuple, mesh: Mesh | None) -> Callable:
+    def sweep(hyperparameters: dict[str, Any], args: tuple) -> Any:
+        def one(hp: dict[str, Any], one_args: tuple) -> Any:
             return train_ref()(*one_args, **hp)
 
         return jax.vmap(one, in_axes=(0, axes))(hyperparameters, args)

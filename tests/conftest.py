@@ -29,6 +29,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 REQUIRE_CONFORMANCE = os.environ.get("RMSPROP_JAX_REQUIRE_CONFORMANCE") == "1"
 
 
+def pytest_configure(config):
+    """With RMSPROP_JAX_TEST_INSTALLED=1 (the minimum-versions run of .ci/run), refuses to test
+    a source checkout: the package must come from the installed wheel."""
+    if os.environ.get("RMSPROP_JAX_TEST_INSTALLED") == "1":
+        import rmsprop_jax
+
+        if "site-packages" not in rmsprop_jax.__file__:
+            raise pytest.UsageError(
+                f"RMSPROP_JAX_TEST_INSTALLED=1 but rmsprop_jax comes from {rmsprop_jax.__file__}"
+            )
+
+
 def import_reference_framework(name: str):
     """Imports `name` (e.g. "torch", "keras"), or skips the test when it is not installed.
 
