@@ -12,7 +12,7 @@ import numpy as np
 class Best(NamedTuple):
     """The best configuration of a sweep under one metric."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # the field shadows tuple.index
     hyperparameters: dict[str, float]
     value: float
     results: Any

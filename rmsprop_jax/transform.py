@@ -185,8 +185,10 @@ def scale_by_rms(
         grads, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
         nus = fmt.split(stored_nu, treedef)
         mus = mu_fmt.split(state.mu, treedef) if centered else [None] * len(grads)
-        correction = 1 - decay**count if bias_correction else None
-        steps, new_nus, new_mus = [], [], []
+        correction = 1 - decay**count  # Unused (and compiled away) without bias_correction.
+        steps: list[Any] = []
+        new_nus: list[Any] = []
+        new_mus: list[Any] = []
         for index, (g, nu, mu) in enumerate(zip(grads, nus, mus, strict=True)):
             if g is None:
                 steps.append(None)

@@ -155,7 +155,7 @@ def state_from_example_libraries(
     def fill(node: Any) -> Any:
         if node is stats:
             return node._replace(count=count, nu=tree_of(1, node.nu))
-        if node is trace:
+        if trace is not None and node is trace:
             # The buffer here holds the step that is added: minus the one subtracted there.
             return node._replace(trace=tree_of(2, node.trace, -1.0))
         if isinstance(node, optax.ScaleByScheduleState):

@@ -159,7 +159,7 @@ def state_from_keras(
             if isinstance(node, ScaleByCenteredRmsState):
                 fields["mu"] = convert("average_gradient", node.mu)
             return node._replace(**fields)
-        if node is trace:
+        if trace is not None and node is trace:
             return node._replace(trace=convert("momentum", node.trace))
         return node
 
@@ -172,7 +172,7 @@ def state_from_keras(
             opt_state,
             is_leaf=lambda x: isinstance(x, KerasEmaState),
         )
-    return _with_counts(opt_state, int(values["iteration"]))
+    return _with_counts(opt_state, jnp.asarray(int(values["iteration"]), jnp.int32))
 
 
 def state_to_keras(

@@ -50,7 +50,9 @@ def torch_one_cycle_momentum(
     return _one_cycle(total, pct_start, anneal_strategy, three_phase, (top, base, top))
 
 
-def _one_cycle_total(total_steps, epochs, steps_per_epoch) -> int:
+def _one_cycle_total(
+    total_steps: int | None, epochs: int | None, steps_per_epoch: int | None
+) -> int:
     if total_steps is not None:
         return _positive_int("total_steps", total_steps)
     if epochs is None or steps_per_epoch is None:
@@ -58,7 +60,13 @@ def _one_cycle_total(total_steps, epochs, steps_per_epoch) -> int:
     return _positive_int("epochs", epochs) * _positive_int("steps_per_epoch", steps_per_epoch)
 
 
-def _one_cycle(total, pct_start, anneal_strategy, three_phase, values) -> optax.Schedule:
+def _one_cycle(
+    total: int,
+    pct_start: float,
+    anneal_strategy: str,
+    three_phase: bool,
+    values: tuple[float, float, float],
+) -> optax.Schedule:
     """Torch's phases: (start value, peak, end), ends at steps pct*T - 1 (, 2 pct*T - 2), T - 1."""
     if not isinstance(pct_start, float) or not 0 <= pct_start <= 1:
         raise ValueError(f"`pct_start` must be a float in [0, 1], got {pct_start!r}.")

@@ -23,6 +23,7 @@ and statistics shared by several elements (block scales, row and column means) s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import chex
@@ -111,7 +112,7 @@ class StorageFormat:
     # -- trees ---------------------------------------------------------------------------
     @property
     def fields(self) -> tuple[str, ...]:
-        return () if self.container is None else self.container._fields
+        return () if self.container is None else self.container._fields  # type: ignore[attr-defined]
 
     def is_stored(self, node: Any) -> bool:
         """Whether `node` is one of this format's containers."""
@@ -146,13 +147,13 @@ class StorageFormat:
         trees = jax.tree.transpose(treedef, jax.tree.structure((0,) * width), per_leaf)
         return trees[0] if self.container is None else self.container(*trees)
 
-    def split(self, stored: Any, treedef: Any) -> list[Parts | None]:
+    def split(self, stored: Any, treedef: Any) -> list[Any]:
         """The stored form -> one tuple per leaf of `treedef` (None where the gradient is)."""
         trees = (stored,) if self.container is None else tuple(stored)
         columns = [treedef.flatten_up_to(tree) for tree in trees]
         return [None if row[0] is None else tuple(row) for row in zip(*columns, strict=True)]
 
-    def join(self, per_leaf: list[Parts | None], treedef: Any) -> Any:
+    def join(self, per_leaf: Sequence[Any], treedef: Any) -> Any:
         """The inverse of :meth:`split`."""
         width = 1 if self.container is None else len(self.fields)
         columns = [
@@ -192,7 +193,9 @@ class StorageFormat:
             return (*self.tie(stored_leaf[:-1], param), stored_leaf[-1])
         return (*stored_leaf[:-1], *StorageFormat.tie(self, stored_leaf[-1:], param))
 
-    def leaf_shardings(self, stored_leaf: Parts, sharding: Any, shape: tuple, replicated: Any):
+    def leaf_shardings(
+        self, stored_leaf: Parts, sharding: Any, shape: tuple, replicated: Any
+    ) -> Parts:
         """The sharding of each array of a stored leaf whose parameter has `sharding`."""
         if self.container is None:
             return self.part_shardings(sharding, shape)

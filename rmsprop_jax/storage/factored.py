@@ -36,6 +36,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import chex
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from rmsprop_jax import _sharded_ops
 from rmsprop_jax.storage._format import Parts, StorageFormat, moving_average
@@ -98,7 +99,8 @@ class Factored(StorageFormat):
         return _sharded_ops.first_along(full, -1), _sharded_ops.first_along(full, -2)
 
     def decode(self, parts: Parts, dtype: Any) -> chex.Array:
-        return decode(*parts, dtype)
+        row, col = parts
+        return decode(row, col, dtype)
 
     def update(
         self, parts: Parts, x: chex.Array, decay: Any, seed: chex.Array, *, signed: bool
@@ -117,7 +119,9 @@ class Factored(StorageFormat):
         return (*row.shape, col.shape[-1])
 
     def part_shardings(self, sharding: Any, shape: tuple[int, ...]) -> Parts:
-        entries = _sharded_ops.padded_spec(getattr(sharding, "spec", ()), len(shape))
+        entries = _sharded_ops.padded_spec(
+            getattr(sharding, "spec", None) or PartitionSpec(), len(shape)
+        )
         return (
             _sharded_ops.with_entries(sharding, entries[:-1], "row statistic"),
             _sharded_ops.with_entries(sharding, entries[:-2] + entries[-1:], "column statistic"),

@@ -57,6 +57,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import chex
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from rmsprop_jax import _sharded_ops
 from rmsprop_jax.storage import _rounding
@@ -189,13 +190,16 @@ class Int8(StorageFormat):
         return jnp.full_like(like, code, dtype=book.dtype), scales
 
     def decode(self, parts: Parts, dtype: Any) -> chex.Array:
-        return decode(*parts, dtype)
+        codes, scales = parts
+        return decode(codes, scales, dtype)
 
     def encode(self, x: chex.Array, seed: chex.Array, *, signed: bool) -> Parts:
         return encode(x, seed, signed=signed)
 
     def part_shardings(self, sharding: Any, shape: tuple[int, ...]) -> Parts:
-        entries = _sharded_ops.padded_spec(getattr(sharding, "spec", ()), len(shape))
+        entries = _sharded_ops.padded_spec(
+            getattr(sharding, "spec", None) or PartitionSpec(), len(shape)
+        )
         blocks_entry = None
         if hasattr(sharding, "mesh"):
             blocks, block_length = block_layout(shape[-1])
