@@ -5,12 +5,12 @@ Each function takes the scheduler's arguments (without the optimizer), the base 
 schedule of the number t of updates applied so far, the count that
 :func:`~rmsprop_jax.compat.torch_rmsprop` passes to a schedule given as `lr`.
 
-Stepping convention. A torch scheduler changes the rate when `scheduler.step()` is called,
-after `optimizer.step()`. Stepped once per optimizer step (per batch), the rate of update t
-is the scheduler's value at epoch e = t: keep `steps_per_epoch=1` and count arguments such
-as `step_size` or `T_max` in updates. Stepped once per epoch of n batches, update t uses
-epoch e = t // n: pass `steps_per_epoch=n` and keep the arguments in epochs. `OneCycleLR` is stepped per batch, as
-torch requires. `CosineAnnealingWarmRestarts` stepped per batch with fractional epochs
+Stepping convention. A torch scheduler changes the rate when `scheduler.step()` is called, after
+`optimizer.step()`. Stepped once per optimizer step (per batch), the rate of update t is the
+scheduler's value at epoch e = t: keep `steps_per_epoch=1` and count arguments such as
+`step_size` or `T_max` in updates. Stepped once per epoch of n batches, update t uses epoch
+e = t // n: pass `steps_per_epoch=n` and keep the arguments in epochs. `OneCycleLR` is stepped per
+batch, as torch requires. `CosineAnnealingWarmRestarts` stepped per batch with fractional epochs
 (`scheduler.step(epoch + i / n)`) is `T_0 * n` with `steps_per_epoch=1`.
 
 Every schedule is the closed form of torch's (chainable, recursive) update, evaluated in
