@@ -47,8 +47,8 @@ def rmsprop(
 
         p_t = p_{t-1} - b_t - \eta_t \lambda p_{t-1}
 
-    Without `momentum`, b = s; with `nesterov`, the step is m·b + s; the last term is there
-    only with decoupled weight decay. The preconditioner (ν, centering, bias correction, `eps`
+    Without `momentum`, b = s; with `nesterov`, the step is m·b + s; the last term is there only
+    with decoupled weight decay. The preconditioner (ν, centering, bias correction, `eps`
     placement) is :func:`rmsprop_jax.scale_by_rms`. The learning rate is applied before the
     momentum buffer, as in optax, Keras and TF1; with a schedule, PyTorch's order (rate after
     the buffer) is in :func:`rmsprop_jax.compat.torch_rmsprop`. Arithmetic runs in float32 or

@@ -47,7 +47,7 @@ class ScaleByCenteredRmsState(NamedTuple):
 
 
 class ScaleByCenteredVarianceState(NamedTuple):
-    """Step count, moving average of the gradients, and the variance ν - |μ|².
+    """Step count, moving average of the gradients, and the variance `ν - |μ|²`.
 
     The state of a centered :func:`scale_by_rms` whose `moment_storage` compresses: storing
     ν and μ with rounding errors and subtracting would lose every significant digit of a
@@ -118,7 +118,7 @@ def scale_by_rms(
         u_t = g_t / (\sqrt{v_t} + \epsilon)
 
     where μ (the mean gradient) is kept only when `centered`, the variance estimate v is
-    ν - |μ|² when centered and ν otherwise, each average divided by 1 - βᵗ first with
+    `ν - |μ|²` when centered and ν otherwise, each average divided by 1 - βᵗ first with
     `bias_correction`, and the denominator is √(v + ε) with `eps_in_sqrt`. The centered
     variance is clamped at 0 and a zero denominator gives a zero update, so the result is
     never NaN. Arithmetic runs in float32 (or the parameter's wider dtype); the update has the
@@ -131,7 +131,7 @@ def scale_by_rms(
       eps_in_sqrt: add `eps` inside the square root (optax, TF1, Keras) instead of outside
         (PyTorch, the course).
       initial_scale: starting value of ν (0 in PyTorch, optax and Keras; 1 in TF1).
-      centered: divide by the root of the variance ν - |μ|² instead of the second moment
+      centered: divide by the root of the variance `ν - |μ|²` instead of the second moment
         (Graves, 2013).
       bias_correction: divide the moving averages by 1 - βᵗ as Adam does. Not allowed with
         `centered`, whose debiased variance is exactly 0 after the first step.
@@ -149,7 +149,7 @@ def scale_by_rms(
           dense. `mu` (centered) has no such structure and is stored as in `"bfloat16"`.
 
         With a compressed format, a centered state is a :class:`ScaleByCenteredVarianceState`
-        whose `variance` field holds ν - |μ|², updated without cancellation, instead of ν;
+        whose `variance` field holds `ν - |μ|²`, updated without cancellation, instead of ν;
         see ``rmsprop_jax.storage``. Every format keeps a non-finite value of one element to
         that element. `rj.state_bytes` reports the memory.
 

@@ -112,14 +112,14 @@ def keras_rmsprop(
 
         p_t = p_{t-1} - \eta_t \lambda p_{t-1} - b_t
 
-    When `centered`, the mean gradient ḡ (averaged as v is) is kept too and v - ḡ² replaces
-    v under the root; b = s when `momentum` is 0. `epsilon` sits inside the square root and
-    the learning rate is applied before the momentum buffer. Weight decay is decoupled: Keras
-    subtracts η·λ·p from the variable before the step, so the decay
-    is neither divided by the RMS nor fed through the buffer. A schedule passed as
-    `learning_rate` must be an optax schedule of the step count (Keras calls its schedules
-    with `optimizer.iterations`, the number of `apply` calls so far, which is the same count;
-    `optax.exponential_decay` is `keras.optimizers.schedules.ExponentialDecay`).
+    When `centered`, the mean gradient ḡ (averaged as v is) is kept too and v - ḡ² replaces v
+    under the root; b = s when `momentum` is 0. `epsilon` sits inside the square root and the
+    learning rate is applied before the momentum buffer. Weight decay is decoupled: Keras
+    subtracts η·λ·p from the variable before the step, so the decay is neither divided by the
+    RMS nor fed through the buffer. A schedule passed as `learning_rate` must be an optax
+    schedule of the step count (Keras calls its schedules with `optimizer.iterations`, the
+    number of `apply` calls so far, which is the same count; `optax.exponential_decay` is
+    `keras.optimizers.schedules.ExponentialDecay`).
 
     Args:
       learning_rate: η ≥ 0, a number or an optax schedule of the step count.

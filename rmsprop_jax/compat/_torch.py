@@ -60,14 +60,14 @@ def torch_rmsprop(
 
         p_t = p_{t-1} - \gamma_t b_t
 
-    When `centered`, the mean gradient ḡ (averaged as v is) is kept too and v - ḡ² replaces
-    v under the root; b = s when `momentum` is 0. PyTorch applies the learning rate γ
-    *after* the momentum buffer, so with a schedule a change of rate acts
-    on the whole buffer at once; this preset does the same (`rmsprop_jax.rmsprop` applies it
-    before the buffer, as Keras and TF1 do). A schedule passed as `lr` sees the number of
-    updates applied so far, as `torch.optim.lr_scheduler.LambdaLR` does when stepped once per
-    optimizer step. A complex parameter is updated as `torch.view_as_real` of it: its real
-    and imaginary parts have separate accumulators.
+    When `centered`, the mean gradient ḡ (averaged as v is) is kept too and v - ḡ² replaces v
+    under the root; b = s when `momentum` is 0. PyTorch applies the learning rate γ *after* the
+    momentum buffer, so with a schedule a change of rate acts on the whole buffer at once; this
+    preset does the same (`rmsprop_jax.rmsprop` applies it before the buffer, as Keras and TF1
+    do). A schedule passed as `lr` sees the number of updates applied so far, as
+    `torch.optim.lr_scheduler.LambdaLR` does when stepped once per optimizer step. A complex
+    parameter is updated as `torch.view_as_real` of it: its real and imaginary parts have
+    separate accumulators.
 
     The centered variance is clamped at 0 before the square root (PyTorch would return NaN
     for the slightly negative values rounding can produce); otherwise the arithmetic is
