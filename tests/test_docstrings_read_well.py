@@ -7,6 +7,7 @@ documentation site renders) may use LaTeX. Inline math is written with Unicode s
 
 from __future__ import annotations
 
+import doctest
 import inspect
 import pydoc
 import re
@@ -16,6 +17,9 @@ import pytest
 import rmsprop_jax as rj
 import rmsprop_jax.checkpoint
 import rmsprop_jax.sharding
+
+# The modules whose docstrings open the pages of the API reference.
+DOCUMENTED_MODULES = [rj, rj.compat, rj.sweep, rj.sharding, rj.checkpoint]
 
 SHARDING_NAMES = ["state_shardings", "abstract_state"]
 
@@ -101,6 +105,9 @@ def test_markup_check_sees_inline_math_but_not_math_blocks():
 def test_docstring_has_examples_section(name, value):
     doc = inspect.getdoc(value) or ""
     assert re.search(r"^Examples:\n\s+>>> ", doc, re.MULTILINE), f"{name}: no Examples section"
+    # An example shows what the call gives, not only that it runs.
+    examples = doctest.DocTestParser().get_examples(doc)
+    assert any(example.want.strip() for example in examples), f"{name}: no example prints"
 
 
 @pytest.mark.parametrize("name,value", PUBLIC, ids=IDS)
@@ -108,3 +115,9 @@ def test_docstring_shows_no_raw_markup_in_help(name, value):
     for text in (inspect.getdoc(value) or "", pydoc.render_doc(value, renderer=pydoc.plaintext)):
         raw = RAW_MARKUP.findall(prose(text))
         assert not raw, f"{name}: help() shows raw markup {sorted(set(raw))}"
+
+
+@pytest.mark.parametrize("module", DOCUMENTED_MODULES, ids=lambda m: m.__name__)
+def test_module_docstring_shows_no_raw_markup_in_help(module):
+    raw = RAW_MARKUP.findall(prose(inspect.getdoc(module) or ""))
+    assert not raw, f"{module.__name__}: help() shows raw markup {sorted(set(raw))}"
