@@ -114,7 +114,9 @@ class SweepResult(NamedTuple):
           KeyError: the results have no entry `key`.
 
         Examples:
-          >>> r = SweepResult({"lr": jnp.array([0.5, 0.25])}, {"loss": jnp.array([3.0, 1.0])})
+          >>> r = rj.sweep.SweepResult(
+          ...     {"lr": jnp.array([0.5, 0.25])}, {"loss": jnp.array([3.0, 1.0])}
+          ... )
           >>> r.best("loss").hyperparameters, r.best("loss", mode="max").value
           ({'lr': 0.25}, 3.0)
         """
