@@ -17,7 +17,19 @@ _LEAF_KINDS = {"opt_state": "optimizer state leaf", "params": "parameter"}
 
 
 class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit the tree it is restored into (structure, shape or dtype)."""
+    """A checkpoint does not fit the tree it is restored into (structure, shape or dtype).
+
+    Raised by :func:`rmsprop_jax.checkpoint.restore` before anything is restored; a
+    `ValueError`, and the message names the leaves that differ.
+
+    Examples:
+      >>> stored = {"params": {"w": jnp.ones(3)}}
+      >>> try:
+      ...     rj.checkpoint.check_matches(stored, {"params": {"w": jnp.ones(3), "b": jnp.ones(2)}})
+      ... except rj.checkpoint.CheckpointMismatchError as error:
+      ...     print(isinstance(error, ValueError), "'params.b'" in str(error))
+      True True
+    """
 
 
 def _key_name(key: Any) -> str:
@@ -68,6 +80,14 @@ def check_matches(stored: Any, target: Any, *, where: str = "checkpoint") -> Non
     Raises:
       CheckpointMismatchError: (a `ValueError`) naming every leaf that is missing on either side
         or differs in shape or dtype (the first few of each kind).
+
+    Examples:
+      >>> rj.checkpoint.check_matches({"w": jnp.ones((2, 3))}, {"w": jnp.zeros((2, 3))})
+      >>> rj.checkpoint.check_matches({"w": jnp.ones((2, 3))}, {"w": jnp.ones((3, 2))})
+      Traceback (most recent call last):
+      ...
+      rmsprop_jax._checkpoint_match.CheckpointMismatchError: checkpoint does not match the
+      restore target: it has leaf 'w' with shape (2, 3), the target expects (3, 2). ...
     """
     stored_leaves = _flat(getattr(stored, "tree", stored))
     target_leaves = _flat(target)

@@ -104,11 +104,12 @@ def grid(*, product: bool = True, **values: Any) -> dict[str, jax.Array]:
         (with `product=False`) the lists differ in length. The message names the argument.
       TypeError: a value is not a real number, or is a boolean.
 
-    Example:
-      >>> g = grid(learning_rate=[0.5, 1.0, 2.0], decay=[0.9, 0.99])
+    Examples:
+      >>> g = rj.sweep.grid(learning_rate=[0.5, 1.0, 2.0], decay=[0.9, 0.99])
       >>> g["learning_rate"].tolist(), g["decay"].dtype
       ([0.5, 0.5, 1.0, 1.0, 2.0, 2.0], dtype('float32'))
-      >>> grid(product=False, learning_rate=[0.5, 1.0], decay=[0.9, 0.99])["learning_rate"].tolist()
+      >>> g = rj.sweep.grid(product=False, learning_rate=[0.5, 1.0], decay=[0.9, 0.99])
+      >>> g["learning_rate"].tolist()
       [0.5, 1.0]
     """
     if not isinstance(product, bool):  # grid(product="no") would take the product

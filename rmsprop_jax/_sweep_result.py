@@ -10,7 +10,20 @@ import numpy as np
 
 
 class Best(NamedTuple):
-    """The best configuration of a sweep under one metric."""
+    """The best configuration of a sweep under one metric, from :meth:`SweepResult.best`.
+
+    Attributes:
+      index: the configuration's position along axis 0 of the sweep.
+      hyperparameters: its hyperparameters, as Python numbers.
+      value: its metric, as a Python number.
+      results: what `train` returned for it (axis 0 removed).
+
+    Examples:
+      >>> r = rj.sweep.SweepResult({"lr": jnp.array([0.5, 0.25])}, {"loss": jnp.array([3.0, 1.0])})
+      >>> best = r.best("loss")
+      >>> best.index, best.hyperparameters, best.value
+      (1, {'lr': 0.25}, 1.0)
+    """
 
     index: int  # type: ignore[assignment]  # the field shadows tuple.index
     hyperparameters: dict[str, float]
@@ -19,7 +32,16 @@ class Best(NamedTuple):
 
 
 class SweepResult(NamedTuple):
-    """The configurations of a sweep and what `train` returned for each, along axis 0."""
+    """The configurations of a sweep and what `train` returned for each, along axis 0.
+
+    Returned by :func:`rmsprop_jax.sweep.run`; `hyperparameters` maps each name to one value
+    per configuration and `results` is the pytree `train` returned, stacked along axis 0.
+
+    Examples:
+      >>> r = rj.sweep.SweepResult({"lr": jnp.array([0.5, 0.25])}, {"loss": jnp.array([3.0, 1.0])})
+      >>> r.size, r.config(1), r.metric("loss")
+      (2, {'lr': 0.25}, array([3., 1.], dtype=float32))
+    """
 
     hyperparameters: dict[str, jax.Array]
     results: Any
@@ -36,6 +58,11 @@ class SweepResult(NamedTuple):
           IndexError: `index` lies outside [-size, size) (JAX indexing would clamp it and
             silently return the last or first configuration).
           TypeError: `index` is not an integer.
+
+        Examples:
+          >>> r = rj.sweep.SweepResult({"lr": jnp.array([0.5, 0.25])}, {"loss": jnp.ones(2)})
+          >>> r.config(-1)
+          {'lr': 0.25}
         """
         if isinstance(index, bool) or not isinstance(index, int | np.integer):
             raise TypeError(f"`index` must be an integer, got {index!r}.")
@@ -46,7 +73,17 @@ class SweepResult(NamedTuple):
         return {name: values[index].item() for name, values in self.hyperparameters.items()}
 
     def metric(self, key: str | Callable[[Any], Any]) -> np.ndarray:
-        """One number per configuration: `results[key]` (or attribute `key`), or `key(results)`."""
+        """One number per configuration: `results[key]` (or attribute `key`), or `key(results)`.
+
+        Raises:
+          KeyError: the results have no entry `key`.
+          ValueError: the metric is not one number per configuration.
+
+        Examples:
+          >>> r = rj.sweep.SweepResult({"lr": jnp.array([0.5, 0.25])}, {"loss": jnp.ones((2, 4))})
+          >>> r.metric(lambda results: results["loss"][:, -1] * 2)
+          array([2., 2.], dtype=float32)
+        """
         if callable(key):
             values = key(self.results)
         elif isinstance(self.results, Mapping) and key in self.results:
@@ -76,8 +113,10 @@ class SweepResult(NamedTuple):
             configuration, or no configuration is eligible (all NaN or diverged to inf).
           KeyError: the results have no entry `key`.
 
-        Example:
-          >>> r = SweepResult({"lr": jnp.array([0.5, 0.25])}, {"loss": jnp.array([3.0, 1.0])})
+        Examples:
+          >>> r = rj.sweep.SweepResult(
+          ...     {"lr": jnp.array([0.5, 0.25])}, {"loss": jnp.array([3.0, 1.0])}
+          ... )
           >>> r.best("loss").hyperparameters, r.best("loss", mode="max").value
           ({'lr': 0.25}, 3.0)
         """

@@ -34,44 +34,57 @@ def rmsprop(
 ) -> optax.GradientTransformationExtraArgs:
     r"""RMSprop with every variant the major frameworks implement.
 
+    For a gradient g, parameter p and step t (g is first negated with `maximize`, and gets
+    λ·p added with coupled weight decay):
+
     .. math::
 
-        g_t &\leftarrow -g_t \ \text{(maximize)}; \quad
-              g_t \leftarrow g_t + \lambda p_{t-1} \ \text{(coupled weight decay)} \\
-        \nu_t &= \beta \nu_{t-1} + (1 - \beta) g_t^2 \\
-        s_t &= \eta_t \, g_t / (\sqrt{\nu_t} + \epsilon) \\
-        b_t &= m b_{t-1} + s_t \ \text{(momentum; Nesterov uses } m b_t + s_t \text{)} \\
-        p_t &= p_{t-1} - b_t - \eta_t \lambda p_{t-1} \ \text{(last term: decoupled decay)}
+        \nu_t = \beta \nu_{t-1} + (1 - \beta) g_t^2
 
-    The preconditioner (:math:`\nu`, centering, bias correction, `eps` placement) is
-    :func:`rmsprop_jax.scale_by_rms`. The learning rate is applied before the momentum buffer,
-    as in optax, Keras and TF1; with a schedule, PyTorch's order (rate after the buffer) is in
-    :func:`rmsprop_jax.compat.torch_rmsprop`. Arithmetic runs in float32 or wider whatever the
-    parameter dtype, and the update has the gradient's dtype.
+        s_t = \eta_t g_t / (\sqrt{\nu_t} + \epsilon)
+
+        b_t = m b_{t-1} + s_t
+
+        p_t = p_{t-1} - b_t - \eta_t \lambda p_{t-1}
+
+    Without `momentum`, b = s; with `nesterov`, the step is m·b + s; the last term is there only
+    with decoupled weight decay. The preconditioner (ν, centering, bias correction, `eps`
+    placement) is :func:`rmsprop_jax.scale_by_rms`. The learning rate is applied before the
+    momentum buffer, as in optax, Keras and TF1; with a schedule, PyTorch's order (rate after
+    the buffer) is in :func:`rmsprop_jax.compat.torch_rmsprop`. Arithmetic runs in float32 or
+    wider whatever the parameter dtype, and the update has the gradient's dtype.
 
     Args:
-      learning_rate: :math:`\eta_t >= 0`, a number or an optax schedule of the step count.
-      decay: :math:`\beta` in [0, 1], the decay of the moving average of squared gradients.
-      eps: :math:`\epsilon >= 0`.
-      eps_in_sqrt: use :math:`\sqrt{\nu_t + \epsilon}` instead of :math:`\sqrt{\nu_t}+\epsilon`.
-      initial_scale: starting value of :math:`\nu` (>= 0).
+      learning_rate: the step size η ≥ 0, a number or an optax schedule of the step count.
+      decay: β in [0, 1], the decay of the moving average of squared gradients.
+      eps: ε ≥ 0, added to the denominator for numerical stability.
+      eps_in_sqrt: divide by √(ν + ε) instead of √ν + ε.
+      initial_scale: starting value of ν (≥ 0).
       centered: normalize by the variance of the gradient instead of its second moment.
-      momentum: :math:`m` in [0, 1) for a heavy-ball buffer, or None for none.
+      momentum: m in [0, 1) for a heavy-ball buffer, or None for none.
       nesterov: use Nesterov momentum (needs `momentum`).
-      bias_correction: debias the moving averages by :math:`1 - \beta^t`.
-      weight_decay: :math:`\lambda >= 0`.
+      bias_correction: debias the moving averages by dividing them by 1 - βᵗ.
+      weight_decay: λ ≥ 0.
       decoupled_weight_decay: apply the decay to the parameter directly (AdamW, Keras 3)
-        instead of adding :math:`\lambda p` to the gradient (L2, PyTorch).
+        instead of adding λ·p to the gradient (L2, PyTorch).
       weight_decay_mask: a tree of booleans with the structure of the parameters (or a function
         of the parameters returning one) selecting the leaves that are decayed.
       maximize: ascend the objective instead of descending it.
-      moment_storage: how :math:`\nu` (and :math:`\mu`, when centered) are stored between
+      moment_storage: how ν (and μ, the mean gradient, when centered) are stored between
         steps: `"float32"`, `"bfloat16"`, `"int8"` or `"factored"` (see
         :func:`rmsprop_jax.scale_by_rms`).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; its state is the tuple of the states
       of the chained transformations.
+
+    Examples:
+      >>> params = {"w": jnp.array([1.0, -2.0, 3.0])}
+      >>> tx = rj.rmsprop(learning_rate=0.1, momentum=0.9)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.array([0.5, -0.5, 0.0])}, state, params)
+      >>> optax.apply_updates(params, updates)["w"]
+      Array([ 0.6837722, -1.6837722,  3.       ], dtype=float32)
 
     References:
       Tieleman and Hinton, Lecture 6.5 - RMSProp, 2012.

@@ -45,6 +45,20 @@ class CorruptCheckpointError(ValueError):
     Raised by :func:`restore` instead of the `json.JSONDecodeError` (or storage error) that
     reading the damaged file gives, with the step, its directory, the damaged files and what
     to do: restore another step, or delete the damaged one.
+
+    Examples:
+      >>> import pathlib, tempfile
+      >>> directory = tempfile.mkdtemp()
+      >>> manager = rj.checkpoint.open_manager(directory)
+      >>> rj.checkpoint.save(manager, 1, {"w": jnp.ones(3)}); manager.wait_until_finished()
+      True
+      >>> _ = (pathlib.Path(directory) / "1" / "default" / "_METADATA").write_text("{")
+      >>> rj.checkpoint.restore(manager, {"w": jnp.zeros(3)})
+      Traceback (most recent call last):
+      ...
+      rmsprop_jax.checkpoint.CorruptCheckpointError: checkpoint at step 1 is damaged: its
+      metadata in .../1 (default/_METADATA in it) cannot be read ...
+      >>> import shutil; manager.close(); shutil.rmtree(directory)
     """
 
 
@@ -83,6 +97,14 @@ def open_manager(
 
     Raises:
       TypeError: `options` is not a `CheckpointManagerOptions` (a dict, for example).
+
+    Examples:
+      >>> import os, tempfile
+      >>> with tempfile.TemporaryDirectory() as parent:
+      ...     manager = rj.checkpoint.open_manager(os.path.join(parent, "run"))
+      ...     print(manager.all_steps(), os.listdir(parent))
+      ...     manager.close()
+      [] []
     """
     ocp_ = _orbax()
     if options is not None and not isinstance(options, ocp_.CheckpointManagerOptions):
@@ -116,6 +138,16 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
       TypeError: `step` is not an integer (a float or a bool would name a directory "1.5" or
         "True").
       ValueError: `step` is negative.
+
+    Examples:
+      >>> import tempfile
+      >>> with tempfile.TemporaryDirectory() as directory:
+      ...     manager = rj.checkpoint.open_manager(directory)
+      ...     params = {"w": jnp.ones((2, 3))}
+      ...     state = {"params": params, "opt_state": rj.rmsprop(0.1).init(params)}
+      ...     print(rj.checkpoint.save(manager, 10, state), manager.all_steps())
+      ...     manager.close()
+      True [10]
     """
     _check_step(step)
     ocp_ = _orbax()
@@ -186,6 +218,19 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
       CorruptCheckpointError: the checkpoint's metadata files are truncated or damaged.
       CheckpointMismatchError: the checkpoint's leaves, shapes or dtypes differ from `target`'s;
         nothing is restored.
+
+    Examples:
+      >>> import tempfile
+      >>> tx, params = rj.rmsprop(0.1), {"w": jnp.ones((2, 3))}
+      >>> with tempfile.TemporaryDirectory() as directory:
+      ...     manager = rj.checkpoint.open_manager(directory)
+      ...     _ = rj.checkpoint.save(manager, 10, {"opt_state": tx.init(params)})
+      ...     manager.wait_until_finished()
+      ...     fresh = {"opt_state": tx.init(jax.tree.map(jnp.zeros_like, params))}
+      ...     restored = rj.checkpoint.restore(manager, fresh)
+      ...     manager.close()
+      >>> type(restored["opt_state"][2]).__name__, restored["opt_state"][2].nu["w"].shape
+      ('ScaleByRmsState', (2, 3))
     """
     ocp_ = _orbax()
     if not manager.directory.exists():

@@ -54,6 +54,12 @@ class PackedTree(NamedTuple):
         dtype and buffer); it holds no arrays. Every `PackedTree` in the state carries the
         layout of the parameters `init` saw, so `update` packs gradients the same way and
         checks them leaf by leaf against it.
+
+    Examples:
+      >>> tx = rj.pack_small_leaves(rj.scale_by_rms(), max_size=16)
+      >>> nu = tx.init({"bias": jnp.zeros(3), "w": jnp.ones((64, 64))}).nu
+      >>> type(nu).__name__, nu.leaves["bias"], nu.packed["float32"].shape
+      ('PackedTree', None, (3,))
     """
 
     leaves: Any
@@ -191,12 +197,11 @@ def pack_small_leaves(
     inner: optax.GradientTransformation,
     max_size: int | None = DEFAULT_MAX_SIZE,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Runs `inner` with the leaves of at most `max_size` elements packed, one vector per dtype.
+    """Runs `inner` with the leaves of at most `max_size` elements packed, one vector per dtype.
 
-    .. math::
+    For gradients g, state s and parameters p::
 
-        \text{update}(g, s, p) = \text{unpack}(\text{inner.update}(\text{pack}(g), s,
-        \text{pack}(p)))
+        update(g, s, p) = unpack(inner.update(pack(g), s, pack(p)))
 
     where `pack` concatenates the flattened small leaves of each dtype (in tree order) and
     leaves the others alone, and `unpack` slices them back out. Elementwise transformations
@@ -238,6 +243,16 @@ def pack_small_leaves(
       TypeError: from `update`, when a packed leaf's gradient is not a float of its
         parameter's kind (an integer, boolean, or complex gradient of a real parameter),
         which concatenation would otherwise convert silently.
+
+    Examples:
+      >>> params = {"bias": jnp.zeros(3), "scale": jnp.ones(2), "w": jnp.ones((64, 64))}
+      >>> tx = rj.pack_small_leaves(rj.rmsprop(0.1), max_size=16)
+      >>> state = tx.init(params)
+      >>> state[2].nu.packed["float32"].shape, state[2].nu.leaves["w"].shape
+      ((5,), (64, 64))
+      >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+      >>> updates["bias"]
+      Array([-0.31622776, -0.31622776, -0.31622776], dtype=float32)
 
     References:
       optax.flatten, which packs every leaf (and the updates too):

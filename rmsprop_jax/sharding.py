@@ -111,7 +111,7 @@ def state_shardings(tx: optax.GradientTransformation, params: Any, shardings: An
       A tree of `jax.sharding.Sharding` with the structure of `tx.init(params)`, usable as
       `out_shardings` of `jax.jit(tx.init)` and of a jitted training step.
 
-    Example:
+    Examples:
       >>> from jax.sharding import NamedSharding, PartitionSpec as P
       >>> mesh = jax.make_mesh((1, jax.device_count()), ("data", "model"))
       >>> w = jax.ShapeDtypeStruct((512, 1024), jnp.float32,
@@ -149,6 +149,15 @@ def abstract_state(tx: optax.GradientTransformation, params: Any, shardings: Any
 
     Returns:
       A tree of `jax.ShapeDtypeStruct` with the structure of `tx.init(params)`.
+
+    Examples:
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+      >>> w = jax.ShapeDtypeStruct((1024, 16), jnp.float32,
+      ...                          sharding=NamedSharding(mesh, P("data")))
+      >>> nu = rj.sharding.abstract_state(rj.rmsprop(1e-3), {"w": w})[2].nu["w"]
+      >>> nu.shape, nu.dtype, tuple(nu.sharding.spec)
+      ((1024, 16), dtype('float32'), ('data',))
     """
     abstract_params = _abstract_params(params, shardings)
     unplaced = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), abstract_params)

@@ -166,12 +166,13 @@ def run(
       A :class:`SweepResult` of the hyperparameters and the results of `train`, each leaf with
       a leading axis of one entry per configuration (sharded along it when `shard`).
 
-    Example:
-      >>> def train(scale, x):
+    Examples:
+      >>> def train(x, scale):
       ...     return {"y": scale * x}
-      >>> result = run(lambda x, scale: train(scale, x), grid(scale=[1.0, 2.0]), jnp.ones(3))
-      >>> result.results["y"].shape
-      (2, 3)
+      >>> result = rj.sweep.run(train, rj.sweep.grid(scale=[1.0, 2.0]), jnp.ones(3))
+      >>> result.results["y"]
+      Array([[1., 1., 1.],
+             [2., 2., 2.]], dtype=float32)
     """
     # Lists and NumPy arrays get the checks of `grid`: jnp.asarray would wrap int64 values
     # into int32 and turn reals beyond float32 into inf without a word.

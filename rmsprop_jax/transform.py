@@ -19,7 +19,13 @@ _SECOND_MOMENT_STREAM, _FIRST_MOMENT_STREAM = 0, 1
 
 
 class ScaleByRmsState(NamedTuple):
-    """Step count and exponential moving average of squared gradients."""
+    """Step count and exponential moving average of squared gradients.
+
+    Examples:
+      >>> state = rj.scale_by_rms().init({"w": jnp.ones((2, 3))})
+      >>> type(state).__name__, state.count, state.nu["w"].shape
+      ('ScaleByRmsState', Array(0, dtype=int32), (2, 3))
+    """
 
     count: chex.Array  # shape=(), dtype=int32: the number of updates applied so far.
     # A tree of arrays, or a `QuantizedMoment` / `FactoredMoment` of trees (`moment_storage`).
@@ -27,7 +33,13 @@ class ScaleByRmsState(NamedTuple):
 
 
 class ScaleByCenteredRmsState(NamedTuple):
-    """Step count and moving averages of the gradients and of their squares (float32)."""
+    """Step count and moving averages of the gradients and of their squares (float32).
+
+    Examples:
+      >>> state = rj.scale_by_rms(centered=True).init({"w": jnp.ones((2, 3))})
+      >>> type(state).__name__, state._fields
+      ('ScaleByCenteredRmsState', ('count', 'mu', 'nu'))
+    """
 
     count: chex.Array  # shape=(), dtype=int32: the number of updates applied so far.
     mu: optax.Updates
@@ -35,12 +47,17 @@ class ScaleByCenteredRmsState(NamedTuple):
 
 
 class ScaleByCenteredVarianceState(NamedTuple):
-    r"""Step count, moving average of the gradients, and the variance :math:`\nu - |\mu|^2`.
+    """Step count, moving average of the gradients, and the variance `ν - |μ|²`.
 
     The state of a centered :func:`scale_by_rms` whose `moment_storage` compresses: storing
-    :math:`\nu` and :math:`\mu` with rounding errors and subtracting would lose every
-    significant digit of a small variance, so the variance itself is kept (see
-    :func:`scale_by_rms`).
+    ν and μ with rounding errors and subtracting would lose every significant digit of a
+    small variance, so the variance itself is kept (see :func:`scale_by_rms`).
+
+    Examples:
+      >>> tx = rj.scale_by_rms(centered=True, moment_storage="bfloat16")
+      >>> state = tx.init({"w": jnp.ones((2, 3))})
+      >>> type(state).__name__, state._fields, state.variance["w"].dtype
+      ('ScaleByCenteredVarianceState', ('count', 'mu', 'variance'), dtype(bfloat16))
     """
 
     count: chex.Array  # shape=(), dtype=int32: the number of updates applied so far.
@@ -90,32 +107,36 @@ def scale_by_rms(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Divides each gradient by the root of the moving average of its square.
 
+    For a gradient g at step t:
+
     .. math::
 
-        \nu_t &= \beta \nu_{t-1} + (1 - \beta) |g_t|^2 \\
-        \mu_t &= \beta \mu_{t-1} + (1 - \beta) g_t \quad \text{(centered only)} \\
-        v_t &= \hat\nu_t - |\hat\mu_t|^2 \ \text{(centered)}, \quad v_t = \hat\nu_t
-              \ \text{(otherwise)} \\
-        u_t &= g_t / (\sqrt{v_t} + \epsilon) \quad \text{or} \quad g_t / \sqrt{v_t + \epsilon}
+        \nu_t = \beta \nu_{t-1} + (1 - \beta) |g_t|^2
 
-    where :math:`\hat x = x / (1 - \beta^t)` with `bias_correction` and :math:`\hat x = x`
-    without. The centered variance is clamped at 0 and a zero denominator gives a zero update,
-    so the result is never NaN. Arithmetic runs in float32 (or the parameter's wider dtype);
-    the update has the gradient's dtype. This is the preconditioner alone: no learning rate and
-    no sign flip (see :func:`rmsprop_jax.rmsprop`).
+        \mu_t = \beta \mu_{t-1} + (1 - \beta) g_t
+
+        u_t = g_t / (\sqrt{v_t} + \epsilon)
+
+    where μ (the mean gradient) is kept only when `centered`, the variance estimate v is
+    `ν - |μ|²` when centered and ν otherwise, each average divided by 1 - βᵗ first with
+    `bias_correction`, and the denominator is √(v + ε) with `eps_in_sqrt`. The centered
+    variance is clamped at 0 and a zero denominator gives a zero update, so the result is
+    never NaN. Arithmetic runs in float32 (or the parameter's wider dtype); the update has the
+    gradient's dtype. This is the preconditioner alone: no learning rate and no sign flip (see
+    :func:`rmsprop_jax.rmsprop`).
 
     Args:
-      decay: :math:`\beta`, the decay of the moving averages, in [0, 1].
-      eps: :math:`\epsilon >= 0`, added to the denominator for numerical stability.
+      decay: β, the decay of the moving averages, in [0, 1].
+      eps: ε ≥ 0, added to the denominator for numerical stability.
       eps_in_sqrt: add `eps` inside the square root (optax, TF1, Keras) instead of outside
         (PyTorch, the course).
-      initial_scale: starting value of :math:`\nu` (0 in PyTorch, optax and Keras; 1 in TF1).
-      centered: divide by the root of the variance :math:`\nu - |\mu|^2` instead of the
-        second moment (Graves, 2013).
-      bias_correction: divide the moving averages by :math:`1 - \beta^t` as Adam does. Not
-        allowed with `centered`, whose debiased variance is exactly 0 after the first step.
-      moment_storage: how the moving averages (:math:`\nu`, and :math:`\mu` when centered)
-        are stored between steps; the arithmetic is float32 (or wider) in every format.
+      initial_scale: starting value of ν (0 in PyTorch, optax and Keras; 1 in TF1).
+      centered: divide by the root of the variance `ν - |μ|²` instead of the second moment
+        (Graves, 2013).
+      bias_correction: divide the moving averages by 1 - βᵗ as Adam does. Not allowed with
+        `centered`, whose debiased variance is exactly 0 after the first step.
+      moment_storage: how the moving averages (ν, and μ when centered) are stored between
+        steps; the arithmetic is float32 (or wider) in every format.
 
         - `"float32"` (default): 4 bytes per parameter and average, the compute dtype.
         - `"bfloat16"`: 2 bytes, rounded stochastically (unbiased) with bits derived from the
@@ -123,20 +144,29 @@ def scale_by_rms(
         - `"int8"`: about 1.02 bytes: blocks of up to 256 along the last axis, one float32
           scale per block, logarithmic codes over 12 orders of magnitude (signed for `mu`),
           stochastic rounding, exact zeros kept; leaves under 4096 elements stay dense.
-        - `"factored"`: for leaves whose last two axes are both >= 128, only the moving
+        - `"factored"`: for leaves whose last two axes are both ≥ 128, only the moving
           averages of row and column means (Adafactor's rank-one estimate); other leaves stay
           dense. `mu` (centered) has no such structure and is stored as in `"bfloat16"`.
 
         With a compressed format, a centered state is a :class:`ScaleByCenteredVarianceState`
-        whose `variance` field holds :math:`\nu - |\mu|^2`, updated without cancellation,
-        instead of :math:`\nu`; see ``rmsprop_jax.storage``. Every format keeps a
-        non-finite value of one element to that element. `rj.state_bytes` reports the memory.
+        whose `variance` field holds `ν - |μ|²`, updated without cancellation, instead of ν;
+        see ``rmsprop_jax.storage``. Every format keeps a non-finite value of one element to
+        that element. `rj.state_bytes` reports the memory.
 
     Returns:
       An optax transformation whose state is :class:`ScaleByRmsState`, or
       :class:`ScaleByCenteredRmsState` (:class:`ScaleByCenteredVarianceState` for compressed
       formats) when `centered`. The state's tree does not depend on
       `bias_correction`, so a checkpoint restores whichever way it is set.
+
+    Examples:
+      >>> params = {"w": jnp.array([1.0, -2.0, 3.0])}
+      >>> tx = rj.scale_by_rms(decay=0.9)
+      >>> updates, state = tx.update({"w": jnp.array([0.5, -0.5, 0.0])}, tx.init(params))
+      >>> updates["w"]
+      Array([ 3.1622775, -3.1622775,  0.       ], dtype=float32)
+      >>> state.nu["w"]
+      Array([0.025, 0.025, 0.   ], dtype=float32)
 
     References:
       Tieleman and Hinton, Lecture 6.5 - RMSProp, 2012.

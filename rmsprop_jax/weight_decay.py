@@ -13,7 +13,12 @@ from rmsprop_jax import _placement, _precision, _validation
 
 
 class DecoupledWeightDecayState(NamedTuple):
-    """Step count, for evaluating a learning-rate schedule."""
+    """Step count, for evaluating a learning-rate schedule.
+
+    Examples:
+      >>> rj.add_decoupled_weight_decay(learning_rate=0.1, weight_decay=0.5).init({})
+      DecoupledWeightDecayState(count=Array(0, dtype=int32))
+    """
 
     count: chex.Array  # shape=(), dtype=int32.
 
@@ -22,21 +27,28 @@ def add_decoupled_weight_decay(
     learning_rate: optax.ScalarOrSchedule,
     weight_decay: chex.Numeric,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Adds :math:`-\eta_t \lambda p` to the update: weight decay applied to the parameter.
+    r"""Adds -η·λ·p to the update: weight decay applied to the parameter p.
 
     .. math::
 
-        u_t \leftarrow u_t - \eta_t \lambda p_{t-1}
+        u_t = u_t - \eta_t \lambda p_{t-1}
 
     Unlike L2 regularization (:func:`optax.add_decayed_weights` before the preconditioner), the
     decay is neither divided by the RMS nor fed through a momentum buffer.
 
     Args:
-      learning_rate: :math:`\eta_t`, a number or an optax schedule of the step count.
-      weight_decay: :math:`\lambda >= 0`.
+      learning_rate: η ≥ 0, a number or an optax schedule of the step count.
+      weight_decay: λ ≥ 0.
 
     Returns:
       An optax transformation; it needs `params` in `update`.
+
+    Examples:
+      >>> params = {"w": jnp.array([1.0, -2.0, 3.0])}
+      >>> tx = rj.add_decoupled_weight_decay(learning_rate=0.1, weight_decay=0.5)
+      >>> updates, _ = tx.update({"w": jnp.zeros(3)}, tx.init(params), params)
+      >>> updates["w"]
+      Array([-0.05,  0.1 , -0.15], dtype=float32)
 
     References:
       Loshchilov and Hutter, Decoupled Weight Decay Regularization, 2019.

@@ -4,14 +4,18 @@ The two optimizers of JAX's example library compute, per array,
 
 .. math::
 
-    v_t = \gamma v_{t-1} + (1 - \gamma) g_t^2, \qquad
-    s_t = \eta(i)\, g_t / \sqrt{v_t + \epsilon}, \qquad
-    x_t = x_{t-1} - s_t \ \text{(rmsprop)}, \quad
-    m_t = \mu m_{t-1} + s_t, \ x_t = x_{t-1} - m_t \ \text{(rmsprop\_momentum)},
+    v_t = \gamma v_{t-1} + (1 - \gamma) g_t^2
 
-with :math:`v_0 = m_0 = 0`: `eps` inside the square root and the step size applied before
-the momentum buffer, which is `rmsprop_jax.rmsprop` with `eps_in_sqrt=True`. Their
-`update(i, grads, opt_state)` takes the step index `i` from the caller; the optax schedule sees
+    s_t = \eta(i) g_t / \sqrt{v_t + \epsilon}
+
+    m_t = \mu m_{t-1} + s_t
+
+    x_t = x_{t-1} - m_t
+
+where `rmsprop` has no buffer (m = s) and v₀ = m₀ = 0: `eps` inside the square root and
+the step size applied before the momentum buffer, which is `rmsprop_jax.rmsprop` with
+`eps_in_sqrt=True`. Their `update(i, grads, opt_state)` takes the step index `i` from the
+caller; the optax schedule sees
 the number of updates applied so far, the same number when `i` counts from 0.
 
 Their `OptimizerState` holds the parameters and, per leaf, `(x, avg_sq_grad)` or
@@ -50,6 +54,15 @@ def example_libraries_rmsprop(
 
     Returns:
       `rmsprop_jax.rmsprop(step_size, decay=gamma, eps=eps, eps_in_sqrt=True)`.
+
+    Examples:
+      >>> from jax.example_libraries import optimizers
+      >>> init, update, get_params = optimizers.rmsprop(0.01)
+      >>> reference = get_params(update(0, jnp.array([0.5, -0.5]), init(jnp.array([1.0, -2.0]))))
+      >>> tx = rj.compat.example_libraries_rmsprop(0.01)
+      >>> updates, _ = tx.update(jnp.array([0.5, -0.5]), tx.init(jnp.zeros(2)))
+      >>> reference.round(4), (jnp.array([1.0, -2.0]) + updates).round(4)
+      (Array([ 0.9684, -1.9684], dtype=float32), Array([ 0.9684, -1.9684], dtype=float32))
     """
     return rj.rmsprop(step_size, decay=gamma, eps=eps, eps_in_sqrt=True)
 
@@ -71,6 +84,14 @@ def example_libraries_rmsprop_momentum(
     Returns:
       `rmsprop_jax.rmsprop(step_size, decay=gamma, eps=eps, eps_in_sqrt=True,
       momentum=momentum)`.
+
+    Examples:
+      >>> tx = rj.compat.example_libraries_rmsprop_momentum(0.01, momentum=0.9)
+      >>> state = tx.init(jnp.zeros(2))
+      >>> updates, state = tx.update(jnp.array([0.5, -0.5]), state)
+      >>> updates, state[4].trace
+      (Array([-0.03162277,  0.03162277], dtype=float32),
+       Array([-0.03162277,  0.03162277], dtype=float32))
     """
     return rj.rmsprop(step_size, decay=gamma, eps=eps, eps_in_sqrt=True, momentum=momentum)
 
@@ -132,6 +153,16 @@ def state_from_example_libraries(
 
     Raises:
       ValueError: on a state of another optimizer, or with momentum on one side only.
+
+    Examples:
+      >>> from jax.example_libraries import optimizers
+      >>> init, update, _ = optimizers.rmsprop_momentum(0.01, momentum=0.9)
+      >>> example_state = update(0, jnp.array([0.5, -0.5]), init(jnp.array([1.0, -2.0])))
+      >>> tx = rj.compat.example_libraries_rmsprop_momentum(0.01, momentum=0.9)
+      >>> params, state = rj.compat.state_from_example_libraries(example_state, tx, step=1)
+      >>> params.round(4), state[2].count, state[2].nu
+      (Array([ 0.9684, -1.9684], dtype=float32), Array(1, dtype=int32),
+       Array([0.025, 0.025], dtype=float32))
     """
     params, per_leaf = _unpack(example_state)
     opt_state = optimizer.init(params)
@@ -177,6 +208,16 @@ def state_to_example_libraries(opt_state: optax.OptState, params: optax.Params) 
     Returns:
       A `jax.example_libraries.optimizers.OptimizerState` for the matching example-library
       optimizer's `update` and `get_params`.
+
+    Examples:
+      >>> from jax.example_libraries import optimizers
+      >>> tx = rj.compat.example_libraries_rmsprop(0.01)
+      >>> params = jnp.array([1.0, -2.0])
+      >>> updates, state = tx.update(jnp.array([0.5, -0.5]), tx.init(params))
+      >>> example_state = rj.compat.state_to_example_libraries(state, params + updates)
+      >>> _, update, get_params = optimizers.rmsprop(0.01)
+      >>> get_params(update(1, jnp.array([0.5, -0.5]), example_state)).round(4)
+      Array([ 0.9454, -1.9454], dtype=float32)
     """
     from jax.example_libraries.optimizers import OptimizerState
 

@@ -99,31 +99,35 @@ def keras_rmsprop(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Keras 3's RMSprop: same arguments, defaults and parameter trajectory.
 
+    For a gradient g (first divided by `loss_scale_factor`, then clipped), parameter p and
+    step t:
+
     .. math::
 
-        g_t &\leftarrow g_t / \text{loss\_scale\_factor}, \ \text{then clipped} \\
-        v_t &= \rho v_{t-1} + (1 - \rho) g_t^2, \quad
-              \bar g_t = \rho \bar g_{t-1} + (1 - \rho) g_t \ \text{(centered)} \\
-        s_t &= \eta_t g_t / \sqrt{v_t - \bar g_t^2 + \epsilon} \ \text{(centered)}, \quad
-              \eta_t g_t / \sqrt{v_t + \epsilon} \ \text{(otherwise)} \\
-        b_t &= \mu b_{t-1} + s_t, \quad
-              p_t = p_{t-1} - \eta_t \lambda p_{t-1} - b_t
+        v_t = \rho v_{t-1} + (1 - \rho) g_t^2
 
-    with :math:`b_t = s_t` when `momentum` is 0. `epsilon` sits inside the square root and
-    the learning rate is applied before the momentum buffer. Weight decay is decoupled: Keras
-    subtracts :math:`\eta_t \lambda p_{t-1}` from the variable before the step, so the decay
-    is neither divided by the RMS nor fed through the buffer. A schedule passed as
-    `learning_rate` must be an optax schedule of the step count (Keras calls its schedules
-    with `optimizer.iterations`, the number of `apply` calls so far, which is the same count;
-    `optax.exponential_decay` is `keras.optimizers.schedules.ExponentialDecay`).
+        s_t = \eta_t g_t / \sqrt{v_t + \epsilon}
+
+        b_t = \mu b_{t-1} + s_t
+
+        p_t = p_{t-1} - \eta_t \lambda p_{t-1} - b_t
+
+    When `centered`, the mean gradient ḡ (averaged as v is) is kept too and v - ḡ² replaces v
+    under the root; b = s when `momentum` is 0. `epsilon` sits inside the square root and the
+    learning rate is applied before the momentum buffer. Weight decay is decoupled: Keras
+    subtracts η·λ·p from the variable before the step, so the decay is neither divided by the
+    RMS nor fed through the buffer. A schedule passed as `learning_rate` must be an optax
+    schedule of the step count (Keras calls its schedules with `optimizer.iterations`, the
+    number of `apply` calls so far, which is the same count; `optax.exponential_decay` is
+    `keras.optimizers.schedules.ExponentialDecay`).
 
     Args:
-      learning_rate: :math:`\eta \ge 0`, a number or an optax schedule of the step count.
-      rho: :math:`\rho` in [0, 1], the decay of the moving averages.
-      momentum: :math:`\mu` in [0, 1); 0 means no buffer.
-      epsilon: :math:`\epsilon \ge 0`, added inside the square root.
+      learning_rate: η ≥ 0, a number or an optax schedule of the step count.
+      rho: ρ in [0, 1], the decay of the moving averages.
+      momentum: μ in [0, 1); 0 means no buffer.
+      epsilon: ε ≥ 0, added inside the square root.
       centered: normalize by an estimate of the gradient's variance.
-      weight_decay: decoupled decay :math:`\lambda \ge 0`, or None for none.
+      weight_decay: decoupled decay λ ≥ 0, or None for none.
       clipnorm: clip each gradient leaf to this L2 norm (`g * c / max(||g||, c)`).
       clipvalue: clip each gradient element to [-clipvalue, clipvalue].
       global_clipnorm: scale all gradients together so their joint L2 norm is at most this.
@@ -144,6 +148,15 @@ def keras_rmsprop(
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; `update` needs `params` when
       `weight_decay` is set. Complex parameters raise `TypeError` at `init`.
+
+    Examples:
+      >>> import keras
+      >>> v = keras.Variable(np.array([1.0, -2.0], np.float32))
+      >>> keras.optimizers.RMSprop(learning_rate=0.01).apply([np.array([0.5, -0.5])], [v])
+      >>> tx = rj.compat.keras_rmsprop(learning_rate=0.01)
+      >>> updates, _ = tx.update(jnp.array([0.5, -0.5]), tx.init(jnp.zeros(2)))
+      >>> np.asarray(v.value).round(4), (jnp.array([1.0, -2.0]) + updates).round(4)
+      (array([ 0.9684, -1.9684], dtype=float32), Array([ 0.9684, -1.9684], dtype=float32))
 
     References:
       Keras, keras.optimizers.RMSprop.

@@ -1,16 +1,15 @@
 r"""Keras's `use_ema`: a moving average of the weights kept in the optimizer state.
 
-After each `apply` (the :math:`k`-th, counted from 0; with gradient accumulation :math:`k` is
-the number of updates, `optimizer.iterations`), Keras 3 sets
+After each `apply` (the k-th, counted from 0; with gradient accumulation k is the number
+of updates, `optimizer.iterations`), Keras 3 sets
 
 .. math::
 
-    a_k = m_k a_{k-1} + (1 - m_k) p_k, \qquad m_k = 0 \text{ if } k = 0
-    \text{ else } \texttt{ema\_momentum},
+    a_k = m_k a_{k-1} + (1 - m_k) p_k
 
-where :math:`p_k` are the weights after the update (so :math:`a_0 = p_0`), and when
-`ema_overwrite_frequency` :math:`f` is set it replaces the weights by the average whenever
-:math:`(k + 1) \bmod f = 0`. At the end of `fit` it swaps the average into the model
+where pₖ are the weights after the update and mₖ is `ema_momentum`, except m₀ = 0 (so
+a₀ = p₀); when `ema_overwrite_frequency` f is set it replaces the weights by the average
+whenever (k + 1) mod f = 0. At the end of `fit` it swaps the average into the model
 (`finalize_variable_values`); :func:`keras_ema_weights` gives that average here.
 """
 
@@ -25,7 +24,13 @@ import optax
 
 
 class KerasEmaState(NamedTuple):
-    """The number of `apply` calls, the weights' moving average, and the wrapped state."""
+    """The number of `apply` calls, the weights' moving average, and the wrapped state.
+
+    Examples:
+      >>> state = rj.compat.keras_rmsprop(use_ema=True).init({"w": jnp.ones(3)})
+      >>> state.count, state.average["w"], type(state).__name__
+      (Array(0, dtype=int32), Array([0., 0., 0.], dtype=float32), 'KerasEmaState')
+    """
 
     count: chex.Array
     average: optax.Params
@@ -98,6 +103,16 @@ def keras_ema_weights(opt_state: optax.OptState) -> optax.Params:
 
     Raises:
       ValueError: when `opt_state` holds no Keras EMA state (or more than one).
+
+    Examples:
+      >>> tx = rj.compat.keras_rmsprop(0.1, use_ema=True, ema_momentum=0.5)
+      >>> params = jnp.array([1.0, -2.0]); state = tx.init(params)
+      >>> for _ in range(2):
+      ...     updates, state = tx.update(jnp.array([0.5, -0.5]), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> params, rj.compat.keras_ema_weights(state)
+      (Array([ 0.45435733, -1.4543573 ], dtype=float32),
+       Array([ 0.5690651, -1.5690651], dtype=float32))
     """
     found = find_ema(opt_state)
     if len(found) != 1:

@@ -130,6 +130,16 @@ def state_from_keras(
       ValueError: on a state that is not a Keras RMSprop's (naming what is missing), a
         different number of variables, unmatched names, a shape mismatch, differing
         `centered`/momentum/`use_ema`, or gradient accumulation.
+
+    Examples:
+      >>> import keras
+      >>> v = keras.Variable(np.array([1.0, -2.0], np.float32))
+      >>> keras_optimizer = keras.optimizers.RMSprop(learning_rate=0.01)
+      >>> keras_optimizer.apply([np.array([0.5, -0.5], np.float32)], [v])
+      >>> tx = rj.compat.keras_rmsprop(learning_rate=0.01)
+      >>> state = rj.compat.state_from_keras(keras_optimizer, jnp.asarray(v.value), tx)
+      >>> state[1][2].count, state[1][2].nu
+      (Array(1, dtype=int32), Array([0.025, 0.025], dtype=float32))
     """
     values = _variables(keras_state)
     refs, slots = _keras_names(values)
@@ -198,6 +208,19 @@ def state_to_keras(
 
     Raises:
       ValueError: as :func:`state_from_keras`.
+
+    Examples:
+      >>> import keras
+      >>> v = keras.Variable(np.array([1.0, -2.0], np.float32))
+      >>> keras_optimizer = keras.optimizers.RMSprop(learning_rate=0.01)
+      >>> keras_optimizer.build([v])
+      >>> tx = rj.compat.keras_rmsprop(learning_rate=0.01)
+      >>> _, state = tx.update(jnp.array([0.5, -0.5]), tx.init(jnp.asarray(v.value)))
+      >>> values = rj.compat.state_to_keras(state, jnp.asarray(v.value), keras_optimizer)
+      >>> for variable in keras_optimizer.variables:
+      ...     _ = variable.assign(values.get(variable.path, variable))
+      >>> int(keras_optimizer.iterations), keras_optimizer.variables[-1].numpy()
+      (1, array([0.025, 0.025], dtype=float32))
     """
     keras_state = _optimizer_variables(keras_state)
     full_names = (

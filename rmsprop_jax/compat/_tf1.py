@@ -25,24 +25,26 @@ def tf1_rmsprop(
 
     .. math::
 
-        ms_t &= \rho\, ms_{t-1} + (1 - \rho) g_t^2, \quad ms_0 = 1 \\
-        mg_t &= \rho\, mg_{t-1} + (1 - \rho) g_t, \quad mg_0 = 0 \ \text{(centered)} \\
-        mom_t &= \mu\, mom_{t-1} + \eta_t g_t / \sqrt{ms_t - mg_t^2 + \epsilon}
-                 \ \text{(}mg_t = 0 \text{ unless centered)} \\
-        p_t &= p_{t-1} - mom_t
+        ms_t = \rho \, ms_{t-1} + (1 - \rho) g_t^2
 
-    Three things set TF1 apart: the mean square starts at 1, not 0 (so the first steps are
-    about :math:`\eta g` rather than :math:`\eta\,\mathrm{sign}(g)`); `epsilon` sits inside the
-    square root; and the learning rate multiplies each increment before it enters the
-    momentum buffer. There is no weight decay. A schedule passed as `learning_rate` is an
-    optax schedule of the number of updates applied so far (TF1's `global_step` when it is
-    incremented once per update).
+        mg_t = \rho \, mg_{t-1} + (1 - \rho) g_t
+
+        mom_t = \mu \, mom_{t-1} + \eta_t g_t / \sqrt{ms_t - mg_t^2 + \epsilon}
+
+        p_t = p_{t-1} - mom_t
+
+    with ms₀ = 1, and mg = 0 unless `centered`. Three things set TF1 apart: the mean square
+    starts at 1, not 0 (so the first steps are about η·g rather than η·sign(g)); `epsilon` sits
+    inside the square root; and the learning rate multiplies each increment before it enters the
+    momentum buffer. There is no weight decay. A schedule passed as `learning_rate` is an optax
+    schedule of the number of updates applied so far (TF1's `global_step` when it is incremented
+    once per update).
 
     Args:
-      learning_rate: :math:`\eta \ge 0`, a number or an optax schedule of the step count.
-      decay: :math:`\rho` in [0, 1], the decay of the moving averages.
-      momentum: :math:`\mu` in [0, 1).
-      epsilon: :math:`\epsilon \ge 0`, added inside the square root.
+      learning_rate: η ≥ 0, a number or an optax schedule of the step count.
+      decay: ρ in [0, 1], the decay of the moving averages.
+      momentum: μ in [0, 1).
+      epsilon: ε ≥ 0, added inside the square root.
       use_locking: accepted for compatibility; it guards concurrent variable updates in TF1
         and does not change the arithmetic.
       centered: normalize by an estimate of the gradient's variance.
@@ -51,6 +53,14 @@ def tf1_rmsprop(
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`. Complex parameters raise
       `TypeError` at `init`.
+
+    Examples:
+      >>> tx = rj.compat.tf1_rmsprop(learning_rate=0.01)
+      >>> state = tx.init(jnp.zeros(2))
+      >>> state[2].nu  # the mean square starts at 1
+      Array([1., 1.], dtype=float32)
+      >>> tx.update(jnp.array([0.5, -0.5]), state)[0]
+      Array([-0.00519875,  0.00519875], dtype=float32)
 
     References:
       TensorFlow, tf.compat.v1.train.RMSPropOptimizer.

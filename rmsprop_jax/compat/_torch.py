@@ -18,6 +18,11 @@ class TorchLayoutState(NamedTuple):
     It has no leaves. `rj.rmsprop(lr, momentum=...)` keeps a buffer of rate-scaled increments,
     which torch's `momentum_buffer` is not; the checkpoint conversion looks for this marker so
     that it never copies a buffer into, or out of, a state where it means something else.
+
+    Examples:
+      >>> state = rj.compat.torch_rmsprop(lr=0.01).init(jnp.zeros(2))
+      >>> state[-1], len(jax.tree.leaves(state[-1]))
+      (TorchLayoutState(), 0)
     """
 
 
@@ -42,34 +47,38 @@ def torch_rmsprop(
 ) -> optax.GradientTransformationExtraArgs:
     r"""PyTorch's RMSprop: same arguments, defaults and parameter trajectory.
 
+    For a gradient g, parameter p and step t (g is first negated with `maximize`, and gets
+    λ·p added with `weight_decay`, the L2 penalty):
+
     .. math::
 
-        g_t &\leftarrow -g_t \ \text{(maximize)}; \quad
-              g_t \leftarrow g_t + \lambda p_{t-1} \ \text{(weight decay, L2)} \\
-        v_t &= \alpha v_{t-1} + (1 - \alpha) g_t^2, \quad
-              \bar g_t = \alpha \bar g_{t-1} + (1 - \alpha) g_t \ \text{(centered)} \\
-        s_t &= g_t / (\sqrt{v_t - \bar g_t^2} + \epsilon) \ \text{(centered)}, \quad
-              g_t / (\sqrt{v_t} + \epsilon) \ \text{(otherwise)} \\
-        b_t &= \mu b_{t-1} + s_t, \quad p_t = p_{t-1} - \gamma_t b_t
+        v_t = \alpha v_{t-1} + (1 - \alpha) g_t^2
 
-    with :math:`b_t = s_t` when `momentum` is 0. PyTorch applies the learning rate
-    :math:`\gamma_t` *after* the momentum buffer, so with a schedule a change of rate acts
-    on the whole buffer at once; this preset does the same (`rmsprop_jax.rmsprop` applies it
-    before the buffer, as Keras and TF1 do). A schedule passed as `lr` sees the number of
-    updates applied so far, as `torch.optim.lr_scheduler.LambdaLR` does when stepped once per
-    optimizer step. A complex parameter is updated as `torch.view_as_real` of it: its real
-    and imaginary parts have separate accumulators.
+        s_t = g_t / (\sqrt{v_t} + \epsilon)
+
+        b_t = \mu b_{t-1} + s_t
+
+        p_t = p_{t-1} - \gamma_t b_t
+
+    When `centered`, the mean gradient ḡ (averaged as v is) is kept too and v - ḡ² replaces v
+    under the root; b = s when `momentum` is 0. PyTorch applies the learning rate γ *after* the
+    momentum buffer, so with a schedule a change of rate acts on the whole buffer at once; this
+    preset does the same (`rmsprop_jax.rmsprop` applies it before the buffer, as Keras and TF1
+    do). A schedule passed as `lr` sees the number of updates applied so far, as
+    `torch.optim.lr_scheduler.LambdaLR` does when stepped once per optimizer step. A complex
+    parameter is updated as `torch.view_as_real` of it: its real and imaginary parts have
+    separate accumulators.
 
     The centered variance is clamped at 0 before the square root (PyTorch would return NaN
     for the slightly negative values rounding can produce); otherwise the arithmetic is
     PyTorch's, carried out in float32 or wider.
 
     Args:
-      lr: :math:`\gamma \ge 0`, a number or an optax schedule of the step count.
-      alpha: smoothing constant :math:`\alpha` in [0, 1].
-      eps: :math:`\epsilon \ge 0`, added to the root (outside the square root).
-      weight_decay: L2 penalty :math:`\lambda \ge 0`, added to the gradient.
-      momentum: :math:`\mu` in [0, 1); with a literal 0 there is no buffer, as in PyTorch.
+      lr: γ ≥ 0, a number or an optax schedule of the step count.
+      alpha: smoothing constant α in [0, 1].
+      eps: ε ≥ 0, added to the root (outside the square root).
+      weight_decay: L2 penalty λ ≥ 0, added to the gradient.
+      momentum: μ in [0, 1); with a literal 0 there is no buffer, as in PyTorch.
       centered: normalize by an estimate of the gradient's variance.
       capturable: accepted for compatibility; it only decides where PyTorch keeps its step
         counters for CUDA-graph capture. Every optax transformation can be captured by
@@ -87,6 +96,16 @@ def torch_rmsprop(
       0, when `lr` is a schedule, its step count, and last an empty
       :class:`TorchLayoutState` marking the chain as PyTorch's. To port a PyTorch checkpoint, see
       :func:`rmsprop_jax.compat.state_from_torch`.
+
+    Examples:
+      >>> import torch
+      >>> w = torch.tensor([1.0, -2.0], requires_grad=True)
+      >>> opt = torch.optim.RMSprop([w], lr=0.01, momentum=0.9)
+      >>> w.grad = torch.tensor([0.5, -0.5]); opt.step()
+      >>> tx = rj.compat.torch_rmsprop(lr=0.01, momentum=0.9)
+      >>> updates, state = tx.update(jnp.array([0.5, -0.5]), tx.init(jnp.zeros(2)))
+      >>> w.detach().numpy().round(4), (jnp.array([1.0, -2.0]) + updates).round(4)
+      (array([ 0.9, -1.9], dtype=float32), Array([ 0.9, -1.9], dtype=float32))
 
     References:
       PyTorch, torch.optim.RMSprop.

@@ -93,13 +93,14 @@ def torch_rmsprop_groups(
         `torch_rmsprop` refuses (naming the group), or, at `init`, a label that names no group.
 
     Examples:
-      >>> import jax.numpy as jnp
-      >>> import rmsprop_jax as rj
       >>> params = {"w": jnp.ones((2, 2)), "b": jnp.zeros(2)}
       >>> tx = rj.compat.torch_rmsprop_groups(
       ...     [{"weight_decay": 1e-2}, {"lr": 1e-3}], {"w": 0, "b": 1}, lr=1e-2, momentum=0.9
       ... )
-      >>> state = tx.init(params)
+      >>> grads = jax.tree.map(jnp.ones_like, params)
+      >>> updates, state = tx.update(grads, tx.init(params), params)
+      >>> updates["w"][0], updates["b"]  # each group at its own rate
+      (Array([-0.09999999, -0.09999999], dtype=float32), Array([-0.01, -0.01], dtype=float32))
     """
     labels, groups = _groups(param_groups)
     if not groups:

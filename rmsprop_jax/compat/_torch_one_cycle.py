@@ -27,6 +27,11 @@ def torch_one_cycle_lr(
 
     With torch's default `cycle_momentum=True` torch also cycles the optimizer's `momentum`;
     reproduce that with :func:`torch_one_cycle_momentum` and `optax.inject_hyperparams`.
+
+    Examples:
+      >>> schedule = rj.compat.torch_one_cycle_lr(0.1, total_steps=6)
+      >>> [round(float(schedule(t)), 4) for t in range(6)]
+      [0.004, 0.0994, 0.0812, 0.0463, 0.0133, 0.0]
     """
     total = _one_cycle_total(total_steps, epochs, steps_per_epoch)
     initial = _finite("max_lr", max_lr) / _finite("div_factor", div_factor)
@@ -44,7 +49,16 @@ def torch_one_cycle_momentum(
     max_momentum: float = 0.95,
     three_phase: bool = False,
 ) -> optax.Schedule:
-    """The `momentum` that `OneCycleLR(..., cycle_momentum=True)` sets, per update."""
+    """The `momentum` that `OneCycleLR(..., cycle_momentum=True)` sets, per update.
+
+    It falls from `max_momentum` to `base_momentum` while the rate of
+    :func:`torch_one_cycle_lr` rises, and rises back while the rate anneals.
+
+    Examples:
+      >>> schedule = rj.compat.torch_one_cycle_momentum(total_steps=6)
+      >>> [round(float(schedule(t)), 4) for t in range(6)]
+      [0.95, 0.8506, 0.8688, 0.9037, 0.9367, 0.95]
+    """
     total = _one_cycle_total(total_steps, epochs, steps_per_epoch)
     base, top = _finite("base_momentum", base_momentum), _finite("max_momentum", max_momentum)
     return _one_cycle(total, pct_start, anneal_strategy, three_phase, (top, base, top))

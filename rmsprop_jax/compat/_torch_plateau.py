@@ -19,7 +19,13 @@ import optax
 
 
 class TorchPlateauState(NamedTuple):
-    """The rate in use and `ReduceLROnPlateau`'s `best`, `num_bad_epochs`, `cooldown_counter`."""
+    """The rate in use and `ReduceLROnPlateau`'s `best`, `num_bad_epochs`, `cooldown_counter`.
+
+    Examples:
+      >>> rj.compat.torch_reduce_lr_on_plateau(0.1).init(jnp.zeros(2))
+      TorchPlateauState(lr=Array(0.1, dtype=float32), best=Array(inf, dtype=float32),
+      num_bad_epochs=Array(0, dtype=int32), cooldown_counter=Array(0, dtype=int32))
+    """
 
     lr: chex.Array
     best: chex.Array
@@ -38,14 +44,14 @@ def torch_reduce_lr_on_plateau(
     min_lr: float = 0.0,
     eps: float = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Torch's `ReduceLROnPlateau`: multiply the updates by a rate cut when a metric stalls.
+    """Torch's `ReduceLROnPlateau`: multiply the updates by a rate cut when a metric stalls.
 
     `update(updates, state, params, value=metric)` scales `updates` by the current rate and
     then does what `scheduler.step(metric)` does: a metric better than the best so far (for
-    `mode="min"` and `"rel"`, below :math:`best (1 - threshold)`; `"abs"`: below
-    :math:`best - threshold`; mirrored for `"max"`) resets the count of bad epochs; after more
-    than `patience` bad epochs the rate becomes :math:`\max(lr \cdot factor, min\_lr)` (if it
-    drops by more than `eps`) and `cooldown` epochs are ignored. Without `value` (or with
+    `mode="min"` and `"rel"`, below `best * (1 - threshold)`; `"abs"`: below
+    `best - threshold`; mirrored for `"max"`) resets the count of bad epochs; after more than
+    `patience` bad epochs the rate becomes `max(lr * factor, min_lr)` (if it drops by more
+    than `eps`) and `cooldown` epochs are ignored. Without `value` (or with
     `value=None`) only the scaling happens: pass the metric once per epoch, with the last
     update of the epoch, as torch calls `scheduler.step(val_loss)` after the epoch's last
     `optimizer.step()`.
@@ -63,12 +69,16 @@ def torch_reduce_lr_on_plateau(
         or a negative number.
 
     Examples:
-      >>> import optax
-      >>> import rmsprop_jax as rj
-      >>> tx = optax.chain(
-      ...     rj.compat.torch_rmsprop(lr=1.0, momentum=0.9),
-      ...     rj.compat.torch_reduce_lr_on_plateau(0.01, patience=2),
-      ... )
+      >>> tx = rj.compat.torch_reduce_lr_on_plateau(0.1, patience=1)
+      >>> state, rates = tx.init(jnp.zeros(2)), []
+      >>> for val_loss in [1.0, 0.5, 0.5, 0.5, 0.5]:  # one update per epoch, for brevity
+      ...     updates, state = tx.update(jnp.ones(2), state, value=val_loss)
+      ...     rates.append(round(float(state.lr), 4))
+      >>> rates
+      [0.1, 0.1, 0.1, 0.01, 0.01]
+
+      Chained after :func:`torch_rmsprop` built with `lr=1.0`, it gives torch's RMSprop with
+      the scheduler: `optax.chain(rj.compat.torch_rmsprop(lr=1.0), tx)`.
     """
     if mode not in ("min", "max"):
         raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}.")

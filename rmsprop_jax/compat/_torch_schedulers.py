@@ -1,17 +1,16 @@
-r"""PyTorch's learning-rate schedulers as optax schedules of the update count.
+"""PyTorch's learning-rate schedulers as optax schedules of the update count.
 
 Each function takes the scheduler's arguments (without the optimizer), the base rate `lr`
 (the group's `lr` when the scheduler was built) and `steps_per_epoch`, and returns an optax
-schedule :math:`\gamma(t)` of the number :math:`t` of updates applied so far, the count that
+schedule of the number t of updates applied so far, the count that
 :func:`~rmsprop_jax.compat.torch_rmsprop` passes to a schedule given as `lr`.
 
-Stepping convention. A torch scheduler changes the rate when `scheduler.step()` is called,
-after `optimizer.step()`. Stepped once per optimizer step (per batch), the rate of update
-:math:`t` is the scheduler's value at epoch :math:`e = t`: keep `steps_per_epoch=1` and count
-arguments such as `step_size` or `T_max` in updates. Stepped once per epoch of
-:math:`n` batches, update :math:`t` uses epoch :math:`e = \lfloor t / n \rfloor`: pass
-`steps_per_epoch=n` and keep the arguments in epochs. `OneCycleLR` is stepped per batch, as
-torch requires. `CosineAnnealingWarmRestarts` stepped per batch with fractional epochs
+Stepping convention. A torch scheduler changes the rate when `scheduler.step()` is called, after
+`optimizer.step()`. Stepped once per optimizer step (per batch), the rate of update t is the
+scheduler's value at epoch e = t: keep `steps_per_epoch=1` and count arguments such as
+`step_size` or `T_max` in updates. Stepped once per epoch of n batches, update t uses epoch
+e = t // n: pass `steps_per_epoch=n` and keep the arguments in epochs. `OneCycleLR` is stepped per
+batch, as torch requires. `CosineAnnealingWarmRestarts` stepped per batch with fractional epochs
 (`scheduler.step(epoch + i / n)`) is `T_0 * n` with `steps_per_epoch=1`.
 
 Every schedule is the closed form of torch's (chainable, recursive) update, evaluated in
@@ -62,7 +61,16 @@ def _power(gamma: float, exponent: jax.Array) -> jax.Array:
 def torch_step_lr(
     lr: float, step_size: int, gamma: float = 0.1, *, steps_per_epoch: int = 1
 ) -> optax.Schedule:
-    r"""`StepLR`: :math:`\gamma_e = lr \cdot gamma^{\lfloor e / step\_size \rfloor}`."""
+    """`StepLR`: `lr * gamma ** (e // step_size)` at epoch e.
+
+    Examples:
+      >>> schedule = rj.compat.torch_step_lr(0.1, step_size=2, gamma=0.5)
+      >>> [round(float(schedule(t)), 4) for t in range(5)]
+      [0.1, 0.1, 0.05, 0.05, 0.025]
+      >>> schedule = rj.compat.torch_step_lr(0.1, step_size=2, gamma=0.5, steps_per_epoch=3)
+      >>> [round(float(schedule(t)), 4) for t in range(7)]
+      [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.05]
+    """
     lr, gamma = _finite("lr", lr), _finite("gamma", gamma)
     step_size = _positive_int("step_size", step_size)
     spe = _positive_int("steps_per_epoch", steps_per_epoch)
@@ -72,9 +80,14 @@ def torch_step_lr(
 def torch_multi_step_lr(
     lr: float, milestones: Sequence[int], gamma: float = 0.1, *, steps_per_epoch: int = 1
 ) -> optax.Schedule:
-    r"""`MultiStepLR`: :math:`lr \cdot gamma^{k}`, :math:`k` the milestones :math:`\le e`.
+    """`MultiStepLR`: `lr * gamma ** k` at epoch e, k the number of milestones ≤ e.
 
     A milestone listed twice counts twice, as in torch.
+
+    Examples:
+      >>> schedule = rj.compat.torch_multi_step_lr(0.1, milestones=[1, 3], gamma=0.5)
+      >>> [round(float(schedule(t)), 4) for t in range(5)]
+      [0.1, 0.05, 0.05, 0.025, 0.025]
     """
     lr, gamma = _finite("lr", lr), _finite("gamma", gamma)
     spe = _positive_int("steps_per_epoch", steps_per_epoch)
@@ -88,7 +101,13 @@ def torch_multi_step_lr(
 
 
 def torch_exponential_lr(lr: float, gamma: float, *, steps_per_epoch: int = 1) -> optax.Schedule:
-    r"""`ExponentialLR`: :math:`\gamma_e = lr \cdot gamma^e`."""
+    """`ExponentialLR`: `lr * gamma ** e` at epoch e.
+
+    Examples:
+      >>> schedule = rj.compat.torch_exponential_lr(0.1, gamma=0.5)
+      >>> [round(float(schedule(t)), 4) for t in range(4)]
+      [0.1, 0.05, 0.025, 0.0125]
+    """
     lr, gamma = _finite("lr", lr), _finite("gamma", gamma)
     spe = _positive_int("steps_per_epoch", steps_per_epoch)
     return lambda count: lr * _power(gamma, _epoch(count, spe))
@@ -102,8 +121,15 @@ def torch_linear_lr(
     *,
     steps_per_epoch: int = 1,
 ) -> optax.Schedule:
-    r"""`LinearLR`: the factor goes linearly from `start_factor` to `end_factor` in
-    `total_iters` epochs, then stays: :math:`lr (s + (f - s) \min(e, T) / T)`."""
+    """`LinearLR`: the factor goes linearly from `start_factor` to `end_factor` in `total_iters`
+    epochs, then stays: `lr * (s + (f - s) * min(e, T) / T)` at epoch e, with s, f and T the
+    start factor, end factor and `total_iters`.
+
+    Examples:
+      >>> schedule = rj.compat.torch_linear_lr(0.1, start_factor=0.5, total_iters=4)
+      >>> [round(float(schedule(t)), 4) for t in range(6)]
+      [0.05, 0.0625, 0.075, 0.0875, 0.1, 0.1]
+    """
     lr = _finite("lr", lr)
     start, end = _finite("start_factor", start_factor), _finite("end_factor", end_factor)
     if not 0 < start <= 1 or not 0 <= end <= 1:
@@ -124,7 +150,13 @@ def torch_linear_lr(
 def torch_constant_lr(
     lr: float, factor: float = 1.0 / 3, total_iters: int = 5, *, steps_per_epoch: int = 1
 ) -> optax.Schedule:
-    r"""`ConstantLR`: :math:`lr \cdot factor` for the first `total_iters` epochs, then `lr`."""
+    """`ConstantLR`: `lr * factor` for the first `total_iters` epochs, then `lr`.
+
+    Examples:
+      >>> schedule = rj.compat.torch_constant_lr(0.1, factor=0.5, total_iters=2)
+      >>> [round(float(schedule(t)), 4) for t in range(4)]
+      [0.05, 0.05, 0.1, 0.1]
+    """
     lr, factor = _finite("lr", lr), _finite("factor", factor)
     if not 0 <= factor <= 1:
         raise ValueError(f"`factor` must be in [0, 1], got {factor!r}.")
@@ -145,10 +177,15 @@ def _cosine(lr: float, eta_min: float, fraction: jax.Array) -> jax.Array:
 def torch_cosine_annealing_lr(
     lr: float, T_max: int, eta_min: float = 0.0, *, steps_per_epoch: int = 1
 ) -> optax.Schedule:
-    r"""`CosineAnnealingLR`: :math:`\eta_{min} + (lr - \eta_{min})(1 + \cos(\pi e / T_{max}))/2`.
+    """`CosineAnnealingLR`: `eta_min + (lr - eta_min) * (1 + cos(π e / T_max)) / 2` at epoch e.
 
     Past `T_max` the rate rises again, with period `2 T_max`, as torch's does (unlike
     `optax.cosine_decay_schedule`, which stays at its floor).
+
+    Examples:
+      >>> schedule = rj.compat.torch_cosine_annealing_lr(0.1, T_max=4)
+      >>> [round(float(schedule(t)), 4) for t in range(9)]
+      [0.1, 0.0854, 0.05, 0.0146, 0.0, 0.0146, 0.05, 0.0854, 0.1]
     """
     lr, eta_min = _finite("lr", lr), _finite("eta_min", eta_min)
     t_max = _positive_int("T_max", T_max)
@@ -162,8 +199,14 @@ def torch_cosine_annealing_lr(
 def torch_cosine_annealing_warm_restarts(
     lr: float, T_0: int, T_mult: int = 1, eta_min: float = 0.0, *, steps_per_epoch: int = 1
 ) -> optax.Schedule:
-    r"""`CosineAnnealingWarmRestarts`: cosine from `lr` to `eta_min` over `T_i` epochs, then a
-    restart, with :math:`T_0` and :math:`T_{i+1} = T_{mult} T_i`."""
+    """`CosineAnnealingWarmRestarts`: cosine from `lr` to `eta_min` over `T_i` epochs, then a
+    restart, with `T_i` = `T_0` for the first cycle and `T_mult * T_i` for the next.
+
+    Examples:
+      >>> schedule = rj.compat.torch_cosine_annealing_warm_restarts(0.1, T_0=2, T_mult=2)
+      >>> [round(float(schedule(t)), 4) for t in range(7)]
+      [0.1, 0.05, 0.1, 0.0854, 0.05, 0.0146, 0.1]
+    """
     lr, eta_min = _finite("lr", lr), _finite("eta_min", eta_min)
     t_0, t_mult = _positive_int("T_0", T_0), _positive_int("T_mult", T_mult)
     spe = _positive_int("steps_per_epoch", steps_per_epoch)
@@ -190,7 +233,13 @@ def torch_cosine_annealing_warm_restarts(
 def torch_polynomial_lr(
     lr: float, total_iters: int = 5, power: float = 1.0, *, steps_per_epoch: int = 1
 ) -> optax.Schedule:
-    r"""`PolynomialLR`: :math:`lr (1 - \min(e, T) / T)^{power}`."""
+    """`PolynomialLR`: `lr * (1 - min(e, T) / T) ** power` at epoch e, with T the `total_iters`.
+
+    Examples:
+      >>> schedule = rj.compat.torch_polynomial_lr(0.1, total_iters=4, power=2.0)
+      >>> [round(float(schedule(t)), 4) for t in range(6)]
+      [0.1, 0.0563, 0.025, 0.0063, 0.0, 0.0]
+    """
     lr, power = _finite("lr", lr), _finite("power", power)
     total = _positive_int("total_iters", total_iters)
     spe = _positive_int("steps_per_epoch", steps_per_epoch)
@@ -205,8 +254,16 @@ def torch_polynomial_lr(
 def torch_lambda_lr(
     lr: float, lr_lambda: Callable[[jax.Array], jax.Array], *, steps_per_epoch: int = 1
 ) -> optax.Schedule:
-    r"""`LambdaLR`: :math:`lr \cdot f(e)`; `lr_lambda` must accept a traced integer epoch
-    (use `jnp.minimum`, `jnp.where`, ... instead of Python's `min` and `if`)."""
+    """`LambdaLR`: `lr * lr_lambda(e)` at epoch e.
+
+    `lr_lambda` must accept a traced integer epoch (use `jnp.minimum`, `jnp.where`, ... instead
+    of Python's `min` and `if`).
+
+    Examples:
+      >>> schedule = rj.compat.torch_lambda_lr(0.1, lambda epoch: 1.0 / (1 + epoch))
+      >>> [round(float(schedule(t)), 4) for t in range(4)]
+      [0.1, 0.05, 0.0333, 0.025]
+    """
     lr = _finite("lr", lr)
     if not callable(lr_lambda):
         raise TypeError(f"`lr_lambda` must be a function of the epoch, got {lr_lambda!r}.")
@@ -221,6 +278,13 @@ def torch_sequential_lr(
 
     At a milestone torch resets the next scheduler to its epoch 0 from the group's initial
     rate, so each schedule is built with the base `lr` and the same `steps_per_epoch`.
+
+    Examples:
+      >>> warmup = rj.compat.torch_constant_lr(0.1, factor=0.1, total_iters=2)
+      >>> decay = rj.compat.torch_exponential_lr(0.1, gamma=0.5)
+      >>> schedule = rj.compat.torch_sequential_lr([warmup, decay], milestones=[2])
+      >>> [round(float(schedule(t)), 4) for t in range(6)]
+      [0.01, 0.01, 0.1, 0.05, 0.025, 0.0125]
     """
     spe = _positive_int("steps_per_epoch", steps_per_epoch)
     marks = [_positive_int("milestones", m) for m in milestones]

@@ -223,6 +223,16 @@ def state_from_torch(
         parameters or groups, a name with no leaf, a group whose leaves are not one torch
         group's parameters, a shape or complex/real mismatch, a parameter without state,
         differing step counts within a group, or differing `centered`/`momentum`.
+
+    Examples:
+      >>> import torch
+      >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+      >>> opt = torch.optim.RMSprop([w], lr=0.01, momentum=0.9)
+      >>> w.grad = torch.tensor([0.5, -0.5]); opt.step()
+      >>> tx = rj.compat.torch_rmsprop(lr=0.01, momentum=0.9)
+      >>> state = rj.compat.state_from_torch(opt.state_dict(), jnp.asarray(w.detach()), tx)
+      >>> state[2].count, state[2].nu
+      (Array(1, dtype=int32), Array([0.0025, 0.0025], dtype=float32))
     """
     param_groups, per_param = _torch_state_dict.check_state_dict(state_dict)
     opt_state = optimizer.init(params)
@@ -269,6 +279,18 @@ def state_to_torch(
         that is not a `torch_rmsprop`'s, a different number of parameters or groups, a name
         with no leaf, a group whose leaves are not one torch group's parameters, or differing
         `centered`/`momentum`.
+
+    Examples:
+      >>> import torch
+      >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+      >>> opt = torch.optim.RMSprop([w], lr=0.01)
+      >>> tx = rj.compat.torch_rmsprop(lr=0.01)
+      >>> params = jnp.array([1.0, -2.0])
+      >>> _, state = tx.update(jnp.array([0.5, -0.5]), tx.init(params))
+      >>> state_dict = rj.compat.state_to_torch(state, params, opt.state_dict()["param_groups"])
+      >>> opt.load_state_dict(state_dict)
+      >>> opt.state[w]["step"], opt.state[w]["square_avg"]
+      (tensor(1.), tensor([0.0025, 0.0025]))
     """
     param_groups = _torch_state_dict.check_param_groups(param_groups)
     chains = chains_of(opt_state, "`opt_state`")
