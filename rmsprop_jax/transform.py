@@ -195,20 +195,33 @@ def scale_by_rms(
                 continue
             nu_seed = _rounding.seed(count, index, _SECOND_MOMENT_STREAM)
             mu_seed = _rounding.seed(count, index, _FIRST_MOMENT_STREAM)
-            if not centered:
-                # nu_t = decay * nu_{t-1} + (1 - decay) * |g_t|**2
-                nu, variance = fmt.leaf_update(nu, abs_sq(g), decay, nu_seed, signed=False)
-            elif keeps_variance:
-                # nu_t - |mu_t|**2 = decay * (nu_{t-1} - |mu_{t-1}|**2)
-                #                    + (1 - decay) * decay * |g_t - mu_{t-1}|**2  (no cancellation)
-                previous_mu = mu_fmt.leaf_decode(mu, g, signed=True)
-                mu, _ = mu_fmt.leaf_update(mu, g, decay, mu_seed, signed=True)
-                spread = decay * abs_sq(g - previous_mu)
-                nu, variance = fmt.leaf_update(nu, spread, decay, nu_seed, signed=False)
+
+            def moments(g, nu, mu, nu_seed=nu_seed, mu_seed=mu_seed):
+                if not centered:
+                    # nu_t = decay * nu_{t-1} + (1 - decay) * |g_t|**2
+                    nu, variance = fmt.leaf_update(nu, abs_sq(g), decay, nu_seed, signed=False)
+                elif keeps_variance:
+                    # nu_t - |mu_t|**2 = decay * (nu_{t-1} - |mu_{t-1}|**2)
+                    #                    + (1 - decay) * decay * |g_t - mu_{t-1}|**2
+                    # (no cancellation). mu_{t-1} is read before mu is overwritten in place.
+                    spread = decay * abs_sq(g - mu_fmt.leaf_decode(mu, g, signed=True))
+                    nu, variance = fmt.leaf_update(nu, spread, decay, nu_seed, signed=False)
+                    mu, _ = mu_fmt.leaf_update(
+                        storage.after(mu, nu), g, decay, mu_seed, signed=True
+                    )
+                else:
+                    nu, second_moment = fmt.leaf_update(nu, abs_sq(g), decay, nu_seed, signed=False)
+                    mu, first_moment = mu_fmt.leaf_update(mu, g, decay, mu_seed, signed=True)
+                    variance = _centered_variance(second_moment, first_moment)
+                return nu, mu, variance
+
+            if storage.updates_by_rows(fmt, g):
+                # Large compressed leaves: the stored averages a chunk of rows at a time, then
+                # the step from what they store (as `leaf_update` returns it).
+                nu, mu = storage.update_by_rows(lambda *a: moments(*a)[:2], g, nu, mu)
+                variance = fmt.leaf_decode(nu, g, signed=False)
             else:
-                nu, second_moment = fmt.leaf_update(nu, abs_sq(g), decay, nu_seed, signed=False)
-                mu, first_moment = mu_fmt.leaf_update(mu, g, decay, mu_seed, signed=True)
-                variance = _centered_variance(second_moment, first_moment)
+                nu, mu, variance = moments(g, nu, mu)
             if bias_correction:
                 variance = variance / correction.astype(variance.dtype)
             # u_t = g_t / (sqrt(nu_t) + eps)

@@ -17,8 +17,9 @@ from typing import Any
 
 import jax
 
-from rmsprop_jax.storage import bfloat16, factored, float32, int8
-from rmsprop_jax.storage._format import StorageFormat
+from rmsprop_jax.storage import _rows, bfloat16, factored, float32, int8
+from rmsprop_jax.storage._format import StorageFormat, after
+from rmsprop_jax.storage._rows import update_by_rows
 from rmsprop_jax.storage.factored import FactoredMoment
 from rmsprop_jax.storage.int8 import QuantizedMoment
 
@@ -37,6 +38,12 @@ def get(name: Any) -> StorageFormat:
 def first_moment_format(fmt: StorageFormat) -> StorageFormat:
     """The format in which `fmt` keeps the first moment `mu` of centered RMSprop."""
     return FORMATS[fmt.first_moment_name or fmt.name]
+
+
+def updates_by_rows(fmt: StorageFormat, g: Any) -> bool:
+    """Whether the averages of a leaf shaped like `g` are updated in row chunks (see
+    :mod:`rmsprop_jax.storage._rows`): every average then comes from :func:`update_by_rows`."""
+    return _rows.applies(fmt, g, signed=False)
 
 
 def format_of(node: Any) -> StorageFormat | None:
@@ -65,4 +72,13 @@ def logical_shapes(fmt: StorageFormat, stored: Any) -> Any:
     )
 
 
-__all__ = ["FORMATS", "FactoredMoment", "QuantizedMoment", "StorageFormat", "get"]
+__all__ = [
+    "FORMATS",
+    "FactoredMoment",
+    "QuantizedMoment",
+    "StorageFormat",
+    "after",
+    "get",
+    "update_by_rows",
+    "updates_by_rows",
+]

@@ -57,6 +57,8 @@ from typing import Any, ClassVar, NamedTuple
 
 import chex
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 from rmsprop_jax import _sharded_ops
 from rmsprop_jax.storage import _rounding
@@ -67,15 +69,18 @@ MIN_ELEMENTS = 4096
 
 
 class _CodeBook(NamedTuple):
-    top: int  # the largest level code; level c stands for 2 ** ((c - top) * step).
-    step: float  # log2 of the ratio of neighbouring levels.
+    top: int  # the largest level code; it stands for the block scale itself.
+    offset: int  # level code c stands for the float32 whose bits are (c + offset) << 20.
     inf: int  # the code of +inf (its negative is -inf for a signed book).
     nan: int
     dtype: Any
 
 
-_UNSIGNED = _CodeBook(top=253, step=40.0 / 252, inf=254, nan=255, dtype=jnp.uint8)
-_SIGNED = _CodeBook(top=126, step=20.0 / 125, inf=127, nan=-128, dtype=jnp.int8)
+# The float32 1.0 has bits 127 << 23 = (127 * 8) << 20: the top code decodes to 1.0 (times the
+# block scale), 8 codes per octave below it.
+_UNSIGNED = _CodeBook(top=253, offset=127 * 8 - 253, inf=254, nan=255, dtype=jnp.uint8)
+_SIGNED = _CodeBook(top=126, offset=127 * 8 - 126, inf=127, nan=-128, dtype=jnp.int8)
+_MANTISSA_SHIFT = 20  # 23 mantissa bits of a float32, 3 kept.
 
 
 class QuantizedMoment(NamedTuple):
@@ -112,14 +117,48 @@ def _from_blocks(x: chex.Array, like: chex.Array) -> chex.Array:
     return _sharded_ops.merge_last_axes(x, like)
 
 
-def _exp2(codes_from_top: chex.Array, step: float) -> chex.Array:
-    """`2 ** (codes_from_top * step)`: XLA's CPU exp is vectorized and its exp2 is not (8x)."""
-    return jnp.exp(codes_from_top * (step * math.log(2)))
+def _level(magnitude_code: chex.Array, book: _CodeBook) -> chex.Array:
+    """The level (a fraction of the block scale, in (0, 1]) of codes 1..top: integer work only."""
+    bits = (magnitude_code + book.offset).astype(jnp.uint32) << _MANTISSA_SHIFT
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _smallest_level(book: _CodeBook) -> float:
+    return float(np.array((1 + book.offset) << _MANTISSA_SHIFT, np.uint32).view(np.float32))
 
 
 def block_anchor(param: chex.Array) -> chex.Array:
     """A slice of `param` shaped like its block scales: each block's first element."""
     return _to_blocks(param)[..., 0]
+
+
+def block_scales(blocks: chex.Array) -> chex.Array:
+    """Each block's largest finite magnitude (0 for a block with none)."""
+    return jnp.max(jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), 0), axis=-1)
+
+
+def _codes(blocks: chex.Array, scales: chex.Array, bits: chex.Array, book: _CodeBook, signed: bool):
+    magnitude = jnp.abs(blocks)
+    inverse = jnp.where(scales > 0, 1 / jnp.where(scales > 0, scales, 1), 0)[..., None]
+    relative = magnitude * inverse
+    smallest = _smallest_level(book)
+    # Within an octave the levels are evenly spaced, 2**-20 units of the kept bits apart:
+    # adding 20 uniform bits below them and truncating rounds up with probability equal to
+    # the dropped fraction (as bfloat16's stochastic rounding does).
+    field = (lax.bitcast_convert_type(relative, jnp.uint32) + (bits >> 12)) >> _MANTISSA_SHIFT
+    in_range = jnp.minimum(field.astype(jnp.int32) - book.offset, book.top)
+    if signed:
+        # Below the smallest level: that level with probability relative / smallest, else 0.
+        uniform = (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24 * smallest)
+        below = (uniform < relative).astype(jnp.int32)
+    else:
+        # A second moment is never rounded to 0 unless it is 0: the step divides by it.
+        below = (relative > 0).astype(jnp.int32)
+    codes = jnp.where(relative >= smallest, in_range, below)
+    codes = jnp.where(jnp.isinf(blocks), book.inf, codes)
+    if signed:
+        codes = jnp.where(blocks < 0, -codes, codes)
+    return jnp.where(jnp.isnan(blocks), book.nan, codes)
 
 
 def encode(x: chex.Array, seed: chex.Array, *, signed: bool) -> tuple[chex.Array, chex.Array]:
@@ -130,24 +169,10 @@ def encode(x: chex.Array, seed: chex.Array, *, signed: bool) -> tuple[chex.Array
     """
     book = _SIGNED if signed else _UNSIGNED
     x = x.astype(jnp.float32)
-    uniform = _to_blocks(_rounding.uniform(seed, x))
     blocks = _to_blocks(x)
-    finite = jnp.isfinite(blocks)
-    magnitude = jnp.where(finite, jnp.abs(blocks), 0)
-    scales = jnp.max(magnitude, axis=-1)
-    relative = magnitude / jnp.where(scales > 0, scales, 1)[..., None]
-    # log2(0) = -inf clips to code 0, whose level is exactly 0: zeros stay zeros.
-    lower = jnp.clip(jnp.floor(book.top + jnp.log2(relative) / book.step), 0, book.top)
-    # Neighbouring levels are a factor 2**step apart, so one exponential gives both. Past the top
-    # code, `relative <= 1` makes the probability of rounding up 0.
-    level = _exp2(lower - book.top, book.step)
-    low, high = jnp.where(lower > 0, level, 0.0), level * 2.0**book.step
-    round_up_probability = jnp.clip((relative - low) / (high - low), 0, 1)
-    codes = jnp.minimum(lower + (uniform < round_up_probability), book.top)
-    codes = jnp.where(jnp.isinf(blocks), book.inf, codes)
-    if signed:
-        codes = jnp.where(blocks < 0, -codes, codes)
-    codes = jnp.where(jnp.isnan(blocks), book.nan, codes)
+    scales = block_scales(blocks)
+    bits = _to_blocks(_rounding.bits(seed, x))
+    codes = _codes(blocks, scales, bits, book, signed)
     return _from_blocks(codes, x).astype(book.dtype), scales
 
 
@@ -157,9 +182,7 @@ def decode(codes: chex.Array, scales: chex.Array, dtype: Any) -> chex.Array:
     book = _SIGNED if signed else _UNSIGNED
     code = _to_blocks(codes.astype(jnp.int32))
     magnitude_code = jnp.abs(code)
-    level = jnp.where(
-        magnitude_code > 0, _exp2((magnitude_code - book.top).astype(jnp.float32), book.step), 0
-    )
+    level = jnp.where(magnitude_code > 0, _level(magnitude_code, book), 0)
     magnitude = jnp.where(magnitude_code == book.inf, jnp.inf, level * scales[..., None])
     values = jnp.where(code < 0, -magnitude, magnitude) if signed else magnitude
     values = jnp.where(code == book.nan, jnp.nan, values)
@@ -172,6 +195,7 @@ class Int8(StorageFormat):
     name: ClassVar[str] = "int8"
     container: ClassVar[type] = QuantizedMoment
     first_moment_name: ClassVar[str] = "int8"
+    updates_in_row_chunks: ClassVar[bool] = True
 
     def compresses(self, shape: tuple[int, ...], dtype: Any, *, signed: bool) -> bool:
         del signed
