@@ -135,7 +135,7 @@ def update_by_rows(fn: Callable[..., Any], g: chex.Array, *stored: Any) -> Any:
             position += 1
         return tuple(carry)
 
-    carry = tuple(grouped(x) for x, r in zip(leaves, rowed) if r)
+    carry = tuple(grouped(x) for x, r in zip(leaves, rowed, strict=True) if r)
     carry = iter(lax.fori_loop(0, group_rows // step, body, carry))
-    new = [next(carry).reshape(x.shape) if r else x for x, r in zip(leaves, rowed)]
+    new = [next(carry).reshape(x.shape) if r else x for x, r in zip(leaves, rowed, strict=True)]
     return treedef.unflatten(new)
