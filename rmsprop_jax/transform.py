@@ -121,8 +121,9 @@ def scale_by_rms(
         - `"bfloat16"`: 2 bytes, rounded stochastically (unbiased) with bits derived from the
           step count, so increments far below bfloat16's resolution still accumulate.
         - `"int8"`: about 1.02 bytes: blocks of up to 256 along the last axis, one float32
-          scale per block, logarithmic codes over 12 orders of magnitude (signed for `mu`),
-          stochastic rounding, exact zeros kept; leaves under 4096 elements stay dense.
+          scale per block, 8 levels per octave over 9.5 orders of magnitude (signed for `mu`,
+          4.7 orders), stochastic rounding, exact zeros kept; leaves under 4096 elements stay
+          dense.
         - `"factored"`: for leaves whose last two axes are both >= 128, only the moving
           averages of row and column means (Adafactor's rank-one estimate); other leaves stay
           dense. `mu` (centered) has no such structure and is stored as in `"bfloat16"`.

@@ -3,12 +3,15 @@
 Each format implements :class:`rmsprop_jax.storage._format.StorageFormat`. A new format is
 one new module defining a `FORMAT` plus one entry in :data:`FORMATS`.
 
-| name         | second moment `nu`                    | first moment `mu` (centered)    |
-|--------------|---------------------------------------|---------------------------------|
-| `"float32"`  | the compute dtype (4 bytes)           | the same                        |
-| `"bfloat16"` | bfloat16, stochastic rounding         | the same                        |
-| `"int8"`     | :class:`QuantizedMoment`, log codes   | :class:`QuantizedMoment`, signed|
-| `"factored"` | :class:`FactoredMoment` (row, column) | bfloat16, stochastic rounding   |
+| name         | second moment `nu`                      | first moment `mu` (centered)  |
+|--------------|-----------------------------------------|-------------------------------|
+| `"float32"`  | the compute dtype (4 bytes)             | the same                      |
+| `"bfloat16"` | bfloat16, stochastic rounding           | the same                      |
+| `"int8"`     | :class:`QuantizedMoment`, 8 levels/octave | the same, signed            |
+| `"factored"` | :class:`FactoredMoment` (row, column)   | bfloat16, stochastic rounding |
+
+Every format's update step divides by the average as stored (rounded), and writes the donated
+state in place; large int8 leaves are updated in row chunks (`_rows`).
 """
 
 from __future__ import annotations
