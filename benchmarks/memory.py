@@ -1,16 +1,23 @@
 """Memory, speed and quality of each `moment_storage` format against float32, measured in one run.
 
-1. Memory: bytes of RMSprop state per parameter on a transformer-sized tree (token embedding
-   8192 x 512 and 4 blocks of d_model=512: attention q, k, v, o; MLP 512 -> 2048 -> 512; layer
-   norms and biases; 16.8M parameters), counted with `rj.state_bytes` on `jax.eval_shape`.
-2. Speed: one jitted, buffer-donated "update + apply" step on that tree, formats interleaved and
-   repeated; medians, relative to float32.
-3. Quality (benchmarks/_storage_quality.py): final training loss and test accuracy of an MLP on
+1. State memory: bytes of RMSprop state per parameter on a transformer-sized tree (token
+   embedding 8192 x 512 and 4 blocks of d_model=512: attention q, k, v, o; MLP 512 -> 2048 ->
+   512; layer norms and biases; 16.8M parameters), counted with `rj.state_bytes` on
+   `jax.eval_shape`.
+2. Update step: one jitted, buffer-donated "update + apply" step on that tree, per format and
+   variant (plain; centered with momentum 0.9), beside optax.adam and optax.adafactor: the
+   compiled program's arguments, temporaries and peak (`compiled.memory_analysis()`), and its
+   time, contenders interleaved and repeated; medians, relative to the float32 step of the
+   same variant.
+3. Training step: the compiled peak of a whole jitted training step (forward, backward,
+   update; batch 2 x 64 tokens, so the optimizer dominates) of that transformer, per format
+   against float32 and optax.adam.
+4. Quality (benchmarks/_storage_quality.py): final training loss and test accuracy of an MLP on
    scikit-learn's digits, and the loss of an ill-conditioned least-squares problem after a fixed
    budget, over 3 seeds, for three RMSprop configurations.
 
-    python benchmarks/memory.py            # about 10 minutes on 2 CPU cores
-    python benchmarks/memory.py --quick    # fewer repeats and one seed: about 3 minutes
+    python benchmarks/memory.py            # about 15 minutes on 2 CPU cores
+    python benchmarks/memory.py --quick    # fewer repeats and one seed: about 5 minutes
 
 Prints tables and writes a new outputs/benchmarks/memory_<platform>_<time>.json;
 `--update-results` replaces benchmarks/results/memory_<platform>.json instead.
@@ -37,6 +44,17 @@ import rmsprop_jax as rj
 FORMATS = ("float32", "bfloat16", "int8", "factored")
 TARGET_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.05, "factored": 0.1}
 TARGET_ACCURACY_POINTS, TARGET_RELATIVE_LOSS = 0.5, 0.05
+# Update step: time relative to the float32 step of the same variant, and temporaries.
+TARGET_STEP_TIME = {"bfloat16": 1.15, "int8": 1.5, "factored": 1.3}
+TARGET_TEMPORARY_BYTES = 0.25
+# Training step: bytes per parameter int8 saves at the compiled peak against float32.
+TARGET_INT8_TRAINING_SAVING = 2.5
+VARIANTS = {"plain": {}, "centered + momentum": {"centered": True, "momentum": 0.9}}
+REFERENCES = {
+    "optax.adam": lambda: optax.adam(1e-3),
+    "optax.adafactor": lambda: optax.adafactor(1e-3),
+}
+TRAINING_BATCH, TRAINING_LENGTH = 2, 64
 # (learning rate, options): digits use coupled L2 1e-3 so the training loss keeps a floor.
 CONFIGURATIONS = {
     "decay 0.9": (1e-3, {"decay": 0.9}),
@@ -84,41 +102,148 @@ def measure_memory() -> dict[str, Any]:
     return results
 
 
-def measure_step_time(repeats: int, steps: int) -> dict[str, Any]:
+def _update_step(tx: optax.GradientTransformation):
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def _contenders() -> dict[tuple[str, str], optax.GradientTransformation]:
+    """(variant, name) -> transformation: every format in every variant, and the references
+    (in the plain variant)."""
+    contenders = {}
+    for variant, options in VARIANTS.items():
+        for moment_storage in FORMATS:
+            contenders[variant, moment_storage] = rj.rmsprop(
+                1e-3, moment_storage=moment_storage, **options
+            )
+    for name, build in REFERENCES.items():
+        contenders["plain", name] = build()
+    return contenders
+
+
+def _compiled_memory(compiled, parameters: int) -> dict[str, float]:
+    memory = compiled.memory_analysis()
+    unaliased = memory.output_size_in_bytes - memory.alias_size_in_bytes
+    return {
+        "arguments_bytes_per_parameter": memory.argument_size_in_bytes / parameters,
+        "temporary_bytes_per_parameter": memory.temp_size_in_bytes / parameters,
+        "unaliased_output_bytes_per_parameter": unaliased / parameters,
+        "peak_bytes_per_parameter": (
+            memory.argument_size_in_bytes + memory.temp_size_in_bytes + unaliased
+        )
+        / parameters,
+    }
+
+
+def measure_update_step(repeats: int, steps: int) -> dict[str, Any]:
+    """Compiled memory and interleaved step times of every contender; see the module doc."""
     key = jax.random.key(0)
     grads = jax.jit(transformer_init)(jax.random.fold_in(key, 1))
-    steppers, carries = {}, {}
-    for moment_storage in FORMATS:
-        tx = rj.rmsprop(1e-3, moment_storage=moment_storage)
-
-        def step(params, state, grads, tx=tx):
-            updates, state = tx.update(grads, state, params)
-            return optax.apply_updates(params, updates), state
-
+    parameters = sum(x.size for x in jax.tree.leaves(grads))
+    steppers, carries, results = {}, {}, {}
+    for contender, tx in _contenders().items():
         params = jax.jit(transformer_init)(key)
         state = tx.init(params)
-        steppers[moment_storage] = (
-            jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+        compiled = (
+            jax.jit(_update_step(tx), donate_argnums=(0, 1)).lower(params, state, grads).compile()
         )
-        carries[moment_storage] = steppers[moment_storage](params, state, grads)  # warm up
-    times = {moment_storage: [] for moment_storage in FORMATS}
+        steppers[contender] = compiled
+        results[contender] = _compiled_memory(compiled, parameters)
+        carries[contender] = compiled(params, state, grads)  # warm up
+    times = {contender: [] for contender in steppers}
+    rng = np.random.default_rng(0)
     for _ in range(repeats):
-        for moment_storage in FORMATS:
-            params, state = carries[moment_storage]
+        order = list(steppers)
+        rng.shuffle(order)
+        for contender in order:
+            params, state = carries[contender]
             started = time.perf_counter()
             for _ in range(steps):
-                params, state = steppers[moment_storage](params, state, grads)
+                params, state = steppers[contender](params, state, grads)
             jax.block_until_ready((params, state))
-            times[moment_storage].append((time.perf_counter() - started) / steps)
-            carries[moment_storage] = (params, state)
-    reference = statistics.median(times["float32"])
-    return {
-        moment_storage: {
+            times[contender].append((time.perf_counter() - started) / steps)
+            carries[contender] = (params, state)
+        del order
+    rows = {variant: {} for variant in VARIANTS}
+    for (variant, name), t in times.items():
+        reference = times[variant, "float32"]
+        # The median over rounds of the ratio within a round: both measured back to back.
+        ratio = statistics.median(a / b for a, b in zip(t, reference, strict=True))
+        row = results[variant, name] | {
             "median_seconds": statistics.median(t),
-            "relative_to_float32": statistics.median(t) / reference,
+            "relative_to_float32": ratio,
             "seconds_per_repeat": t,
         }
-        for moment_storage, t in times.items()
+        if name in TARGET_STEP_TIME:
+            row["target_relative_time"] = TARGET_STEP_TIME[name]
+            row["meets_time_target"] = bool(ratio <= TARGET_STEP_TIME[name])
+        if name in FORMATS:
+            row["meets_temporary_target"] = bool(
+                row["temporary_bytes_per_parameter"] <= TARGET_TEMPORARY_BYTES
+            )
+        rows[variant][name] = row
+    return {"parameters": parameters, "variants": rows}
+
+
+def _layer_norm(x: jax.Array, norm: dict) -> jax.Array:
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    variance = jnp.var(x, axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(variance + 1e-6) * norm["scale"] + norm["bias"]
+
+
+def transformer_loss(params: dict, tokens: jax.Array) -> jax.Array:
+    """Next-token cross-entropy of a single-head causal transformer (tied embedding)."""
+
+    def dense(layer, x):
+        return x @ layer["kernel"] + layer["bias"]
+
+    x = params["embed"][tokens]
+    length, width = tokens.shape[-1], x.shape[-1]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    for name in sorted(k for k in params if k.startswith("block")):
+        block = params[name]
+        h = _layer_norm(x, block["norm_attention"])
+        q, k, v = (dense(block[n], h) for n in ("q", "k", "v"))
+        scores = jnp.where(causal, q @ jnp.swapaxes(k, -1, -2) / jnp.sqrt(width), -1e9)
+        x = x + dense(block["o"], jax.nn.softmax(scores) @ v)
+        h = _layer_norm(x, block["norm_mlp"])
+        x = x + dense(block["mlp_out"], jax.nn.gelu(dense(block["mlp_in"], h)))
+    logits = _layer_norm(x, params["final_norm"]) @ params["embed"].T
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]))
+
+
+def measure_training_step() -> dict[str, Any]:
+    """Compiled peak of a whole training step per format, against optax.adam (not run)."""
+    abstract = jax.eval_shape(transformer_init, jax.random.key(0))
+    parameters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
+    tokens = jax.ShapeDtypeStruct((TRAINING_BATCH, TRAINING_LENGTH), jnp.int32)
+    contenders = {f: rj.rmsprop(1e-3, moment_storage=f) for f in FORMATS}
+    contenders["optax.adam"] = optax.adam(1e-3)
+    rows = {}
+    for name, tx in contenders.items():
+
+        def step(params, state, tokens, tx=tx):
+            loss, grads = jax.value_and_grad(transformer_loss)(params, tokens)
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state, loss
+
+        state = jax.eval_shape(tx.init, abstract)
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(abstract, state, tokens).compile()
+        rows[name] = _compiled_memory(compiled, parameters)
+    reference = rows["float32"]["peak_bytes_per_parameter"]
+    for row in rows.values():
+        row["saved_against_float32"] = reference - row["peak_bytes_per_parameter"]
+    rows["int8"]["meets_target"] = bool(
+        rows["int8"]["saved_against_float32"] >= TARGET_INT8_TRAINING_SAVING
+    )
+    return {
+        "parameters": parameters,
+        "batch": [TRAINING_BATCH, TRAINING_LENGTH],
+        "target_int8_saving": TARGET_INT8_TRAINING_SAVING,
+        "formats": rows,
     }
 
 
@@ -176,22 +301,45 @@ def measure_quality(seeds: list[int]) -> dict[str, Any]:
                 abs(row["accuracy_difference_points"]) <= TARGET_ACCURACY_POINTS
                 and abs(row["digits_train_loss_relative_difference"]) <= TARGET_RELATIVE_LOSS
             )
+            # Least squares: no worse than float32 by more than the loss tolerance.
+            row["meets_least_squares_target"] = bool(
+                row["least_squares_loss_relative_difference"] <= TARGET_RELATIVE_LOSS
+            )
         results[name] = rows
         print(f"  quality: {name} done", flush=True)
     return results
 
 
-def print_tables(memory: dict, speed: dict, quality_results: dict) -> None:
+def print_tables(memory: dict, update: dict, training: dict, quality_results: dict) -> None:
     print(f"\nState memory, {memory['parameters'] / 1e6:.1f}M-parameter transformer tree")
-    print(
-        f"{'format':<10} {'B/param':>8} {'centered':>9} {'target':>7} {'step ms':>8} {'vs f32':>7}"
-    )
+    print(f"{'format':<10} {'B/param':>8} {'centered':>9} {'target':>7}")
     for f in FORMATS:
-        m, s = memory[f], speed[f]
+        m = memory[f]
         print(
             f"{f:<10} {m['plain']['bytes_per_parameter']:>8.4f} "
-            f"{m['centered']['bytes_per_parameter']:>9.4f} {m['target_bytes_per_parameter']:>7.2f} "
-            f"{1e3 * s['median_seconds']:>8.1f} {s['relative_to_float32']:>6.2f}x"
+            f"{m['centered']['bytes_per_parameter']:>9.4f} {m['target_bytes_per_parameter']:>7.2f}"
+        )
+    print("\nUpdate step (donated), bytes per parameter; time relative to float32, same variant")
+    print(
+        f"{'variant':<20} {'step':<16} {'args':>6} {'temps':>6} {'peak':>6} {'ms':>7} {'vs f32':>7}"
+    )
+    for variant, rows in update["variants"].items():
+        for name, r in rows.items():
+            print(
+                f"{variant:<20} {name:<16} {r['arguments_bytes_per_parameter']:>6.2f} "
+                f"{r['temporary_bytes_per_parameter']:>6.2f} {r['peak_bytes_per_parameter']:>6.2f} "
+                f"{1e3 * r['median_seconds']:>7.1f} {r['relative_to_float32']:>6.2f}x"
+            )
+    print(
+        f"\nTraining step, {training['parameters'] / 1e6:.1f}M parameters, batch "
+        f"{training['batch'][0]} x {training['batch'][1]}: compiled bytes per parameter"
+    )
+    print(f"{'step':<12} {'args':>6} {'temps':>6} {'peak':>6} {'saved':>6}")
+    for name, r in training["formats"].items():
+        print(
+            f"{name:<12} {r['arguments_bytes_per_parameter']:>6.2f} "
+            f"{r['temporary_bytes_per_parameter']:>6.2f} {r['peak_bytes_per_parameter']:>6.2f} "
+            f"{r['saved_against_float32']:>+6.2f}"
         )
     for name in CONFIGURATIONS:
         print(f"\nQuality, RMSprop {name} (mean over seeds; differences against float32)")
@@ -212,8 +360,8 @@ def print_tables(memory: dict, speed: dict, quality_results: dict) -> None:
     print(f"(least-squares optimum: {quality_results['least_squares_optimum']['mean']:.5f})")
 
 
-FULL_DURATION = "about 10 minutes on 2 CPU cores"
-QUICK_DURATION = "about 3 minutes"
+FULL_DURATION = "about 15 minutes on 2 CPU cores"
+QUICK_DURATION = "about 5 minutes"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -235,9 +383,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     repeats, seeds = (2, [0]) if args.quick else (args.repeats, [0, 1, 2])
     memory = measure_memory()
-    speed = measure_step_time(repeats, args.steps)
+    update = measure_update_step(repeats, args.steps)
+    print("  update step done", flush=True)
+    training = measure_training_step()
+    print("  training step done", flush=True)
     quality_results = measure_quality(seeds)
-    print_tables(memory, speed, quality_results)
+    print_tables(memory, update, training, quality_results)
     backend = jax.default_backend()
     output = output_path("memory", backend, args)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -245,12 +396,24 @@ def main(argv: list[str] | None = None) -> None:
     settings = {
         "repeats": repeats,
         "steps_per_repeat": args.steps,
+        "variants": VARIANTS,
+        "targets": {
+            "step_time_relative_to_float32": TARGET_STEP_TIME,
+            "temporary_bytes_per_parameter": TARGET_TEMPORARY_BYTES,
+            "int8_training_step_saving_bytes_per_parameter": TARGET_INT8_TRAINING_SAVING,
+        },
         "seeds": seeds,
         "configurations": {k: {"learning_rate": r, **o} for k, (r, o) in CONFIGURATIONS.items()},
         "digits": {"steps": DIGITS_STEPS, "l2_weight_decay": DIGITS_WEIGHT_DECAY},
         "least_squares": {"steps": LEAST_SQUARES_STEPS, "rate_factor": LEAST_SQUARES_RATE_FACTOR},
     }
-    record = {"machine": machine, "settings": settings, "memory": memory, "step_time": speed}
+    record = {
+        "machine": machine,
+        "settings": settings,
+        "memory": memory,
+        "update_step": update,
+        "training_step": training,
+    }
     record["quality"] = quality_results
     output.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nwrote {output}")

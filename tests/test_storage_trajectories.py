@@ -85,8 +85,8 @@ def _deviation(trajectory, reference, start) -> float:
     )
 
 
-# bfloat16 rounds each stored average by < 0.4%; int8 by < one code step (11.5%) of nu, a
-# spread of about 4.4% in nu and so 2.2% in each step's sqrt(nu), which partly averages out
+# bfloat16 rounds each stored average by < 0.4%; int8 by < one code step (12.5%) of nu, a
+# spread of about 3.6% in nu and so 1.8% in each step's sqrt(nu), which partly averages out
 # over the steps. With centering, int8's signed 7-bit code of mu enters through g - mu, a small
 # difference for these noiseless gradients.
 TOLERANCE = {"bfloat16": 0.02, "int8": 0.12}

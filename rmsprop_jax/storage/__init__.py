@@ -3,12 +3,15 @@
 Each format implements :class:`rmsprop_jax.storage._format.StorageFormat`. A new format is
 one new module defining a `FORMAT` plus one entry in :data:`FORMATS`.
 
-| name         | second moment `nu`                    | first moment `mu` (centered)    |
-|--------------|---------------------------------------|---------------------------------|
-| `"float32"`  | the compute dtype (4 bytes)           | the same                        |
-| `"bfloat16"` | bfloat16, stochastic rounding         | the same                        |
-| `"int8"`     | :class:`QuantizedMoment`, log codes   | :class:`QuantizedMoment`, signed|
-| `"factored"` | :class:`FactoredMoment` (row, column) | bfloat16, stochastic rounding   |
+| name         | second moment `nu`                      | first moment `mu` (centered)  |
+|--------------|-----------------------------------------|-------------------------------|
+| `"float32"`  | the compute dtype (4 bytes)             | the same                      |
+| `"bfloat16"` | bfloat16, stochastic rounding           | the same                      |
+| `"int8"`     | :class:`QuantizedMoment`, 8 levels/octave | the same, signed            |
+| `"factored"` | :class:`FactoredMoment` (row, column)   | bfloat16, stochastic rounding |
+
+Every format's update step divides by the average as stored (rounded), and writes the donated
+state in place; large int8 leaves are updated in row chunks (`_rows`).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from typing import Any
 
 import jax
 
-from rmsprop_jax.storage import bfloat16, factored, float32, int8
-from rmsprop_jax.storage._format import StorageFormat
+from rmsprop_jax.storage import _rows, bfloat16, factored, float32, int8
+from rmsprop_jax.storage._format import StorageFormat, after
+from rmsprop_jax.storage._rows import update_by_rows
 from rmsprop_jax.storage.factored import FactoredMoment
 from rmsprop_jax.storage.int8 import QuantizedMoment
 
@@ -37,6 +41,12 @@ def get(name: Any) -> StorageFormat:
 def first_moment_format(fmt: StorageFormat) -> StorageFormat:
     """The format in which `fmt` keeps the first moment `mu` of centered RMSprop."""
     return FORMATS[fmt.first_moment_name or fmt.name]
+
+
+def updates_by_rows(fmt: StorageFormat, g: Any) -> bool:
+    """Whether the averages of a leaf shaped like `g` are updated in row chunks (see
+    :mod:`rmsprop_jax.storage._rows`): every average then comes from :func:`update_by_rows`."""
+    return _rows.applies(fmt, g, signed=False)
 
 
 def format_of(node: Any) -> StorageFormat | None:
@@ -65,4 +75,13 @@ def logical_shapes(fmt: StorageFormat, stored: Any) -> Any:
     )
 
 
-__all__ = ["FORMATS", "FactoredMoment", "QuantizedMoment", "StorageFormat", "get"]
+__all__ = [
+    "FORMATS",
+    "FactoredMoment",
+    "QuantizedMoment",
+    "StorageFormat",
+    "after",
+    "get",
+    "update_by_rows",
+    "updates_by_rows",
+]

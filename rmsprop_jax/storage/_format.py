@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rmsprop_jax._sharded_ops import plus_zero_from
+from rmsprop_jax.storage import _rounding
 
 Parts = tuple[Any, ...]
 
@@ -39,6 +40,56 @@ Parts = tuple[Any, ...]
 def placeholder() -> jax.Array:
     """The one-element array standing in for a part (or `dense`) a leaf does not use."""
     return jnp.zeros((1,), jnp.uint8)
+
+
+def tie(part: chex.Array, never: chex.Array) -> chex.Array:
+    """`part` unchanged, as a bitwise OR with `never` (False, of a shape that broadcasts).
+
+    `never` must be computed so that no compiler folds it to a constant (as
+    `(x != x) & (x == x)` is not folded, see `_sharded_ops.plus_zero_from`): `part` then
+    depends on whatever `never` was computed from.
+    """
+    if jnp.dtype(part.dtype).itemsize > 4:
+        return part
+    unsigned = jnp.dtype(f"uint{8 * jnp.dtype(part.dtype).itemsize}")
+    bits = jax.lax.bitcast_convert_type(part, unsigned) | never.astype(unsigned)
+    return jax.lax.bitcast_convert_type(bits, part.dtype)
+
+
+def never_from(x: chex.Array) -> chex.Array:
+    """False, elementwise, computed from `x` in a way no compiler folds."""
+    x = jnp.real(x).astype(jnp.float32)
+    return (x != x) & (x == x)
+
+
+def after(parts: Any, *earlier: Any) -> Any:
+    """`parts` (unchanged), read only once the arrays `earlier` are written.
+
+    An update that then overwrites `parts` in place runs after whatever computed `earlier`
+    from the old `parts`, so XLA need not copy the old `parts` first. Each part is tied
+    (:func:`tie`) to an `earlier` array read behind an optimization barrier (so that it is the
+    written buffer, not a recomputation). The tie is taken from an array of the part's shape,
+    or of its shape without the last axis, so that it is placed like the part and a sharded
+    leaf needs no communication. Within a row chunk (:mod:`rmsprop_jax.storage._rows`), which
+    orders its writes itself, `parts` are returned as they are.
+    """
+    written = [x for x in jax.tree.leaves(earlier) if np.size(x) > 1]
+    if not written or _rounding.in_chunk():
+        return parts
+    written = jax.lax.optimization_barrier(written)
+
+    def tied(part):
+        if np.size(part) <= 1:
+            return part
+        shape = np.shape(part)
+        anchor = next((x for x in written if np.shape(x) == shape), None)
+        if anchor is None:
+            anchor = next((x[..., None] for x in written if np.shape(x) == shape[:-1]), None)
+        if anchor is None:
+            anchor = written[0].reshape(-1)[:1]
+        return tie(part, never_from(anchor))
+
+    return jax.tree.map(tied, parts)
 
 
 def moving_average(stored: chex.Array, x: chex.Array, decay: Any) -> chex.Array:
@@ -61,12 +112,16 @@ class StorageFormat:
       stores_centered_variance: whether a centered state keeps the variance
         :math:`\\nu - |\\mu|^2` (updated without cancellation) instead of :math:`\\nu`.
       first_moment_name: the format of :math:`\\mu` (centered), by name.
+      updates_in_row_chunks: whether large leaves are updated a chunk of rows at a time
+        (:mod:`rmsprop_jax.storage._rows`), for formats whose `update` reduces over the new
+        average.
     """
 
     name: ClassVar[str]
     container: ClassVar[type | None] = None
     stores_centered_variance: ClassVar[bool] = True
     first_moment_name: ClassVar[str | None] = None
+    updates_in_row_chunks: ClassVar[bool] = False
 
     # -- one compressed leaf -------------------------------------------------------------
     def compresses(self, shape: tuple[int, ...], dtype: Any, *, signed: bool) -> bool:
@@ -92,9 +147,18 @@ class StorageFormat:
     def update(
         self, parts: Parts, x: chex.Array, decay: Any, seed: chex.Array, *, signed: bool
     ) -> tuple[Parts, chex.Array]:
-        """Folds `x` into the average; returns the new parts and the unrounded average."""
+        """Folds `x` into the average; returns the new parts and the average they stand for.
+
+        The step is computed from the stored (rounded) average rather than the exact one: the
+        new parts then depend on the old ones only, and the step on the new ones only, so XLA
+        writes the donated parts in place without first copying the old ones (which the step
+        would otherwise still read after they are overwritten).
+        """
         average = moving_average(self.decode(parts, x.dtype), x, decay)
-        return self.encode(average, seed, signed=signed), average
+        # The barrier keeps XLA from recomputing the new parts (from the old ones) inside the
+        # step: the step reads the buffers just written.
+        parts = jax.lax.optimization_barrier(self.encode(average, seed, signed=signed))
+        return parts, self.decode(parts, x.dtype)
 
     def logical_shape(self, parts: Parts) -> tuple[int, ...]:
         """The shape of the parameter a compressed leaf belongs to."""

@@ -19,6 +19,11 @@ References:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import Any
+
 import chex
 import jax.numpy as jnp
 
@@ -41,13 +46,42 @@ def seed(count: chex.Array, leaf_index: int, stream: int) -> chex.Array:
     return _lowbias32(jnp.asarray(count).astype(jnp.uint32) * jnp.uint32(_GOLDEN) ^ leaf)
 
 
+# Set while a leaf is updated in row chunks (`rmsprop_jax.storage._rows`): how the rows of a
+# chunk map to the rows of the leaf, so that every element keeps its bits.
+_CHUNK_ROWS: contextvars.ContextVar[Any] = contextvars.ContextVar("chunk_rows", default=None)
+
+
+@contextlib.contextmanager
+def chunk_rows(group_stride: int, group_rows: int, first_row: Any) -> Iterator[None]:
+    """Arrays seen by :func:`bits` are row chunks of a leaf: chunk row `q` is leaf row
+    `(q // group_rows) * group_stride + first_row + q % group_rows`."""
+    token = _CHUNK_ROWS.set((group_stride, group_rows, first_row))
+    try:
+        yield
+    finally:
+        _CHUNK_ROWS.reset(token)
+
+
+def in_chunk() -> bool:
+    """Whether the arrays being traced are row chunks of a leaf (see :func:`chunk_rows`)."""
+    return _CHUNK_ROWS.get() is not None
+
+
 def bits(step_seed: chex.Array, like: chex.Array) -> chex.Array:
     """Uniform uint32 bits shaped (and, with explicit sharding, sharded) like `like`."""
     sharding = _sharded_ops.explicit_sharding(like)
     index = jnp.zeros((), jnp.uint32)
     stride = 1
+    chunk = _CHUNK_ROWS.get()
     for axis in reversed(range(like.ndim)):
         iota = _jax_compat.broadcasted_iota(jnp.uint32, like.shape, axis, sharding)
+        if axis == 0 and chunk is not None:
+            group_stride, group_rows, first_row = chunk
+            iota = (
+                (iota // group_rows) * jnp.uint32(group_stride)
+                + jnp.asarray(first_row).astype(jnp.uint32)
+                + iota % group_rows
+            )
         index = index + iota * jnp.uint32(stride & 0xFFFFFFFF)
         stride *= like.shape[axis]
     step_seed = jnp.asarray(step_seed, jnp.uint32)

@@ -10,6 +10,10 @@ bits are a pure function of the step count, the leaf's position in the tree and 
 index (:mod:`rmsprop_jax.storage._rounding`), so a run is reproducible, resumes from a checkpoint
 exactly, needs no random key in the state, and does not depend on how a leaf is sharded.
 
+The step divides by the stored (rounded) average, within :math:`2^{-8}` of the exact one:
+the new array then depends on the old one only, and the step on the new one, so the donated
+array is overwritten in place without a copy of the old one.
+
 Compensated (Kahan) summation would avoid the noise but needs a second buffer, giving up the
 memory the format exists to save.
 

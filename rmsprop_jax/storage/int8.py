@@ -1,38 +1,50 @@
-r"""Block-wise 8-bit storage of a moving average, with a logarithmic code book.
+r"""Block-wise 8-bit storage of a moving average, with codes taken from float32 bit patterns.
 
 Each leaf is cut into blocks along its last axis; a block keeps one float32 scale, the largest
-magnitude in it, and one byte per element. The second moment is non-negative and spans many
-orders of magnitude, and what matters to RMSprop is its relative error (the step is
-:math:`g/\sqrt{\nu}`), so the code book is logarithmic, which makes the relative error the
-same at every magnitude:
+finite magnitude in it, and one byte per element. The second moment is non-negative and spans
+many orders of magnitude, and what matters to RMSprop is its relative error (the step is
+:math:`g/\sqrt{\nu}`), so the code book is logarithmic-like: the levels are the float32
+numbers with 3 mantissa bits, 8 evenly spaced per octave, counted down from the block scale,
 
 .. math::
 
-    \nu = s \cdot 2^{-(253 - c)\,h}, \quad c = 1, \dots, 253, \quad h = 40 / 252,
+    \nu = s \cdot (1 + m/8) \cdot 2^{e}, \quad 8e + m = c - 253, \quad c = 1, \dots, 253,
+    \ 0 \le m < 8,
 
-:math:`c = 0` is exactly 0, and the codes 254 and 255 stand for :math:`+\infty` and NaN. The
-codes cover 12 orders of magnitude below the block's largest finite value,
-:math:`2^{-40} \approx 9 \times 10^{-13}`, in steps of 11.6%. The first moment (`mu` of
-centered RMSprop) is signed: a sign and 126 logarithmic levels over :math:`2^{-20}` of the
-block's largest finite magnitude (whose square again spans 12 orders), with 127, -127 and
--128 for :math:`+\infty`, :math:`-\infty` and NaN.
+so code 253 is the scale itself and code 1 is :math:`1.5 \cdot 2^{-32} \approx 3.5 \times
+10^{-10}` of it (9.5 orders of magnitude); :math:`c = 0` is exactly 0, and the codes 254 and
+255 stand for :math:`+\infty` and NaN. Neighbouring levels are :math:`1/8` (just above a power
+of two) to :math:`1/15` of the lower one apart, so a value in range is stored within 12.5% of
+itself. The first moment (`mu` of centered RMSprop) is signed: a sign and 126 levels down to
+:math:`1.375 \cdot 2^{-16} \approx 2.1 \times 10^{-5}` of the block's largest magnitude (4.7
+orders; its square spans 9.4), with 127, -127 and -128 for :math:`+\infty`, :math:`-\infty`
+and NaN.
+
+The codes are integer work on the bits of :math:`x / s`: the level of code :math:`c` is the
+float32 whose bits are :math:`(c + 763) \ll 20` (:math:`(c + 890) \ll 20` signed), and a value
+is coded by adding 20 random bits below its 3 kept mantissa bits and truncating. No logarithm
+or exponential is evaluated, which made the step several times slower on CPUs.
 
 Non-finite values are kept per element and take no part in the block scale: one element
 whose squared gradient overflowed (or whose gradient was NaN) keeps its own non-finite
 average, as float32 storage would, and the 255 others of its block are stored as if it were
 not there.
 
-Rounding between the two neighbouring codes is stochastic and unbiased,
+Rounding between the two neighbouring levels is stochastic and unbiased,
 :math:`E[\mathrm{decode}(\mathrm{encode}(x))] = x`, for the reason given in
-:mod:`rmsprop_jax.storage.bfloat16`: a moving average moves by far less than one code step per
-update. Values below the smallest code round to it or to 0, still unbiased; exact zeros stay
-exactly zero. The noise does not pile up with the number of steps: an update moves the average
-by a fraction :math:`1-\beta` of its distance to :math:`x`, and the code moves with a
-probability proportional to that, so the stored value wanders over the codes next to the exact
-average. For a constant :math:`x` its relative spread is 4.4% at decay 0.9 as at 0.99 (0.23%
-for bfloat16), which RMSprop sees halved in :math:`\sqrt{\nu}`.
+:mod:`rmsprop_jax.storage.bfloat16`: a moving average moves by far less than one level per
+update. Within an octave the levels are evenly spaced, so adding uniform bits below the kept
+ones and truncating rounds up with probability equal to the dropped fraction. Below the
+smallest level, a signed value rounds to it or to 0, still unbiased; a second moment is stored
+as the smallest level (never 0 unless it is 0), because the step divides by it. Exact zeros
+stay exactly zero. The noise does not pile up with the number of steps: an update moves the
+average by a fraction :math:`1-\beta` of its distance to :math:`x`, and the code moves with a
+probability proportional to that, so the stored value wanders over the levels next to the
+exact average: for a constant :math:`x` its relative spread is 3.6% at decay 0.9 as at 0.99.
+RMSprop's step divides by the stored average, so it sees that noise halved in
+:math:`\sqrt{\nu}`.
 
-With centering, the rounding of `mu` (up to 17% of :math:`|\mu|`) adds to the variance
+With centering, the rounding of `mu` (up to 12.5% of :math:`|\mu|`) adds to the variance
 estimate through :math:`(g - \mu)^2`: when gradients are far larger than their noise, the
 variance is overestimated and steps come out smaller than with float32, a bias towards caution
 rather than towards a blow-up.
@@ -44,6 +56,11 @@ holds whole blocks on every shard, and block scales are computed without communi
 :math:`2^j` does not divide :math:`n`, blocks are 256 long and the last one is zero-padded
 during the computation (the stored codes keep the leaf's shape). Leaves under 4096 elements
 are not quantized: their scales would cost more than they save.
+
+A block scale is a reduction over the new average, and XLA:CPU fuses no elementwise work into
+a reduction: the float32 average would be materialized for the whole leaf. Leaves of two or
+more axes are therefore updated a chunk of rows at a time (:mod:`rmsprop_jax.storage._rows`),
+which bounds that temporary to one chunk.
 
 References:
   Dettmers et al., `8-bit Optimizers via Block-wise Quantization
@@ -57,6 +74,8 @@ from typing import Any, ClassVar, NamedTuple
 
 import chex
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 from jax.sharding import PartitionSpec
 
 from rmsprop_jax import _sharded_ops
@@ -68,15 +87,18 @@ MIN_ELEMENTS = 4096
 
 
 class _CodeBook(NamedTuple):
-    top: int  # the largest level code; level c stands for 2 ** ((c - top) * step).
-    step: float  # log2 of the ratio of neighbouring levels.
+    top: int  # the largest level code; it stands for the block scale itself.
+    offset: int  # level code c stands for the float32 whose bits are (c + offset) << 20.
     inf: int  # the code of +inf (its negative is -inf for a signed book).
     nan: int
     dtype: Any
 
 
-_UNSIGNED = _CodeBook(top=253, step=40.0 / 252, inf=254, nan=255, dtype=jnp.uint8)
-_SIGNED = _CodeBook(top=126, step=20.0 / 125, inf=127, nan=-128, dtype=jnp.int8)
+# The float32 1.0 has bits 127 << 23 = (127 * 8) << 20: the top code decodes to 1.0 (times the
+# block scale), 8 codes per octave below it.
+_UNSIGNED = _CodeBook(top=253, offset=127 * 8 - 253, inf=254, nan=255, dtype=jnp.uint8)
+_SIGNED = _CodeBook(top=126, offset=127 * 8 - 126, inf=127, nan=-128, dtype=jnp.int8)
+_MANTISSA_SHIFT = 20  # 23 mantissa bits of a float32, 3 kept.
 
 
 class QuantizedMoment(NamedTuple):
@@ -113,14 +135,50 @@ def _from_blocks(x: chex.Array, like: chex.Array) -> chex.Array:
     return _sharded_ops.merge_last_axes(x, like)
 
 
-def _exp2(codes_from_top: chex.Array, step: float) -> chex.Array:
-    """`2 ** (codes_from_top * step)`: XLA's CPU exp is vectorized and its exp2 is not (8x)."""
-    return jnp.exp(codes_from_top * (step * math.log(2)))
+def _level(magnitude_code: chex.Array, book: _CodeBook) -> chex.Array:
+    """The level (a fraction of the block scale, in (0, 1]) of codes 1..top: integer work only."""
+    bits = (magnitude_code + book.offset).astype(jnp.uint32) << _MANTISSA_SHIFT
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _smallest_level(book: _CodeBook) -> float:
+    return float(np.array((1 + book.offset) << _MANTISSA_SHIFT, np.uint32).view(np.float32))
 
 
 def block_anchor(param: chex.Array) -> chex.Array:
     """A slice of `param` shaped like its block scales: each block's first element."""
     return _to_blocks(param)[..., 0]
+
+
+def block_scales(blocks: chex.Array) -> chex.Array:
+    """Each block's largest finite magnitude (0 for a block with none)."""
+    return jnp.max(jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), 0), axis=-1)
+
+
+def _codes(
+    blocks: chex.Array, scales: chex.Array, bits: chex.Array, book: _CodeBook, signed: bool
+) -> chex.Array:
+    magnitude = jnp.abs(blocks)
+    inverse = jnp.where(scales > 0, 1 / jnp.where(scales > 0, scales, 1), 0)[..., None]
+    relative = magnitude * inverse
+    smallest = _smallest_level(book)
+    # Within an octave the levels are evenly spaced, 2**-20 units of the kept bits apart:
+    # adding 20 uniform bits below them and truncating rounds up with probability equal to
+    # the dropped fraction (as bfloat16's stochastic rounding does).
+    field = (lax.bitcast_convert_type(relative, jnp.uint32) + (bits >> 12)) >> _MANTISSA_SHIFT
+    in_range = jnp.minimum(field.astype(jnp.int32) - book.offset, book.top)
+    if signed:
+        # Below the smallest level: that level with probability relative / smallest, else 0.
+        uniform = (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24 * smallest)
+        below = (uniform < relative).astype(jnp.int32)
+    else:
+        # A second moment is never rounded to 0 unless it is 0: the step divides by it.
+        below = (relative > 0).astype(jnp.int32)
+    codes = jnp.where(relative >= smallest, in_range, below)
+    codes = jnp.where(jnp.isinf(blocks), book.inf, codes)
+    if signed:
+        codes = jnp.where(blocks < 0, -codes, codes)
+    return jnp.where(jnp.isnan(blocks), book.nan, codes)
 
 
 def encode(x: chex.Array, seed: chex.Array, *, signed: bool) -> tuple[chex.Array, chex.Array]:
@@ -131,24 +189,10 @@ def encode(x: chex.Array, seed: chex.Array, *, signed: bool) -> tuple[chex.Array
     """
     book = _SIGNED if signed else _UNSIGNED
     x = x.astype(jnp.float32)
-    uniform = _to_blocks(_rounding.uniform(seed, x))
     blocks = _to_blocks(x)
-    finite = jnp.isfinite(blocks)
-    magnitude = jnp.where(finite, jnp.abs(blocks), 0)
-    scales = jnp.max(magnitude, axis=-1)
-    relative = magnitude / jnp.where(scales > 0, scales, 1)[..., None]
-    # log2(0) = -inf clips to code 0, whose level is exactly 0: zeros stay zeros.
-    lower = jnp.clip(jnp.floor(book.top + jnp.log2(relative) / book.step), 0, book.top)
-    # Neighbouring levels are a factor 2**step apart, so one exponential gives both. Past the top
-    # code, `relative <= 1` makes the probability of rounding up 0.
-    level = _exp2(lower - book.top, book.step)
-    low, high = jnp.where(lower > 0, level, 0.0), level * 2.0**book.step
-    round_up_probability = jnp.clip((relative - low) / (high - low), 0, 1)
-    codes = jnp.minimum(lower + (uniform < round_up_probability), book.top)
-    codes = jnp.where(jnp.isinf(blocks), book.inf, codes)
-    if signed:
-        codes = jnp.where(blocks < 0, -codes, codes)
-    codes = jnp.where(jnp.isnan(blocks), book.nan, codes)
+    scales = block_scales(blocks)
+    bits = _to_blocks(_rounding.bits(seed, x))
+    codes = _codes(blocks, scales, bits, book, signed)
     return _from_blocks(codes, x).astype(book.dtype), scales
 
 
@@ -158,9 +202,7 @@ def decode(codes: chex.Array, scales: chex.Array, dtype: Any) -> chex.Array:
     book = _SIGNED if signed else _UNSIGNED
     code = _to_blocks(codes.astype(jnp.int32))
     magnitude_code = jnp.abs(code)
-    level = jnp.where(
-        magnitude_code > 0, _exp2((magnitude_code - book.top).astype(jnp.float32), book.step), 0
-    )
+    level = jnp.where(magnitude_code > 0, _level(magnitude_code, book), 0)
     magnitude = jnp.where(magnitude_code == book.inf, jnp.inf, level * scales[..., None])
     values = jnp.where(code < 0, -magnitude, magnitude) if signed else magnitude
     values = jnp.where(code == book.nan, jnp.nan, values)
@@ -168,11 +210,12 @@ def decode(codes: chex.Array, scales: chex.Array, dtype: Any) -> chex.Array:
 
 
 class Int8(StorageFormat):
-    """Block-wise 8-bit logarithmic codes for leaves of at least 4096 elements."""
+    """Block-wise 8-bit codes (3 mantissa bits) for leaves of at least 4096 elements."""
 
     name: ClassVar[str] = "int8"
     container: ClassVar[type] = QuantizedMoment
     first_moment_name: ClassVar[str] = "int8"
+    updates_in_row_chunks: ClassVar[bool] = True
 
     def compresses(self, shape: tuple[int, ...], dtype: Any, *, signed: bool) -> bool:
         del signed

@@ -1,0 +1,144 @@
+"""Updating the stored averages of a large leaf in chunks of rows, to bound the step's memory.
+
+A format whose new parts depend on a reduction of the new average (the block scales of
+`"int8"`) cannot compute them in one elementwise pass: XLA:CPU fuses no elementwise producer
+into a reduction, so the float32 average would be materialized for the whole leaf (4 bytes per
+parameter) before the codes are written. Updating the leaf a chunk of rows at a time, in a
+`jax.lax.fori_loop` whose carry is the (donated) stored parts, bounds that temporary to one
+chunk (:data:`CHUNK_ELEMENTS` elements) and writes every new part in place.
+
+Chunks are strided: the leaf's leading axis of :math:`R` rows is viewed as
+:math:`G \\times R/G` (:math:`G = \\gcd(R, 64)`) and a chunk takes the same few rows of every
+group, so a leaf whose rows are split over up to 64 devices (any power of two dividing
+:math:`R`) finds each chunk on every device and the loop needs no communication. The
+stochastic-rounding bits of every element are those of the unchunked update (see
+:func:`rmsprop_jax.storage._rounding.chunk_rows`): the result does not depend on the chunking.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, cast
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from rmsprop_jax import _sharded_ops
+from rmsprop_jax.storage import _rounding
+from rmsprop_jax.storage._format import never_from, tie
+
+CHUNK_ELEMENTS = 1 << 15
+_MAX_GROUPS = 64
+
+
+def layout(shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """(groups, rows per group, rows per chunk and group) for a leaf of `shape`, or None when
+    the leaf is not worth chunking (under two chunks, or fewer than two axes)."""
+    if len(shape) < 2 or math.prod(shape) <= 2 * CHUNK_ELEMENTS:
+        return None
+    rows, row_elements = shape[0], math.prod(shape[1:])
+    # At most a chunk's worth of rows in the groups (a power of two, so it still divides
+    # evenly among devices).
+    most = 1 << max(0, (CHUNK_ELEMENTS // row_elements).bit_length() - 1)
+    groups = math.gcd(rows, min(_MAX_GROUPS, most))
+    group_rows = rows // groups
+    step = max(1, CHUNK_ELEMENTS // (groups * row_elements))
+    while group_rows % step:
+        step -= 1
+    return None if step == group_rows else (groups, group_rows, step)
+
+
+def applies(fmt: Any, g: chex.Array, *, signed: bool) -> bool:
+    """Whether `fmt` updates a leaf shaped like `g` in row chunks."""
+    return (
+        fmt.updates_in_row_chunks
+        and fmt.compresses(g.shape, g.dtype, signed=signed)
+        and layout(g.shape) is not None
+        # Reshapes of explicitly sharded axes need their sharding spelled out; such leaves
+        # are updated in one pass.
+        and _sharded_ops.explicit_sharding(g) is None
+    )
+
+
+def _aligned(anchor: chex.Array, like: chex.Array) -> chex.Array:
+    """`anchor` (a chunk of another part of the same rows) made to broadcast against `like`,
+    each element of `like` taking one on the same rows and within the same last-axis block,
+    so that the two are placed alike when sharded."""
+    if anchor.shape == like.shape:
+        return anchor
+    *rows, length = anchor.shape
+    if tuple(rows) == like.shape[:-1] and length % like.shape[-1] == 0:
+        return anchor.reshape(*rows, like.shape[-1], -1)[..., 0]
+    if tuple(rows) == like.shape[:-1] and like.shape[-1] % length == 0:
+        repeats = like.shape[-1] // length
+        return jnp.broadcast_to(anchor[..., None], (*rows, length, repeats)).reshape(like.shape)
+    return anchor.reshape(-1)[:1]
+
+
+def update_by_rows(fn: Callable[..., Any], g: chex.Array, *stored: Any) -> Any:
+    """`fn(g, *stored)` computed a chunk of rows at a time, each stored array updated in place.
+
+    Args:
+      fn: maps a gradient and stored leaves (tuples of arrays, or None) to new stored leaves
+        of the same structure; it must be row-wise (row `i` of every output depends only on
+        row `i` of the inputs) and return every array without the leaf's rows (one-element
+        placeholders) unchanged.
+      g: the gradient, of at least two axes, with a :func:`layout`.
+      *stored: the stored leaves.
+
+    Returns:
+      The new stored leaves, as `fn(g, *stored)` would return them.
+    """
+    chunking = layout(g.shape)
+    if chunking is None:
+        raise ValueError(f"A leaf of shape {g.shape} is not updated by rows (see `layout`).")
+    groups, group_rows, step = chunking
+    rows = g.shape[0]
+    leaves, treedef = jax.tree.flatten(stored)
+    rowed = [np.ndim(x) >= 1 and np.shape(x)[0] == rows and np.shape(x) != (1,) for x in leaves]
+
+    def grouped(x):
+        return x.reshape(groups, group_rows, *x.shape[1:])
+
+    def chunk_of(x, first):
+        return lax.dynamic_slice_in_dim(x, first, step, axis=1).reshape(groups * step, *x.shape[2:])
+
+    chunk_count = group_rows // step
+
+    def body(i, carry):
+        first = i * step
+        chunks = iter(carry)
+        inputs = [
+            chunk_of(next(chunks), first) if r else x for x, r in zip(leaves, rowed, strict=True)
+        ]
+        with _rounding.chunk_rows(group_rows, step, first):
+            outputs = jax.tree.leaves(fn(chunk_of(grouped(g), first), *treedef.unflatten(inputs)))
+        carry, written = list(carry), cast(list[Any], [])
+        position = 0
+        for x, r in zip(outputs, rowed, strict=True):
+            if not r:
+                continue
+            # XLA recomputes each new chunk inside the fusion that writes it, from the old
+            # chunks, and a later stored leaf may read an earlier one's old chunk (centered:
+            # the variance reads the old mu), a format's codes their old scales. Unless the
+            # writes are ordered, XLA copies whole carried arrays each iteration. So each chunk
+            # is written after the one before (the stored leaves in order, parts in order),
+            # tied to a chunk read back from the array written before (another chunk's rows,
+            # so that no simplification turns the read into the value written).
+            if written:
+                back = chunk_of(written[-1], ((i + 1) % chunk_count) * step)
+                x = tie(x, never_from(_aligned(back, x)))
+            update = x.reshape(groups, step, *x.shape[1:]).astype(carry[position].dtype)
+            carry[position] = lax.dynamic_update_slice_in_dim(carry[position], update, first, 1)
+            written.append(carry[position])
+            position += 1
+        return tuple(carry)
+
+    carry = tuple(grouped(x) for x, r in zip(leaves, rowed, strict=True) if r)
+    carry = iter(lax.fori_loop(0, group_rows // step, body, carry))
+    new = [next(carry).reshape(x.shape) if r else x for x, r in zip(leaves, rowed, strict=True)]
+    return treedef.unflatten(new)
