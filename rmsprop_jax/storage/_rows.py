@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import chex
 import jax
@@ -117,7 +117,8 @@ def update_by_rows(fn: Callable[..., Any], g: chex.Array, *stored: Any) -> Any:
         ]
         with _rounding.chunk_rows(group_rows, step, first):
             outputs = jax.tree.leaves(fn(chunk_of(grouped(g), first), *treedef.unflatten(inputs)))
-        carry, written = list(carry), cast(list[Any], [])
+        carry = list(carry)
+        written: list[Any] = []
         position = 0
         for x, r in zip(outputs, rowed, strict=True):
             if not r:
