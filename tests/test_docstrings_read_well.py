@@ -45,10 +45,7 @@ def public_objects() -> list[tuple[str, object]]:
 PUBLIC = public_objects()
 IDS = [name for name, _ in PUBLIC]
 # Classes defined in `rmsprop_jax.storage`, whose docstrings are maintained with that package.
-KNOWN_WITHOUT_EXAMPLES = {
-    "rmsprop_jax.FactoredMoment": "defined in rmsprop_jax.storage; no Examples section yet",
-    "rmsprop_jax.QuantizedMoment": "defined in rmsprop_jax.storage; no Examples section yet",
-}
+KNOWN_WITHOUT_EXAMPLES: dict[str, str] = {}
 # A LaTeX command such as \leftarrow or \sqrt, or a reStructuredText math role.
 RAW_MARKUP = re.compile(r":math:`|\\[A-Za-z]+")
 

@@ -51,6 +51,12 @@ class FactoredMoment(NamedTuple):
     the last axis) and `col` (shape (..., C), over the second-to-last) with a placeholder in
     `dense`, or, for a leaf that is not such a matrix, the average itself in `dense` with
     placeholders in `row` and `col`.
+
+    Examples:
+      >>> params = {"w": jnp.ones((128, 256)), "b": jnp.ones(8)}
+      >>> nu = rj.rmsprop(1e-3, moment_storage="factored").init(params)[2].nu
+      >>> nu.row["w"].shape, nu.col["w"].shape, nu.dense["b"].shape, nu.dense["w"].shape
+      ((128,), (256,), (8,), (1,))
     """
 
     row: Any

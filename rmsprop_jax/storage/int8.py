@@ -108,6 +108,12 @@ class QuantizedMoment(NamedTuple):
     `mu`) and `scales` (float32, shape `(*leaf.shape[:-1], blocks)`: each block's largest
     finite magnitude) with a placeholder in `dense`, or, for a leaf too small to compress,
     the average itself in `dense` with placeholders in `codes` and `scales`.
+
+    Examples:
+      >>> params = {"w": jnp.ones((64, 256)), "b": jnp.ones(8)}
+      >>> nu = rj.rmsprop(1e-3, moment_storage="int8").init(params)[2].nu
+      >>> nu.codes["w"].dtype, nu.codes["w"].shape, nu.scales["w"].shape, nu.dense["b"].shape
+      (dtype('uint8'), (64, 256), (64, 1), (8,))
     """
 
     codes: Any
