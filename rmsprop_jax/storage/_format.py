@@ -124,6 +124,13 @@ class StorageFormat:
     updates_in_row_chunks: ClassVar[bool] = False
 
     # -- one compressed leaf -------------------------------------------------------------
+    def _undefined(self, operation: str) -> TypeError:
+        return TypeError(
+            f"Storage format {self.name!r} was asked to {operation} a compressed leaf but "
+            "defines no such operation: a format whose `compresses` can return True defines "
+            "`create`, `decode` and `encode` (or `update`)."
+        )
+
     def compresses(self, shape: tuple[int, ...], dtype: Any, *, signed: bool) -> bool:
         """Whether a leaf of this shape and (compute) dtype is compressed."""
         del shape, dtype, signed
@@ -134,15 +141,15 @@ class StorageFormat:
 
         Built from `jnp.full_like(like, ...)` so that a sharded `like` gives sharded parts.
         """
-        raise NotImplementedError(f"{self.name} compresses no leaf")
+        raise self._undefined("create")
 
     def decode(self, parts: Parts, dtype: Any) -> chex.Array:
         """The average a compressed leaf stands for, in `dtype`."""
-        raise NotImplementedError(f"{self.name} compresses no leaf")
+        raise self._undefined("decode")
 
     def encode(self, x: chex.Array, seed: chex.Array, *, signed: bool) -> Parts:
         """The parts storing `x`, with rounding bits selected by `seed` (a uint32)."""
-        raise NotImplementedError(f"{self.name} compresses no leaf")
+        raise self._undefined("encode")
 
     def update(
         self, parts: Parts, x: chex.Array, decay: Any, seed: chex.Array, *, signed: bool
