@@ -1,7 +1,7 @@
 """Smoke test of an installed rmsprop-jax: run it in an environment holding only the wheel.
 
 Imports the package from site-packages (refusing a source checkout), then makes one jitted
-update with every variant, every `nu_storage` format and each framework preset, and checks
+update with every variant, every `moment_storage` format and each framework preset, and checks
 that each update is finite, nonzero and moves the parameters downhill on a quadratic
 (`sum(p**2) / 2`, whose gradient is `p`). Exits non-zero on the first failure.
 
@@ -69,7 +69,7 @@ def main() -> None:
     for variant, options in VARIANTS.items():
         check(f"rmsprop {variant}", rj.rmsprop(1e-2, **options))
     for storage in STORAGES:
-        check(f"rmsprop nu_storage={storage}", rj.rmsprop(1e-2, nu_storage=storage))
+        check(f"rmsprop moment_storage={storage}", rj.rmsprop(1e-2, moment_storage=storage))
     for name, tx in presets().items():
         check(name, tx)
     print("wheel smoke test passed")
