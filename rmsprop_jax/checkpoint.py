@@ -151,6 +151,9 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
     """
     _check_step(step)
     ocp_ = _orbax()
+    # The manager was opened with `create=False`; older orbax versions (0.11.13) then refuse
+    # to save into a directory that does not exist yet, so the first save makes it.
+    Path(manager.directory).mkdir(parents=True, exist_ok=True)
     return manager.save(step, args=ocp_.args.StandardSave(state), force=force)
 
 

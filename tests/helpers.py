@@ -17,6 +17,10 @@ from rmsprop_jax import _jax_compat
 # placement tests pin down what JAX 0.10 and newer do. JAX 0.5.3 computes the same values but
 # places some state elsewhere (under explicit sharding, all of `init`'s state is replicated
 # until the first update), so those tests skip there, saying so.
+needs_jax_0_10_compiler = pytest.mark.skipif(
+    _jax_compat.JAX_VERSION < (0, 10),
+    reason=f"compiled-step memory is judged on the XLA of JAX 0.10+, this is JAX {jax.__version__}",
+)
 needs_jax_0_10_placement = pytest.mark.skipif(
     _jax_compat.JAX_VERSION < (0, 10),
     reason=f"state placement by sharding propagation is checked on JAX 0.10+, this is "

@@ -15,8 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import needs_jax_0_10_compiler
 
 import rmsprop_jax as rj
+
+pytestmark = needs_jax_0_10_compiler
 
 # Leaves as in a transformer block (embedding, attention, MLP, norms and biases): 4.5M
 # parameters, large enough that a leaf is updated in several row chunks.
