@@ -113,11 +113,26 @@ def open_manager(
             f"{options!r}."
         )
     options = dataclasses.replace(options or ocp_.CheckpointManagerOptions(), create=False)
-    return ocp_.CheckpointManager(
-        Path(directory).absolute(),
-        options=options,
-        item_handlers=ocp_.StandardCheckpointHandler(),
-    )
+    path = Path(directory).absolute()
+
+    def manager() -> ocp.CheckpointManager:
+        return ocp_.CheckpointManager(
+            path, options=options, item_handlers=ocp_.StandardCheckpointHandler()
+        )
+
+    if path.exists():
+        return manager()
+    # Older orbax (0.11.13) refuses to open a directory that does not exist: open it on a
+    # directory made for the purpose, then remove what was made, so that opening still leaves
+    # nothing behind (the first `save` makes the directory again).
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True)
+    try:
+        return manager()
+    finally:
+        for folder in made:  # deepest first
+            if folder.exists() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _check_step(step: Any) -> None:
