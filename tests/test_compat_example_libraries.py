@@ -5,9 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from helpers import conformance_problem, max_error_relative_to_leaf_scale
+from helpers import conformance_problem, max_error_relative_to_leaf_scale, run_trajectory
 from jax.example_libraries import optimizers
 
 import rmsprop_jax as rj
@@ -43,15 +42,8 @@ def theirs(make, params, grads, steps, state=None, **kwargs):
 
 
 def ours(tx, params, grads, steps, state):
-    def step(carry, g):
-        p, s = carry
-        u, s = tx.update(g, s, p)
-        p = optax.apply_updates(p, u)
-        return (p, s), p
-
-    chunk = [jnp.asarray(g[steps]) for g in grads]
-    (p, s), history = jax.jit(lambda p, s: jax.lax.scan(step, (p, s), chunk))(params, state)
-    return p, s, [np.asarray(h) for h in history]
+    s, history = run_trajectory(tx, list(params), list(grads), steps, state)
+    return [h[-1] for h in history], s, [np.asarray(h) for h in history]
 
 
 @pytest.mark.conformance

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import import_reference_framework
-from helpers import max_error_relative_to_leaf_scale
+from helpers import max_error_relative_to_leaf_scale, run_trajectory
 
 import rmsprop_jax as rj
 
@@ -77,14 +77,9 @@ def keras_steps(model, optimizer, grads, steps):
 
 
 def run_ours(tx, params, state, grads, steps):
-    def step(carry, g):
-        p, s = carry
-        u, s = tx.update(g, s, p)
-        p = optax.apply_updates(p, u)
-        return (p, s), p
-
-    chunk = as_tree({k: jnp.asarray(g[steps]) for k, g in grads.items()})
-    return jax.jit(lambda p, s: jax.lax.scan(step, (p, s), chunk))(params, state)
+    stacked = as_tree({k: jnp.asarray(g) for k, g in grads.items()})
+    state, history = run_trajectory(tx, params, stacked, steps, state)
+    return (jax.tree.map(lambda h: h[-1], history), state), history
 
 
 CONFIGS = [

@@ -385,14 +385,8 @@ def test_named_parameter_groups_port_by_name_in_both_directions(torch):
     tx = rj.compat.torch_rmsprop(LR, **kwargs)
     state = rj.compat.state_from_torch(optimizer.state_dict(), halfway, tx)
 
-    def step(carry, g):
-        p, s = carry
-        u, s = tx.update(g, s, p)
-        p = optax.apply_updates(p, u)
-        return (p, s), p
-
     tree_grads = as_tree({n: jnp.asarray(g[10:]) for n, g in grads.items()})
-    (_, state), ours = jax.jit(lambda p, s: jax.lax.scan(step, (p, s), tree_grads))(halfway, state)
+    state, ours = run_trajectory(tx, halfway, tree_grads, state=state)
     theirs = as_tree({n: np.stack([h[n] for h in full[10:]]) for n in start})
     assert (
         max_error_relative_to_leaf_scale(jax.tree.leaves(ours), jax.tree.leaves(theirs))

@@ -105,16 +105,9 @@ def test_multi_group_state_crosses_over_in_both_directions(torch, names):
     tx = ours({name: LABELS[i] for i, name in enumerate(halfway)})
     state = rj.compat.state_from_torch(optimizer.state_dict(), halfway, tx)
 
-    def step(carry, g):
-        p, s = carry
-        u, s = tx.update(g, s, p)
-        p = optax.apply_updates(p, u)
-        return (p, s), p
-
     rest = {f"leaf{i}": jnp.asarray(g[SPLIT:]) for i, g in enumerate(grads)}
-    (final, state), trajectory = jax.jit(lambda p, s: jax.lax.scan(step, (p, s), rest))(
-        halfway, state
-    )
+    state, trajectory = run_trajectory(tx, halfway, rest, state=state)
+    final = jax.tree.map(lambda h: h[-1], trajectory)
     worst = max_error_relative_to_leaf_scale(
         [trajectory[f"leaf{i}"] for i in range(5)], [h[SPLIT:] for h in full]
     )
