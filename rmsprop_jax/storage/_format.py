@@ -185,6 +185,11 @@ class StorageFormat:
     def fields(self) -> tuple[str, ...]:
         return () if self.container is None else self.container._fields  # type: ignore[attr-defined]
 
+    @property
+    def width(self) -> int:
+        """How many arrays (trees) a stored leaf (the state) has: its fields, or one."""
+        return max(len(self.fields), 1)
+
     def is_stored(self, node: Any) -> bool:
         """Whether `node` is one of this format's containers."""
         return self.container is not None and isinstance(node, self.container)
@@ -214,8 +219,7 @@ class StorageFormat:
     def _gather(self, per_leaf: Any, like: Any) -> Any:
         """A tree of per-leaf tuples -> the stored form (one tree, or a container of trees)."""
         treedef = jax.tree.structure(like)
-        width = 1 if self.container is None else len(self.fields)
-        trees = jax.tree.transpose(treedef, jax.tree.structure((0,) * width), per_leaf)
+        trees = jax.tree.transpose(treedef, jax.tree.structure((0,) * self.width), per_leaf)
         return trees[0] if self.container is None else self.container(*trees)
 
     def split(self, stored: Any, treedef: Any) -> list[Any]:
@@ -226,10 +230,9 @@ class StorageFormat:
 
     def join(self, per_leaf: Sequence[Any], treedef: Any) -> Any:
         """The inverse of :meth:`split`."""
-        width = 1 if self.container is None else len(self.fields)
         columns = [
             treedef.unflatten([None if row is None else row[i] for row in per_leaf])
-            for i in range(width)
+            for i in range(self.width)
         ]
         return columns[0] if self.container is None else self.container(*columns)
 
