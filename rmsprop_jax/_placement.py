@@ -74,8 +74,7 @@ def map_stored(state: Any, params: Any, place: Placer) -> Any:
         if fmt is None:
             param = _find_param(path, tuple(np.shape(node)), by_path)
             return place((node,), None, param)[0]
-        treedef = jax.tree.structure(node.dense)
-        leaf_paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(node.dense)]
+        treedef, leaf_paths = fmt.leaf_paths(node)
         placed = []
         for leaf_path, stored_leaf in zip(leaf_paths, fmt.split(node, treedef), strict=True):
             param = _find_param(leaf_path, fmt.leaf_logical_shape(stored_leaf), by_path)

@@ -222,6 +222,12 @@ class StorageFormat:
         trees = jax.tree.transpose(treedef, jax.tree.structure((0,) * self.width), per_leaf)
         return trees[0] if self.container is None else self.container(*trees)
 
+    def leaf_paths(self, stored: Any) -> tuple[Any, list[Any]]:
+        """The tree structure shared by a stored average's trees, and each leaf's key path."""
+        tree = stored if self.container is None else stored[-1]
+        paths = [path for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+        return jax.tree.structure(tree), paths
+
     def split(self, stored: Any, treedef: Any) -> list[Any]:
         """The stored form -> one tuple per leaf of `treedef` (None where the gradient is)."""
         trees = (stored,) if self.container is None else tuple(stored)
