@@ -353,6 +353,32 @@ def test_rounding_noise_is_uniform_and_uncorrelated_across_steps_and_neighbours(
     assert abs(np.mean(centred[0][1:] * centred[0][:-1])) / np.var(centred[0]) < 0.01
 
 
+@pytest.mark.parametrize(("field", "shift"), [("bfloat16", 16), ("int8", 12), ("uniform", 8)])
+def test_rounding_bit_fields_in_use_are_uniform_and_independent_of_neighbours(field, shift):
+    """The high bits each format uses: balanced bits, and no dependence between an element and
+    its neighbours along a row, down a column, nor between consecutive pairs (a 16 x 16 grid
+    of (value, next value) counts)."""
+    del field
+    rows, columns = 256, 1024
+    like = jnp.zeros((rows, columns))
+    for step in range(3):
+        raw = np.asarray(_rounding_noise.bits(_rounding_noise.seed(jnp.int32(step), 1, 0), like))
+        used = raw >> np.uint32(shift)
+        width = 32 - shift
+        for bit in range(width):
+            assert abs(np.mean((used >> np.uint32(bit)) & 1) - 0.5) < 0.004  # ~4 sigma
+        centred = used.astype(np.float64) / 2.0**width - 0.5
+        flat = centred.reshape(-1)
+        for lag in (1, 2, 3, 8, columns, columns + 1):
+            correlation = np.mean(flat[lag:] * flat[:-lag]) / np.var(flat)
+            assert abs(correlation) < 0.006, (lag, correlation)  # ~4 sigma
+        cells = np.floor((flat + 0.5) * 16).astype(np.int64)
+        counts = np.bincount(cells[:-1] * 16 + cells[1:], minlength=256)
+        expected = (flat.size - 1) / 256
+        chi_square = np.sum((counts - expected) ** 2 / expected)
+        assert chi_square < 360  # 255 degrees of freedom: above 360 has probability < 1e-5.
+
+
 def test_rounding_noise_differs_between_leaves_and_streams():
     like = jnp.zeros((64, 64))
     seeds = [

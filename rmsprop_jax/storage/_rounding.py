@@ -3,12 +3,19 @@
 Stochastic rounding needs, per stored element and step, a few uniform bits independent of the
 value being rounded and of the other elements. `jax.random` (threefry) provides them at about
 80 integer operations per 32 bits, which made a bfloat16 step 8 times as slow as a float32 one
-on CPU. A counter-based hash gives them at about 12: each bit is a function of the element's
-global index in its leaf and of a 32-bit seed mixed from the step count, the leaf's position
-and the stream (first or second moment), through two rounds of the `lowbias32` integer hash
-(an invertible mix of multiplies and xor-shifts whose output bits each flip with probability
-close to 1/2 when any input bit flips). The bits are reproducible, need no key in the state,
-and do not depend on how a leaf is sharded or batched: the index is the global one, and
+on CPU. A counter-based hash gives them at 4: the element's global index in its leaf plus a
+32-bit seed (mixed from the step count, the leaf's position and the stream, first or second
+moment, by the full `lowbias32` hash, once per leaf and step) goes through the core of
+`lowbias32`, a multiply, an xor-shift and a multiply. Only the high bits of the result are
+used (the top 16 for bfloat16, the top 20 or 24 for int8): a product's high bits depend on
+every bit of its factors, and the xor-shift between the two multiplies folds the well-mixed
+high bits of the first into the low bits of the second, so neighbouring indices give
+unrelated values, as do consecutive steps of one element (`tests/test_storage_codecs.py`
+checks the fields used for uniformity and for correlation across neighbours, rows and
+steps). The low bits of the result are not mixed and are never used. Each step's rounding
+would stay unbiased with any bits uniform over the seed; the mix is what keeps the errors of
+neighbouring elements independent. The bits are reproducible, need no key in the state, and
+do not depend on how a leaf is sharded or batched: the index is the global one, and
 `jax.lax.broadcasted_iota` is partitioned by the compiler like any elementwise operation.
 
 References:
@@ -40,6 +47,14 @@ def _lowbias32(x: chex.Array) -> chex.Array:
     return x ^ (x >> 16)
 
 
+def _mix(x: chex.Array) -> chex.Array:
+    """The multiply, xor-shift, multiply core of `lowbias32`: its high bits are well mixed
+    (the low bits are not, and are not used)."""
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    return x * jnp.uint32(0x846CA68B)
+
+
 def seed(count: chex.Array, leaf_index: int, stream: int) -> chex.Array:
     """A uint32 seed for one step (`count`), one leaf and one stream."""
     leaf = _lowbias32(jnp.uint32((2 * leaf_index + stream + 1) & 0xFFFFFFFF))
@@ -68,7 +83,8 @@ def in_chunk() -> bool:
 
 
 def bits(step_seed: chex.Array, like: chex.Array) -> chex.Array:
-    """Uniform uint32 bits shaped (and, with explicit sharding, sharded) like `like`."""
+    """uint32 values shaped (and, with explicit sharding, sharded) like `like`, whose top 24
+    bits are uniform random bits (see the module docstring)."""
     sharding = _sharded_ops.explicit_sharding(like)
     index = jnp.zeros((), jnp.uint32)
     stride = 1
@@ -85,7 +101,7 @@ def bits(step_seed: chex.Array, like: chex.Array) -> chex.Array:
         index = index + iota * jnp.uint32(stride & 0xFFFFFFFF)
         stride *= like.shape[axis]
     step_seed = jnp.asarray(step_seed, jnp.uint32)
-    return _lowbias32(_lowbias32(index ^ step_seed) + step_seed)
+    return _mix(index + step_seed)
 
 
 def uniform(step_seed: chex.Array, like: chex.Array) -> chex.Array:
