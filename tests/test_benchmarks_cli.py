@@ -93,3 +93,27 @@ def test_sweep_writes_a_new_file(tmp_path):
     [written] = tmp_path.glob("sweep_*.json")
     assert json.loads(written.read_text())["rows"][0]["hidden"] == 4
     assert committed_results() == before
+
+
+def _table_rows(document: Path) -> dict[str, list[str]]:
+    """The low-memory table's rows: first cell's name (`"int8"` -> int8) -> numeric cells."""
+    rows = {}
+    for line in document.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if not line.startswith("| `") or len(cells) < 5:
+            continue
+        name = cells[0].split("`")[1].strip('"')
+        rows[name] = cells[1:5]
+    return rows
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/storage.md"])
+def test_the_low_memory_table_quotes_the_committed_benchmark_record(document):
+    tables = benchmark("memory_table")
+    record = json.loads((BENCHMARKS / "results" / "memory_cpu.json").read_text())
+    path = BENCHMARKS.parent / document
+    quoted = _table_rows(path)
+    for name, cells in tables.table_cells(record).items():
+        assert quoted[name][: len(cells)] == cells, (document, name)
+    text = " ".join(path.read_text().split())
+    assert tables.training_sentence(record) in text
