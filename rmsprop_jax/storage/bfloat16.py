@@ -1,18 +1,18 @@
 r"""bfloat16 storage of a moving average, rounded stochastically so that small increments survive.
 
-A moving average with decay :math:`\beta` changes by a fraction :math:`(1-\beta)` of itself
-per step, while bfloat16 keeps 8 significant bits: a relative change under :math:`2^{-9}`
-(0.2%) is lost entirely by round-to-nearest, so with `decay=0.999` the stored average would
-freeze at its first value. Stochastic rounding rounds up with probability equal to the
-distance to the lower neighbour, so the stored value is unbiased,
-:math:`E[\mathrm{round}(x)] = x`, and the average keeps moving in expectation. The rounding
-bits are a pure function of the step count, the leaf's position in the tree and the element's
-index (:mod:`rmsprop_jax.storage._rounding`), so a run is reproducible, resumes from a checkpoint
-exactly, needs no random key in the state, and does not depend on how a leaf is sharded.
+A moving average with decay β changes by a fraction (1 - β) of itself per step, while bfloat16
+keeps 8 significant bits: a relative change under 2⁻⁹ (0.2%) is lost entirely by
+round-to-nearest, so with `decay=0.999` the stored average would freeze at its first value.
+Stochastic rounding rounds up with probability equal to the distance to the lower neighbour, so
+the stored value is unbiased, E[round(x)] = x, and the average keeps moving in expectation. The
+rounding bits are a pure function of the step count, the leaf's position in the tree and the
+element's index (:mod:`rmsprop_jax.storage._rounding`), so a run is reproducible, resumes from a
+checkpoint exactly, needs no random key in the state, and does not depend on how a leaf is
+sharded.
 
-The step divides by the stored (rounded) average, within :math:`2^{-8}` of the exact one:
-the new array then depends on the old one only, and the step on the new one, so the donated
-array is overwritten in place without a copy of the old one.
+The step divides by the stored (rounded) average, within 2⁻⁸ of the exact one: the new array
+then depends on the old one only, and the step on the new one, so the donated array is
+overwritten in place without a copy of the old one.
 
 Compensated (Kahan) summation would avoid the noise but needs a second buffer, giving up the
 memory the format exists to save.

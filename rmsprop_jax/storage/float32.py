@@ -1,8 +1,8 @@
 """The identity format: every average kept as an array in the compute dtype (4 bytes for float32).
 
-This is what optax and every framework store, and what the other formats are measured
-against. A centered state keeps :math:`\\nu` itself (not the variance), as PyTorch, Keras and
-TF1 do, so its checkpoints convert to theirs.
+This is what optax and every framework store, and what the other formats are measured against. A
+centered state keeps ν itself (not the variance), as PyTorch, Keras and TF1 do, so its
+checkpoints convert to theirs.
 """
 
 from __future__ import annotations

@@ -2,65 +2,60 @@ r"""Block-wise 8-bit storage of a moving average, with codes taken from float32 
 
 Each leaf is cut into blocks along its last axis; a block keeps one float32 scale, the largest
 finite magnitude in it, and one byte per element. The second moment is non-negative and spans
-many orders of magnitude, and what matters to RMSprop is its relative error (the step is
-:math:`g/\sqrt{\nu}`), so the code book is logarithmic-like: the levels are the float32
-numbers with 3 mantissa bits, 8 evenly spaced per octave, counted down from the block scale,
+many orders of magnitude, and what matters to RMSprop is its relative error (the step is g/√ν),
+so the code book is logarithmic-like: the levels are the float32 numbers with 3 mantissa bits, 8
+evenly spaced per octave, counted down from the block scale,
 
 .. math::
 
     \nu = s \cdot (1 + m/8) \cdot 2^{e}, \quad 8e + m = c - 253, \quad c = 1, \dots, 253,
     \ 0 \le m < 8,
 
-so code 253 is the scale itself and code 1 is :math:`1.5 \cdot 2^{-32} \approx 3.5 \times
-10^{-10}` of it (9.5 orders of magnitude); :math:`c = 0` is exactly 0, and the codes 254 and
-255 stand for :math:`+\infty` and NaN. Neighbouring levels are :math:`1/8` (just above a power
-of two) to :math:`1/15` of the lower one apart, so a value in range is stored within 12.5% of
-itself. The first moment (`mu` of centered RMSprop) is signed: a sign and 126 levels down to
-:math:`1.375 \cdot 2^{-16} \approx 2.1 \times 10^{-5}` of the block's largest magnitude (4.7
-orders; its square spans 9.4), with 127, -127 and -128 for :math:`+\infty`, :math:`-\infty`
-and NaN.
+so code 253 is the scale itself and code 1 is 1.5·2⁻³² ≈ 3.5·10⁻¹⁰ of it (9.5 orders of
+magnitude); c = 0 is exactly 0, and the codes 254 and 255 stand for +∞ and NaN. Neighbouring
+levels are 1/8 (just above a power of two) to 1/15 of the lower one apart, so a value in range
+is stored within 12.5% of itself. The first moment (`mu` of centered RMSprop) is signed: a sign
+and 126 levels down to 1.375·2⁻¹⁶ ≈ 2.1·10⁻⁵ of the block's largest magnitude (4.7 orders; its
+square spans 9.4), with 127, -127 and -128 for +∞, -∞ and NaN.
 
-The codes are integer work on the bits of :math:`x / s`: the level of code :math:`c` is the
-float32 whose bits are :math:`(c + 763) \ll 20` (:math:`(c + 890) \ll 20` signed), and a value
-is coded by adding 20 random bits below its 3 kept mantissa bits and truncating. No logarithm
-or exponential is evaluated, which made the step several times slower on CPUs.
+The codes are integer work on the bits of x/s: the level of code c is the float32 whose bits are
+(c + 763) << 20 ((c + 890) << 20 signed), and a value is coded by adding 20 random bits below
+its 3 kept mantissa bits and truncating. No logarithm or exponential is evaluated, which made
+the step several times slower on CPUs.
 
-Non-finite values are kept per element and take no part in the block scale: one element
-whose squared gradient overflowed (or whose gradient was NaN) keeps its own non-finite
-average, as float32 storage would, and the 255 others of its block are stored as if it were
-not there.
+Non-finite values are kept per element and take no part in the block scale: one element whose
+squared gradient overflowed (or whose gradient was NaN) keeps its own non-finite average, as
+float32 storage would, and the 255 others of its block are stored as if it were not there.
 
-Rounding between the two neighbouring levels is stochastic and unbiased,
-:math:`E[\mathrm{decode}(\mathrm{encode}(x))] = x`, for the reason given in
-:mod:`rmsprop_jax.storage.bfloat16`: a moving average moves by far less than one level per
-update. Within an octave the levels are evenly spaced, so adding uniform bits below the kept
-ones and truncating rounds up with probability equal to the dropped fraction. Below the
-smallest level, a signed value rounds to it or to 0, still unbiased; a second moment is stored
-as the smallest level (never 0 unless it is 0), because the step divides by it. Exact zeros
-stay exactly zero. The noise does not pile up with the number of steps: an update moves the
-average by a fraction :math:`1-\beta` of its distance to :math:`x`, and the code moves with a
-probability proportional to that, so the stored value wanders over the levels next to the
-exact average: for a constant :math:`x` its relative spread is 3.6% at decay 0.9 as at 0.99.
-RMSprop's step divides by the stored average, so it sees that noise halved in
-:math:`\sqrt{\nu}`.
+Rounding between the two neighbouring levels is stochastic and unbiased, E[decode(encode(x))]
+= x, for the reason given in :mod:`rmsprop_jax.storage.bfloat16`: a moving average moves by far
+less than one level per update. Within an octave the levels are evenly spaced, so adding uniform
+bits below the kept ones and truncating rounds up with probability equal to the dropped
+fraction. Below the smallest level, a signed value rounds to it or to 0, still unbiased; a
+second moment is stored as the smallest level (never 0 unless it is 0), because the step divides
+by it. Exact zeros stay exactly zero. The noise does not pile up with the number of steps: an
+update moves the average by a fraction 1 - β of its distance to x, and the code moves with a
+probability proportional to that, so the stored value wanders over the levels next to the exact
+average: for a constant x its relative spread is 3.6% at decay 0.9 as at 0.99. RMSprop's step
+divides by the stored average, so it sees that noise halved in √ν.
 
-With centering, the rounding of `mu` (up to 12.5% of :math:`|\mu|`) adds to the variance
-estimate through :math:`(g - \mu)^2`: when gradients are far larger than their noise, the
-variance is overestimated and steps come out smaller than with float32, a bias towards caution
-rather than towards a blow-up.
+With centering, the rounding of `mu` (up to 12.5% of |μ|) adds to the variance estimate through
+(g - μ)²: when gradients are far larger than their noise, the variance is overestimated and
+steps come out smaller than with float32, a bias towards caution rather than towards a blow-up.
 
-Block layout: a last axis of length :math:`n` is split into the fewest :math:`2^j` equal blocks
-of at most 256 elements (256 for every power-of-two multiple of 256, 192 for 768 or 3072). A
-leaf whose last axis is sharded into any power-of-two number of shards up to :math:`2^j` thus
-holds whole blocks on every shard, and block scales are computed without communication. When
-:math:`2^j` does not divide :math:`n`, blocks are 256 long and the last one is zero-padded
-during the computation (the stored codes keep the leaf's shape). Leaves under 4096 elements
-are not quantized: their scales would cost more than they save.
+Block layout: a last axis of length n is split into the fewest 2ʲ equal blocks of at most 256
+elements (256 for every power-of-two multiple of 256, 192 for 768 or 3072). A leaf whose last
+axis is sharded into any power-of-two number of shards up to 2ʲ thus holds whole blocks on every
+shard, and block scales are computed without communication. When 2ʲ does not divide n, blocks
+are 256 long and the last one is zero-padded during the computation (the stored codes keep the
+leaf's shape). Leaves under 4096 elements are not quantized: their scales would cost more than
+they save.
 
-A block scale is a reduction over the new average, and XLA:CPU fuses no elementwise work into
-a reduction: the float32 average would be materialized for the whole leaf. Leaves of two or
-more axes are therefore updated a chunk of rows at a time (:mod:`rmsprop_jax.storage._rows`),
-which bounds that temporary to one chunk.
+A block scale is a reduction over the new average, and XLA:CPU fuses no elementwise work into a
+reduction: the float32 average would be materialized for the whole leaf. Leaves of two or more
+axes are therefore updated a chunk of rows at a time (:mod:`rmsprop_jax.storage._rows`), which
+bounds that temporary to one chunk; the chunk's average is written once and read back by the
+reduction and by the encoding (`rmsprop_jax.storage._format.computed_once`).
 
 References:
   Dettmers et al., `8-bit Optimizers via Block-wise Quantization
