@@ -95,6 +95,28 @@ def _centered_variance(nu: chex.Array, mu: chex.Array) -> chex.Array:
     return jnp.maximum(nu - jnp.minimum(abs_sq(mu), jnp.finfo(nu.dtype).max), 0)
 
 
+def _folded(
+    g: chex.Array, new_mu: Any, mu_fmt: storage.StorageFormat, decay: Any, *, spread: bool
+) -> chex.Array:
+    r"""What the second-moment update folded in, elementwise, after `mu` was overwritten.
+
+    :math:`|g|^2`, or for the centered variance the spread :math:`\beta |g - \mu_{t-1}|^2`,
+    rebuilt from the new mean: :math:`g - \mu_t = \beta (g - \mu_{t-1})`, so the spread is
+    :math:`|g - \mu_t|^2 / \beta` (:math:`0 \cdot |g - \mu_t|^2` for :math:`\beta = 0`), up
+    to the rounding of the stored :math:`\mu_t`. Only its non-finite entries are read (by
+    formats that keep those out of their statistics, see
+    :meth:`~rmsprop_jax.storage._format.StorageFormat.average_after_rows`); XLA drops it
+    for the others.
+    """
+    if not spread:
+        return abs_sq(g)
+    # Read behind a barrier: the written buffer, not a conversion XLA would copy it through.
+    new_mu = jax.lax.optimization_barrier(new_mu)
+    square = abs_sq(g - mu_fmt.leaf_decode(new_mu, g, signed=True))
+    positive = decay > 0
+    return jnp.where(positive, square / jnp.where(positive, decay, 1).astype(g.dtype), 0 * square)
+
+
 def scale_by_rms(
     decay: chex.Numeric = 0.9,
     eps: chex.Numeric = 1e-8,
@@ -251,8 +273,13 @@ def scale_by_rms(
             if storage.updates_by_rows(fmt, g):
                 # Large compressed leaves: the stored averages a chunk of rows at a time, then
                 # the step from what they store (as `leaf_update` returns it).
-                nu, mu = storage.update_by_rows(lambda *a: moments(*a)[:2], g, nu, mu)
-                variance = fmt.leaf_decode(nu, g, signed=False)
+                summed = fmt.leaf_summed_over_rows(nu, g.shape)
+                nu, mu = storage.update_by_rows(
+                    lambda *a: moments(*a)[:2], g, nu, mu, summed=summed
+                )
+                variance = fmt.leaf_average_after_rows(
+                    nu, _folded(g, mu, mu_fmt, decay, spread=keeps_variance)
+                )
             else:
                 nu, mu, variance = moments(g, nu, mu)
             if bias_correction:

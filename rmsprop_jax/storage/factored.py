@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from rmsprop_jax import _sharded_ops
+from rmsprop_jax.storage import _rounding
 from rmsprop_jax.storage._format import Parts, StorageFormat, moving_average
 
 MIN_DIM_SIZE = 128
@@ -88,6 +89,8 @@ class Factored(StorageFormat):
     container: ClassVar[type] = FactoredMoment
     # `mu` has no rank-one structure (it is signed); it is stored as bfloat16.
     first_moment_name: ClassVar[str] = "bfloat16"
+    # The statistics reduce `x` along both axes: in one pass, XLA:CPU would materialize `x`.
+    updates_in_row_chunks: ClassVar[bool] = True
 
     def compresses(self, shape: tuple[int, ...], dtype: Any, *, signed: bool) -> bool:
         return (
@@ -110,15 +113,36 @@ class Factored(StorageFormat):
 
     def update(
         self, parts: Parts, x: chex.Array, decay: Any, seed: chex.Array, *, signed: bool
-    ) -> tuple[Parts, chex.Array]:
-        """Averages `x`'s row and column means into the statistics (no rounding: no seed)."""
+    ) -> tuple[Parts, chex.Array | None]:
+        """Averages `x`'s row and column means into the statistics (no rounding: no seed).
+
+        Within a row chunk (:mod:`rmsprop_jax.storage._rows`) of a matrix, `col` is the
+        column statistic as the chunks before left it, and comes back with this chunk's rows
+        folded in; the average is then known only after the last chunk
+        (:meth:`average_after_rows`), and None is returned in its place.
+        """
         del seed, signed
         row, col = parts
-        finite = jnp.isfinite(x)
-        counted = jnp.where(finite, x, 0)
+        counted = jnp.where(jnp.isfinite(x), x, 0)
         row = moving_average(row, safe_mean(counted, -1), decay)
-        col = moving_average(col, safe_mean(counted, -2), decay)
-        return (row, col), jnp.where(finite, decode(row, col, x.dtype), x)
+        if not _rounding.in_chunk():
+            col = moving_average(col, safe_mean(counted, -2), decay)
+            return (row, col), self.average_after_rows((row, col), x)
+        if x.ndim == 2:
+            # c_t = beta c_{t-1} + sum_k (1 - beta) sum_{i in chunk k} x_i / R.
+            share = jnp.sum(counted * (1.0 / _rounding.leaf_rows(x.shape[0])), axis=0)
+            col = jnp.where(_rounding.first_chunk(), decay * col, col) + (1 - decay) * share
+        else:  # Chunks of whole matrices.
+            col = moving_average(col, safe_mean(counted, -2), decay)
+        return (row, col), None
+
+    def summed_over_rows(self, shape: tuple[int, ...]) -> tuple[bool, ...]:
+        # A matrix's column statistic is a mean over its rows; a stack's is one per matrix.
+        return False, len(shape) == 2
+
+    def average_after_rows(self, parts: Parts, folded: chex.Array) -> chex.Array:
+        row, col = parts
+        return jnp.where(jnp.isfinite(folded), decode(row, col, folded.dtype), folded)
 
     def logical_shape(self, parts: Parts) -> tuple[int, ...]:
         row, col = parts
