@@ -22,7 +22,7 @@ import jax
 
 from rmsprop_jax.storage import _rows, bfloat16, factored, float32, int8
 from rmsprop_jax.storage._format import StorageFormat, after
-from rmsprop_jax.storage._rows import update_by_rows
+from rmsprop_jax.storage._rows import flags_like, pack_flags, unpack_flags, update_by_rows
 from rmsprop_jax.storage.factored import FactoredMoment
 from rmsprop_jax.storage.int8 import QuantizedMoment
 
@@ -81,7 +81,10 @@ __all__ = [
     "QuantizedMoment",
     "StorageFormat",
     "after",
+    "flags_like",
     "get",
+    "pack_flags",
+    "unpack_flags",
     "update_by_rows",
     "updates_by_rows",
 ]

@@ -112,6 +112,8 @@ class StorageFormat:
       stores_centered_variance: whether a centered state keeps the variance
         :math:`\\nu - |\\mu|^2` (updated without cancellation) instead of :math:`\\nu`.
       first_moment_name: the format of :math:`\\mu` (centered), by name.
+      stores_non_finite: whether a non-finite value averaged in is stored for its element
+        (every format but `"factored"`, whose statistics leave it out).
       updates_in_row_chunks: whether large leaves are updated a chunk of rows at a time
         (:mod:`rmsprop_jax.storage._rows`), for formats whose `update` reduces over the new
         average or over `x`.
@@ -121,6 +123,7 @@ class StorageFormat:
     container: ClassVar[type | None] = None
     stores_centered_variance: ClassVar[bool] = True
     first_moment_name: ClassVar[str | None] = None
+    stores_non_finite: ClassVar[bool] = True
     updates_in_row_chunks: ClassVar[bool] = False
 
     # -- one compressed leaf -------------------------------------------------------------
@@ -174,14 +177,16 @@ class StorageFormat:
         """
         return (False,) * max(len(self.fields) - 1, 1)
 
-    def average_after_rows(self, parts: Parts, folded: chex.Array) -> chex.Array:
+    def average_after_rows(self, parts: Parts, dtype: Any, folded: Any) -> chex.Array:
         """The average a compressed leaf stands for once all its row chunks are updated.
 
         `update` returns it in one pass; in row chunks it is known only after the last one.
-        `folded` is what was averaged in (or a stand-in with the same non-finite entries),
-        elementwise, for a format that keeps non-finite values out of the parts.
+        For a format that does not store non-finite values (`stores_non_finite` False),
+        `folded` has the non-finite entries of what was averaged in (any finite value
+        elsewhere); others get None.
         """
-        return self.decode(parts, folded.dtype)
+        del folded
+        return self.decode(parts, dtype)
 
     def logical_shape(self, parts: Parts) -> tuple[int, ...]:
         """The shape of the parameter a compressed leaf belongs to."""
@@ -285,12 +290,15 @@ class StorageFormat:
             return [False] * len(stored_leaf)
         return [*self.summed_over_rows(shape), False]
 
-    def leaf_average_after_rows(self, stored_leaf: Parts, folded: chex.Array) -> chex.Array:
-        """:meth:`average_after_rows` for a stored leaf of the second moment."""
-        if not self.compresses(folded.shape, folded.dtype, signed=False):
-            return stored_leaf[-1].astype(folded.dtype)
+    def leaf_average_after_rows(
+        self, stored_leaf: Parts, like: chex.Array, folded: Any
+    ) -> chex.Array:
+        """:meth:`average_after_rows` for a stored leaf of the second moment, in the dtype of
+        `like` (shaped as it)."""
+        if not self.compresses(like.shape, like.dtype, signed=False):
+            return stored_leaf[-1].astype(like.dtype)
         parts = stored_leaf if self.container is None else stored_leaf[:-1]
-        return self.average_after_rows(parts, folded)
+        return self.average_after_rows(parts, like.dtype, folded)
 
     def leaf_decode(self, stored_leaf: Parts, like: chex.Array, *, signed: bool) -> chex.Array:
         """The average a stored leaf stands for, in the dtype of `like` (shaped as it)."""

@@ -64,6 +64,27 @@ def applies(fmt: Any, g: chex.Array, *, signed: bool) -> bool:
     )
 
 
+def flags_like(g: chex.Array) -> chex.Array:
+    """Room for one flag per element of `g`, packed 8 to a byte along the last axis."""
+    return jnp.zeros((*g.shape[:-1], -(-g.shape[-1] // 8)), jnp.uint8)
+
+
+def pack_flags(flags: chex.Array) -> chex.Array:
+    """Boolean `flags` packed 8 to a byte along the last axis (bit `k` of byte `j` is entry
+    `8 j + k`), shaped as :func:`flags_like`; row-wise, so a row chunk packs its own rows."""
+    length = flags.shape[-1]
+    padded = jnp.pad(flags, [(0, 0)] * (flags.ndim - 1) + [(0, -length % 8)])
+    bits = padded.reshape(*flags.shape[:-1], -1, 8).astype(jnp.uint8)
+    return jnp.sum(bits << jnp.arange(8, dtype=jnp.uint8), axis=-1).astype(jnp.uint8)
+
+
+def unpack_flags(packed: chex.Array, shape: tuple[int, ...]) -> chex.Array:
+    """The boolean flags of an array of `shape` from :func:`pack_flags`, elementwise: XLA
+    fuses the unpacking into whatever reads the flags."""
+    bits = (packed[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1
+    return bits.reshape(*packed.shape[:-1], -1)[..., : shape[-1]].astype(bool)
+
+
 def _aligned(anchor: chex.Array, like: chex.Array) -> chex.Array:
     """`anchor` (a chunk of another part of the same rows) made to broadcast against `like`,
     each element of `like` taking one on the same rows and within the same last-axis block,

@@ -91,6 +91,7 @@ class Factored(StorageFormat):
     first_moment_name: ClassVar[str] = "bfloat16"
     # The statistics reduce `x` along both axes: in one pass, XLA:CPU would materialize `x`.
     updates_in_row_chunks: ClassVar[bool] = True
+    stores_non_finite: ClassVar[bool] = False
 
     def compresses(self, shape: tuple[int, ...], dtype: Any, *, signed: bool) -> bool:
         return (
@@ -127,7 +128,7 @@ class Factored(StorageFormat):
         row = moving_average(row, safe_mean(counted, -1), decay)
         if not _rounding.in_chunk():
             col = moving_average(col, safe_mean(counted, -2), decay)
-            return (row, col), self.average_after_rows((row, col), x)
+            return (row, col), self.average_after_rows((row, col), x.dtype, x)
         if x.ndim == 2:
             # c_t = beta c_{t-1} + sum_k (1 - beta) sum_{i in chunk k} x_i / R.
             share = jnp.sum(counted * (1.0 / _rounding.leaf_rows(x.shape[0])), axis=0)
@@ -140,9 +141,9 @@ class Factored(StorageFormat):
         # A matrix's column statistic is a mean over its rows; a stack's is one per matrix.
         return False, len(shape) == 2
 
-    def average_after_rows(self, parts: Parts, folded: chex.Array) -> chex.Array:
+    def average_after_rows(self, parts: Parts, dtype: Any, folded: Any) -> chex.Array:
         row, col = parts
-        return jnp.where(jnp.isfinite(folded), decode(row, col, folded.dtype), folded)
+        return jnp.where(jnp.isfinite(folded), decode(row, col, dtype), folded)
 
     def logical_shape(self, parts: Parts) -> tuple[int, ...]:
         row, col = parts
