@@ -5,7 +5,10 @@ A format whose new parts depend on a reduction of the new average (the block sca
 into a reduction, so the float32 average would be materialized for the whole leaf (4 bytes per
 parameter) before the codes are written. Updating the leaf a chunk of rows at a time, in a
 `jax.lax.fori_loop` whose carry is the (donated) stored parts, bounds that temporary to one
-chunk (:data:`CHUNK_ELEMENTS` elements) and writes every new part in place.
+chunk (:data:`CHUNK_ELEMENTS` elements) and writes every new part in place. The factored
+format's statistics reduce `x` along both axes; in chunks, the row means are written a chunk
+at a time and the column means of a matrix, a statistic over all rows, are carried through
+the loop and folded chunk by chunk (`summed` in :func:`update_by_rows`).
 
 Chunks are strided: the leaf's leading axis of :math:`R` rows is viewed as
 :math:`G \\times R/G` (:math:`G = \\gcd(R, 64)`) and a chunk takes the same few rows of every

@@ -25,6 +25,28 @@ an overflowed square, as with float32 storage). The statistics cannot remember i
 next step on, that element's estimate is rebuilt from the row and column means again, where
 float32 storage would keep the non-finite value.
 
+How the statistics are computed. Both are reductions of :math:`x`, along the last axis and
+along the second-to-last, and XLA:CPU fuses no elementwise producer into a reduction: read by
+two of them in one pass, :math:`x` (a float32 array of the whole leaf) would be materialized.
+A leaf large enough to be updated in row chunks (:mod:`rmsprop_jax.storage._rows`) is
+instead read once, a chunk :math:`K` of rows at a time; each chunk squares its own gradient
+rows (or forms their spread from the stored :math:`\mu`), writes its rows of :math:`r_t` in
+place, and adds its share to the column statistic carried through the loop,
+
+.. math::
+
+    c_t = \beta c_{t-1} + \sum_K (1 - \beta) \sum_{i \in K} x_{t,i} / R,
+
+where :math:`R` is the leaf's row count (for a stack of matrices, a chunk holds whole
+matrices and computes their column means as in one pass). The sums of :math:`x / R` and the
+non-finite entries counted as 0 are those of the one-pass update; only the order of the
+additions differs (float32 rounding). The step then reads the gradient, the two statistics
+and the parameters, elementwise: :math:`\hat\nu_t` is a broadcast product, never a full
+array. Where the step needs the non-finite entries of :math:`x` themselves, they are
+recomputed from the gradient (:math:`|g|^2`); the centered spread depends on the
+:math:`\mu_{t-1}` that the chunks overwrite, so the chunks flag its non-finite entries, one
+bit per element (1/8 byte per parameter while the step runs).
+
 References:
   Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory Cost
   <https://arxiv.org/abs/1804.04235>`_, 2018.
