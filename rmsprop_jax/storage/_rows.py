@@ -10,6 +10,10 @@ format's statistics reduce `x` along both axes; in chunks, the row means are wri
 at a time and the column means of a matrix, a statistic over all rows, are carried through
 the loop and folded chunk by chunk (`summed` in :func:`update_by_rows`).
 
+XLA:CPU has no bfloat16 dynamic-update-slice: it writes a bfloat16 chunk (the centered `mu`
+of the factored format) by converting the whole carried array to float32 and back, so such
+a leaf's update takes time proportional to its size times its number of chunks.
+
 Chunks are strided: the leaf's leading axis of :math:`R` rows is viewed as
 :math:`G \\times R/G` (:math:`G = \\gcd(R, 64)`) and a chunk takes the same few rows of every
 group, so a leaf whose rows are split over up to 64 devices (any power of two dividing
