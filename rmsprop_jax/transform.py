@@ -95,6 +95,22 @@ def _centered_variance(nu: chex.Array, mu: chex.Array) -> chex.Array:
     return jnp.maximum(nu - jnp.minimum(abs_sq(mu), jnp.finfo(nu.dtype).max), 0)
 
 
+def _spread_where_not_finite(
+    flags: chex.Array, new_mu: Any, mu_fmt: storage.StorageFormat, g: chex.Array, decay: Any
+) -> chex.Array:
+    r"""The spread :math:`\beta |g - \mu_{t-1}|^2` where it was not finite (0 elsewhere),
+    once :math:`\mu_{t-1}` is overwritten: `flags` (see :func:`storage.pack_flags`) marks
+    those elements, and each gets the value that gives the step its spread gives. That is
+    NaN for :math:`\beta = 0` (0 times an infinite square) and where :math:`\mu_t` is NaN
+    (:math:`\mu_{t-1}` or `g` was NaN), else :math:`+\infty` (an overflowed square, or an
+    infinite :math:`\mu_{t-1}`; where `g` is infinite the step is NaN with either value).
+    """
+    # Read behind a barrier: the written buffer, not a conversion XLA would copy it through.
+    mu = mu_fmt.leaf_decode(jax.lax.optimization_barrier(new_mu), g, signed=True)
+    value = jnp.where(jnp.isnan(mu) | (decay == 0), jnp.nan, jnp.inf)
+    return jnp.where(storage.unpack_flags(flags, g.shape), value, 0).astype(g.dtype)
+
+
 def scale_by_rms(
     decay: chex.Numeric = 0.9,
     eps: chex.Numeric = 1e-8,
@@ -230,31 +246,51 @@ def scale_by_rms(
             mu_seed = _rounding.seed(count, index, _FIRST_MOMENT_STREAM)
 
             def moments(g, nu, mu, nu_seed=nu_seed, mu_seed=mu_seed):
+                """The new nu and mu, the variance estimate and what was averaged into nu."""
                 if not centered:
                     # nu_t = decay * nu_{t-1} + (1 - decay) * |g_t|**2
-                    nu, variance = fmt.leaf_update(nu, abs_sq(g), decay, nu_seed, signed=False)
+                    folded = abs_sq(g)
+                    nu, variance = fmt.leaf_update(nu, folded, decay, nu_seed, signed=False)
                 elif keeps_variance:
                     # nu_t - |mu_t|**2 = decay * (nu_{t-1} - |mu_{t-1}|**2)
                     #                    + (1 - decay) * decay * |g_t - mu_{t-1}|**2
                     # (no cancellation). mu_{t-1} is read before mu is overwritten in place.
-                    spread = decay * abs_sq(g - mu_fmt.leaf_decode(mu, g, signed=True))
-                    nu, variance = fmt.leaf_update(nu, spread, decay, nu_seed, signed=False)
+                    folded = decay * abs_sq(g - mu_fmt.leaf_decode(mu, g, signed=True))
+                    nu, variance = fmt.leaf_update(nu, folded, decay, nu_seed, signed=False)
                     mu, _ = mu_fmt.leaf_update(
                         storage.after(mu, nu), g, decay, mu_seed, signed=True
                     )
                 else:
-                    nu, second_moment = fmt.leaf_update(nu, abs_sq(g), decay, nu_seed, signed=False)
+                    folded = abs_sq(g)
+                    nu, second_moment = fmt.leaf_update(nu, folded, decay, nu_seed, signed=False)
                     mu, first_moment = mu_fmt.leaf_update(mu, g, decay, mu_seed, signed=True)
                     variance = _centered_variance(second_moment, first_moment)
-                return nu, mu, variance
+                return nu, mu, variance, folded
 
-            if storage.updates_by_rows(fmt, g):
+            if not storage.updates_by_rows(fmt, g):
+                nu, mu, variance, _ = moments(g, nu, mu)
+            elif fmt.stores_non_finite or not keeps_variance:
                 # Large compressed leaves: the stored averages a chunk of rows at a time, then
-                # the step from what they store (as `leaf_update` returns it).
-                nu, mu = storage.update_by_rows(lambda *a: moments(*a)[:2], g, nu, mu)
-                variance = fmt.leaf_decode(nu, g, signed=False)
+                # the step from what they store (and, for a format that leaves non-finite
+                # values out, from |g|**2 where that is not finite).
+                summed = fmt.leaf_summed_over_rows(nu, g.shape)
+                nu, mu = storage.update_by_rows(
+                    lambda *a: moments(*a)[:2], g, nu, mu, summed=summed
+                )
+                folded = None if fmt.stores_non_finite else abs_sq(g)
+                variance = fmt.leaf_average_after_rows(nu, g, folded)
             else:
-                nu, mu, variance = moments(g, nu, mu)
+                # The spread depends on mu_{t-1}, overwritten by the chunks: which of its
+                # elements were not finite is kept aside, a bit per element.
+                def by_rows(g, nu, mu, flags, moments=moments):
+                    nu, mu, _, folded = moments(g, nu, mu)
+                    return nu, mu, storage.pack_flags(~jnp.isfinite(folded))
+
+                summed = fmt.leaf_summed_over_rows(nu, g.shape)
+                flags = storage.flags_like(g)
+                nu, mu, flags = storage.update_by_rows(by_rows, g, nu, mu, flags, summed=summed)
+                folded = _spread_where_not_finite(flags, mu, mu_fmt, g, decay)
+                variance = fmt.leaf_average_after_rows(nu, g, folded)
             if bias_correction:
                 variance = variance / correction.astype(variance.dtype)
             # u_t = g_t / (sqrt(nu_t) + eps)

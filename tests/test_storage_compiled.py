@@ -37,13 +37,7 @@ TEMPORARY_BYTES_PER_PARAMETER = 0.25
 POINTER_BYTES = 8  # a tuple-valued program's outputs include a table of one pointer each
 
 VARIANTS = {"plain": {}, "centered-momentum": {"centered": True, "momentum": 0.9}}
-FACTORED_GAP = pytest.mark.xfail(
-    jax.default_backend() == "cpu",
-    strict=True,
-    reason="factored statistics reduce the squared gradient along both axes and XLA:CPU "
-    "fuses no elementwise producer into a reduction: it is materialized (4 bytes/parameter)",
-)
-FORMATS = ["float32", "bfloat16", "int8", pytest.param("factored", marks=FACTORED_GAP)]
+FORMATS = ["float32", "bfloat16", "int8", "factored"]
 
 
 def _memory(moment_storage: str, options: dict):

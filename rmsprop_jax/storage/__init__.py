@@ -11,7 +11,7 @@ one new module defining a `FORMAT` plus one entry in :data:`FORMATS`.
 | `"factored"` | :class:`FactoredMoment` (row, column)   | bfloat16, stochastic rounding |
 
 Every format's update step divides by the average as stored (rounded), and writes the donated
-state in place; large int8 leaves are updated in row chunks (`_rows`).
+state in place; large int8 and factored leaves are updated in row chunks (`_rows`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax
 
 from rmsprop_jax.storage import _rows, bfloat16, factored, float32, int8
 from rmsprop_jax.storage._format import StorageFormat, after
-from rmsprop_jax.storage._rows import update_by_rows
+from rmsprop_jax.storage._rows import flags_like, pack_flags, unpack_flags, update_by_rows
 from rmsprop_jax.storage.factored import FactoredMoment
 from rmsprop_jax.storage.int8 import QuantizedMoment
 
@@ -81,7 +81,10 @@ __all__ = [
     "QuantizedMoment",
     "StorageFormat",
     "after",
+    "flags_like",
     "get",
+    "pack_flags",
+    "unpack_flags",
     "update_by_rows",
     "updates_by_rows",
 ]

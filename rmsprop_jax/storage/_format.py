@@ -124,15 +124,18 @@ class StorageFormat:
       stores_centered_variance: whether a centered state keeps the variance
         :math:`\\nu - |\\mu|^2` (updated without cancellation) instead of :math:`\\nu`.
       first_moment_name: the format of :math:`\\mu` (centered), by name.
+      stores_non_finite: whether a non-finite value averaged in is stored for its element
+        (every format but `"factored"`, whose statistics leave it out).
       updates_in_row_chunks: whether large leaves are updated a chunk of rows at a time
         (:mod:`rmsprop_jax.storage._rows`), for formats whose `update` reduces over the new
-        average.
+        average or over `x`.
     """
 
     name: ClassVar[str]
     container: ClassVar[type | None] = None
     stores_centered_variance: ClassVar[bool] = True
     first_moment_name: ClassVar[str | None] = None
+    stores_non_finite: ClassVar[bool] = True
     updates_in_row_chunks: ClassVar[bool] = False
 
     # -- one compressed leaf -------------------------------------------------------------
@@ -181,6 +184,24 @@ class StorageFormat:
         # step: the step reads the buffers just written.
         parts = jax.lax.optimization_barrier(self.encode(average, seed, signed=signed))
         return parts, self.decode(parts, x.dtype)
+
+    def summed_over_rows(self, shape: tuple[int, ...]) -> tuple[bool, ...]:
+        """Per part of a compressed leaf of `shape` updated in row chunks: whether it is a
+        statistic over the leaf's first axis, folded chunk by chunk by `update` rather than
+        written a chunk of rows at a time (see :func:`rmsprop_jax.storage._rows.update_by_rows`).
+        """
+        return (False,) * max(len(self.fields) - 1, 1)
+
+    def average_after_rows(self, parts: Parts, dtype: Any, folded: Any) -> chex.Array:
+        """The average a compressed leaf stands for once all its row chunks are updated.
+
+        `update` returns it in one pass; in row chunks it is known only after the last one.
+        For a format that does not store non-finite values (`stores_non_finite` False),
+        `folded` has the non-finite entries of what was averaged in (any finite value
+        elsewhere); others get None.
+        """
+        del folded
+        return self.decode(parts, dtype)
 
     def logical_shape(self, parts: Parts) -> tuple[int, ...]:
         """The shape of the parameter a compressed leaf belongs to."""
@@ -265,13 +286,34 @@ class StorageFormat:
     def leaf_update(
         self, stored_leaf: Parts, x: chex.Array, decay: Any, seed: chex.Array, *, signed: bool
     ) -> tuple[Parts, chex.Array]:
-        """:meth:`update` for a stored leaf, compressed or dense (decided by `x`)."""
-        if not self.compresses(x.shape, x.dtype, signed=signed):
+        """:meth:`update` for a stored leaf, compressed or dense (decided by `x`, or by the
+        leaf's parts for a container: `x` may be a chunk of the leaf's rows)."""
+        if self.container is not None:
+            compressed = self._dense_is_placeholder(stored_leaf)
+        else:
+            compressed = self.compresses(x.shape, x.dtype, signed=signed)
+        if not compressed:
             average = moving_average(stored_leaf[-1], x, decay)
             return (*stored_leaf[:-1], average), average
         parts = stored_leaf if self.container is None else stored_leaf[:-1]
         parts, average = self.update(parts, x, decay, seed, signed=signed)
         return (parts if self.container is None else (*parts, stored_leaf[-1])), average
+
+    def leaf_summed_over_rows(self, stored_leaf: Parts, shape: tuple[int, ...]) -> list[bool]:
+        """:meth:`summed_over_rows` for each array of a stored leaf (False for placeholders)."""
+        if self.container is None or not self._dense_is_placeholder(stored_leaf):
+            return [False] * len(stored_leaf)
+        return [*self.summed_over_rows(shape), False]
+
+    def leaf_average_after_rows(
+        self, stored_leaf: Parts, like: chex.Array, folded: Any
+    ) -> chex.Array:
+        """:meth:`average_after_rows` for a stored leaf of the second moment, in the dtype of
+        `like` (shaped as it)."""
+        if not self.compresses(like.shape, like.dtype, signed=False):
+            return stored_leaf[-1].astype(like.dtype)
+        parts = stored_leaf if self.container is None else stored_leaf[:-1]
+        return self.average_after_rows(parts, like.dtype, folded)
 
     def leaf_decode(self, stored_leaf: Parts, like: chex.Array, *, signed: bool) -> chex.Array:
         """The average a stored leaf stands for, in the dtype of `like` (shaped as it)."""

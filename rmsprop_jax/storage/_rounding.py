@@ -82,6 +82,18 @@ def in_chunk() -> bool:
     return _CHUNK_ROWS.get() is not None
 
 
+def leaf_rows(chunk_rows: int) -> int:
+    """The number of rows of the leaf whose chunks of `chunk_rows` rows are being traced."""
+    group_stride, group_rows, _ = _CHUNK_ROWS.get()
+    return chunk_rows // group_rows * group_stride
+
+
+def first_chunk() -> chex.Array:
+    """Whether the chunk being traced is the leaf's first (a traced boolean)."""
+    _, _, first_row = _CHUNK_ROWS.get()
+    return jnp.asarray(first_row) == 0
+
+
 def bits(step_seed: chex.Array, like: chex.Array) -> chex.Array:
     """uint32 values shaped (and, with explicit sharding, sharded) like `like`, whose top 24
     bits are uniform random bits (see the module docstring)."""

@@ -25,6 +25,28 @@ an overflowed square, as with float32 storage). The statistics cannot remember i
 next step on, that element's estimate is rebuilt from the row and column means again, where
 float32 storage would keep the non-finite value.
 
+How the statistics are computed. Both are reductions of :math:`x`, along the last axis and
+along the second-to-last, and XLA:CPU fuses no elementwise producer into a reduction: read by
+two of them in one pass, :math:`x` (a float32 array of the whole leaf) would be materialized.
+A leaf large enough to be updated in row chunks (:mod:`rmsprop_jax.storage._rows`) is
+instead read once, a chunk :math:`K` of rows at a time; each chunk squares its own gradient
+rows (or forms their spread from the stored :math:`\mu`), writes its rows of :math:`r_t` in
+place, and adds its share to the column statistic carried through the loop,
+
+.. math::
+
+    c_t = \beta c_{t-1} + \sum_K (1 - \beta) \sum_{i \in K} x_{t,i} / R,
+
+where :math:`R` is the leaf's row count (for a stack of matrices, a chunk holds whole
+matrices and computes their column means as in one pass). The sums of :math:`x / R` and the
+non-finite entries counted as 0 are those of the one-pass update; only the order of the
+additions differs (float32 rounding). The step then reads the gradient, the two statistics
+and the parameters, elementwise: :math:`\hat\nu_t` is a broadcast product, never a full
+array. Where the step needs the non-finite entries of :math:`x` themselves, they are
+recomputed from the gradient (:math:`|g|^2`); the centered spread depends on the
+:math:`\mu_{t-1}` that the chunks overwrite, so the chunks flag its non-finite entries, one
+bit per element (1/8 byte per parameter while the step runs).
+
 References:
   Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory Cost
   <https://arxiv.org/abs/1804.04235>`_, 2018.
@@ -39,6 +61,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from rmsprop_jax import _sharded_ops
+from rmsprop_jax.storage import _rounding
 from rmsprop_jax.storage._format import Parts, StorageFormat, moving_average
 
 MIN_DIM_SIZE = 128
@@ -88,6 +111,9 @@ class Factored(StorageFormat):
     container: ClassVar[type] = FactoredMoment
     # `mu` has no rank-one structure (it is signed); it is stored as bfloat16.
     first_moment_name: ClassVar[str] = "bfloat16"
+    # The statistics reduce `x` along both axes: in one pass, XLA:CPU would materialize `x`.
+    updates_in_row_chunks: ClassVar[bool] = True
+    stores_non_finite: ClassVar[bool] = False
 
     def compresses(self, shape: tuple[int, ...], dtype: Any, *, signed: bool) -> bool:
         return (
@@ -110,15 +136,36 @@ class Factored(StorageFormat):
 
     def update(
         self, parts: Parts, x: chex.Array, decay: Any, seed: chex.Array, *, signed: bool
-    ) -> tuple[Parts, chex.Array]:
-        """Averages `x`'s row and column means into the statistics (no rounding: no seed)."""
+    ) -> tuple[Parts, chex.Array | None]:
+        """Averages `x`'s row and column means into the statistics (no rounding: no seed).
+
+        Within a row chunk (:mod:`rmsprop_jax.storage._rows`) of a matrix, `col` is the
+        column statistic as the chunks before left it, and comes back with this chunk's rows
+        folded in; the average is then known only after the last chunk
+        (:meth:`average_after_rows`), and None is returned in its place.
+        """
         del seed, signed
         row, col = parts
-        finite = jnp.isfinite(x)
-        counted = jnp.where(finite, x, 0)
+        counted = jnp.where(jnp.isfinite(x), x, 0)
         row = moving_average(row, safe_mean(counted, -1), decay)
-        col = moving_average(col, safe_mean(counted, -2), decay)
-        return (row, col), jnp.where(finite, decode(row, col, x.dtype), x)
+        if not _rounding.in_chunk():
+            col = moving_average(col, safe_mean(counted, -2), decay)
+            return (row, col), self.average_after_rows((row, col), x.dtype, x)
+        if x.ndim == 2:
+            # c_t = beta c_{t-1} + sum_k (1 - beta) sum_{i in chunk k} x_i / R.
+            share = jnp.sum(counted * (1.0 / _rounding.leaf_rows(x.shape[0])), axis=0)
+            col = jnp.where(_rounding.first_chunk(), decay * col, col) + (1 - decay) * share
+        else:  # Chunks of whole matrices.
+            col = moving_average(col, safe_mean(counted, -2), decay)
+        return (row, col), None
+
+    def summed_over_rows(self, shape: tuple[int, ...]) -> tuple[bool, ...]:
+        # A matrix's column statistic is a mean over its rows; a stack's is one per matrix.
+        return False, len(shape) == 2
+
+    def average_after_rows(self, parts: Parts, dtype: Any, folded: Any) -> chex.Array:
+        row, col = parts
+        return jnp.where(jnp.isfinite(folded), decode(row, col, dtype), folded)
 
     def logical_shape(self, parts: Parts) -> tuple[int, ...]:
         row, col = parts

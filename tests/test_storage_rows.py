@@ -1,0 +1,126 @@
+"""Large leaves updated a chunk of rows at a time give what the one-pass update gives.
+
+The row-chunked update (`rmsprop_jax.storage._rows`) exists to bound the step's memory; it
+must not change the result. Each case runs the same steps twice, once as compiled for the
+chunks and once with chunking turned off (every leaf updated in one pass), and compares the
+states and the updates: equal, except for the order in which a factored matrix's column
+means are summed (float32 rounding). The gradients of the middle step hold NaN, infinities,
+a value whose square overflows and one whose square is representable but whose sum over a
+column would not be.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rmsprop_jax as rj
+from rmsprop_jax import storage
+from rmsprop_jax.storage import _rows
+
+# (1000, 256): chunks of 40 rows (5 of each of 8 groups), 125 rows per group not a multiple
+# of the 16 a chunk could hold; (131, 512): a prime row count, chunks of one row; (3, 128,
+# 512): a stack, chunks of one matrix. int8: (1000, 384), blocks of 192.
+SHAPES = {"odd_rows": (1000, 256), "prime_rows": (131, 512), "stack": (3, 128, 512)}
+INT8_SHAPES = {"odd_rows": (1000, 384)}
+EXTREMES = [np.nan, np.inf, -np.inf, 1e38, 1.5e19]
+ROUNDING_ALLOWANCE = 1e-4
+VARIANTS = {
+    "plain": {},
+    "centered": {"centered": True},
+    "centered_no_memory": {"centered": True, "decay": 0.0},
+}
+
+
+def _gradients(shapes: dict, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    steps = [
+        {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(3)
+    ]
+    for grad in steps[1].values():
+        flat = grad.reshape(-1)
+        where = rng.choice(flat.size, size=4 * len(EXTREMES), replace=False)
+        flat[where] = np.repeat(np.asarray(EXTREMES, np.float32), 4)
+    return steps
+
+
+def _run(moment_storage: str, options: dict, grads, maybe_jit):
+    tx = rj.scale_by_rms(moment_storage=moment_storage, **options)
+    state = tx.init(jax.tree.map(jnp.asarray, grads[0]))
+    update = maybe_jit(tx.update)
+    out = []
+    for g in grads:
+        updates, state = update(jax.tree.map(jnp.asarray, g), state)
+        out.append((jax.tree.map(np.asarray, updates), jax.tree.map(np.asarray, state)))
+    return out
+
+
+def _assert_same(chunked, one_pass, rtol: float) -> None:
+    """Equal non-finite entries, float32 arrays within `rtol`, and rounded stored arrays
+    (bfloat16, int8 codes) equal but for a few elements one rounding step away: an eager
+    one-pass update rounds each operation apart, where the compiled one may fuse a multiply
+    and an add, and a last-bit difference before stochastic rounding can flip it."""
+    for step, (ours, theirs) in enumerate(zip(chunked, one_pass, strict=True)):
+        paths = jax.tree_util.tree_leaves_with_path(theirs)
+        for (path, a), b in zip(paths, jax.tree.leaves(ours), strict=True):
+            label = f"step {step}, {jax.tree_util.keystr(path)}"
+            a, b = np.asarray(a), np.asarray(b)
+            assert a.dtype == b.dtype and a.shape == b.shape, label
+            if a.dtype != np.float32:
+                a, b = a.astype(np.float64), b.astype(np.float64)
+                differ = (a != b) & ~(np.isnan(a) & np.isnan(b))
+                assert np.mean(differ) <= ROUNDING_ALLOWANCE, label
+                step_size = 2**-7 if a.dtype == jnp.bfloat16 else 1
+                assert np.all(np.isclose(a[differ], b[differ], rtol=step_size, atol=0)), label
+                continue
+            np.testing.assert_array_equal(np.isnan(b), np.isnan(a), err_msg=label)
+            np.testing.assert_array_equal(np.isinf(b), np.isinf(a), err_msg=label)
+            finite = np.isfinite(a)
+            np.testing.assert_allclose(b[finite], a[finite], rtol=rtol, atol=0, err_msg=label)
+
+
+def _chunked_and_one_pass(monkeypatch, moment_storage, options, shapes, maybe_jit):
+    fmt = storage.get(moment_storage)
+    grads = _gradients(shapes, seed=len(shapes) + len(options))
+    for g in grads[0].values():
+        assert storage.updates_by_rows(fmt, jnp.asarray(g)), g.shape
+    chunked = _run(moment_storage, options, grads, maybe_jit)
+    with monkeypatch.context() as patch:
+        patch.setattr(_rows, "CHUNK_ELEMENTS", 1 << 40)
+        for g in grads[0].values():
+            assert not storage.updates_by_rows(fmt, jnp.asarray(g)), g.shape
+        one_pass = _run(moment_storage, options, grads, maybe_jit)
+    return chunked, one_pass
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_factored_chunks_give_the_one_pass_statistics_and_updates(variant, maybe_jit, monkeypatch):
+    chunked, one_pass = _chunked_and_one_pass(
+        monkeypatch, "factored", VARIANTS[variant], SHAPES, maybe_jit
+    )
+    # Column means summed chunk by chunk (131 chunks of one row) rather than in one
+    # reduction: float32 rounding, some 2**-24 per chunk at worst.
+    _assert_same(chunked, one_pass, rtol=1e-5)
+    # The overflowed, NaN and infinite entries made some updates non-finite or 0, as in one
+    # pass; the statistics stayed finite.
+    updates, state = chunked[1]
+    assert any(not np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+    second = state.variance if VARIANTS[variant].get("centered") else state.nu
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(second))
+
+
+@pytest.mark.parametrize("variant", ["plain", "centered"])
+def test_int8_chunks_give_the_one_pass_state_and_updates(variant, maybe_jit, monkeypatch):
+    chunked, one_pass = _chunked_and_one_pass(
+        monkeypatch, "int8", VARIANTS[variant], INT8_SHAPES, maybe_jit
+    )
+    # Equal under jit; eagerly, the one-pass step rounds operation by operation.
+    _assert_same(chunked, one_pass, rtol=1e-6)
+
+
+def test_summed_flags_must_match_the_stored_arrays():
+    g = jnp.ones((1000, 256))
+    with pytest.raises(ValueError, match="`summed` has 3 entries for 2 stored arrays"):
+        _rows.update_by_rows(lambda g, a, b: (a, b), g, g, g, summed=[False] * 3)
