@@ -27,6 +27,7 @@ SHAPES = {"odd_rows": (1000, 256), "prime_rows": (131, 512), "stack": (3, 128, 5
 INT8_SHAPES = {"odd_rows": (1000, 384)}
 EXTREMES = [np.nan, np.inf, -np.inf, 1e38, 1.5e19]
 ROUNDING_ALLOWANCE = 1e-4
+ROUNDED_STEP = 0.07  # half an int8 level (12.5%), and more than bfloat16's 2**-8
 VARIANTS = {
     "plain": {},
     "centered": {"centered": True},
@@ -78,7 +79,12 @@ def _assert_same(chunked, one_pass, rtol: float) -> None:
             np.testing.assert_array_equal(np.isnan(b), np.isnan(a), err_msg=label)
             np.testing.assert_array_equal(np.isinf(b), np.isinf(a), err_msg=label)
             finite = np.isfinite(a)
-            np.testing.assert_allclose(b[finite], a[finite], rtol=rtol, atol=0, err_msg=label)
+            a, b = a[finite], b[finite]
+            # An element whose stored average rounded to the other neighbour (above) steps by
+            # up to half a rounding step (the step divides by the root of the average).
+            differ = ~np.isclose(b, a, rtol=rtol, atol=0)
+            assert np.mean(differ) <= ROUNDING_ALLOWANCE, label
+            np.testing.assert_allclose(b[differ], a[differ], rtol=ROUNDED_STEP, err_msg=label)
 
 
 def _chunked_and_one_pass(monkeypatch, moment_storage, options, shapes, maybe_jit):
