@@ -98,12 +98,12 @@ def _centered_variance(nu: chex.Array, mu: chex.Array) -> chex.Array:
 def _spread_where_not_finite(
     flags: chex.Array, new_mu: Any, mu_fmt: storage.StorageFormat, g: chex.Array, decay: Any
 ) -> chex.Array:
-    r"""The spread :math:`\beta |g - \mu_{t-1}|^2` where it was not finite (0 elsewhere),
-    once :math:`\mu_{t-1}` is overwritten: `flags` (see :func:`storage.pack_flags`) marks
+    r"""The spread β |g - μ_{t-1}|² where it was not finite (0 elsewhere),
+    once μ_{t-1} is overwritten: `flags` (see :func:`storage.pack_flags`) marks
     those elements, and each gets the value that gives the step its spread gives. That is
-    NaN for :math:`\beta = 0` (0 times an infinite square) and where :math:`\mu_t` is NaN
-    (:math:`\mu_{t-1}` or `g` was NaN), else :math:`+\infty` (an overflowed square, or an
-    infinite :math:`\mu_{t-1}`; where `g` is infinite the step is NaN with either value).
+    NaN for β = 0 (0 times an infinite square) and where μ_t is NaN
+    (μ_{t-1} or `g` was NaN), else +∞ (an overflowed square, or an
+    infinite μ_{t-1}; where `g` is infinite the step is NaN with either value).
     """
     # Read behind a barrier: the written buffer, not a conversion XLA would copy it through.
     mu = mu_fmt.leaf_decode(jax.lax.optimization_barrier(new_mu), g, signed=True)

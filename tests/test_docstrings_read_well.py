@@ -8,7 +8,9 @@ documentation site renders) may use LaTeX. Inline math is written with Unicode s
 from __future__ import annotations
 
 import doctest
+import importlib
 import inspect
+import pkgutil
 import pydoc
 import re
 
@@ -114,7 +116,21 @@ def test_docstring_shows_no_raw_markup_in_help(name, value):
         assert not raw, f"{name}: help() shows raw markup {sorted(set(raw))}"
 
 
-@pytest.mark.parametrize("module", DOCUMENTED_MODULES, ids=lambda m: m.__name__)
+# The storage formats' modules: `help(rj.storage.int8)` is where their design is documented.
+STORAGE_MODULES = [
+    importlib.import_module(f"rmsprop_jax.storage.{info.name}")
+    for info in pkgutil.iter_modules(rj.storage.__path__)
+]
+
+
+def test_storage_modules_found():
+    names = {module.__name__.rsplit(".", 1)[-1] for module in STORAGE_MODULES}
+    assert {"int8", "bfloat16", "factored", "_rows", "_rounding", "_format"} <= names
+
+
+@pytest.mark.parametrize(
+    "module", [*DOCUMENTED_MODULES, rj.storage, *STORAGE_MODULES], ids=lambda m: m.__name__
+)
 def test_module_docstring_shows_no_raw_markup_in_help(module):
     raw = RAW_MARKUP.findall(prose(inspect.getdoc(module) or ""))
     assert not raw, f"{module.__name__}: help() shows raw markup {sorted(set(raw))}"

@@ -122,8 +122,8 @@ class StorageFormat:
       container: for formats with several parts, the NamedTuple whose fields are the part
         names followed by `dense`; None for formats that store one array per leaf.
       stores_centered_variance: whether a centered state keeps the variance
-        :math:`\\nu - |\\mu|^2` (updated without cancellation) instead of :math:`\\nu`.
-      first_moment_name: the format of :math:`\\mu` (centered), by name.
+        ν - |μ|² (updated without cancellation) instead of ν.
+      first_moment_name: the format of μ (centered), by name.
       stores_non_finite: whether a non-finite value averaged in is stored for its element
         (every format but `"factored"`, whose statistics leave it out).
       updates_in_row_chunks: whether large leaves are updated a chunk of rows at a time

@@ -1,25 +1,25 @@
 """Updating the stored averages of a large leaf in chunks of rows, to bound the step's memory.
 
-A format whose new parts depend on a reduction of the new average (the block scales of
-`"int8"`) cannot compute them in one elementwise pass: XLA:CPU fuses no elementwise producer
-into a reduction, so the float32 average would be materialized for the whole leaf (4 bytes per
+A format whose new parts depend on a reduction of the new average (the block scales of `"int8"`)
+cannot compute them in one elementwise pass: XLA:CPU fuses no elementwise producer into a
+reduction, so the float32 average would be materialized for the whole leaf (4 bytes per
 parameter) before the codes are written. Updating the leaf a chunk of rows at a time, in a
 `jax.lax.fori_loop` whose carry is the (donated) stored parts, bounds that temporary to one
 chunk (:data:`CHUNK_ELEMENTS` elements) and writes every new part in place. The factored
-format's statistics reduce `x` along both axes; in chunks, the row means are written a chunk
-at a time and the column means of a matrix, a statistic over all rows, are carried through
-the loop and folded chunk by chunk (`summed` in :func:`update_by_rows`).
+format's statistics reduce `x` along both axes; in chunks, the row means are written a chunk at
+a time and the column means of a matrix, a statistic over all rows, are carried through the loop
+and folded chunk by chunk (`summed` in :func:`update_by_rows`).
 
-XLA:CPU has no bfloat16 dynamic-update-slice: it writes a bfloat16 chunk (the centered `mu`
-of the factored format) by converting the whole carried array to float32 and back, so such
-a leaf's update takes time proportional to its size times its number of chunks.
+XLA:CPU has no bfloat16 dynamic-update-slice: it writes a bfloat16 chunk (the centered `mu` of
+the factored format) by converting the whole carried array to float32 and back, so such a leaf's
+update takes time proportional to its size times its number of chunks.
 
-Chunks are strided: the leaf's leading axis of :math:`R` rows is viewed as
-:math:`G \\times R/G` (:math:`G = \\gcd(R, 64)`) and a chunk takes the same few rows of every
-group, so a leaf whose rows are split over up to 64 devices (any power of two dividing
-:math:`R`) finds each chunk on every device and the loop needs no communication. The
-stochastic-rounding bits of every element are those of the unchunked update (see
-:func:`rmsprop_jax.storage._rounding.chunk_rows`): the result does not depend on the chunking.
+Chunks are strided: the leaf's leading axis of R rows is viewed as G × R/G (G = gcd(R, 64)) and
+a chunk takes the same few rows of every group, so a leaf whose rows are split over up to 64
+devices (any power of two dividing R) finds each chunk on every device and the loop needs no
+communication. The stochastic-rounding bits of every element are those of the unchunked update
+(see :func:`rmsprop_jax.storage._rounding.chunk_rows`): the result does not depend on the
+chunking.
 """
 
 from __future__ import annotations

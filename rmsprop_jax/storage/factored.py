@@ -1,9 +1,9 @@
 r"""Factored storage of a non-negative moving average: row and column means (Adafactor).
 
 For a leaf of shape (..., R, C) whose last two axes both have at least 128 entries, only the
-moving averages of the row means and the column means of :math:`x` (:math:`g^2` for RMSprop)
-are kept, :math:`R + C` numbers per matrix instead of :math:`RC`, and the full average is
-rebuilt as their normalized outer product,
+moving averages of the row means and the column means of x (g² for RMSprop) are kept, R + C
+numbers per matrix instead of RC, and the full average is rebuilt as their normalized outer
+product,
 
 .. math::
 
@@ -12,40 +12,39 @@ rebuilt as their normalized outer product,
     \hat\nu_t = r_t c_t^\top / \overline{r_t},
 
 the rank-one matrix that minimizes the generalized Kullback-Leibler divergence to the full
-average given its row and column sums (Shazeer and Stern 2018). Because the rebuild is linear
-in :math:`r_t` and in :math:`c_t`, bias correction can be applied to :math:`\hat\nu_t` as if it
-were the full average. Where every row mean is 0 (nothing seen yet, `initial_scale=0`) the
-estimate is 0, and a zero gradient then gives a zero step. Other leaves are stored as they are.
+average given its row and column sums (Shazeer and Stern 2018). Because the rebuild is linear in
+r_t and in c_t, bias correction can be applied to ν̂_t as if it were the full average. Where
+every row mean is 0 (nothing seen yet, `initial_scale=0`) the estimate is 0, and a zero gradient
+then gives a zero step. Other leaves are stored as they are.
 
-Means are taken as sums of :math:`x / n`, which cannot overflow where the mean itself is
-representable. A non-finite entry of :math:`x` (a NaN or infinite gradient, or a square that
-overflowed) counts as 0 in the statistics, so it changes no other element's estimate; its own
-estimate in that step is the non-finite value itself (so the update is non-finite, or 0 for
-an overflowed square, as with float32 storage). The statistics cannot remember it: from the
-next step on, that element's estimate is rebuilt from the row and column means again, where
-float32 storage would keep the non-finite value.
+Means are taken as sums of x/n, which cannot overflow where the mean itself is representable. A
+non-finite entry of x (a NaN or infinite gradient, or a square that overflowed) counts as 0 in
+the statistics, so it changes no other element's estimate; its own estimate in that step is the
+non-finite value itself (so the update is non-finite, or 0 for an overflowed square, as with
+float32 storage). The statistics cannot remember it: from the next step on, that element's
+estimate is rebuilt from the row and column means again, where float32 storage would keep the
+non-finite value.
 
-How the statistics are computed. Both are reductions of :math:`x`, along the last axis and
-along the second-to-last, and XLA:CPU fuses no elementwise producer into a reduction: read by
-two of them in one pass, :math:`x` (a float32 array of the whole leaf) would be materialized.
-A leaf large enough to be updated in row chunks (:mod:`rmsprop_jax.storage._rows`) is
-instead read once, a chunk :math:`K` of rows at a time; each chunk squares its own gradient
-rows (or forms their spread from the stored :math:`\mu`), writes its rows of :math:`r_t` in
-place, and adds its share to the column statistic carried through the loop,
+How the statistics are computed. Both are reductions of x, along the last axis and along the
+second-to-last, and XLA:CPU fuses no elementwise producer into a reduction: read by two of them
+in one pass, x (a float32 array of the whole leaf) would be materialized. A leaf large enough to
+be updated in row chunks (:mod:`rmsprop_jax.storage._rows`) is instead read once, a chunk K of
+rows at a time; each chunk squares its own gradient rows (or forms their spread from the stored
+μ), writes its rows of r_t in place, and adds its share to the column statistic carried through
+the loop,
 
 .. math::
 
     c_t = \beta c_{t-1} + \sum_K (1 - \beta) \sum_{i \in K} x_{t,i} / R,
 
-where :math:`R` is the leaf's row count (for a stack of matrices, a chunk holds whole
-matrices and computes their column means as in one pass). The sums of :math:`x / R` and the
-non-finite entries counted as 0 are those of the one-pass update; only the order of the
-additions differs (float32 rounding). The step then reads the gradient, the two statistics
-and the parameters, elementwise: :math:`\hat\nu_t` is a broadcast product, never a full
-array. Where the step needs the non-finite entries of :math:`x` themselves, they are
-recomputed from the gradient (:math:`|g|^2`); the centered spread depends on the
-:math:`\mu_{t-1}` that the chunks overwrite, so the chunks flag its non-finite entries, one
-bit per element (1/8 byte per parameter while the step runs).
+where R is the leaf's row count (for a stack of matrices, a chunk holds whole matrices and
+computes their column means as in one pass). The sums of x/R and the non-finite entries counted
+as 0 are those of the one-pass update; only the order of the additions differs (float32
+rounding). The step then reads the gradient, the two statistics and the parameters, elementwise:
+ν̂_t is a broadcast product, never a full array. Where the step needs the non-finite entries of
+x themselves, they are recomputed from the gradient (|g|²); the centered spread depends on the
+μ_{t-1} that the chunks overwrite, so the chunks flag its non-finite entries, one bit per
+element (1/8 byte per parameter while the step runs).
 
 References:
   Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory Cost
@@ -93,7 +92,7 @@ def safe_mean(x: chex.Array, axis: int) -> chex.Array:
 
 
 def decode(row: chex.Array, col: chex.Array, dtype: Any) -> chex.Array:
-    r"""The rank-one estimate :math:`r c^\top / \overline{r}` of the full average."""
+    r"""The rank-one estimate r cᵀ / mean(r) of the full average."""
     row, col = row.astype(dtype), col.astype(dtype)
     row_mean = safe_mean(row, -1)[..., None]
     # XLA:CPU divides through the reciprocal, which flushes to 0 for divisors beyond 2**126:
