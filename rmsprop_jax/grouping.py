@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import _jax_compat, _validation
+from rmsprop_jax import _jax_compat, _unpacking, _validation
 
 # Below this many elements a leaf's kernels cost more to launch than copying it into the
 # packed buffer; measured by benchmarks/update_step.py (see benchmarks/README.md).
@@ -137,17 +137,8 @@ def unpack(packed_tree: PackedTree, like: Any) -> Any:
     """
     leaves, treedef = jax.tree.flatten(like)
     kept = treedef.flatten_up_to(packed_tree.leaves)
-    offsets = dict.fromkeys(packed_tree.packed, 0)
-    out = []
-    for leaf, slot, own in zip(leaves, _slots(packed_tree.layout), kept, strict=True):
-        if slot.buffer is None:
-            out.append(own)
-            continue
-        start, size = offsets[slot.buffer], int(np.prod(slot.shape, dtype=int))
-        offsets[slot.buffer] = start + size
-        values = packed_tree.packed[slot.buffer][start : start + size].reshape(slot.shape)
-        out.append(values.astype(jnp.result_type(leaf)))
-    return jax.tree.unflatten(treedef, out)
+    slots = _slots(packed_tree.layout)
+    return jax.tree.unflatten(treedef, _unpacking.unpack(packed_tree.packed, slots, kept, leaves))
 
 
 def _stand_in(slot: LeafSlot) -> np.ndarray:

@@ -1,0 +1,108 @@
+"""Reading packed leaves back out of their buffers, so that same-shaped leaves share a kernel.
+
+The updates of the leaves :func:`rmsprop_jax.pack_small_leaves` packs come out of the wrapped
+transformation as one vector per dtype; each leaf is the slice `buffer[start:start + size]`
+of it. Written with constant starts, every slice is fused (with the parameter update that
+reads it) into a kernel of its own: the start is part of the kernel's code, so XLA compiles
+one kernel per leaf, where the unpacked step's same-shaped leaves share one compiled kernel.
+At 2048 leaves of 512 elements that made the packed step take about 4x as long to compile as
+the unpacked one (benchmarks/README.md, "Grouping leaves").
+
+Here the starts reach the slicing kernels as run-time values: they are the results of a
+`jax.lax.cond` whose predicate (is the first packed gradient element NaN?) is known only when
+the step runs and whose branches both return the same starts. XLA can fold neither the
+condition nor the starts, so each leaf is a `dynamic_slice` whose start is an argument of its
+kernel; kernels of leaves with the same shape, dtype and buffer are then the same code, and
+XLA compiles it once. The cost at run time is one conditional, which reads one element and
+returns constants.
+
+This applies on CPU only (through :func:`jax.lax.platform_dependent`, chosen when the step is
+lowered): a GPU runs a conditional by copying its predicate to the host and waiting for it,
+which would stall every step, so other platforms keep the constant starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+# Starts are int32 (JAX's default integer width); past this a buffer keeps constant starts.
+_MAX_START = np.iinfo(np.int32).max
+
+
+def _constant_starts(starts: Sequence[int]) -> tuple[jax.Array, ...]:
+    return tuple(jnp.int32(start) for start in starts)
+
+
+def _runtime_starts(starts: Sequence[int], witness: jax.Array) -> tuple[jax.Array, ...]:
+    """`starts` as int32 scalars that XLA cannot fold into the kernels that read them."""
+    first = jnp.ravel(witness)[0]
+    # True only for a NaN; either way the result is `starts`, but XLA cannot know which
+    # branch runs, so it cannot replace the results by constants.
+    return lax.cond(first != first, _constant_starts, _constant_starts, starts)
+
+
+def leaf_starts(starts: Sequence[int], witness: jax.Array) -> tuple[jax.Array, ...]:
+    """Where each packed leaf starts in its buffer, as scalars fit for `lax.dynamic_slice`.
+
+    Args:
+      starts: the offset of each packed leaf in its buffer, in elements.
+      witness: a packed gradient leaf (any array with an element); only its first element
+        is read, on CPU, to make a condition XLA cannot evaluate while compiling.
+
+    Returns:
+      One int32 scalar per start: on CPU the results of a run-time conditional (see the
+      module docstring), on other platforms constants.
+    """
+    if not starts:
+        return ()
+    if max(starts) > _MAX_START:
+        return _constant_starts(starts)
+    return lax.platform_dependent(
+        starts,
+        witness,
+        cpu=_runtime_starts,
+        default=lambda starts, _: _constant_starts(starts),
+    )
+
+
+def unpack(packed: dict[str, jax.Array], slots: Sequence[Any], kept: Sequence[Any], like) -> list:
+    """The leaves read back from `packed`: `kept[i]` where `slots[i]` was not packed.
+
+    Args:
+      packed: each buffer by name, as the wrapped transformation returned it.
+      slots: the :class:`rmsprop_jax.grouping.LeafSlot` of each leaf, in tree order.
+      kept: each leaf that was not packed (None where it was), in tree order.
+      like: the gradient leaves, in tree order: each leaf read from a buffer gets the shape
+        of its slot and the dtype of its gradient (a buffer holding float16 and float32
+        gradients gives float16 updates for the former).
+
+    Returns:
+      The leaves, in tree order.
+    """
+    ends = dict.fromkeys(packed, 0)
+    starts, sizes = [], []
+    for slot in slots:
+        size = int(np.prod(slot.shape, dtype=int)) if slot.buffer is not None else 0
+        starts.append(ends.get(slot.buffer, 0))
+        sizes.append(size)
+        if slot.buffer is not None:
+            ends[slot.buffer] += size
+    packed_leaves = [i for i, slot in enumerate(slots) if slot.buffer is not None]
+    witness = like[packed_leaves[0]] if packed_leaves else None
+    runtime = dict(
+        zip(packed_leaves, leaf_starts([starts[i] for i in packed_leaves], witness), strict=True)
+    )
+    out = []
+    for i, (slot, own, leaf) in enumerate(zip(slots, kept, like, strict=True)):
+        if slot.buffer is None:
+            out.append(own)
+            continue
+        values = lax.dynamic_slice(packed[slot.buffer], (runtime[i],), (sizes[i],))
+        out.append(values.reshape(slot.shape).astype(jnp.result_type(leaf)))
+    return out
