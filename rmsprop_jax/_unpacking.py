@@ -42,9 +42,10 @@ def _constant_starts(starts: Sequence[int]) -> tuple[jax.Array, ...]:
 def _runtime_starts(starts: Sequence[int], witness: jax.Array) -> tuple[jax.Array, ...]:
     """`starts` as int32 scalars that XLA cannot fold into the kernels that read them."""
     first = jnp.ravel(witness)[0]
-    # True only for a NaN; either way the result is `starts`, but XLA cannot know which
-    # branch runs, so it cannot replace the results by constants.
-    return lax.cond(first != first, _constant_starts, _constant_starts, starts)
+    # True only for a NaN. Both branches return the same constants, but XLA cannot know which
+    # branch runs, so it cannot put the constants in the place of the results.
+    constants = tuple(np.int32(start) for start in starts)
+    return lax.cond(first != first, lambda: constants, lambda: constants)
 
 
 def leaf_starts(starts: Sequence[int], witness: jax.Array) -> tuple[jax.Array, ...]:
@@ -64,14 +65,15 @@ def leaf_starts(starts: Sequence[int], witness: jax.Array) -> tuple[jax.Array, .
     if max(starts) > _MAX_START:
         return _constant_starts(starts)
     return lax.platform_dependent(
-        starts,
         witness,
-        cpu=_runtime_starts,
-        default=lambda starts, _: _constant_starts(starts),
+        cpu=lambda witness: _runtime_starts(starts, witness),
+        default=lambda _: _constant_starts(starts),
     )
 
 
-def unpack(packed: dict[str, jax.Array], slots: Sequence[Any], kept: Sequence[Any], like) -> list:
+def unpack(
+    packed: dict[str, jax.Array], slots: Sequence[Any], kept: Sequence[Any], like: Sequence[Any]
+) -> list[Any]:
     """The leaves read back from `packed`: `kept[i]` where `slots[i]` was not packed.
 
     Args:
@@ -85,24 +87,16 @@ def unpack(packed: dict[str, jax.Array], slots: Sequence[Any], kept: Sequence[An
     Returns:
       The leaves, in tree order.
     """
+    packed_leaves = [i for i, slot in enumerate(slots) if slot.buffer is not None]
     ends = dict.fromkeys(packed, 0)
     starts, sizes = [], []
-    for slot in slots:
-        size = int(np.prod(slot.shape, dtype=int)) if slot.buffer is not None else 0
-        starts.append(ends.get(slot.buffer, 0))
-        sizes.append(size)
-        if slot.buffer is not None:
-            ends[slot.buffer] += size
-    packed_leaves = [i for i, slot in enumerate(slots) if slot.buffer is not None]
+    for i in packed_leaves:
+        sizes.append(int(np.prod(slots[i].shape, dtype=int)))
+        starts.append(ends[slots[i].buffer])
+        ends[slots[i].buffer] += sizes[-1]
     witness = like[packed_leaves[0]] if packed_leaves else None
-    runtime = dict(
-        zip(packed_leaves, leaf_starts([starts[i] for i in packed_leaves], witness), strict=True)
-    )
-    out = []
-    for i, (slot, own, leaf) in enumerate(zip(slots, kept, like, strict=True)):
-        if slot.buffer is None:
-            out.append(own)
-            continue
-        values = lax.dynamic_slice(packed[slot.buffer], (runtime[i],), (sizes[i],))
-        out.append(values.reshape(slot.shape).astype(jnp.result_type(leaf)))
+    out = list(kept)
+    for i, start, size in zip(packed_leaves, leaf_starts(starts, witness), sizes, strict=True):
+        values = lax.dynamic_slice(packed[slots[i].buffer], (start,), (size,))
+        out[i] = values.reshape(slots[i].shape).astype(jnp.result_type(like[i]))
     return out
