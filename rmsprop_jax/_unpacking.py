@@ -14,7 +14,10 @@ the step runs and whose branches both return the same starts. XLA can fold neith
 condition nor the starts, so each leaf is a `dynamic_slice` whose start is an argument of its
 kernel; kernels of leaves with the same shape, dtype and buffer are then the same code, and
 XLA compiles it once. The cost at run time is one conditional, which reads one element and
-returns constants.
+returns constants (about 2 sqrt(n) of them for n leaves, each start being the sum of two), and
+one scalar addition per leaf. Sharing kernels also makes the step itself faster, as the
+unpacked step's shared kernels do: 0.80x the time of slicing at constant starts (512 leaves,
+centered + momentum).
 
 This applies on CPU only (through :func:`jax.lax.platform_dependent`, chosen when the step is
 lowered): a GPU runs a conditional by copying its predicate to the host and waiting for it,
@@ -23,6 +26,7 @@ which would stall every step, so other platforms keep the constant starts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,11 +45,21 @@ def _constant_starts(starts: Sequence[int]) -> tuple[jax.Array, ...]:
 
 def _runtime_starts(starts: Sequence[int], witness: jax.Array) -> tuple[jax.Array, ...]:
     """`starts` as int32 scalars that XLA cannot fold into the kernels that read them."""
+    # XLA copies each result of a conditional into place on every step, a few microseconds
+    # each on CPU. So each start is the sum of two results, the start of its chunk of about
+    # sqrt(n) leaves and its offset within the chunk: for leaves of one size these take about
+    # 2 sqrt(n) distinct values (90 at 2048 leaves), not n.
+    chunk = max(1, math.isqrt(len(starts)))
+    bases = [starts[i - i % chunk] for i in range(len(starts))]
+    within = [start - starts[i - i % chunk] for i, start in enumerate(starts)]
+    values = sorted(set(bases) | set(within))
+    constants = tuple(np.int32(value) for value in values)
     first = jnp.ravel(witness)[0]
     # True only for a NaN. Both branches return the same constants, but XLA cannot know which
     # branch runs, so it cannot put the constants in the place of the results.
-    constants = tuple(np.int32(start) for start in starts)
-    return lax.cond(first != first, lambda: constants, lambda: constants)
+    results = lax.cond(first != first, lambda: constants, lambda: constants)
+    result = {value: results[i] for i, value in enumerate(values)}
+    return tuple(result[base] + result[offset] for base, offset in zip(bases, within, strict=True))
 
 
 def leaf_starts(starts: Sequence[int], witness: jax.Array) -> tuple[jax.Array, ...]:
