@@ -15,13 +15,15 @@ condition nor the starts, so each leaf is a `dynamic_slice` whose start is an ar
 kernel; kernels of leaves with the same shape, dtype and buffer are then the same code, and
 XLA compiles it once. The cost at run time is one conditional, which reads one element and
 returns constants (about 2 sqrt(n) of them for n leaves, each start being the sum of two), and
-one scalar addition per leaf. Sharing kernels also makes the step itself faster, as the
-unpacked step's shared kernels do: 0.80x the time of slicing at constant starts (512 leaves,
-centered + momentum).
+one scalar addition per leaf; paired with constant starts on the same trees, the step time
+did not change beyond noise (benchmarks/README.md).
 
 This applies on CPU only (through :func:`jax.lax.platform_dependent`, chosen when the step is
 lowered): a GPU runs a conditional by copying its predicate to the host and waiting for it,
-which would stall every step, so other platforms keep the constant starts.
+which would stall every step, so other platforms keep the constant starts. So do JAX releases
+before 0.7.2: their XLA compiles even identical kernels one by one, and there run-time starts
+only cost time (JAX 0.5.3, 512 leaves: 1.26x the compile time and 1.10x the step time of
+constant starts).
 """
 
 from __future__ import annotations
@@ -35,8 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from rmsprop_jax import _jax_compat
+
 # Starts are int32 (JAX's default integer width); past this a buffer keeps constant starts.
 _MAX_START = np.iinfo(np.int32).max
+# The oldest JAX measured whose CPU compiler shares identical kernels (0.6.2 does not).
+SHARED_KERNELS_FROM = (0, 7, 2)
 
 
 def _constant_starts(starts: Sequence[int]) -> tuple[jax.Array, ...]:
@@ -71,12 +77,12 @@ def leaf_starts(starts: Sequence[int], witness: jax.Array) -> tuple[jax.Array, .
         is read, on CPU, to make a condition XLA cannot evaluate while compiling.
 
     Returns:
-      One int32 scalar per start: on CPU the results of a run-time conditional (see the
-      module docstring), on other platforms constants.
+      One int32 scalar per start: on CPU with JAX 0.7.2 or newer computed at run time (see
+      the module docstring), elsewhere constants.
     """
     if not starts:
         return ()
-    if max(starts) > _MAX_START:
+    if max(starts) > _MAX_START or _jax_compat.JAX_VERSION < SHARED_KERNELS_FROM:
         return _constant_starts(starts)
     return lax.platform_dependent(
         witness,

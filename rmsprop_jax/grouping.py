@@ -210,7 +210,8 @@ def pack_small_leaves(
     that slice leaves of one shape are one piece of code and XLA compiles it once, as it
     does for the unpacked step's leaves; constant offsets would give every leaf a kernel of
     its own to compile (4x the unpacked step's compile time at 2048 leaves). Other platforms
-    keep constant offsets: a GPU would wait for the condition on every step.
+    keep constant offsets (a GPU would wait for the condition on every step), and so do JAX
+    releases before 0.7.2, whose XLA compiles identical kernels one by one.
 
     The packing is decided by `init` from the parameters' shapes and dtypes alone, so it is
     the same under `jax.jit` and eagerly, and recorded in the state (each :class:`PackedTree`
