@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import _jax_compat, _validation
+from rmsprop_jax import _jax_compat, _unpacking, _validation
 
 # Below this many elements a leaf's kernels cost more to launch than copying it into the
 # packed buffer; measured by benchmarks/update_step.py (see benchmarks/README.md).
@@ -134,20 +134,12 @@ def unpack(packed_tree: PackedTree, like: Any) -> Any:
 
     Each leaf read from a buffer gets the shape of its slot and the dtype of `like`'s leaf
     (a buffer holding float16 and float32 gradients gives float16 updates for the former).
+    Leaves are sliced at offsets XLA cannot fold into their kernels (`_unpacking.unpack`).
     """
     leaves, treedef = jax.tree.flatten(like)
     kept = treedef.flatten_up_to(packed_tree.leaves)
-    offsets = dict.fromkeys(packed_tree.packed, 0)
-    out = []
-    for leaf, slot, own in zip(leaves, _slots(packed_tree.layout), kept, strict=True):
-        if slot.buffer is None:
-            out.append(own)
-            continue
-        start, size = offsets[slot.buffer], int(np.prod(slot.shape, dtype=int))
-        offsets[slot.buffer] = start + size
-        values = packed_tree.packed[slot.buffer][start : start + size].reshape(slot.shape)
-        out.append(values.astype(jnp.result_type(leaf)))
-    return jax.tree.unflatten(treedef, out)
+    slots = _slots(packed_tree.layout)
+    return jax.tree.unflatten(treedef, _unpacking.unpack(packed_tree.packed, slots, kept, leaves))
 
 
 def _stand_in(slot: LeafSlot) -> np.ndarray:
@@ -211,6 +203,15 @@ def pack_small_leaves(
     gradients are copied into that vector on every step, which is why only small leaves are
     packed: up to a few thousand elements, launching a leaf's kernels costs more than the copy
     (benchmarks/update_step.py, `packed` rows).
+
+    `unpack` reads each leaf with `jax.lax.dynamic_slice` at its offset in the vector. On CPU
+    the offsets reach the compiled step as run-time values (the results of a `jax.lax.cond`
+    on the first packed gradient element whose branches both return them), so the kernels
+    that slice leaves of one shape are one piece of code and XLA compiles it once, as it
+    does for the unpacked step's leaves; constant offsets would give every leaf a kernel of
+    its own to compile (4x the unpacked step's compile time at 2048 leaves). Other platforms
+    keep constant offsets (a GPU would wait for the condition on every step), and so do JAX
+    releases before 0.7.2, whose XLA compiles identical kernels one by one.
 
     The packing is decided by `init` from the parameters' shapes and dtypes alone, so it is
     the same under `jax.jit` and eagerly, and recorded in the state (each :class:`PackedTree`

@@ -163,6 +163,22 @@ def array_kernels(compiled) -> int:
     return sum(1 for shape in writes if not shape.endswith("[]"))
 
 
+def distinct_fusions(compiled) -> int:
+    """How many fused computations of the compiled program differ in more than their names.
+
+    Two computations count once when their instructions match after every name is replaced by
+    its order of first appearance (and metadata dropped): XLA compiles such kernels once.
+    """
+    bodies = re.findall(r"\n%?fused\S* \(.*?\) -> .*? \{\n(.*?)\n\}", compiled.as_text(), re.S)
+
+    def canonical(body: str) -> str:
+        names: dict[str, str] = {}
+        body = re.sub(r",? metadata=\{[^}]*\}", "", body)
+        return re.sub(r"%[\w.\-]+", lambda m: names.setdefault(m[0], f"%{len(names)}"), body)
+
+    return len({canonical(body) for body in bodies})
+
+
 def stored_leaf(average, name):
     """What a state stores for parameter `name`: an array, or (int8, factored) the format's
     container holding that parameter's part of each tree (placeholders where unused)."""

@@ -12,6 +12,7 @@ import pytest
 from helpers import (
     array_kernels,
     compile_step,
+    distinct_fusions,
     max_elementwise_relative_error,
     random_problem,
     run_transformation,
@@ -19,7 +20,7 @@ from helpers import (
 from reference import Config, reference_trajectory
 
 import rmsprop_jax as rj
-from rmsprop_jax import grouping
+from rmsprop_jax import _jax_compat, _unpacking, grouping
 
 SHAPES = {"kernel": (12, 10), "bias": (10,), "gain": (), "table": (3, 4)}
 MAX_SIZE = 16  # packs bias, gain and table; not kernel (120 elements)
@@ -112,6 +113,42 @@ def test_many_small_leaves_compile_to_fewer_kernels():
         # Per leaf: the parameter's kernel only. Per dtype: a few, whatever the leaf count.
         assert packed <= len(params) + 6, (settings, packed)
         assert per_leaf >= 2 * len(params), (settings, per_leaf)
+
+
+@pytest.mark.skipif(
+    jax.default_backend() != "cpu" or _jax_compat.JAX_VERSION < _unpacking.SHARED_KERNELS_FROM,
+    reason="leaves are sliced at run-time starts on CPU, from JAX 0.7.2 on",
+)
+def test_same_shaped_packed_leaves_compile_to_one_kernel_whatever_their_number():
+    # Each packed leaf is sliced out of its buffer at a start the kernel takes as an argument,
+    # so its kernel is the same code as its same-shaped neighbours' and compiles once; with the
+    # start written into the code there was one distinct kernel per leaf.
+    for settings in ({}, dict(centered=True, momentum=0.9)):
+        distinct = {}
+        for leaves in (64, 256):
+            params = {f"bias{i:03d}": jnp.ones((100,)) for i in range(leaves)}
+            packed_tx = rj.pack_small_leaves(rj.rmsprop(0.01, **settings))
+            distinct[leaves] = distinct_fusions(compile_step(packed_tx, params))
+        per_leaf = distinct_fusions(compile_step(rj.rmsprop(0.01, **settings), params))
+        assert distinct[64] == distinct[256], (settings, distinct)
+        # The unpacked step's kernels, plus the few of the packed state and the starts.
+        assert distinct[256] <= per_leaf + 4, (settings, distinct, per_leaf)
+
+
+def test_a_nan_in_the_first_packed_gradient_leaves_the_other_leaves_updates_exact(maybe_jit):
+    # The starts come from a condition on that element: a NaN takes the other branch, which
+    # must read every leaf from the same place.
+    rng = np.random.default_rng(4)
+    params = {f"b{i}": jnp.asarray(rng.normal(size=(i + 2,)), jnp.float32) for i in range(5)}
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    for first in (jnp.nan, 1.0):
+        grads["b0"] = grads["b0"].at[0].set(first)
+        plain, _ = run_transformation(rj.rmsprop(0.01), params, [grads] * 2, maybe_jit)
+        tx = rj.pack_small_leaves(rj.rmsprop(0.01), max_size=64)
+        packed, _ = run_transformation(tx, params, [grads] * 2, maybe_jit)
+        for name in params:
+            np.testing.assert_array_equal(packed[-1][name], plain[-1][name])
+        assert np.isnan(packed[-1]["b0"][0]) == np.isnan(first)
 
 
 def test_composes_with_optax_and_sweeps():
