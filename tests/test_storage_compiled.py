@@ -64,7 +64,7 @@ def test_step_temporaries_stay_under_a_quarter_byte_per_parameter(moment_storage
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("moment_storage", ["bfloat16", "int8"])
+@pytest.mark.parametrize("moment_storage", ["bfloat16", "int8", "factored"])
 def test_compressed_step_peak_is_below_the_float32_step_peak(moment_storage, variant):
     """Peak = arguments (parameters, state, gradients) + temporaries, per parameter."""
 
