@@ -73,6 +73,8 @@ def test_compressed_step_peak_is_below_the_float32_step_peak(moment_storage, var
 
     reference = peak(_memory("float32", VARIANTS[variant])[0])
     compressed = peak(_memory(moment_storage, VARIANTS[variant])[0])
-    saved_per_average = {"bfloat16": 2.0, "int8": 2.9}[moment_storage]
-    averages = 2 if variant == "centered-momentum" else 1
-    assert compressed <= reference - averages * saved_per_average, (compressed, reference)
+    # Bytes per parameter at least saved: per stored average, 2 (bfloat16), 2.9 (int8: codes
+    # and scales, less a little temporary memory) or 3.8 (factored; its centered `mu` is
+    # bfloat16, and the chunks' flags of non-finite spreads take 1/8 byte).
+    saved = {"bfloat16": (2.0, 4.0), "int8": (2.9, 5.8), "factored": (3.8, 5.6)}[moment_storage]
+    assert compressed <= reference - saved[variant == "centered-momentum"], (compressed, reference)
