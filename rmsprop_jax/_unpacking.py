@@ -68,19 +68,20 @@ def _runtime_starts(starts: Sequence[int], witness: jax.Array) -> tuple[jax.Arra
     return tuple(result[base] + result[offset] for base, offset in zip(bases, within, strict=True))
 
 
-def leaf_starts(starts: Sequence[int], witness: jax.Array) -> tuple[jax.Array, ...]:
+def leaf_starts(starts: Sequence[int], witness: jax.Array | None) -> tuple[jax.Array, ...]:
     """Where each packed leaf starts in its buffer, as scalars fit for `lax.dynamic_slice`.
 
     Args:
       starts: the offset of each packed leaf in its buffer, in elements.
-      witness: a packed gradient leaf (any array with an element); only its first element
-        is read, on CPU, to make a condition XLA cannot evaluate while compiling.
+      witness: a packed gradient leaf (any array with an element; None only when no leaf is
+        packed); only its first element is read, on CPU, to make a condition XLA cannot
+        evaluate while compiling.
 
     Returns:
       One int32 scalar per start: on CPU with JAX 0.7.2 or newer computed at run time (see
       the module docstring), elsewhere constants.
     """
-    if not starts:
+    if not starts or witness is None:
         return ()
     if max(starts) > _MAX_START or _jax_compat.JAX_VERSION < SHARED_KERNELS_FROM:
         return _constant_starts(starts)
