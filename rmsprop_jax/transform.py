@@ -269,27 +269,28 @@ def scale_by_rms(
 
             if not storage.updates_by_rows(fmt, g):
                 nu, mu, variance, _ = moments(g, nu, mu)
-            elif fmt.stores_non_finite or not keeps_variance:
-                # Large compressed leaves: the stored averages a chunk of rows at a time, then
-                # the step from what they store (and, for a format that leaves non-finite
-                # values out, from |g|**2 where that is not finite).
-                summed = fmt.leaf_summed_over_rows(nu, g.shape)
-                nu, mu = storage.update_by_rows(
-                    lambda *a: moments(*a)[:2], g, nu, mu, summed=summed
-                )
-                folded = None if fmt.stores_non_finite else abs_sq(g)
-                variance = fmt.leaf_average_after_rows(nu, g, folded)
             else:
-                # The spread depends on mu_{t-1}, overwritten by the chunks: which of its
-                # elements were not finite is kept aside, a bit per element.
-                def by_rows(g, nu, mu, flags, moments=moments):
-                    nu, mu, _, folded = moments(g, nu, mu)
-                    return nu, mu, storage.pack_flags(~jnp.isfinite(folded))
+                # Large compressed leaves: the stored averages a chunk of rows at a time, then
+                # the step from what they store. A format that leaves non-finite values out
+                # of its statistics gets them from what was averaged in: |g|**2, or, centered,
+                # the spread, whose mu_{t-1} the chunks overwrite, so which of its elements
+                # were not finite is kept aside, a bit per element.
+                flagged = keeps_variance and not fmt.stores_non_finite
 
-                summed = fmt.leaf_summed_over_rows(nu, g.shape)
-                flags = storage.flags_like(g)
-                nu, mu, flags = storage.update_by_rows(by_rows, g, nu, mu, flags, summed=summed)
-                folded = _spread_where_not_finite(flags, mu, mu_fmt, g, decay)
+                def by_rows(g, nu, mu, flags, moments=moments, flagged=flagged):
+                    nu, mu, _, folded = moments(g, nu, mu)
+                    return nu, mu, storage.pack_flags(~jnp.isfinite(folded)) if flagged else None
+
+                flags = storage.flags_like(g) if flagged else None
+                nu, mu, flags = storage.update_by_rows(
+                    by_rows, g, nu, mu, flags, summed=fmt.leaf_summed_over_rows(nu, g.shape)
+                )
+                if fmt.stores_non_finite:
+                    folded = None
+                elif flagged:
+                    folded = _spread_where_not_finite(flags, mu, mu_fmt, g, decay)
+                else:
+                    folded = abs_sq(g)
                 variance = fmt.leaf_average_after_rows(nu, g, folded)
             if bias_correction:
                 variance = variance / correction.astype(variance.dtype)
