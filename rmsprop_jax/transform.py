@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import chex
@@ -282,9 +283,26 @@ def scale_by_rms(
                     return nu, mu, storage.pack_flags(~jnp.isfinite(folded)) if flagged else None
 
                 flags = storage.flags_like(g) if flagged else None
+                sums = skip = None
+                if not centered and storage.updates_from_sums(fmt):
+                    # When every |g|**2 is finite and no sum overflows (checked on the sums),
+                    # the statistics come from two fused reductions and no chunk runs.
+                    # (Centered, the chunks also write mu: written outside them, XLA would
+                    # copy it across the loop's reshaped view.)
+                    sums = storage.fused_sums(abs_sq, g)
+                    skip = jnp.all(jnp.isfinite(sums[0])) & jnp.all(jnp.isfinite(sums[1]))
                 nu, mu, flags = storage.update_by_rows(
-                    by_rows, g, nu, mu, flags, summed=fmt.leaf_summed_over_rows(nu, g.shape)
+                    by_rows,
+                    g,
+                    nu,
+                    mu,
+                    flags,
+                    summed=fmt.leaf_summed_over_rows(nu, g.shape),
+                    skip=skip,
                 )
+                if sums is not None:
+                    from_sums = fmt.leaf_update_from_sums(nu, *sums, decay)
+                    nu = jax.tree.map(functools.partial(jnp.where, skip), from_sums, nu)
                 if fmt.stores_non_finite:
                     folded = None
                 elif flagged:

@@ -130,3 +130,51 @@ def test_summed_flags_must_match_the_stored_arrays():
     g = jnp.ones((1000, 256))
     with pytest.raises(ValueError, match="`summed` has 3 entries for 2 stored arrays"):
         _rows.update_by_rows(lambda g, a, b: (a, b), g, g, g, summed=[False] * 3)
+
+
+needs_fused_sums = pytest.mark.skipif(
+    not _rows.sums_fuse(),
+    reason=f"statistics from fused sums need JAX {_rows.SUMS_FUSE_FROM}+, this is "
+    f"JAX {jax.__version__}",
+)
+
+
+@needs_fused_sums
+def test_fused_sums_do_not_write_the_summed_array():
+    g = jax.ShapeDtypeStruct((1024, 1024), jnp.float32)
+    compiled = jax.jit(lambda g: _rows.fused_sums(lambda g: g * g, g)).lower(g).compile()
+    # Two sums of 1024 floats each, and no 4 MiB square.
+    assert compiled.memory_analysis().temp_size_in_bytes < 64 * 1024
+    x = np.random.default_rng(0).normal(size=(1024, 1024)).astype(np.float32)
+    rows, cols = compiled(jnp.asarray(x))
+    np.testing.assert_allclose(rows, np.sum(np.float64(x) ** 2, axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(cols, np.sum(np.float64(x) ** 2, axis=-2), rtol=1e-5)
+
+
+@needs_fused_sums
+def test_factored_statistics_from_fused_sums_are_the_chunks_statistics(maybe_jit, monkeypatch):
+    """Finite gradients: the sums path (default) against the chunks (the sums turned off)."""
+    grads = [{k: g for k, g in step.items()} for step in _gradients(SHAPES, seed=7)]
+    grads = [grads[0], grads[2]]  # Both finite.
+    from_sums = _run("factored", {}, grads, maybe_jit)
+    with monkeypatch.context() as patch:
+        patch.setattr(_rows, "SUMS_FUSE_FROM", (99,))
+        chunked = _run("factored", {}, grads, maybe_jit)
+    _assert_same(from_sums, chunked, rtol=1e-5)
+
+
+def test_factored_sum_that_overflows_takes_the_chunks(maybe_jit, monkeypatch):
+    """Every square finite, but a column's sum overflows float32 where its mean does not:
+    the statistics are the one-pass means, finite."""
+    g = np.random.default_rng(3).normal(size=(1000, 256)).astype(np.float32)
+    g[:, 5] = 1.5e19  # squares 2.25e38; 1000 of them sum past float32's 3.4e38
+    grads = [{"w": g}, {"w": g}]
+    chunked = _run("factored", {}, grads, maybe_jit)
+    with monkeypatch.context() as patch:
+        patch.setattr(_rows, "CHUNK_ELEMENTS", 1 << 40)
+        one_pass = _run("factored", {}, grads, maybe_jit)
+    _assert_same(chunked, one_pass, rtol=1e-5)
+    state = chunked[-1][1]
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.nu))
+    # (1 - 0.9**2) of the squares' mean: the sum (past float32) would have made it infinite.
+    np.testing.assert_allclose(state.nu.col["w"][5], 0.19 * np.float32(1.5e19) ** 2, rtol=1e-5)

@@ -22,7 +22,13 @@ import jax
 
 from rmsprop_jax.storage import _rows, bfloat16, factored, float32, int8
 from rmsprop_jax.storage._format import StorageFormat, after
-from rmsprop_jax.storage._rows import flags_like, pack_flags, unpack_flags, update_by_rows
+from rmsprop_jax.storage._rows import (
+    flags_like,
+    fused_sums,
+    pack_flags,
+    unpack_flags,
+    update_by_rows,
+)
 from rmsprop_jax.storage.factored import FactoredMoment
 from rmsprop_jax.storage.int8 import QuantizedMoment
 
@@ -47,6 +53,12 @@ def updates_by_rows(fmt: StorageFormat, g: Any) -> bool:
     """Whether the averages of a leaf shaped like `g` are updated in row chunks (see
     :mod:`rmsprop_jax.storage._rows`): every average then comes from :func:`update_by_rows`."""
     return _rows.applies(fmt, g, signed=False)
+
+
+def updates_from_sums(fmt: StorageFormat) -> bool:
+    """Whether `fmt` updates a large leaf from :func:`fused_sums` of a finite `x` (its chunks
+    then run only for an `x` that is not)."""
+    return fmt.updates_from_sums and _rows.sums_fuse()
 
 
 def format_of(node: Any) -> StorageFormat | None:
@@ -82,9 +94,11 @@ __all__ = [
     "StorageFormat",
     "after",
     "flags_like",
+    "fused_sums",
     "get",
     "pack_flags",
     "unpack_flags",
     "update_by_rows",
     "updates_by_rows",
+    "updates_from_sums",
 ]

@@ -129,6 +129,9 @@ class StorageFormat:
       updates_in_row_chunks: whether large leaves are updated a chunk of rows at a time
         (:mod:`rmsprop_jax.storage._rows`), for formats whose `update` reduces over the new
         average or over `x`.
+      updates_from_sums: whether a compressed leaf's new parts depend on `x` only through its
+        sums along the last axis and the one before (:meth:`update_from_sums`), where every
+        `x` is finite; such a leaf's chunks need to run only for an `x` that is not.
     """
 
     name: ClassVar[str]
@@ -137,6 +140,7 @@ class StorageFormat:
     first_moment_name: ClassVar[str | None] = None
     stores_non_finite: ClassVar[bool] = True
     updates_in_row_chunks: ClassVar[bool] = False
+    updates_from_sums: ClassVar[bool] = False
 
     # -- one compressed leaf -------------------------------------------------------------
     def _undefined(self, operation: str) -> TypeError:
@@ -184,6 +188,14 @@ class StorageFormat:
         # step: the step reads the buffers just written.
         parts = jax.lax.optimization_barrier(self.encode(average, seed, signed=signed))
         return parts, self.decode(parts, x.dtype)
+
+    def update_from_sums(
+        self, parts: Parts, row_sums: chex.Array, col_sums: chex.Array, decay: Any
+    ) -> Parts:
+        """:meth:`update` of a finite `x` given only its sums along the last axis
+        (`row_sums`) and along the one before (`col_sums`), for formats that
+        `updates_from_sums`."""
+        raise self._undefined("update from sums")
 
     def summed_over_rows(self, shape: tuple[int, ...]) -> tuple[bool, ...]:
         """Per part of a compressed leaf of `shape` updated in row chunks: whether it is a
@@ -298,6 +310,13 @@ class StorageFormat:
         parts = stored_leaf if self.container is None else stored_leaf[:-1]
         parts, average = self.update(parts, x, decay, seed, signed=signed)
         return (parts if self.container is None else (*parts, stored_leaf[-1])), average
+
+    def leaf_update_from_sums(
+        self, stored_leaf: Parts, row_sums: chex.Array, col_sums: chex.Array, decay: Any
+    ) -> Parts:
+        """:meth:`update_from_sums` for a compressed stored leaf."""
+        parts = self.update_from_sums(stored_leaf[:-1], row_sums, col_sums, decay)
+        return (*parts, stored_leaf[-1])
 
     def leaf_summed_over_rows(self, stored_leaf: Parts, shape: tuple[int, ...]) -> list[bool]:
         """:meth:`summed_over_rows` for each array of a stored leaf (False for placeholders)."""

@@ -34,12 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from rmsprop_jax import _sharded_ops
+from rmsprop_jax import _jax_compat, _sharded_ops
 from rmsprop_jax.storage import _rounding
 from rmsprop_jax.storage._format import never_from, tie
 
 CHUNK_ELEMENTS = 1 << 15
 _MAX_GROUPS = 64
+# The first JAX release whose XLA:CPU fuses an elementwise producer into a reduction (see
+# :func:`fused_sums`); with older ones the sums would write `x` whole.
+SUMS_FUSE_FROM = (0, 10, 2)
 
 
 def layout(shape: tuple[int, ...]) -> tuple[int, int, int] | None:
@@ -69,6 +72,32 @@ def applies(fmt: Any, g: chex.Array, *, signed: bool) -> bool:
         # are updated in one pass.
         and _sharded_ops.explicit_sharding(g) is None
     )
+
+
+def fused_sums(x_of: Callable[..., chex.Array], *inputs: chex.Array) -> tuple[Any, Any]:
+    """The sums of `x_of(*inputs)` along the last axis and along the one before, each
+    computed in one pass over `inputs` without writing `x`.
+
+    XLA fuses an elementwise producer into a reduction (on CPU from JAX 0.10.2, see
+    :data:`SUMS_FUSE_FROM`), but not one read by two reductions: such an `x` is written
+    whole. So each reduction computes its own `x`, from its own copy of the first input: that
+    input times a 1 computed from a different one of its elements (`1 + never_from(...)`,
+    which no compiler folds, so the two computations are not merged into one; times exactly
+    1, so every value, NaN and infinities included, is unchanged).
+    """
+    first, *rest = inputs
+    flat = first.reshape(-1)
+
+    def x_apart(index: int) -> chex.Array:
+        one = 1 + never_from(flat[index]).astype(first.dtype)
+        return x_of(first * one, *rest)
+
+    return jnp.sum(x_apart(0), axis=-1), jnp.sum(x_apart(1), axis=-2)
+
+
+def sums_fuse() -> bool:
+    """Whether the installed JAX computes :func:`fused_sums` without writing `x`."""
+    return _jax_compat.JAX_VERSION >= SUMS_FUSE_FROM
 
 
 def flags_like(g: chex.Array) -> chex.Array:
@@ -108,7 +137,11 @@ def _aligned(anchor: chex.Array, like: chex.Array) -> chex.Array:
 
 
 def update_by_rows(
-    fn: Callable[..., Any], g: chex.Array, *stored: Any, summed: Sequence[bool] = ()
+    fn: Callable[..., Any],
+    g: chex.Array,
+    *stored: Any,
+    summed: Sequence[bool] = (),
+    skip: chex.Array | None = None,
 ) -> Any:
     """`fn(g, *stored)` computed a chunk of rows at a time, each stored array updated in place.
 
@@ -126,6 +159,8 @@ def update_by_rows(
       *stored: the stored leaves.
       summed: per array of `stored` (in `jax.tree.leaves` order; missing entries are False),
         whether it is folded over the rows rather than written a chunk at a time.
+      skip: a boolean scalar (traced); where True no chunk runs and `stored` comes back as
+        it is (the caller has updated it another way).
 
     Returns:
       The new stored leaves, as `fn(g, *stored)` would return them.
@@ -194,6 +229,7 @@ def update_by_rows(
     carry = tuple(
         grouped(x) if r else x for x, r, c in zip(leaves, rowed, carried, strict=True) if c
     )
-    carry = iter(lax.fori_loop(0, chunk_count, body, carry))
+    chunks = chunk_count if skip is None else jnp.where(skip, 0, chunk_count)
+    carry = iter(lax.fori_loop(0, chunks, body, carry))
     new = [next(carry).reshape(x.shape) if c else x for x, c in zip(leaves, carried, strict=True)]
     return treedef.unflatten(new)

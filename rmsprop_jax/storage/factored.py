@@ -158,6 +158,18 @@ class Factored(StorageFormat):
             col = moving_average(col, safe_mean(counted, -2), decay)
         return (row, col), None
 
+    updates_from_sums: ClassVar[bool] = True
+
+    def update_from_sums(
+        self, parts: Parts, row_sums: chex.Array, col_sums: chex.Array, decay: Any
+    ) -> Parts:
+        """Averages the means of `x` given its sums along the last axis and the one before."""
+        row, col = parts
+        return (
+            moving_average(row, row_sums * (1.0 / col.shape[-1]), decay),
+            moving_average(col, col_sums * (1.0 / row.shape[-1]), decay),
+        )
+
     def summed_over_rows(self, shape: tuple[int, ...]) -> tuple[bool, ...]:
         # A matrix's column statistic is a mean over its rows; a stack's is one per matrix.
         return False, len(shape) == 2
