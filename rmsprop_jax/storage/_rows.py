@@ -1,9 +1,10 @@
 """Updating the stored averages of a large leaf in chunks of rows, to bound the step's memory.
 
 A format whose new parts depend on a reduction of the new average (the block scales of `"int8"`)
-cannot compute them in one elementwise pass: XLA:CPU fuses no elementwise producer into a
-reduction, so the float32 average would be materialized for the whole leaf (4 bytes per
-parameter) before the codes are written. Updating the leaf a chunk of rows at a time, in a
+cannot compute them in one elementwise pass: the new average is read by the reduction and by
+the encoding, and XLA fuses a producer into a reduction only where the reduction is its one
+reader (XLA:CPU before JAX 0.10.2: never), so the float32 average would be materialized for the
+whole leaf (4 bytes per parameter) before the codes are written. Updating the leaf a chunk of rows at a time, in a
 `jax.lax.fori_loop` whose carry is the (donated) stored parts, bounds that temporary to one
 chunk (:data:`CHUNK_ELEMENTS` elements) and writes every new part in place. The factored
 format's statistics reduce `x` along both axes; in chunks, the row means are written a chunk at

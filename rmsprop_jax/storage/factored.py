@@ -26,8 +26,9 @@ estimate is rebuilt from the row and column means again, where float32 storage w
 non-finite value.
 
 How the statistics are computed. Both are reductions of x, along the last axis and along the
-second-to-last, and XLA:CPU fuses no elementwise producer into a reduction: read by two of them
-in one pass, x (a float32 array of the whole leaf) would be materialized. A leaf large enough to
+second-to-last, and XLA:CPU fuses a producer into a reduction only where the reduction is its
+one reader (before JAX 0.10.2: never): read by both in one pass, x (a float32 array of the
+whole leaf) would be materialized. A leaf large enough to
 be updated in row chunks (:mod:`rmsprop_jax.storage._rows`) is instead read once, a chunk K of
 rows at a time; each chunk squares its own gradient rows (or forms their spread from the stored
 μ), writes its rows of r_t in place, and adds its share to the column statistic carried through
@@ -42,9 +43,7 @@ computes their column means as in one pass). The sums of x/R and the non-finite 
 as 0 are those of the one-pass update; only the order of the additions differs (float32
 rounding).
 
-XLA:CPU from JAX 0.10.2 on does fuse an elementwise producer into a reduction, as long as the
-producer feeds that reduction alone. There, when RMSprop is not centered, each statistic is
-first computed as one fused sum of x = |g|², each sum computing its own x
+From JAX 0.10.2 on, when RMSprop is not centered, each statistic is first computed as one fused sum of x = |g|², each sum computing its own x
 (:func:`rmsprop_jax.storage._rows.fused_sums`); a sum of non-negative numbers is finite only if
 every term is, so when both are finite no x was non-finite and no sum overflowed, the means are
 the sums times 1/C and 1/R, and the chunks do not run (a loop of zero iterations). Otherwise

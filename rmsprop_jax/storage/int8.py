@@ -51,8 +51,9 @@ are 256 long and the last one is zero-padded during the computation (the stored 
 leaf's shape). Leaves under 4096 elements are not quantized: their scales would cost more than
 they save.
 
-A block scale is a reduction over the new average, and XLA:CPU fuses no elementwise work into a
-reduction: the float32 average would be materialized for the whole leaf. Leaves of two or more
+A block scale is a reduction over the new average, which the encoding reads too, and XLA:CPU
+fuses a producer into a reduction only where the reduction is its one reader (before JAX
+0.10.2: never): the float32 average would be materialized for the whole leaf. Leaves of two or more
 axes are therefore updated a chunk of rows at a time (:mod:`rmsprop_jax.storage._rows`), which
 bounds that temporary to one chunk; the chunk's average is written once and read back by the
 reduction and by the encoding (`rmsprop_jax.storage._format.computed_once`).
