@@ -1,15 +1,15 @@
 """Updating the stored averages of a large leaf in chunks of rows, to bound the step's memory.
 
 A format whose new parts depend on a reduction of the new average (the block scales of `"int8"`)
-cannot compute them in one elementwise pass: the new average is read by the reduction and by
-the encoding, and XLA fuses a producer into a reduction only where the reduction is its one
-reader (XLA:CPU before JAX 0.10.2: never), so the float32 average would be materialized for the
-whole leaf (4 bytes per parameter) before the codes are written. Updating the leaf a chunk of rows at a time, in a
-`jax.lax.fori_loop` whose carry is the (donated) stored parts, bounds that temporary to one
-chunk (:data:`CHUNK_ELEMENTS` elements) and writes every new part in place. The factored
-format's statistics reduce `x` along both axes; in chunks, the row means are written a chunk at
-a time and the column means of a matrix, a statistic over all rows, are carried through the loop
-and folded chunk by chunk (`summed` in :func:`update_by_rows`).
+cannot compute them in one elementwise pass: the new average is read by the reduction and by the
+encoding, and XLA fuses a producer into a reduction only where the reduction is its one reader
+(XLA:CPU before JAX 0.10.2: never), so the float32 average would be materialized for the whole
+leaf (4 bytes per parameter) before the codes are written. Updating the leaf a chunk of rows at
+a time, in a `jax.lax.fori_loop` whose carry is the (donated) stored parts, bounds that
+temporary to one chunk (:data:`CHUNK_ELEMENTS` elements) and writes every new part in place. The
+factored format's statistics reduce `x` along both axes; in chunks, the row means are written a
+chunk at a time and the column means of a matrix, a statistic over all rows, are carried through
+the loop and folded chunk by chunk (`summed` in :func:`update_by_rows`).
 
 XLA:CPU has no bfloat16 dynamic-update-slice: it writes a bfloat16 chunk (the centered `mu` of
 the factored format) by converting the whole carried array to float32 and back, so such a leaf's
@@ -87,13 +87,13 @@ def fused_sums(x_of: Callable[..., chex.Array], *inputs: chex.Array) -> tuple[An
     1, so every value, NaN and infinities included, is unchanged).
     """
     first, *rest = inputs
-    flat = first.reshape(-1)
 
-    def x_apart(index: int) -> chex.Array:
-        one = 1 + never_from(flat[index]).astype(first.dtype)
+    def x_apart(last: int) -> chex.Array:
+        element = first[(0,) * (first.ndim - 1) + (last,)]
+        one = 1 + never_from(element).astype(first.dtype)
         return x_of(first * one, *rest)
 
-    return jnp.sum(x_apart(0), axis=-1), jnp.sum(x_apart(1), axis=-2)
+    return jnp.sum(x_apart(0), axis=-1), jnp.sum(x_apart(-1), axis=-2)
 
 
 def sums_fuse() -> bool:

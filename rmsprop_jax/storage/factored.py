@@ -43,13 +43,14 @@ computes their column means as in one pass). The sums of x/R and the non-finite 
 as 0 are those of the one-pass update; only the order of the additions differs (float32
 rounding).
 
-From JAX 0.10.2 on, when RMSprop is not centered, each statistic is first computed as one fused sum of x = |g|², each sum computing its own x
-(:func:`rmsprop_jax.storage._rows.fused_sums`); a sum of non-negative numbers is finite only if
-every term is, so when both are finite no x was non-finite and no sum overflowed, the means are
-the sums times 1/C and 1/R, and the chunks do not run (a loop of zero iterations). Otherwise
-(a NaN or infinite gradient, a square or a sum past float32's range) the chunks run as above.
-Centered, the chunks also write μ, and μ written outside them would be copied whole by XLA;
-the centered statistics are always computed in chunks.
+From JAX 0.10.2 on, when RMSprop is not centered, each statistic is first computed as one fused
+sum of x = |g|², each sum computing its own x (:func:`rmsprop_jax.storage._rows.fused_sums`); a
+sum of non-negative numbers is finite only if every term is, so when both are finite no x was
+non-finite and no sum overflowed, the means are the sums times 1/C and 1/R, and the chunks do
+not run (a loop of zero iterations). Otherwise (a NaN or infinite gradient, a square or a sum
+past float32's range) the chunks run as above. Centered, the chunks also write μ, and μ written
+outside them would be copied whole by XLA; the centered statistics are always computed in
+chunks.
 
 The step then reads the gradient, the two statistics and the parameters, elementwise:
 ν̂_t is a broadcast product, never a full array. Where the step needs the non-finite entries of
