@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import chex
@@ -10,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _placement, _precision, _validation, storage
+from rmsprop_jax import _large_leaves, _placement, _precision, _validation, storage
 from rmsprop_jax.storage import _rounding
 from rmsprop_jax.storage._format import abs_sq
 
@@ -94,22 +93,6 @@ def _centered_variance(nu: chex.Array, mu: chex.Array) -> chex.Array:
     # |mu|**2 <= nu, so |mu|**2 overflows only with nu: capping it keeps inf - inf from
     # turning an overflowed (infinite) nu into NaN.
     return jnp.maximum(nu - jnp.minimum(abs_sq(mu), jnp.finfo(nu.dtype).max), 0)
-
-
-def _spread_where_not_finite(
-    flags: chex.Array, new_mu: Any, mu_fmt: storage.StorageFormat, g: chex.Array, decay: Any
-) -> chex.Array:
-    r"""The spread β |g - μ_{t-1}|² where it was not finite (0 elsewhere),
-    once μ_{t-1} is overwritten: `flags` (see :func:`storage.pack_flags`) marks
-    those elements, and each gets the value that gives the step its spread gives. That is
-    NaN for β = 0 (0 times an infinite square) and where μ_t is NaN
-    (μ_{t-1} or `g` was NaN), else +∞ (an overflowed square, or an
-    infinite μ_{t-1}; where `g` is infinite the step is NaN with either value).
-    """
-    # Read behind a barrier: the written buffer, not a conversion XLA would copy it through.
-    mu = mu_fmt.leaf_decode(jax.lax.optimization_barrier(new_mu), g, signed=True)
-    value = jnp.where(jnp.isnan(mu) | (decay == 0), jnp.nan, jnp.inf)
-    return jnp.where(storage.unpack_flags(flags, g.shape), value, 0).astype(g.dtype)
 
 
 def scale_by_rms(
@@ -268,48 +251,12 @@ def scale_by_rms(
                     variance = _centered_variance(second_moment, first_moment)
                 return nu, mu, variance, folded
 
-            if not storage.updates_by_rows(fmt, g):
-                nu, mu, variance, _ = moments(g, nu, mu)
-            else:
-                # Large compressed leaves: the stored averages a chunk of rows at a time, then
-                # the step from what they store. A format that leaves non-finite values out
-                # of its statistics gets them from what was averaged in: |g|**2, or, centered,
-                # the spread, whose mu_{t-1} the chunks overwrite, so which of its elements
-                # were not finite is kept aside, a bit per element.
-                flagged = keeps_variance and not fmt.stores_non_finite
-
-                def by_rows(g, nu, mu, flags, moments=moments, flagged=flagged):
-                    nu, mu, _, folded = moments(g, nu, mu)
-                    return nu, mu, storage.pack_flags(~jnp.isfinite(folded)) if flagged else None
-
-                flags = storage.flags_like(g) if flagged else None
-                sums = skip = None
-                if not centered and storage.updates_from_sums(fmt):
-                    # When every |g|**2 is finite and no sum overflows (checked on the sums),
-                    # the statistics come from two fused reductions and no chunk runs.
-                    # (Centered, the chunks also write mu: written outside them, XLA would
-                    # copy it across the loop's reshaped view.)
-                    sums = storage.fused_sums(abs_sq, g)
-                    skip = jnp.all(jnp.isfinite(sums[0])) & jnp.all(jnp.isfinite(sums[1]))
-                nu, mu, flags = storage.update_by_rows(
-                    by_rows,
-                    g,
-                    nu,
-                    mu,
-                    flags,
-                    summed=fmt.leaf_summed_over_rows(nu, g.shape),
-                    skip=skip,
+            if storage.updates_by_rows(fmt, g):
+                nu, mu, variance = _large_leaves.moments_by_rows(
+                    moments, fmt, mu_fmt, g, nu, mu, decay=decay, centered=centered
                 )
-                if sums is not None:
-                    from_sums = fmt.leaf_update_from_sums(nu, *sums, decay)
-                    nu = jax.tree.map(functools.partial(jnp.where, skip), from_sums, nu)
-                if fmt.stores_non_finite:
-                    folded = None
-                elif flagged:
-                    folded = _spread_where_not_finite(flags, mu, mu_fmt, g, decay)
-                else:
-                    folded = abs_sq(g)
-                variance = fmt.leaf_average_after_rows(nu, g, folded)
+            else:
+                nu, mu, variance, _ = moments(g, nu, mu)
             if bias_correction:
                 variance = variance / correction.astype(variance.dtype)
             # u_t = g_t / (sqrt(nu_t) + eps)

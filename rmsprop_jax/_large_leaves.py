@@ -1,0 +1,119 @@
+r"""The moving averages of a large compressed leaf, updated without a whole-leaf temporary.
+
+A leaf that its storage format updates in row chunks (:func:`rmsprop_jax.storage.updates_by_rows`:
+large `"int8"` and `"factored"` leaves) has its averages updated a chunk of rows at a time
+(:func:`rmsprop_jax.storage.update_by_rows`), and the step then divides by what they store. A
+format that updates from sums (`"factored"`, not centered, JAX 0.10.2 and newer) first tries
+the two fused sums of |g|² instead, and its chunks run only where one is not finite.
+
+A format that leaves non-finite values out of its statistics (`"factored"`) gets them back for
+the step from what was averaged in: |g|² is recomputed from the gradient; the centered spread
+β |g - μ_{t-1}|² is not, since the chunks overwrite μ_{t-1}, so the chunks flag its non-finite
+elements, one bit per element.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from rmsprop_jax import storage
+from rmsprop_jax.storage._format import abs_sq
+
+# (g, stored nu, stored mu) -> (new stored nu, new stored mu, variance estimate, what was
+# averaged into nu): one leaf's update, as `scale_by_rms` computes it.
+Moments = Callable[[chex.Array, Any, Any], tuple[Any, Any, chex.Array, chex.Array]]
+
+
+def moments_by_rows(
+    moments: Moments,
+    fmt: storage.StorageFormat,
+    mu_fmt: storage.StorageFormat,
+    g: chex.Array,
+    nu: Any,
+    mu: Any,
+    *,
+    decay: Any,
+    centered: bool,
+) -> tuple[Any, Any, chex.Array]:
+    """`moments(g, nu, mu)` of a large compressed leaf, a chunk of rows at a time.
+
+    Args:
+      moments: the leaf's update (see :data:`Moments`); row-wise, so that a chunk of rows of
+        its inputs gives the same rows of its outputs.
+      fmt: the storage format of `nu`; it updates a leaf shaped like `g` in row chunks.
+      mu_fmt: the storage format of `mu`.
+      g: the gradient.
+      nu: the stored second moment (or centered variance) of the leaf.
+      mu: the stored first moment (centered), or None.
+      decay: β.
+      centered: whether `mu` is kept.
+
+    Returns:
+      The new stored `nu` and `mu` and the variance estimate the step divides by.
+
+    Examples:
+      >>> from rmsprop_jax import _large_leaves, storage
+      >>> from rmsprop_jax.storage._format import abs_sq
+      >>> fmt = storage.get("factored")
+      >>> g = jnp.ones((512, 256))
+      >>> nu = fmt.split(fmt.init({"w": g}, 0.0, signed=False, dtype_of=jnp.result_type),
+      ...                jax.tree.structure({"w": g}))[0]
+      >>> def moments(g, nu, mu):
+      ...     new_nu, variance = fmt.leaf_update(nu, abs_sq(g), 0.5, jnp.uint32(0), signed=False)
+      ...     return new_nu, mu, variance, abs_sq(g)
+      >>> nu, _, variance = _large_leaves.moments_by_rows(
+      ...     moments, fmt, fmt, g, nu, None, decay=0.5, centered=False)
+      >>> float(variance[0, 0]), nu[0].shape, nu[1].shape
+      (0.5, (512,), (256,))
+    """
+    keeps_variance = centered and fmt.stores_centered_variance
+    flagged = keeps_variance and not fmt.stores_non_finite
+
+    def by_rows(g, nu, mu, flags):
+        nu, mu, _, folded = moments(g, nu, mu)
+        return nu, mu, storage.pack_flags(~jnp.isfinite(folded)) if flagged else None
+
+    flags = storage.flags_like(g) if flagged else None
+    sums = skip = None
+    if not centered and storage.updates_from_sums(fmt):
+        # When every |g|**2 is finite and no sum overflows (checked on the sums), the
+        # statistics come from two fused reductions and no chunk runs. (Centered, the chunks
+        # also write mu: written outside them, XLA would copy it across the loop's reshaped
+        # view.)
+        sums = storage.fused_sums(abs_sq, g)
+        skip = jnp.all(jnp.isfinite(sums[0])) & jnp.all(jnp.isfinite(sums[1]))
+    nu, mu, flags = storage.update_by_rows(
+        by_rows, g, nu, mu, flags, summed=fmt.leaf_summed_over_rows(nu, g.shape), skip=skip
+    )
+    if sums is not None:
+        from_sums = fmt.leaf_update_from_sums(nu, *sums, decay)
+        nu = jax.tree.map(functools.partial(jnp.where, skip), from_sums, nu)
+    if fmt.stores_non_finite:
+        folded = None
+    elif flagged:
+        folded = _spread_where_not_finite(flags, mu, mu_fmt, g, decay)
+    else:
+        folded = abs_sq(g)
+    return nu, mu, fmt.leaf_average_after_rows(nu, g, folded)
+
+
+def _spread_where_not_finite(
+    flags: chex.Array, new_mu: Any, mu_fmt: storage.StorageFormat, g: chex.Array, decay: Any
+) -> chex.Array:
+    r"""The spread β |g - μ_{t-1}|² where it was not finite (0 elsewhere),
+    once μ_{t-1} is overwritten: `flags` (see :func:`storage.pack_flags`) marks
+    those elements, and each gets the value that gives the step its spread gives. That is
+    NaN for β = 0 (0 times an infinite square) and where μ_t is NaN
+    (μ_{t-1} or `g` was NaN), else +∞ (an overflowed square, or an
+    infinite μ_{t-1}; where `g` is infinite the step is NaN with either value).
+    """
+    # Read behind a barrier: the written buffer, not a conversion XLA would copy it through.
+    mu = mu_fmt.leaf_decode(jax.lax.optimization_barrier(new_mu), g, signed=True)
+    value = jnp.where(jnp.isnan(mu) | (decay == 0), jnp.nan, jnp.inf)
+    return jnp.where(storage.unpack_flags(flags, g.shape), value, 0).astype(g.dtype)
