@@ -27,12 +27,11 @@ non-finite value.
 
 How the statistics are computed. Both are reductions of x, along the last axis and along the
 second-to-last, and XLA:CPU fuses a producer into a reduction only where the reduction is its
-one reader (before JAX 0.10.2: never): read by both in one pass, x (a float32 array of the
-whole leaf) would be materialized. A leaf large enough to
-be updated in row chunks (:mod:`rmsprop_jax.storage._rows`) is instead read once, a chunk K of
-rows at a time; each chunk squares its own gradient rows (or forms their spread from the stored
-μ), writes its rows of r_t in place, and adds its share to the column statistic carried through
-the loop,
+one reader (before JAX 0.10.2: never): read by both in one pass, x (a float32 array of the whole
+leaf) would be materialized. A leaf large enough to be updated in row chunks
+(:mod:`rmsprop_jax.storage._rows`) is instead read once, a chunk K of rows at a time; each chunk
+squares its own gradient rows (or forms their spread from the stored μ), writes its rows of r_t
+in place, and adds its share to the column statistic carried through the loop,
 
 .. math::
 
@@ -125,6 +124,8 @@ class Factored(StorageFormat):
     # The statistics reduce `x` along both axes: in one pass, XLA:CPU would materialize `x`.
     updates_in_row_chunks: ClassVar[bool] = True
     stores_non_finite: ClassVar[bool] = False
+    # Without non-finite entries, the statistics are the sums of `x` along each axis.
+    updates_from_sums: ClassVar[bool] = True
 
     def compresses(self, shape: tuple[int, ...], dtype: Any, *, signed: bool) -> bool:
         return (
@@ -169,8 +170,6 @@ class Factored(StorageFormat):
         else:  # Chunks of whole matrices.
             col = moving_average(col, safe_mean(counted, -2), decay)
         return (row, col), None
-
-    updates_from_sums: ClassVar[bool] = True
 
     def update_from_sums(
         self, parts: Parts, row_sums: chex.Array, col_sums: chex.Array, decay: Any
