@@ -154,8 +154,8 @@ def test_fused_sums_do_not_write_the_summed_array():
 @needs_fused_sums
 def test_factored_statistics_from_fused_sums_are_the_chunks_statistics(maybe_jit, monkeypatch):
     """Finite gradients: the sums path (default) against the chunks (the sums turned off)."""
-    grads = [{k: g for k, g in step.items()} for step in _gradients(SHAPES, seed=7)]
-    grads = [grads[0], grads[2]]  # Both finite.
+    grads = _gradients(SHAPES, seed=7)
+    grads = [grads[0], grads[2]]  # Both finite (the middle step holds the extremes).
     from_sums = _run("factored", {}, grads, maybe_jit)
     with monkeypatch.context() as patch:
         patch.setattr(_rows, "SUMS_FUSE_FROM", (99,))

@@ -75,23 +75,21 @@ def applies(fmt: Any, g: chex.Array, *, signed: bool) -> bool:
     )
 
 
-def fused_sums(x_of: Callable[..., chex.Array], *inputs: chex.Array) -> tuple[Any, Any]:
-    """The sums of `x_of(*inputs)` along the last axis and along the one before, each
-    computed in one pass over `inputs` without writing `x`.
+def fused_sums(x_of: Callable[[chex.Array], chex.Array], a: chex.Array) -> tuple[Any, Any]:
+    """The sums of `x_of(a)` along the last axis and along the one before, each computed in
+    one pass over `a` without writing `x`.
 
     XLA fuses an elementwise producer into a reduction (on CPU from JAX 0.10.2, see
     :data:`SUMS_FUSE_FROM`), but not one read by two reductions: such an `x` is written
-    whole. So each reduction computes its own `x`, from its own copy of the first input: that
-    input times a 1 computed from a different one of its elements (`1 + never_from(...)`,
-    which no compiler folds, so the two computations are not merged into one; times exactly
-    1, so every value, NaN and infinities included, is unchanged).
+    whole. So each reduction computes its own `x`, from its own copy of `a`: `a` times a 1
+    computed from a different one of its elements (`1 + never_from(...)`, which no compiler
+    folds, so the two computations are not merged into one; times exactly 1, so every value,
+    NaN and infinities included, is unchanged).
     """
-    first, *rest = inputs
 
     def x_apart(last: int) -> chex.Array:
-        element = first[(0,) * (first.ndim - 1) + (last,)]
-        one = 1 + never_from(element).astype(first.dtype)
-        return x_of(first * one, *rest)
+        element = a[(0,) * (a.ndim - 1) + (last,)]
+        return x_of(a * (1 + never_from(element).astype(a.dtype)))
 
     return jnp.sum(x_apart(0), axis=-1), jnp.sum(x_apart(-1), axis=-2)
 
