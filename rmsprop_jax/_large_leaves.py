@@ -1,10 +1,11 @@
 r"""The moving averages of a large compressed leaf, updated without a whole-leaf temporary.
 
 A leaf that its storage format updates in row chunks (:func:`rmsprop_jax.storage.updates_by_rows`:
-large `"int8"` and `"factored"` leaves) has its averages updated a chunk of rows at a time
-(:func:`rmsprop_jax.storage.update_by_rows`), and the step then divides by what they store. A
-format that updates from sums (`"factored"`, not centered, JAX 0.10.2 and newer) first tries
-the two fused sums of |g|² instead, and its chunks run only where one is not finite.
+large `"factored"` leaves, and `"int8"` ones with JAX before 0.7.2) has its averages updated a
+chunk of rows at a time (:func:`rmsprop_jax.storage.update_by_rows`), and the step then divides
+by what they store. A format that updates from sums (`"factored"`, not centered, JAX 0.10.2
+and newer) first tries the two fused sums of |g|² instead, and its chunks run only where one is
+not finite.
 
 A format that leaves non-finite values out of its statistics (`"factored"`) gets them back for
 the step from what was averaged in: |g|² is recomputed from the gradient; the centered spread

@@ -138,6 +138,50 @@ def test_int8_keeps_non_finite_values_per_element_out_of_the_block_scale(signed)
     assert np.max(_relative_error(decoded[finite], exact[finite])) <= NU_STEP * (1 + 1e-5)
 
 
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("decay", [0.0, 0.9])
+def test_int8_update_scale_averages_the_block_maxima_and_bounds_the_new_average(signed, decay):
+    """After an update, a block's scale is decay * (largest finite |old|) + (1 - decay) *
+    (largest finite |x|), checked in float64 against the decoded old average: no smaller
+    than any finite new value, at most twice the largest for a non-negative average, and the
+    new values are stored within a code step of the exact average (NaN and infinities kept
+    per element, out of the scales)."""
+    rng = np.random.default_rng(21 + signed)
+    shape = (6, 768)  # blocks of 192
+    old = rng.uniform(0.0, 1.0, shape) * 10.0 ** rng.uniform(-3, 3, (6, 1))
+    x = rng.uniform(0.0, 1.0, shape) * 10.0 ** rng.uniform(-3, 3, (6, 1))
+    if signed:
+        old, x = old * rng.choice([-1, 1], shape), x * rng.choice([-1, 1], shape)
+    old[0, 5], x[1, 7], x[2, 200] = np.inf, np.nan, -np.inf if signed else np.inf
+    x[3, :192] = 0.0  # a block where only the old average counts
+    stored = _encode(jnp.asarray(old, jnp.float32), jnp.uint32(5), signed=signed)
+    update = jax.jit(INT8.update, static_argnames="signed")
+    (codes, scales), average = update(
+        stored, jnp.asarray(x, jnp.float32), decay, jnp.uint32(6), signed=signed
+    )
+
+    def block_max(a):
+        a = np.abs(np.asarray(a, np.float64)).reshape(6, 4, 192)
+        return np.max(np.where(np.isfinite(a), a, 0), axis=-1)
+
+    decoded_old = np.asarray(_decode(stored, jnp.float32), np.float64)
+    expected = decay * block_max(decoded_old) + (1 - decay) * block_max(x.astype(np.float32))
+    np.testing.assert_allclose(np.asarray(scales), expected, rtol=1e-6)
+
+    exact = decay * decoded_old + (1 - decay) * x.astype(np.float32).astype(np.float64)
+    decoded = np.asarray(_decode((codes, scales), jnp.float32), np.float64)
+    # What the step divides by: the stored average, up to the rounding of a scale that XLA
+    # computes again (a multiply-add it may contract) inside the step.
+    np.testing.assert_allclose(np.asarray(average), decoded, rtol=1e-6)
+    finite = np.isfinite(exact)
+    np.testing.assert_array_equal(decoded[~finite], exact[~finite])  # nan == nan here
+    assert np.all(block_max(exact) <= np.asarray(scales, np.float64) * (1 + 1e-6))
+    if not signed:
+        assert np.all(np.asarray(scales) <= 2 * block_max(exact) * (1 + 1e-6))
+    in_range = finite & (np.abs(exact) >= 1e-3 * np.repeat(expected, 192, axis=-1))
+    assert np.max(_relative_error(decoded[in_range], exact[in_range])) <= NU_STEP * (1 + 1e-5)
+
+
 def test_int8_all_zero_blocks_stay_zero_with_zero_scale():
     stored = _encode(jnp.zeros((4, 1024)), jnp.uint32(2), signed=False)
     assert np.all(np.asarray(stored[0]) == 0)

@@ -10,6 +10,8 @@ donated buffer is copied to a fresh output.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,3 +80,39 @@ def test_compressed_step_peak_is_below_the_float32_step_peak(moment_storage, var
     # bfloat16, and the chunks' flags of non-finite spreads take 1/8 byte).
     saved = {"bfloat16": (2.0, 4.0), "int8": (2.9, 5.8), "factored": (3.8, 5.6)}[moment_storage]
     assert compressed <= reference - saved[variant == "centered-momentum"], (compressed, reference)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_int8_step_divides_by_the_codes_written_not_a_recomputation(variant):
+    """The int8 update writes the new codes in place of the old ones, and the step reads them
+    back: the kernel that computes the new parameters reads no old codes (had XLA computed
+    the codes again inside it, the old codes would have to be copied before being
+    overwritten, and every element encoded twice)."""
+    shape = (2048, 512)
+    params = {"w": jax.ShapeDtypeStruct(shape, jnp.float32)}
+    tx = rj.rmsprop(1e-3, moment_storage="int8", **VARIANTS[variant])
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = jax.eval_shape(tx.init, params)
+    text = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text()
+    entry = text[text.index("\nENTRY") :].splitlines()
+    dims = ",".join(map(str, shape))
+    definitions = {}
+    for line in entry:
+        match = re.match(r"\s*(?:ROOT )?(%[\w.\-]+) = (\S+) ([\w\-]+)\((.*)", line)
+        if match:
+            definitions[match[1]] = (match[2], match[3], re.findall(r"%[\w.\-]+", match[4]))
+    codes = {
+        name
+        for name, (kind, op, _) in definitions.items()
+        if op == "parameter" and kind.split("{")[0] in (f"u8[{dims}]", f"s8[{dims}]")
+    }
+    assert len(codes) == (2 if variant != "plain" else 1), codes
+    root = next(line for line in entry if line.lstrip().startswith("ROOT"))
+    new_params = definitions[re.findall(r"%[\w.\-]+", root.split(" tuple(")[1])[0]]
+    assert new_params[0].startswith(f"f32[{dims}]"), new_params
+    assert not codes & set(new_params[2]), new_params
+    assert not any(op == "copy" and set(ops) & codes for _, op, ops in definitions.values())

@@ -11,7 +11,8 @@ one new module defining a `FORMAT` plus one entry in :data:`FORMATS`.
 | `"factored"` | :class:`FactoredMoment` (row, column)   | bfloat16, stochastic rounding |
 
 Every format's update step divides by the average as stored (rounded), and writes the donated
-state in place; large int8 and factored leaves are updated in row chunks (`_rows`).
+state in place; large factored leaves (and int8 ones with JAX before 0.7.2) are updated in
+row chunks (`_rows`).
 """
 
 from __future__ import annotations

@@ -62,18 +62,6 @@ def never_from(x: chex.Array) -> chex.Array:
     return (x != x) & (x == x)
 
 
-def computed_once(x: chex.Array) -> chex.Array:
-    """`x` (bit for bit), computed in one kernel and read back by every kernel that uses it.
-
-    XLA:CPU recomputes a cheap elementwise value inside each kernel that reads it rather than
-    reading it from memory; a value that must be written anyway (because a reduction reads
-    it) would then be computed twice. A division it does not duplicate, by a 1 it cannot fold
-    (`1 + never_from(x)`, exactly 1, so `x / 1 == x` for every float including NaN, infinities
-    and subnormals), makes it write `x` once.
-    """
-    return x / (1 + never_from(x).astype(x.dtype))
-
-
 def after(parts: Any, *earlier: Any) -> Any:
     """`parts` (unchanged), read only once the arrays `earlier` are written.
 
@@ -181,9 +169,6 @@ class StorageFormat:
         would otherwise still read after they are overwritten).
         """
         average = moving_average(self.decode(parts, x.dtype), x, decay)
-        if self.updates_in_row_chunks:
-            # Read by the block reduction and by the encoding: computed once (a row chunk).
-            average = computed_once(average)
         # The barrier keeps XLA from recomputing the new parts (from the old ones) inside the
         # step: the step reads the buffers just written.
         parts = jax.lax.optimization_barrier(self.encode(average, seed, signed=signed))

@@ -1,15 +1,15 @@
 """Updating the stored averages of a large leaf in chunks of rows, to bound the step's memory.
 
-A format whose new parts depend on a reduction of the new average (the block scales of `"int8"`)
-cannot compute them in one elementwise pass: the new average is read by the reduction and by the
-encoding, and XLA fuses a producer into a reduction only where the reduction is its one reader
-(XLA:CPU before JAX 0.10.2: never), so the float32 average would be materialized for the whole
-leaf (4 bytes per parameter) before the codes are written. Updating the leaf a chunk of rows at
-a time, in a `jax.lax.fori_loop` whose carry is the (donated) stored parts, bounds that
-temporary to one chunk (:data:`CHUNK_ELEMENTS` elements) and writes every new part in place. The
-factored format's statistics reduce `x` along both axes; in chunks, the row means are written a
-chunk at a time and the column means of a matrix, a statistic over all rows, are carried through
-the loop and folded chunk by chunk (`summed` in :func:`update_by_rows`).
+A format whose new parts depend on reductions of `x` that XLA would not fuse with the
+computation of `x` (the factored format's row and column means: XLA:CPU fuses a producer into
+a reduction only where the reduction is its one reader, and before JAX 0.10.2 never) would have
+`x` materialized for the whole leaf (4 bytes per parameter) before the parts are written.
+Updating the leaf a chunk of rows at a time, in a `jax.lax.fori_loop` whose carry is the
+(donated) stored parts, bounds that temporary to one chunk (:data:`CHUNK_ELEMENTS` elements)
+and writes every new part in place. In chunks, the row means are written a chunk at a time and
+the column means of a matrix, a statistic over all rows, are carried through the loop and
+folded chunk by chunk (`summed` in :func:`update_by_rows`). `"int8"` is updated in chunks only
+with JAX releases before 0.7.2 (see :data:`rmsprop_jax.storage.int8.ONE_PASS_FROM`).
 
 XLA:CPU has no bfloat16 dynamic-update-slice: it writes a bfloat16 chunk (the centered `mu` of
 the factored format) by converting the whole carried array to float32 and back, so such a leaf's

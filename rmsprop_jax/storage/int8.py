@@ -1,10 +1,10 @@
 r"""Block-wise 8-bit storage of a moving average, with codes taken from float32 bit patterns.
 
-Each leaf is cut into blocks along its last axis; a block keeps one float32 scale, the largest
-finite magnitude in it, and one byte per element. The second moment is non-negative and spans
-many orders of magnitude, and what matters to RMSprop is its relative error (the step is g/√ν),
-so the code book is logarithmic-like: the levels are the float32 numbers with 3 mantissa bits, 8
-evenly spaced per octave, counted down from the block scale,
+Each leaf is cut into blocks along its last axis; a block keeps one float32 scale, no smaller
+than its largest finite magnitude, and one byte per element. The second moment is non-negative
+and spans many orders of magnitude, and what matters to RMSprop is its relative error (the step
+is g/√ν), so the code book is logarithmic-like: the levels are the float32 numbers with 3
+mantissa bits, 8 evenly spaced per octave, counted down from the block scale,
 
 .. math::
 
@@ -15,7 +15,7 @@ so code 253 is the scale itself and code 1 is 1.5·2⁻³² ≈ 3.5·10⁻¹⁰ 
 magnitude); c = 0 is exactly 0, and the codes 254 and 255 stand for +∞ and NaN. Neighbouring
 levels are 1/8 (just above a power of two) to 1/15 of the lower one apart, so a value in range
 is stored within 12.5% of itself. The first moment (`mu` of centered RMSprop) is signed: a sign
-and 126 levels down to 1.375·2⁻¹⁶ ≈ 2.1·10⁻⁵ of the block's largest magnitude (4.7 orders; its
+and 126 levels down to 1.375·2⁻¹⁶ ≈ 2.1·10⁻⁵ of the block scale (4.7 orders; its
 square spans 9.4), with 127, -127 and -128 for +∞, -∞ and NaN.
 
 The codes are integer work on the bits of x/s: the level of code c is the float32 whose bits are
@@ -51,12 +51,32 @@ are 256 long and the last one is zero-padded during the computation (the stored 
 leaf's shape). Leaves under 4096 elements are not quantized: their scales would cost more than
 they save.
 
-A block scale is a reduction over the new average, which the encoding reads too, and XLA:CPU
-fuses a producer into a reduction only where the reduction is its one reader (before JAX
-0.10.2: never): the float32 average would be materialized for the whole leaf. Leaves of two or more
-axes are therefore updated a chunk of rows at a time (:mod:`rmsprop_jax.storage._rows`), which
-bounds that temporary to one chunk; the chunk's average is written once and read back by the
-reduction and by the encoding (`rmsprop_jax.storage._format.computed_once`).
+Block scales: an encoding from scratch (:func:`encode`) takes each block's largest finite
+magnitude. An update, ν_t = β ν_{t-1} + (1 - β) x, takes the same average of the largest finite
+magnitudes of the two terms (:func:`scales_after`),
+
+.. math::
+
+    s_t = \beta \max_{\text{block}} |\nu_{t-1}| + (1 - \beta) \max_{\text{block}} |x|
+    \ \ge \max_{\text{block}} |\nu_t|,
+
+computed from the stored codes and `x` alone, before the new average exists. For a
+non-negative average (the second moment) each term is at most the new largest magnitude, so
+the scale is at most twice it: the code book then reaches down at least 8.5 orders of magnitude
+below the block's largest value instead of 9.5; relative errors are unchanged. For the signed
+`mu` a gradient opposing the old average makes the scale larger than the new values by the
+factor of the cancellation, for that step: the next one starts from the codes' largest value.
+The scale depends only on the block's own elements, so the update of a block does not depend
+on the rest of the leaf (or on how it is sharded or chunked).
+
+An update is two passes over the leaf that write nothing its size but the new codes: one
+variadic reduction (the largest finite |x| and the largest finite code of each block, into
+which XLA fuses whatever computes `x`), then the codes, each from its old code, its `x` and its
+block's two scales, written in place of the old ones. The new average is never written in
+float32 (an exact block maximum of it would have been: the reduction and the encoding both read
+it). The step then reads the new codes back. With JAX releases before 0.7.2, which run this
+update several times slower than a float32 step, leaves of two or more axes are updated a chunk
+of rows at a time (:mod:`rmsprop_jax.storage._rows`) with the same result.
 
 References:
   Dettmers et al., `8-bit Optimizers via Block-wise Quantization
@@ -74,12 +94,15 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from rmsprop_jax import _sharded_ops
+from rmsprop_jax import _jax_compat, _sharded_ops
 from rmsprop_jax.storage import _rounding
-from rmsprop_jax.storage._format import Parts, StorageFormat
+from rmsprop_jax.storage._format import Parts, StorageFormat, moving_average, never_from, tie
 
 BLOCK_SIZE = 256
 MIN_ELEMENTS = 4096
+# The first JAX release measured to run the two-pass update (`Int8.update`) of a large leaf
+# faster than its row chunks; 0.5.3 and 0.6.2 ran it at about twice the chunks' time.
+ONE_PASS_FROM = (0, 7, 2)
 
 
 class _CodeBook(NamedTuple):
@@ -101,9 +124,10 @@ class QuantizedMoment(NamedTuple):
     """An int8-stored moving average: one tree per part, each shaped like the parameters.
 
     Per parameter leaf, either `codes` (shaped like the leaf; uint8, or int8 for the signed
-    `mu`) and `scales` (float32, shape `(*leaf.shape[:-1], blocks)`: each block's largest
-    finite magnitude) with a placeholder in `dense`, or, for a leaf too small to compress,
-    the average itself in `dense` with placeholders in `codes` and `scales`.
+    `mu`) and `scales` (float32, shape `(*leaf.shape[:-1], blocks)`: each block's scale, no
+    smaller than its largest finite magnitude) with a placeholder in `dense`, or, for a leaf
+    too small to compress, the average itself in `dense` with placeholders in `codes` and
+    `scales`.
 
     Examples:
       >>> params = {"w": jnp.ones((64, 256)), "b": jnp.ones(8)}
@@ -157,12 +181,26 @@ def block_scales(blocks: chex.Array) -> chex.Array:
     return jnp.max(jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), 0), axis=-1)
 
 
+def _inverse(scales: chex.Array) -> chex.Array:
+    """1 / scale, and 0 for a block of zeros."""
+    return jnp.where(scales > 0, 1 / jnp.where(scales > 0, scales, 1), 0)
+
+
+def _per_element(per_block: chex.Array, like: chex.Array) -> chex.Array:
+    """An array shaped like the block scales of `like`, spread to `like`'s shape: each element
+    gets its block's entry. Computed elementwise, so that XLA reads `like`-shaped arrays in
+    their own shape (a fusion that reads them through the blocked view cannot write a result
+    in place of one of them)."""
+    _, block_length = block_layout(like.shape[-1])
+    spread = jnp.broadcast_to(per_block[..., None], (*per_block.shape, block_length))
+    return _from_blocks(spread, like)
+
+
 def _codes(
-    blocks: chex.Array, scales: chex.Array, bits: chex.Array, book: _CodeBook, signed: bool
+    x: chex.Array, inverse: chex.Array, bits: chex.Array, book: _CodeBook, signed: bool
 ) -> chex.Array:
-    magnitude = jnp.abs(blocks)
-    inverse = jnp.where(scales > 0, 1 / jnp.where(scales > 0, scales, 1), 0)[..., None]
-    relative = magnitude * inverse
+    """The codes of `x` (float32) given 1 / its block scale (broadcast against `x`)."""
+    relative = jnp.abs(x) * inverse
     smallest = _smallest_level(book)
     # Within an octave the levels are evenly spaced, 2**-20 units of the kept bits apart:
     # adding 20 uniform bits below them and truncating rounds up with probability equal to
@@ -177,38 +215,76 @@ def _codes(
         # A second moment is never rounded to 0 unless it is 0: the step divides by it.
         below = (relative > 0).astype(jnp.int32)
     codes = jnp.where(relative >= smallest, in_range, below)
-    codes = jnp.where(jnp.isinf(blocks), book.inf, codes)
+    codes = jnp.where(jnp.isinf(x), book.inf, codes)
     if signed:
-        codes = jnp.where(blocks < 0, -codes, codes)
-    return jnp.where(jnp.isnan(blocks), book.nan, codes)
+        codes = jnp.where(x < 0, -codes, codes)
+    return jnp.where(jnp.isnan(x), book.nan, codes)
+
+
+def _values(code: chex.Array, scale: chex.Array, book: _CodeBook) -> chex.Array:
+    """What `code` (int32) stands for, given its block's scale (broadcast against it)."""
+    magnitude_code = jnp.abs(code)
+    level = jnp.where(magnitude_code > 0, _level(magnitude_code, book), 0)
+    magnitude = jnp.where(magnitude_code == book.inf, jnp.inf, level * scale)
+    values = jnp.where(code < 0, -magnitude, magnitude) if book is _SIGNED else magnitude
+    return jnp.where(code == book.nan, jnp.nan, values)
 
 
 def encode(x: chex.Array, seed: chex.Array, *, signed: bool) -> tuple[chex.Array, chex.Array]:
     """Quantizes `x` (non-negative unless `signed`) with unbiased stochastic rounding.
 
-    Returns (codes, scales). `seed` (uint32) selects the rounding bits, see
-    :mod:`rmsprop_jax.storage._rounding`.
+    Returns (codes, scales), each block's scale its largest finite magnitude. `seed` (uint32)
+    selects the rounding bits, see :mod:`rmsprop_jax.storage._rounding`.
     """
     book = _SIGNED if signed else _UNSIGNED
     x = x.astype(jnp.float32)
     blocks = _to_blocks(x)
     scales = block_scales(blocks)
     bits = _to_blocks(_rounding.bits(seed, x))
-    codes = _codes(blocks, scales, bits, book, signed)
+    codes = _codes(blocks, _inverse(scales)[..., None], bits, book, signed)
     return _from_blocks(codes, x).astype(book.dtype), scales
 
 
 def decode(codes: chex.Array, scales: chex.Array, dtype: Any) -> chex.Array:
     """The array that `codes` and `scales` stand for, in `dtype`."""
-    signed = codes.dtype == jnp.int8
-    book = _SIGNED if signed else _UNSIGNED
-    code = _to_blocks(codes.astype(jnp.int32))
-    magnitude_code = jnp.abs(code)
-    level = jnp.where(magnitude_code > 0, _level(magnitude_code, book), 0)
-    magnitude = jnp.where(magnitude_code == book.inf, jnp.inf, level * scales[..., None])
-    values = jnp.where(code < 0, -magnitude, magnitude) if signed else magnitude
-    values = jnp.where(code == book.nan, jnp.nan, values)
+    book = _SIGNED if codes.dtype == jnp.int8 else _UNSIGNED
+    values = _values(_to_blocks(codes.astype(jnp.int32)), scales[..., None], book)
     return _from_blocks(values, codes).astype(dtype)
+
+
+def finite_maxima(
+    x: chex.Array, codes: chex.Array, book: _CodeBook
+) -> tuple[chex.Array, chex.Array]:
+    """Per block, the largest finite |x| and the largest magnitude of a code of `codes` that
+    stands for a finite value (0 where there is none), in one pass over both.
+
+    One variadic reduction: XLA fuses the elementwise work on `x` (which may be computed from
+    other arrays) into it and writes nothing the size of the leaf. (A reduction of one operand
+    is taken by XLA:CPU's library fusions, which leave a select or a bitcast producer
+    outside, written whole.)
+    """
+    blocks = _to_blocks(x.astype(jnp.float32))
+    magnitude = jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), 0)
+    code = jnp.abs(_to_blocks(codes.astype(jnp.int32)))
+    code = jnp.where(code <= book.top, code, 0)
+    return lax.reduce(
+        (magnitude, code),
+        (jnp.float32(0), jnp.int32(0)),
+        lambda a, b: (jnp.maximum(a[0], b[0]), jnp.maximum(a[1], b[1])),
+        (blocks.ndim - 1,),
+    )
+
+
+def scales_after(
+    codes: chex.Array, scales: chex.Array, x: chex.Array, decay: Any, book: _CodeBook
+) -> chex.Array:
+    """The block scales of the new average `decay * old + (1 - decay) * x`: the same average
+    of the largest finite magnitudes of the old average and of `x`, a bound on the largest
+    finite magnitude of the new one (at most twice it for a non-negative average)."""
+    x_max, code_max = finite_maxima(x, codes, book)
+    old_max = jnp.where(code_max > 0, _level(code_max, book), 0) * scales
+    new = moving_average(old_max, x_max, decay).astype(jnp.float32)
+    return jnp.minimum(new, jnp.finfo(jnp.float32).max)
 
 
 class Int8(StorageFormat):
@@ -217,7 +293,7 @@ class Int8(StorageFormat):
     name: ClassVar[str] = "int8"
     container: ClassVar[type] = QuantizedMoment
     first_moment_name: ClassVar[str] = "int8"
-    updates_in_row_chunks: ClassVar[bool] = True
+    updates_in_row_chunks: ClassVar[bool] = _jax_compat.JAX_VERSION < ONE_PASS_FROM
 
     def compresses(self, shape: tuple[int, ...], dtype: Any, *, signed: bool) -> bool:
         del signed
@@ -240,6 +316,27 @@ class Int8(StorageFormat):
 
     def encode(self, x: chex.Array, seed: chex.Array, *, signed: bool) -> Parts:
         return encode(x, seed, signed=signed)
+
+    def update(
+        self, parts: Parts, x: chex.Array, decay: Any, seed: chex.Array, *, signed: bool
+    ) -> tuple[Parts, chex.Array]:
+        """Folds `x` into the average in two passes over the leaf, writing nothing its size
+        but the new codes: the new block scales (:func:`scales_after`, one reduction), then
+        the codes, each computed from its old code, its element of `x` and the two scales of
+        its block (written in place of the old codes)."""
+        book = _SIGNED if signed else _UNSIGNED
+        codes, scales = parts
+        new_scales = scales_after(codes, scales, x, decay, book)
+        old = _values(codes.astype(jnp.int32), _per_element(scales, codes), book)
+        average = moving_average(old.astype(x.dtype), x, decay).astype(jnp.float32)
+        inverse = _per_element(_inverse(new_scales), codes)
+        new_codes = _codes(average, inverse, _rounding.bits(seed, codes), book, signed)
+        # The step decodes the codes just written. Tied to a False computed per element (an
+        # operation with more inputs than outputs), they are not computed again inside the
+        # step from the old codes, which would then have to be copied before being
+        # overwritten.
+        new_codes = tie(new_codes.astype(book.dtype), never_from(inverse))
+        return (new_codes, new_scales), decode(new_codes, new_scales, x.dtype)
 
     def part_shardings(self, sharding: Any, shape: tuple[int, ...]) -> Parts:
         entries = _sharded_ops.padded_spec(
