@@ -96,7 +96,7 @@ from jax.sharding import PartitionSpec
 
 from rmsprop_jax import _jax_compat, _sharded_ops
 from rmsprop_jax.storage import _rounding
-from rmsprop_jax.storage._format import Parts, StorageFormat, moving_average, never_from, tie
+from rmsprop_jax.storage._format import Parts, StorageFormat, moving_average
 
 BLOCK_SIZE = 256
 MIN_ELEMENTS = 4096
@@ -199,8 +199,9 @@ def _per_element(per_block: chex.Array, like: chex.Array) -> chex.Array:
 def _codes(
     x: chex.Array, inverse: chex.Array, bits: chex.Array, book: _CodeBook, signed: bool
 ) -> chex.Array:
-    """The codes of `x` (float32) given 1 / its block scale (broadcast against `x`)."""
-    relative = jnp.abs(x) * inverse
+    """The codes of `x` (float32) given 1 / its block scale (broadcast against `x`), in the
+    code book's dtype."""
+    relative = (jnp.abs(x) if signed else x) * inverse  # A second moment is not negative.
     smallest = _smallest_level(book)
     # Within an octave the levels are evenly spaced, 2**-20 units of the kept bits apart:
     # adding 20 uniform bits below them and truncating rounds up with probability equal to
@@ -211,19 +212,23 @@ def _codes(
         # Below the smallest level: that level with probability relative / smallest, else 0.
         uniform = (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24 * smallest)
         below = (uniform < relative).astype(jnp.int32)
-    else:
-        # A second moment is never rounded to 0 unless it is 0: the step divides by it.
-        below = (relative > 0).astype(jnp.int32)
-    codes = jnp.where(relative >= smallest, in_range, below)
-    codes = jnp.where(jnp.isinf(x), book.inf, codes)
-    if signed:
+        codes = jnp.where(relative >= smallest, in_range, below)
+        codes = jnp.where(jnp.isinf(x), book.inf, codes)
         codes = jnp.where(x < 0, -codes, codes)
-    return jnp.where(jnp.isnan(x), book.nan, codes)
+    else:
+        # A second moment is never rounded to 0 unless it is 0 (the step divides by it):
+        # below the smallest level (where `in_range` < 1), the smallest level.
+        codes = jnp.where(relative > 0, jnp.maximum(in_range, 1), 0)
+        codes = jnp.where(x == jnp.inf, book.inf, codes)
+    # The last operation has two inputs the size of the leaf (not a conversion of one): XLA
+    # then writes its result once and lets every reader read it (the step reads the codes
+    # an update writes), rather than computing it again inside each reader.
+    return jnp.where(jnp.isnan(x), book.nan, codes.astype(book.dtype))
 
 
 def _values(code: chex.Array, scale: chex.Array, book: _CodeBook) -> chex.Array:
     """What `code` (int32) stands for, given its block's scale (broadcast against it)."""
-    magnitude_code = jnp.abs(code)
+    magnitude_code = jnp.abs(code) if book is _SIGNED else code
     level = jnp.where(magnitude_code > 0, _level(magnitude_code, book), 0)
     magnitude = jnp.where(magnitude_code == book.inf, jnp.inf, level * scale)
     values = jnp.where(code < 0, -magnitude, magnitude) if book is _SIGNED else magnitude
@@ -242,7 +247,7 @@ def encode(x: chex.Array, seed: chex.Array, *, signed: bool) -> tuple[chex.Array
     scales = block_scales(blocks)
     bits = _to_blocks(_rounding.bits(seed, x))
     codes = _codes(blocks, _inverse(scales)[..., None], bits, book, signed)
-    return _from_blocks(codes, x).astype(book.dtype), scales
+    return _from_blocks(codes, x), scales
 
 
 def decode(codes: chex.Array, scales: chex.Array, dtype: Any) -> chex.Array:
@@ -330,12 +335,10 @@ class Int8(StorageFormat):
         old = _values(codes.astype(jnp.int32), _per_element(scales, codes), book)
         average = moving_average(old.astype(x.dtype), x, decay).astype(jnp.float32)
         inverse = _per_element(_inverse(new_scales), codes)
+        # The step decodes the codes just written; XLA does not compute them again inside the
+        # step (see `_codes`), from the old codes, which would then have to be copied before
+        # being overwritten.
         new_codes = _codes(average, inverse, _rounding.bits(seed, codes), book, signed)
-        # The step decodes the codes just written. Tied to a False computed per element (an
-        # operation with more inputs than outputs), they are not computed again inside the
-        # step from the old codes, which would then have to be copied before being
-        # overwritten.
-        new_codes = tie(new_codes.astype(book.dtype), never_from(inverse))
         return (new_codes, new_scales), decode(new_codes, new_scales, x.dtype)
 
     def part_shardings(self, sharding: Any, shape: tuple[int, ...]) -> Parts:
