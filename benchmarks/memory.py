@@ -16,8 +16,8 @@
    scikit-learn's digits, and the loss of an ill-conditioned least-squares problem after a fixed
    budget, over 3 seeds, for three RMSprop configurations.
 
-    python benchmarks/memory.py            # about 15 minutes on 2 CPU cores
-    python benchmarks/memory.py --quick    # fewer repeats and one seed: about 5 minutes
+    python benchmarks/memory.py            # about 3 minutes on 2 CPU cores
+    python benchmarks/memory.py --quick    # fewer repeats and one seed: about 2 minutes
 
 Prints tables and writes a new outputs/benchmarks/memory_<platform>_<time>.json;
 `--update-results` replaces benchmarks/results/memory_<platform>.json instead.
@@ -360,8 +360,8 @@ def print_tables(memory: dict, update: dict, training: dict, quality_results: di
     print(f"(least-squares optimum: {quality_results['least_squares_optimum']['mean']:.5f})")
 
 
-FULL_DURATION = "about 15 minutes on 2 CPU cores"
-QUICK_DURATION = "about 5 minutes"
+FULL_DURATION = "about 3 minutes on 2 CPU cores"
+QUICK_DURATION = "about 2 minutes"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="2 repeats, 1 seed")
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds of timing")
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds of timing")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
     add_output_flags(parser)
     args = parser.parse_args(argv)
