@@ -53,7 +53,7 @@ they save.
 
 Block scales: an encoding from scratch (:func:`encode`) takes each block's largest finite
 magnitude. An update, ν_t = β ν_{t-1} + (1 - β) x, takes the same average of the largest finite
-magnitudes of the two terms (:func:`scales_after`),
+magnitudes of the two terms (:func:`_scales_after`),
 
 .. math::
 
@@ -257,7 +257,7 @@ def decode(codes: chex.Array, scales: chex.Array, dtype: Any) -> chex.Array:
     return _from_blocks(values, codes).astype(dtype)
 
 
-def finite_maxima(
+def _finite_maxima(
     x: chex.Array, codes: chex.Array, book: _CodeBook
 ) -> tuple[chex.Array, chex.Array]:
     """Per block, the largest finite |x| and the largest magnitude of a code of `codes` that
@@ -280,13 +280,13 @@ def finite_maxima(
     )
 
 
-def scales_after(
+def _scales_after(
     codes: chex.Array, scales: chex.Array, x: chex.Array, decay: Any, book: _CodeBook
 ) -> chex.Array:
     """The block scales of the new average `decay * old + (1 - decay) * x`: the same average
     of the largest finite magnitudes of the old average and of `x`, a bound on the largest
     finite magnitude of the new one (at most twice it for a non-negative average)."""
-    x_max, code_max = finite_maxima(x, codes, book)
+    x_max, code_max = _finite_maxima(x, codes, book)
     old_max = jnp.where(code_max > 0, _level(code_max, book), 0) * scales
     new = moving_average(old_max, x_max, decay).astype(jnp.float32)
     return jnp.minimum(new, jnp.finfo(jnp.float32).max)
@@ -326,12 +326,12 @@ class Int8(StorageFormat):
         self, parts: Parts, x: chex.Array, decay: Any, seed: chex.Array, *, signed: bool
     ) -> tuple[Parts, chex.Array]:
         """Folds `x` into the average in two passes over the leaf, writing nothing its size
-        but the new codes: the new block scales (:func:`scales_after`, one reduction), then
+        but the new codes: the new block scales (:func:`_scales_after`, one reduction), then
         the codes, each computed from its old code, its element of `x` and the two scales of
         its block (written in place of the old codes)."""
         book = _SIGNED if signed else _UNSIGNED
         codes, scales = parts
-        new_scales = scales_after(codes, scales, x, decay, book)
+        new_scales = _scales_after(codes, scales, x, decay, book)
         old = _values(codes.astype(jnp.int32), _per_element(scales, codes), book)
         average = moving_average(old.astype(x.dtype), x, decay).astype(jnp.float32)
         inverse = _per_element(_inverse(new_scales), codes)
