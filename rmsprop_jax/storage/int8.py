@@ -62,7 +62,7 @@ magnitudes of the two terms (:func:`_scales_after`),
 
 computed from the stored codes and `x` alone, before the new average exists. For a
 non-negative average (the second moment) each term is at most the new largest magnitude, so
-the scale is at most twice it: the code book then reaches down at least 8.5 orders of magnitude
+the scale is at most twice it: the code book then reaches down at least 9.2 orders of magnitude
 below the block's largest value instead of 9.5; relative errors are unchanged. For the signed
 `mu` a gradient opposing the old average makes the scale larger than the new values by the
 factor of the cancellation, for that step: the next one starts from the codes' largest value.
