@@ -178,7 +178,12 @@ def block_anchor(param: chex.Array) -> chex.Array:
 
 def block_scales(blocks: chex.Array) -> chex.Array:
     """Each block's largest finite magnitude (0 for a block with none)."""
-    return jnp.max(jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), 0), axis=-1)
+    return jnp.max(_finite_magnitude(blocks), axis=-1)
+
+
+def _finite_magnitude(x: chex.Array) -> chex.Array:
+    """|x|, and 0 where `x` is not finite: what a block scale is the largest of."""
+    return jnp.where(jnp.isfinite(x), jnp.abs(x), 0)
 
 
 def _inverse(scales: chex.Array) -> chex.Array:
@@ -269,7 +274,7 @@ def _finite_maxima(
     outside, written whole.)
     """
     blocks = _to_blocks(x.astype(jnp.float32))
-    magnitude = jnp.where(jnp.isfinite(blocks), jnp.abs(blocks), 0)
+    magnitude = _finite_magnitude(blocks)
     code = jnp.abs(_to_blocks(codes.astype(jnp.int32)))
     code = jnp.where(code <= book.top, code, 0)
     return lax.reduce(
