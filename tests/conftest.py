@@ -3,6 +3,11 @@
 Every test process sees 8 simulated CPU devices, so sharded layouts are tested in process, as
 optax's own tests do: XLA reads the device count once, when JAX starts its CPU backend, so it
 is set here, before anything imports JAX. Only the multi-process tests start processes.
+
+Keras runs on JAX in every test process, whichever test imports it first (a docstring example
+or a conformance test): `KERAS_BACKEND` defaults to "jax" here, so that a `~/.keras/keras.json`
+naming another backend (Keras writes "tensorflow" there the first time it runs without the
+variable) does not apply.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ os.environ["XLA_FLAGS"] = " ".join(
     [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_FLAG)]
     + [f"{_DEVICE_FLAG}={SIMULATED_DEVICES}"]
 )
+os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -47,8 +53,6 @@ def import_reference_framework(name: str):
     With RMSPROP_JAX_REQUIRE_CONFORMANCE=1 (set by CI) a missing framework fails the test
     instead, so the conformance suite can never pass by skipping.
     """
-    if name == "keras":
-        os.environ.setdefault("KERAS_BACKEND", "jax")
     try:
         return importlib.import_module(name)
     except ImportError as error:
