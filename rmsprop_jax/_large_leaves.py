@@ -3,19 +3,20 @@ r"""The moving averages of a large compressed leaf, updated without a whole-leaf
 A leaf that its storage format updates in row chunks (:func:`rmsprop_jax.storage.updates_by_rows`:
 large `"factored"` leaves, and `"int8"` ones with JAX before 0.7.2) has its averages updated a
 chunk of rows at a time (:func:`rmsprop_jax.storage.update_by_rows`), and the step then divides
-by what they store. A format that updates from sums (`"factored"`, not centered, JAX 0.10.2
-and newer) first tries the two fused sums of |g|² instead, and its chunks run only where one is
-not finite.
+by what they store. A format that updates from the means of x (`"factored"`, with JAX 0.10.2
+and newer) takes them instead from two fused sums of x where those are finite, else from
+counting passes that leave the non-finite entries out (:func:`rmsprop_jax.storage.fused_sums`,
+:func:`rmsprop_jax.storage.counted_means`); centered, μ is then written elementwise, in
+place, no chunk loop runs at all.
 
 A format that leaves non-finite values out of its statistics (`"factored"`) gets them back for
 the step from what was averaged in: |g|² is recomputed from the gradient; the centered spread
-β |g - μ_{t-1}|² is not, since the chunks overwrite μ_{t-1}, so the chunks flag its non-finite
-elements, one bit per element.
+β |g - μ_{t-1}|² is not, since μ_{t-1} is overwritten, so its non-finite elements are flagged,
+one bit per element.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -29,10 +30,14 @@ from rmsprop_jax.storage._format import abs_sq
 # (g, stored nu, stored mu) -> (new stored nu, new stored mu, variance estimate, what was
 # averaged into nu): one leaf's update, as `scale_by_rms` computes it.
 Moments = Callable[[chex.Array, Any, Any], tuple[Any, Any, chex.Array, chex.Array]]
+# (g, stored mu, *earlier) -> (new stored mu, its value): the first moment's update, as
+# `moments` computes it, written once the arrays `earlier` are (see `storage.after`).
+FirstMoment = Callable[..., tuple[Any, chex.Array]]
 
 
 def moments_by_rows(
     moments: Moments,
+    first_moment: FirstMoment,
     fmt: storage.StorageFormat,
     mu_fmt: storage.StorageFormat,
     g: chex.Array,
@@ -42,11 +47,13 @@ def moments_by_rows(
     decay: Any,
     centered: bool,
 ) -> tuple[Any, Any, chex.Array]:
-    """`moments(g, nu, mu)` of a large compressed leaf, a chunk of rows at a time.
+    """`moments(g, nu, mu)` of a large compressed leaf, a chunk of rows at a time or from the
+    means of what is averaged in (see the module's docstring).
 
     Args:
       moments: the leaf's update (see :data:`Moments`); row-wise, so that a chunk of rows of
         its inputs gives the same rows of its outputs.
+      first_moment: the update of `mu` alone (see :data:`FirstMoment`), as `moments` does it.
       fmt: the storage format of `nu`; it updates a leaf shaped like `g` in row chunks.
       mu_fmt: the storage format of `mu`.
       g: the gradient.
@@ -68,33 +75,30 @@ def moments_by_rows(
       >>> def moments(g, nu, mu):
       ...     new_nu, variance = fmt.leaf_update(nu, abs_sq(g), 0.5, jnp.uint32(0), signed=False)
       ...     return new_nu, mu, variance, abs_sq(g)
+      >>> def first_moment(g, mu, *earlier):  # Not centered: no mu to update.
+      ...     return mu, None
       >>> nu, _, variance = _large_leaves.moments_by_rows(
-      ...     moments, fmt, fmt, g, nu, None, decay=0.5, centered=False)
+      ...     moments, first_moment, fmt, fmt, g, nu, None, decay=0.5, centered=False)
       >>> float(variance[0, 0]), nu[0].shape, nu[1].shape
       (0.5, (512,), (256,))
     """
     keeps_variance = centered and fmt.stores_centered_variance
     flagged = keeps_variance and not fmt.stores_non_finite
 
-    def by_rows(g, nu, mu, flags):
-        nu, mu, _, folded = moments(g, nu, mu)
-        return nu, mu, storage.pack_flags(~jnp.isfinite(folded)) if flagged else None
+    if storage.updates_from_sums(fmt) and (flagged or not centered):
+        nu, mu, flags = _from_means(
+            fmt, mu_fmt, first_moment, g, nu, mu, decay=decay, centered=centered
+        )
+    else:
 
-    flags = storage.flags_like(g) if flagged else None
-    sums = skip = None
-    if not centered and storage.updates_from_sums(fmt):
-        # When every |g|**2 is finite and no sum overflows (checked on the sums), the
-        # statistics come from two fused reductions and no chunk runs. (Centered, the chunks
-        # also write mu: written outside them, XLA would copy it across the loop's reshaped
-        # view.)
-        sums = storage.fused_sums(abs_sq, g)
-        skip = jnp.all(jnp.isfinite(sums[0])) & jnp.all(jnp.isfinite(sums[1]))
-    nu, mu, flags = storage.update_by_rows(
-        by_rows, g, nu, mu, flags, summed=fmt.leaf_summed_over_rows(nu, g.shape), skip=skip
-    )
-    if sums is not None:
-        from_sums = fmt.leaf_update_from_sums(nu, *sums, decay)
-        nu = jax.tree.map(functools.partial(jnp.where, skip), from_sums, nu)
+        def by_rows(g, nu, mu, flags):
+            nu, mu, _, folded = moments(g, nu, mu)
+            return nu, mu, storage.pack_flags(~jnp.isfinite(folded)) if flagged else None
+
+        flags = storage.flags_like(g) if flagged else None
+        nu, mu, flags = storage.update_by_rows(
+            by_rows, g, nu, mu, flags, summed=fmt.leaf_summed_over_rows(nu, g.shape)
+        )
     if fmt.stores_non_finite:
         folded = None
     elif flagged:
@@ -102,6 +106,66 @@ def moments_by_rows(
     else:
         folded = abs_sq(g)
     return nu, mu, fmt.leaf_average_after_rows(nu, g, folded)
+
+
+def _from_means(
+    fmt: storage.StorageFormat,
+    mu_fmt: storage.StorageFormat,
+    first_moment: FirstMoment,
+    g: chex.Array,
+    nu: Any,
+    mu: Any,
+    *,
+    decay: Any,
+    centered: bool,
+) -> tuple[Any, Any, chex.Array | None]:
+    r"""The new `nu` and `mu` of a leaf whose format updates from the means of x
+    (|g|², or centered the spread β |g - μ_{t-1}|² as in `moments`), and the flags of x's
+    non-finite entries (centered; None otherwise).
+
+    Where every x is finite and no sum overflows (as the two fused sums show: a sum of
+    non-negative terms is finite only if each is), the means are the sums over n; otherwise
+    they are counted, the non-finite entries left out and flagged
+    (:func:`storage.counted_means`, run only then: :func:`storage.unless`). μ is then
+    written elementwise in place, after the means have read μ_{t-1}.
+    """
+    if centered:
+
+        def distance(g, mu):
+            return squared_distance(g, mu, mu_fmt)
+
+        def x_of(g, mu):
+            return decay * distance(g, mu)
+
+        # decay times the sums of |g - mu|**2: a constant inside them would be written whole
+        # (see `fused_sums`).
+        sums = tuple(decay * s for s in storage.fused_sums(distance, g, mu))
+        operands = (g, mu)
+
+    else:
+        x_of = abs_sq
+        sums = storage.fused_sums(abs_sq, g)
+        operands = (g,)
+    finite = jnp.all(jnp.isfinite(sums[0])) & jnp.all(jnp.isfinite(sums[1]))
+
+    def from_sums(g):
+        means = sums[0] * (1.0 / g.shape[-1]), sums[1] * (1.0 / g.shape[-2])
+        return *means, storage.flags_like(g) if centered else None
+
+    def counted(anchor, *operands):
+        return storage.counted_means(x_of, anchor, *operands, flagged=centered)
+
+    row_means, col_means, flags = storage.unless(finite, counted, *operands, otherwise=from_sums(g))
+    nu = fmt.leaf_update_from_means(nu, row_means, col_means, decay)
+    if centered:
+        mu, _ = first_moment(g, mu, row_means)
+    return nu, mu, flags
+
+
+def squared_distance(g: chex.Array, mu: Any, mu_fmt: storage.StorageFormat) -> chex.Array:
+    """|g - μ|² of a gradient and a stored first moment (of format `mu_fmt`): the centered
+    spread, before its factor β."""
+    return abs_sq(g - mu_fmt.leaf_decode(mu, g, signed=True))
 
 
 def _spread_where_not_finite(

@@ -229,7 +229,14 @@ def scale_by_rms(
             nu_seed = _rounding.seed(count, index, _SECOND_MOMENT_STREAM)
             mu_seed = _rounding.seed(count, index, _FIRST_MOMENT_STREAM)
 
-            def moments(g, nu, mu, nu_seed=nu_seed, mu_seed=mu_seed):
+            def first_moment(g, mu, *earlier, mu_seed=mu_seed):
+                """The new mu and its value, written once the arrays `earlier` are."""
+                # mu_t = decay * mu_{t-1} + (1 - decay) * g_t
+                return mu_fmt.leaf_update(
+                    storage.after(mu, *earlier), g, decay, mu_seed, signed=True
+                )
+
+            def moments(g, nu, mu, nu_seed=nu_seed, first_moment=first_moment):
                 """The new nu and mu, the variance estimate and what was averaged into nu."""
                 if not centered:
                     # nu_t = decay * nu_{t-1} + (1 - decay) * |g_t|**2
@@ -239,21 +246,19 @@ def scale_by_rms(
                     # nu_t - |mu_t|**2 = decay * (nu_{t-1} - |mu_{t-1}|**2)
                     #                    + (1 - decay) * decay * |g_t - mu_{t-1}|**2
                     # (no cancellation). mu_{t-1} is read before mu is overwritten in place.
-                    folded = decay * abs_sq(g - mu_fmt.leaf_decode(mu, g, signed=True))
+                    folded = decay * _large_leaves.squared_distance(g, mu, mu_fmt)
                     nu, variance = fmt.leaf_update(nu, folded, decay, nu_seed, signed=False)
-                    mu, _ = mu_fmt.leaf_update(
-                        storage.after(mu, nu), g, decay, mu_seed, signed=True
-                    )
+                    mu, _ = first_moment(g, mu, nu)
                 else:
                     folded = abs_sq(g)
                     nu, second_moment = fmt.leaf_update(nu, folded, decay, nu_seed, signed=False)
-                    mu, first_moment = mu_fmt.leaf_update(mu, g, decay, mu_seed, signed=True)
-                    variance = _centered_variance(second_moment, first_moment)
+                    mu, mean = first_moment(g, mu)
+                    variance = _centered_variance(second_moment, mean)
                 return nu, mu, variance, folded
 
             if storage.updates_by_rows(fmt, g):
                 nu, mu, variance = _large_leaves.moments_by_rows(
-                    moments, fmt, mu_fmt, g, nu, mu, decay=decay, centered=centered
+                    moments, first_moment, fmt, mu_fmt, g, nu, mu, decay=decay, centered=centered
                 )
             else:
                 nu, mu, variance, _ = moments(g, nu, mu)

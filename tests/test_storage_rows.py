@@ -11,6 +11,8 @@ column would not be.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,15 +157,113 @@ def test_fused_sums_do_not_write_the_summed_array():
 
 
 @needs_fused_sums
-def test_factored_statistics_from_fused_sums_are_the_chunks_statistics(maybe_jit, monkeypatch):
-    """Finite gradients: the sums path (default) against the chunks (the sums turned off)."""
+def test_fused_sums_of_a_gradient_and_a_bfloat16_moment_write_nothing_whole():
+    """The centered spread's sums read g and a bfloat16 mu: the conversion of mu, common to
+    both sums, must not be written (2 MiB here) for them to share."""
+    shapes = (
+        jax.ShapeDtypeStruct((1024, 512), jnp.float32),
+        jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16),
+    )
+
+    def spread_sums(g, mu):
+        return _rows.fused_sums(lambda g, mu: (g - mu.astype(jnp.float32)) ** 2, g, mu)
+
+    compiled = jax.jit(spread_sums).lower(*shapes).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 64 * 1024
+    rng = np.random.default_rng(1)
+    g = rng.normal(size=(1024, 512)).astype(np.float32)
+    mu = jnp.asarray(rng.normal(size=(1024, 512)), jnp.bfloat16)
+    x = (np.float64(g) - np.asarray(mu, np.float64)) ** 2
+    rows, cols = compiled(jnp.asarray(g), mu)
+    np.testing.assert_allclose(rows, x.sum(axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(cols, x.sum(axis=-2), rtol=1e-5)
+
+
+@needs_fused_sums
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_factored_statistics_from_means_are_the_chunks_statistics(variant, maybe_jit, monkeypatch):
+    """The default (fused sums where finite, counted means where not: the middle step holds
+    NaN, infinities and overflowing squares) against the chunks (the sums turned off)."""
     grads = _gradients(SHAPES, seed=7)
-    grads = [grads[0], grads[2]]  # Both finite (the middle step holds the extremes).
-    from_sums = _run("factored", {}, grads, maybe_jit)
+    from_means = _run("factored", VARIANTS[variant], grads, maybe_jit)
     with monkeypatch.context() as patch:
         patch.setattr(_rows, "SUMS_FUSE_FROM", (99,))
-        chunked = _run("factored", {}, grads, maybe_jit)
-    _assert_same(from_sums, chunked, rtol=1e-5)
+        chunked = _run("factored", VARIANTS[variant], grads, maybe_jit)
+    _assert_same(from_means, chunked, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1024, 256), (3, 128, 256)], ids=["matrix", "stack"])
+def test_counted_means_leave_non_finite_entries_out_and_flag_them(shape, maybe_jit):
+    rng = np.random.default_rng(5)
+    g = rng.normal(size=shape).astype(np.float32)
+    flat = g.reshape(-1)
+    flat[rng.choice(flat.size, size=40, replace=False)] = np.repeat(
+        np.asarray([np.nan, np.inf, -np.inf, 1e38, 1.5e19], np.float32), 8
+    )
+    mu = jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+
+    def counted(g, mu):
+        def x_of(g, mu):
+            return 0.9 * (g - mu.astype(jnp.float32)) ** 2
+
+        return _rows.counted_means(x_of, jnp.zeros(3), g, mu, flagged=True)
+
+    rows, cols, flags = maybe_jit(counted)(jnp.asarray(g), mu)
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = 0.9 * (np.float64(g) - np.asarray(mu, np.float64)) ** 2
+        x32 = x.astype(np.float32)  # Where float32 overflows, the entry is left out.
+    counted_x = np.where(np.isfinite(x32), x, 0)
+    np.testing.assert_allclose(rows, counted_x.mean(axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(cols, counted_x.mean(axis=-2), rtol=1e-5)
+    unpacked = np.asarray(_rows.unpack_flags(flags, shape))
+    np.testing.assert_array_equal(unpacked, ~np.isfinite(x32))
+    # NaN, both infinities and the overflowing squares of 1e38 (those of 1.5e19 are finite).
+    assert unpacked.sum() == 32
+    if maybe_jit is jax.jit:
+        shapes = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, mu.dtype))
+        memory = jax.jit(counted).lower(*shapes).compile().memory_analysis()
+        # Nothing the size of x (1 MiB): the means, the counts and the flags' bytes.
+        assert memory.temp_size_in_bytes < x.size, memory.temp_size_in_bytes
+
+
+def test_unless_computes_only_where_not_done_and_per_member_under_vmap(maybe_jit):
+    def fn(anchor, a):
+        return anchor * 0 + 2 * a
+
+    def run(done, a):
+        return _rows.unless(done, fn, a, otherwise=-a)
+
+    a = jnp.arange(4.0)
+    np.testing.assert_array_equal(maybe_jit(run)(jnp.bool_(True), a), -a)
+    np.testing.assert_array_equal(maybe_jit(run)(jnp.bool_(False), a), 2 * a)
+    done = jnp.asarray([True, False])
+    both = maybe_jit(jax.vmap(run))(done, jnp.stack([a, a]))
+    np.testing.assert_array_equal(both, jnp.stack([-a, 2 * a]))
+
+
+def test_unless_keeps_the_counted_means_in_its_loop():
+    """XLA hoists loop-invariant work out of a loop, where it would always run: the counting
+    reductions (a float32 and an int32 result) must stay in the loop's body, also under
+    `jax.vmap`, where the loop is how they run only for the members that need them."""
+    shape = (1024, 256)
+
+    def step(g):
+        sums = _rows.fused_sums(lambda g: g * g, g)
+        done = jnp.all(jnp.isfinite(sums[0])) & jnp.all(jnp.isfinite(sums[1]))
+
+        def counted(anchor, g):
+            return _rows.counted_means(lambda g: g * g, anchor, g, flagged=False)[:2]
+
+        return _rows.unless(done, counted, g, otherwise=sums)
+
+    g = jax.ShapeDtypeStruct(shape, jnp.float32)
+    batched = jax.ShapeDtypeStruct((2, *shape), jnp.float32)
+    for program in (jax.jit(step).lower(g), jax.jit(jax.vmap(step)).lower(batched)):
+        text = program.compile().as_text()
+        entry = text[text.index("\nENTRY") :]
+        entry = entry[: entry.index("\n}")]
+        assert "while(" in entry
+        assert re.search(r"\(f32\[[0-9,]+\]\{[0-9,]*\}, s32\[", entry) is None, entry
 
 
 def test_factored_sum_that_overflows_takes_the_chunks(maybe_jit, monkeypatch):

@@ -24,9 +24,11 @@ import jax
 from rmsprop_jax.storage import _rows, bfloat16, factored, float32, int8
 from rmsprop_jax.storage._format import StorageFormat, after
 from rmsprop_jax.storage._rows import (
+    counted_means,
     flags_like,
     fused_sums,
     pack_flags,
+    unless,
     unpack_flags,
     update_by_rows,
 )
@@ -57,8 +59,8 @@ def updates_by_rows(fmt: StorageFormat, g: Any) -> bool:
 
 
 def updates_from_sums(fmt: StorageFormat) -> bool:
-    """Whether `fmt` updates a large leaf from :func:`fused_sums` of a finite `x` (its chunks
-    then run only for an `x` that is not)."""
+    """Whether `fmt` updates a large leaf from the means of `x`: :func:`fused_sums` where
+    `x` is finite, else :func:`counted_means` (no chunk loop)."""
     return fmt.updates_from_sums and _rows.sums_fuse()
 
 
@@ -94,10 +96,12 @@ __all__ = [
     "QuantizedMoment",
     "StorageFormat",
     "after",
+    "counted_means",
     "flags_like",
     "fused_sums",
     "get",
     "pack_flags",
+    "unless",
     "unpack_flags",
     "update_by_rows",
     "updates_by_rows",

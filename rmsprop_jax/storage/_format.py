@@ -118,8 +118,9 @@ class StorageFormat:
         (:mod:`rmsprop_jax.storage._rows`), for formats whose `update` reduces over the new
         average or over `x`.
       updates_from_sums: whether a compressed leaf's new parts depend on `x` only through its
-        sums along the last axis and the one before (:meth:`update_from_sums`), where every
-        `x` is finite; such a leaf's chunks need to run only for an `x` that is not.
+        means along the last axis and the one before (:meth:`update_from_means`), which for a
+        finite `x` come from :func:`rmsprop_jax.storage.fused_sums`; such a leaf's chunks
+        need to run only for an `x` that is not.
     """
 
     name: ClassVar[str]
@@ -174,13 +175,13 @@ class StorageFormat:
         parts = jax.lax.optimization_barrier(self.encode(average, seed, signed=signed))
         return parts, self.decode(parts, x.dtype)
 
-    def update_from_sums(
-        self, parts: Parts, row_sums: chex.Array, col_sums: chex.Array, decay: Any
+    def update_from_means(
+        self, parts: Parts, row_means: chex.Array, col_means: chex.Array, decay: Any
     ) -> Parts:
-        """:meth:`update` of a finite `x` given only its sums along the last axis
-        (`row_sums`) and along the one before (`col_sums`), for formats that
-        `updates_from_sums`."""
-        raise self._undefined("update from sums")
+        """:meth:`update` given only the means of `x` (its non-finite entries counted as 0)
+        along the last axis (`row_means`) and along the one before (`col_means`), for formats
+        that `updates_from_sums`."""
+        raise self._undefined("update from means")
 
     def summed_over_rows(self, shape: tuple[int, ...]) -> tuple[bool, ...]:
         """Per part of a compressed leaf of `shape` updated in row chunks: whether it is a
@@ -296,11 +297,11 @@ class StorageFormat:
         parts, average = self.update(parts, x, decay, seed, signed=signed)
         return (parts if self.container is None else (*parts, stored_leaf[-1])), average
 
-    def leaf_update_from_sums(
-        self, stored_leaf: Parts, row_sums: chex.Array, col_sums: chex.Array, decay: Any
+    def leaf_update_from_means(
+        self, stored_leaf: Parts, row_means: chex.Array, col_means: chex.Array, decay: Any
     ) -> Parts:
-        """:meth:`update_from_sums` for a compressed stored leaf."""
-        parts = self.update_from_sums(stored_leaf[:-1], row_sums, col_sums, decay)
+        """:meth:`update_from_means` for a compressed stored leaf."""
+        parts = self.update_from_means(stored_leaf[:-1], row_means, col_means, decay)
         return (*parts, stored_leaf[-1])
 
     def leaf_summed_over_rows(self, stored_leaf: Parts, shape: tuple[int, ...]) -> list[bool]:

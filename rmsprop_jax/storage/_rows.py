@@ -9,11 +9,15 @@ Updating the leaf a chunk of rows at a time, in a `jax.lax.fori_loop` whose carr
 and writes every new part in place. In chunks, the row means are written a chunk at a time and
 the column means of a matrix, a statistic over all rows, are carried through the loop and
 folded chunk by chunk (`summed` in :func:`update_by_rows`). `"int8"` is updated in chunks only
-with JAX releases before 0.7.2 (see :data:`rmsprop_jax.storage.int8.ONE_PASS_FROM`).
+with JAX releases before 0.7.2 (see :data:`rmsprop_jax.storage.int8.ONE_PASS_FROM`), and
+`"factored"` only with releases before 0.10.2, whose XLA:CPU fuses no producer into a
+reduction: from 0.10.2 on, its statistics come from whole-leaf reductions that compute `x`
+themselves (:func:`fused_sums`, :func:`counted_means`).
 
-XLA:CPU has no bfloat16 dynamic-update-slice: it writes a bfloat16 chunk (the centered `mu` of
-the factored format) by converting the whole carried array to float32 and back, so such a leaf's
-update takes time proportional to its size times its number of chunks.
+XLA:CPU has no bfloat16 dynamic slices: it writes a bfloat16 chunk (the centered `mu` of the
+factored format, with JAX before 0.10.2) by converting the whole carried array to float32 and
+back, so such a leaf's update takes time proportional to its size times its number of chunks
+(and it reads one by converting the whole array first).
 
 Chunks are strided: the leaf's leading axis of R rows is viewed as G × R/G (G = gcd(R, 64)) and
 a chunk takes the same few rows of every group, so a leaf whose rows are split over up to 64
@@ -42,7 +46,8 @@ from rmsprop_jax.storage._format import never_from, tie
 CHUNK_ELEMENTS = 1 << 15
 _MAX_GROUPS = 64
 # The first JAX release whose XLA:CPU fuses an elementwise producer into a reduction (see
-# :func:`fused_sums`); with older ones the sums would write `x` whole.
+# :func:`fused_sums`); with older ones the sums would write `x` whole, and factored leaves are
+# updated in chunks.
 SUMS_FUSE_FROM = (0, 10, 2)
 
 
@@ -75,23 +80,75 @@ def applies(fmt: Any, g: chex.Array, *, signed: bool) -> bool:
     )
 
 
-def fused_sums(x_of: Callable[[chex.Array], chex.Array], a: chex.Array) -> tuple[Any, Any]:
-    """The sums of `x_of(a)` along the last axis and along the one before, each computed in
-    one pass over `a` without writing `x`.
+def fused_sums(x_of: Callable[..., chex.Array], *arrays: Any) -> tuple[Any, Any]:
+    """The sums of `x_of(*arrays)` along the last axis and along the one before, each computed
+    in one pass over `arrays` without writing `x`.
 
     XLA fuses an elementwise producer into a reduction (on CPU from JAX 0.10.2, see
-    :data:`SUMS_FUSE_FROM`), but not one read by two reductions: such an `x` is written
-    whole. So each reduction computes its own `x`, from its own copy of `a`: `a` times a 1
-    computed from a different one of its elements (`1 + never_from(...)`, which no compiler
-    folds, so the two computations are not merged into one; times exactly 1, so every value,
-    NaN and infinities included, is unchanged).
+    :data:`SUMS_FUSE_FROM`), but not one read by two reductions: such an `x` (or any part of
+    it common to both, as a conversion of a bfloat16 input) is written whole. So each
+    reduction computes its own `x`, the second from `arrays` read through an optimization
+    barrier, which no compiler sees through (and which copies nothing). A scalar constant
+    (a decay, say) that `x_of` multiplies by would still be one broadcast common to both,
+    written whole: scale the sums instead.
+    """
+    first, second = lax.optimization_barrier((arrays, arrays))
+    return jnp.sum(x_of(*first), axis=-1), jnp.sum(x_of(*second), axis=-2)
+
+
+def counted_means(
+    x_of: Callable[..., chex.Array], anchor: chex.Array, *arrays: Any, flagged: bool
+) -> tuple[Any, Any, Any]:
+    """The means of `x = x_of(*arrays)` along the last axis and along the one before, its
+    non-finite entries counted as 0, and (where `flagged`) those entries flagged
+    (:func:`pack_flags`, else None): for an `x` that :func:`fused_sums` cannot give (a
+    non-finite entry, or a sum past float32's range). A mean is a sum of `x/n`, which cannot
+    overflow where the mean is finite.
+
+    Each is one pass over `arrays` that writes nothing the size of `x`: the means are
+    variadic reductions that also count the non-finite entries (XLA:CPU fuses the select that
+    leaves them out into its own reduction kernel; its library reductions, which take a
+    single-operand sum, would have it written whole), and each pass computes its own `x`
+    from `arrays` selected by a False of its own computed from `anchor` (an array of at
+    least three elements), so that XLA merges no part of the three computations of `x`
+    (which would then be written whole). Inside a loop, an `anchor` carried by the loop
+    keeps XLA from hoisting the passes out of it (see :func:`unless`). The counts are not
+    needed: each mean is tied to its count (:func:`tie`), so that XLA keeps them.
     """
 
-    def x_apart(last: int) -> chex.Array:
-        element = a[(0,) * (a.ndim - 1) + (last,)]
-        return x_of(a * (1 + never_from(element).astype(a.dtype)))
+    def selected(k: int) -> chex.Array:
+        never = never_from(anchor.reshape(-1)[k])
+        return x_of(*jax.tree.map(lambda a: jnp.where(never, jnp.zeros((), a.dtype), a), arrays))
 
-    return jnp.sum(x_apart(0), axis=-1), jnp.sum(x_apart(-1), axis=-2)
+    def mean(x: chex.Array, axis: int) -> chex.Array:
+        finite = jnp.isfinite(x)
+        total, non_finite = lax.reduce(
+            (jnp.where(finite, x * (1.0 / x.shape[axis]), 0), (~finite).astype(jnp.int32)),
+            (jnp.zeros((), x.dtype), jnp.int32(0)),
+            lambda a, b: (a[0] + b[0], a[1] + b[1]),
+            (axis % x.ndim,),
+        )
+        return tie(total, never_from(non_finite))
+
+    row_means, col_means = mean(selected(0), -1), mean(selected(1), -2)
+    return row_means, col_means, pack_flags(~jnp.isfinite(selected(2))) if flagged else None
+
+
+def unless(done: chex.Array, fn: Callable[..., Any], *operands: Any, otherwise: Any) -> Any:
+    """`otherwise` where `done` (a boolean scalar), else `fn(anchor, *operands)` (of the same
+    structure as `otherwise`), computed only where needed.
+
+    A loop of at most one iteration rather than a `lax.cond`: under `jax.vmap`, a `lax.cond`
+    whose predicate is batched computes both branches for every member, where the loop runs
+    only if some member needs it. `anchor` is the first array of `otherwise` as the loop
+    carries it: `fn` must make its work depend on it (as :func:`counted_means` does), or XLA
+    hoists the work out of the loop, and it always runs.
+    """
+
+    def body(carry: tuple[chex.Array, Any]) -> tuple[chex.Array, Any]:
+        return jnp.bool_(True), fn(jax.tree.leaves(carry[1])[0], *operands)
+
+    return lax.while_loop(lambda carry: ~carry[0], body, (done, otherwise))[1]
 
 
 def sums_fuse() -> bool:
@@ -140,7 +197,6 @@ def update_by_rows(
     g: chex.Array,
     *stored: Any,
     summed: Sequence[bool] = (),
-    skip: chex.Array | None = None,
 ) -> Any:
     """`fn(g, *stored)` computed a chunk of rows at a time, each stored array updated in place.
 
@@ -158,8 +214,6 @@ def update_by_rows(
       *stored: the stored leaves.
       summed: per array of `stored` (in `jax.tree.leaves` order; missing entries are False),
         whether it is folded over the rows rather than written a chunk at a time.
-      skip: a boolean scalar (traced); where True no chunk runs and `stored` comes back as
-        it is (the caller has updated it another way).
 
     Returns:
       The new stored leaves, as `fn(g, *stored)` would return them.
@@ -228,7 +282,6 @@ def update_by_rows(
     carry = tuple(
         grouped(x) if r else x for x, r, c in zip(leaves, rowed, carried, strict=True) if c
     )
-    chunks = chunk_count if skip is None else jnp.where(skip, 0, chunk_count)
-    carry = iter(lax.fori_loop(0, chunks, body, carry))
+    carry = iter(lax.fori_loop(0, chunk_count, body, carry))
     new = [next(carry).reshape(x.shape) if c else x for x, c in zip(leaves, carried, strict=True)]
     return treedef.unflatten(new)

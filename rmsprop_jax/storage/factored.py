@@ -28,8 +28,20 @@ non-finite value.
 How the statistics are computed. Both are reductions of x, along the last axis and along the
 second-to-last, and XLA:CPU fuses a producer into a reduction only where the reduction is its
 one reader (before JAX 0.10.2: never): read by both in one pass, x (a float32 array of the whole
-leaf) would be materialized. A leaf large enough to be updated in row chunks
-(:mod:`rmsprop_jax.storage._rows`) is instead read once, a chunk K of rows at a time; each chunk
+leaf) would be materialized.
+
+From JAX 0.10.2 on, each statistic of a large leaf is first computed as one fused sum of x,
+each sum computing its own x from the gradient (and, centered, from μ_{t-1}:
+x = β |g - μ_{t-1}|²) (:func:`rmsprop_jax.storage._rows.fused_sums`); a sum of non-negative
+numbers is finite only if every term is, so when both are finite no x was non-finite and no sum
+overflowed, and the means are the sums times 1/C and 1/R. Otherwise (a NaN or infinite
+gradient, a square or a sum past float32's range) the means are counted in passes that leave
+the non-finite entries out and flag them (:func:`rmsprop_jax.storage._rows.counted_means`),
+run only then (:func:`rmsprop_jax.storage._rows.unless`). Centered, μ is written afterwards,
+elementwise and in place.
+
+With older JAX releases, a leaf large enough to be updated in row chunks
+(:mod:`rmsprop_jax.storage._rows`) is read once, a chunk K of rows at a time; each chunk
 squares its own gradient rows (or forms their spread from the stored μ), writes its rows of r_t
 in place, and adds its share to the column statistic carried through the loop,
 
@@ -42,20 +54,11 @@ computes their column means as in one pass). The sums of x/R and the non-finite 
 as 0 are those of the one-pass update; only the order of the additions differs (float32
 rounding).
 
-From JAX 0.10.2 on, when RMSprop is not centered, each statistic is first computed as one fused
-sum of x = |g|², each sum computing its own x (:func:`rmsprop_jax.storage._rows.fused_sums`); a
-sum of non-negative numbers is finite only if every term is, so when both are finite no x was
-non-finite and no sum overflowed, the means are the sums times 1/C and 1/R, and the chunks do
-not run (a loop of zero iterations). Otherwise (a NaN or infinite gradient, a square or a sum
-past float32's range) the chunks run as above. Centered, the chunks also write μ, and μ written
-outside them would be copied whole by XLA; the centered statistics are always computed in
-chunks.
-
 The step then reads the gradient, the two statistics and the parameters, elementwise:
 ν̂_t is a broadcast product, never a full array. Where the step needs the non-finite entries of
 x themselves, they are recomputed from the gradient (|g|²); the centered spread depends on the
-μ_{t-1} that the chunks overwrite, so the chunks flag its non-finite entries, one bit per
-element (1/8 byte per parameter while the step runs).
+μ_{t-1} that is overwritten, so its non-finite entries are flagged, one bit per element (1/8
+byte per parameter while the step runs).
 
 References:
   Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear Memory Cost
@@ -171,15 +174,12 @@ class Factored(StorageFormat):
             col = moving_average(col, safe_mean(counted, -2), decay)
         return (row, col), None
 
-    def update_from_sums(
-        self, parts: Parts, row_sums: chex.Array, col_sums: chex.Array, decay: Any
+    def update_from_means(
+        self, parts: Parts, row_means: chex.Array, col_means: chex.Array, decay: Any
     ) -> Parts:
-        """Averages the means of `x` given its sums along the last axis and the one before."""
+        """Averages the means of `x` along the last axis and the one before in."""
         row, col = parts
-        return (
-            moving_average(row, row_sums * (1.0 / col.shape[-1]), decay),
-            moving_average(col, col_sums * (1.0 / row.shape[-1]), decay),
-        )
+        return moving_average(row, row_means, decay), moving_average(col, col_means, decay)
 
     def summed_over_rows(self, shape: tuple[int, ...]) -> tuple[bool, ...]:
         # A matrix's column statistic is a mean over its rows; a stack's is one per matrix.
