@@ -147,15 +147,16 @@ def _from_means(
         sums = storage.fused_sums(abs_sq, g)
         operands = (g,)
     finite = jnp.all(jnp.isfinite(sums[0])) & jnp.all(jnp.isfinite(sums[1]))
-
-    def from_sums(g):
-        means = sums[0] * (1.0 / g.shape[-1]), sums[1] * (1.0 / g.shape[-2])
-        return *means, storage.flags_like(g) if centered else None
+    from_sums = (
+        sums[0] * (1.0 / g.shape[-1]),
+        sums[1] * (1.0 / g.shape[-2]),
+        storage.flags_like(g) if centered else None,
+    )
 
     def counted(anchor, *operands):
         return storage.counted_means(x_of, anchor, *operands, flagged=centered)
 
-    row_means, col_means, flags = storage.unless(finite, counted, *operands, otherwise=from_sums(g))
+    row_means, col_means, flags = storage.unless(finite, counted, *operands, otherwise=from_sums)
     nu = fmt.leaf_update_from_means(nu, row_means, col_means, decay)
     if centered:
         mu, _ = first_moment(g, mu, row_means)

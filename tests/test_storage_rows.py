@@ -108,6 +108,8 @@ def _chunked_and_one_pass(monkeypatch, moment_storage, options, shapes, maybe_ji
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_factored_chunks_give_the_one_pass_statistics_and_updates(variant, maybe_jit, monkeypatch):
+    """The large-leaf update against one pass: with JAX 0.10.2 and newer, the statistics from
+    fused sums and counted means (compared with the chunks themselves below), else the chunks."""
     chunked, one_pass = _chunked_and_one_pass(
         monkeypatch, "factored", VARIANTS[variant], SHAPES, maybe_jit
     )

@@ -118,9 +118,10 @@ class StorageFormat:
         (:mod:`rmsprop_jax.storage._rows`), for formats whose `update` reduces over the new
         average or over `x`.
       updates_from_sums: whether a compressed leaf's new parts depend on `x` only through its
-        means along the last axis and the one before (:meth:`update_from_means`), which for a
-        finite `x` come from :func:`rmsprop_jax.storage.fused_sums`; such a leaf's chunks
-        need to run only for an `x` that is not.
+        means along the last axis and the one before (:meth:`update_from_means`), which come
+        from :func:`rmsprop_jax.storage.fused_sums` (or, where `x` is not finite,
+        :func:`rmsprop_jax.storage.counted_means`) rather than from row chunks, with JAX
+        releases whose XLA:CPU fuses them (:func:`rmsprop_jax.storage.updates_from_sums`).
     """
 
     name: ClassVar[str]

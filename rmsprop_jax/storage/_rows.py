@@ -87,10 +87,11 @@ def fused_sums(x_of: Callable[..., chex.Array], *arrays: Any) -> tuple[Any, Any]
     XLA fuses an elementwise producer into a reduction (on CPU from JAX 0.10.2, see
     :data:`SUMS_FUSE_FROM`), but not one read by two reductions: such an `x` (or any part of
     it common to both, as a conversion of a bfloat16 input) is written whole. So each
-    reduction computes its own `x`, the second from `arrays` read through an optimization
-    barrier, which no compiler sees through (and which copies nothing). A scalar constant
-    (a decay, say) that `x_of` multiplies by would still be one broadcast common to both,
-    written whole: scale the sums instead.
+    reduction computes its own `x`, from its own copy of `arrays` out of one optimization
+    barrier, which no compiler sees through (and which copies nothing): neither computation
+    is merged with the other, or with one elsewhere in the program (the step's own |g|², say).
+    A scalar constant (a decay, say) that `x_of` multiplies by would still be one broadcast
+    common to both, written whole: scale the sums instead.
     """
     first, second = lax.optimization_barrier((arrays, arrays))
     return jnp.sum(x_of(*first), axis=-1), jnp.sum(x_of(*second), axis=-2)
