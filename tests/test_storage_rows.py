@@ -283,3 +283,24 @@ def test_factored_sum_that_overflows_takes_the_chunks(maybe_jit, monkeypatch):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.nu))
     # (1 - 0.9**2) of the squares' mean: the sum (past float32) would have made it infinite.
     np.testing.assert_allclose(state.nu.col["w"][5], 0.19 * np.float32(1.5e19) ** 2, rtol=1e-5)
+
+
+@needs_fused_sums
+@pytest.mark.parametrize("variant", ["plain", "centered"])
+def test_factored_members_of_a_vmap_update_as_each_alone(variant):
+    """Under `jax.vmap` the counting passes run for the whole batch when one member needs
+    them (a gradient holding NaN, infinities and overflowing squares): each member's update
+    and state are still its own, as computed alone."""
+    tx = rj.scale_by_rms(moment_storage="factored", **VARIANTS[variant])
+    steps = _gradients({"w": (1000, 256)}, seed=11)
+    members = [steps[0], steps[1]]  # Finite, and holding the extremes.
+    state = tx.init({"w": jnp.asarray(steps[0]["w"])})
+    update = jax.jit(tx.update)
+    alone = [update({"w": jnp.asarray(g["w"])}, state) for g in members]
+    batched_state = jax.tree.map(lambda x: jnp.stack([x, x]), state)
+    grads = {"w": jnp.stack([jnp.asarray(g["w"]) for g in members])}
+    together = jax.jit(jax.vmap(tx.update))(grads, batched_state)
+    for k, one in enumerate(alone):
+        ours = jax.tree.map(lambda x, k=k: np.asarray(x[k]), together)
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(one), strict=True):
+            np.testing.assert_allclose(a, np.asarray(b), rtol=1e-6)
