@@ -129,23 +129,22 @@ def _from_means(
     (:func:`storage.counted_means`, run only then: :func:`storage.unless`). μ is then
     written elementwise in place, after the means have read μ_{t-1}.
     """
+    x_of: Callable[..., chex.Array] = abs_sq
+    operands: tuple[Any, ...] = (g,)
     if centered:
 
-        def distance(g, mu):
+        def distance(g: chex.Array, mu: Any) -> chex.Array:
             return squared_distance(g, mu, mu_fmt)
 
-        def x_of(g, mu):
+        def spread(g: chex.Array, mu: Any) -> chex.Array:
             return decay * distance(g, mu)
 
         # decay times the sums of |g - mu|**2: a constant inside them would be written whole
         # (see `fused_sums`).
         sums = tuple(decay * s for s in storage.fused_sums(distance, g, mu))
-        operands = (g, mu)
-
+        x_of, operands = spread, (g, mu)
     else:
-        x_of = abs_sq
         sums = storage.fused_sums(abs_sq, g)
-        operands = (g,)
     finite = jnp.all(jnp.isfinite(sums[0])) & jnp.all(jnp.isfinite(sums[1]))
     from_sums = (
         sums[0] * (1.0 / g.shape[-1]),
