@@ -130,7 +130,7 @@ def _from_means(
     written elementwise in place, after the means have read μ_{t-1}.
     """
     x_of: Callable[..., chex.Array] = abs_sq
-    operands: tuple[Any, ...] = (g,)
+    carried: tuple[Any, ...] = ()
     if centered:
 
         def distance(g: chex.Array, mu: Any) -> chex.Array:
@@ -142,7 +142,7 @@ def _from_means(
         # decay times the sums of |g - mu|**2: a constant inside them would be written whole
         # (see `fused_sums`).
         sums = tuple(decay * s for s in storage.fused_sums(distance, g, mu))
-        x_of, operands = spread, (g, mu)
+        x_of, carried = spread, (mu,)
     else:
         sums = storage.fused_sums(abs_sq, g)
     finite = jnp.all(jnp.isfinite(sums[0])) & jnp.all(jnp.isfinite(sums[1]))
@@ -155,9 +155,12 @@ def _from_means(
     def counted(anchor, *operands):
         return storage.counted_means(x_of, anchor, *operands, flagged=centered)
 
-    row_means, col_means, flags = storage.unless(finite, counted, *operands, otherwise=from_sums)
+    (row_means, col_means, flags), carried = storage.unless(
+        finite, counted, g, otherwise=from_sums, carried=carried
+    )
     nu = fmt.leaf_update_from_means(nu, row_means, col_means, decay)
     if centered:
+        (mu,) = carried  # mu_{t-1}, as the loop passed it on.
         mu, _ = first_moment(g, mu, row_means)
     return nu, mu, flags
 

@@ -233,7 +233,7 @@ def test_unless_computes_only_where_not_done_and_per_member_under_vmap(maybe_jit
         return anchor * 0 + 2 * a
 
     def run(done, a):
-        return _rows.unless(done, fn, a, otherwise=-a)
+        return _rows.unless(done, fn, a, otherwise=-a)[0]
 
     a = jnp.arange(4.0)
     np.testing.assert_array_equal(maybe_jit(run)(jnp.bool_(True), a), -a)
@@ -246,26 +246,40 @@ def test_unless_computes_only_where_not_done_and_per_member_under_vmap(maybe_jit
 def test_unless_keeps_the_counted_means_in_its_loop():
     """XLA hoists loop-invariant work out of a loop, where it would always run: the counting
     reductions (a float32 and an int32 result) must stay in the loop's body, also under
-    `jax.vmap`, where the loop is how they run only for the members that need them."""
+    `jax.vmap`, where the loop is how they run only for the members that need them; and a
+    bfloat16 input carried through the loop is not converted to float32 before it (under
+    `jax.vmap`, XLA converts a loop-invariant one: 4 bytes per element written)."""
     shape = (1024, 256)
 
-    def step(g):
-        sums = _rows.fused_sums(lambda g: g * g, g)
+    def x_of(g, mu):
+        return (g - mu.astype(jnp.float32)) ** 2
+
+    def step(g, mu):
+        sums = _rows.fused_sums(x_of, g, mu)
         done = jnp.all(jnp.isfinite(sums[0])) & jnp.all(jnp.isfinite(sums[1]))
 
-        def counted(anchor, g):
-            return _rows.counted_means(lambda g: g * g, anchor, g, flagged=False)[:2]
+        def counted(anchor, g, mu):
+            return _rows.counted_means(x_of, anchor, g, mu, flagged=False)[:2]
 
-        return _rows.unless(done, counted, g, otherwise=sums)
+        means, (mu,) = _rows.unless(done, counted, g, otherwise=sums, carried=(mu,))
+        return means, mu
 
-    g = jax.ShapeDtypeStruct(shape, jnp.float32)
-    batched = jax.ShapeDtypeStruct((2, *shape), jnp.float32)
-    for program in (jax.jit(step).lower(g), jax.jit(jax.vmap(step)).lower(batched)):
-        text = program.compile().as_text()
+    one = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.bfloat16))
+    two = tuple(jax.ShapeDtypeStruct((2, *shape), x.dtype) for x in one)
+    # mu donated, as the state is: the loop rewrites it in place.
+    programs = jax.jit(step, donate_argnums=1), jax.jit(jax.vmap(step), donate_argnums=1)
+    for program, args in zip(programs, (one, two), strict=True):
+        compiled = program.lower(*args).compile()
+        text = compiled.as_text()
         entry = text[text.index("\nENTRY") :]
         entry = entry[: entry.index("\n}")]
         assert "while(" in entry
         assert re.search(r"\(f32\[[0-9,]+\]\{[0-9,]*\}, s32\[", entry) is None, entry
+        # Alone: nothing the size of the leaf. Under vmap: the rewritten bfloat16 input inside
+        # the loop's body (2 bytes per element), but no float32 conversion of it (4).
+        elements = int(np.prod(args[0].shape))
+        bound = elements if args is one else 3 * elements
+        assert compiled.memory_analysis().temp_size_in_bytes < bound, args[0].shape
 
 
 def test_factored_sum_that_overflows_takes_the_chunks(maybe_jit, monkeypatch):

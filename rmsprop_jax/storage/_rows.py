@@ -135,21 +135,36 @@ def counted_means(
     return row_means, col_means, pack_flags(~jnp.isfinite(selected(2))) if flagged else None
 
 
-def unless(done: chex.Array, fn: Callable[..., Any], *operands: Any, otherwise: Any) -> Any:
-    """`otherwise` where `done` (a boolean scalar), else `fn(anchor, *operands)` (of the same
-    structure as `otherwise`), computed only where needed.
+def unless(
+    done: chex.Array, fn: Callable[..., Any], *operands: Any, otherwise: Any, carried: Any = ()
+) -> tuple[Any, Any]:
+    """`otherwise` where `done` (a boolean scalar), else `fn(anchor, *operands, *carried)` (of
+    the same structure as `otherwise`), computed only where needed; and `carried`.
 
     A loop of at most one iteration rather than a `lax.cond`: under `jax.vmap`, a `lax.cond`
     whose predicate is batched computes both branches for every member, where the loop runs
     only if some member needs it. `anchor` is the first array of `otherwise` as the loop
     carries it: `fn` must make its work depend on it (as :func:`counted_means` does), or XLA
-    hoists the work out of the loop, and it always runs.
+    hoists the work out of the loop, and it always runs. `carried` (a tuple of trees of
+    arrays, bfloat16 ones say) is passed through the loop and rewritten unchanged in it: XLA
+    would otherwise convert a loop-invariant bfloat16 input to float32 once before a loop
+    whose predicate is batched (written whole, 4 bytes per element). The caller uses the
+    `carried` returned in place of its own, so that the loop can rewrite them in place.
     """
 
-    def body(carry: tuple[chex.Array, Any]) -> tuple[chex.Array, Any]:
-        return jnp.bool_(True), fn(jax.tree.leaves(carry[1])[0], *operands)
+    def body(carry: tuple[chex.Array, Any, Any]) -> tuple[chex.Array, Any, Any]:
+        _, result, inputs = carry
+        anchor = jax.tree.leaves(result)[0]
+        never = never_from(anchor.reshape(-1)[0])
+        # The same values, as far as XLA can tell others: the loop does not leave them as
+        # they were. (`fn` reading them as the loop received them has XLA copy them.)
+        inputs = jax.tree.map(lambda a: jnp.where(never, jnp.zeros((), a.dtype), a), inputs)
+        return jnp.bool_(True), fn(anchor, *operands, *inputs), inputs
 
-    return lax.while_loop(lambda carry: ~carry[0], body, (done, otherwise))[1]
+    _, result, carried = lax.while_loop(
+        lambda carry: ~carry[0], body, (done, otherwise, tuple(carried))
+    )
+    return result, carried
 
 
 def sums_fuse() -> bool:
