@@ -279,7 +279,8 @@ def test_unless_keeps_the_counted_means_in_its_loop():
         # the loop's body (2 bytes per element), but no float32 conversion of it (4).
         elements = int(np.prod(args[0].shape))
         bound = elements if args is one else 3 * elements
-        assert compiled.memory_analysis().temp_size_in_bytes < bound, args[0].shape
+        if _rows.sums_fuse():  # Older XLA:CPU writes the sums' x whole (not used there).
+            assert compiled.memory_analysis().temp_size_in_bytes < bound, args[0].shape
 
 
 def test_factored_sum_that_overflows_takes_the_chunks(maybe_jit, monkeypatch):
