@@ -136,8 +136,12 @@ def counted_means(
 
 
 def unless(
-    done: chex.Array, fn: Callable[..., Any], *operands: Any, otherwise: Any, carried: Any = ()
-) -> tuple[Any, Any]:
+    done: chex.Array,
+    fn: Callable[..., Any],
+    *operands: Any,
+    otherwise: Any,
+    carried: tuple[Any, ...] = (),
+) -> tuple[Any, tuple[Any, ...]]:
     """`otherwise` where `done` (a boolean scalar), else `fn(anchor, *operands, *carried)` (of
     the same structure as `otherwise`), computed only where needed; and `carried`.
 
@@ -156,8 +160,9 @@ def unless(
         _, result, inputs = carry
         anchor = jax.tree.leaves(result)[0]
         never = never_from(anchor.reshape(-1)[0])
-        # The same values, as far as XLA can tell others: the loop does not leave them as
-        # they were. (`fn` reading them as the loop received them has XLA copy them.)
+        # Rewritten with the same values by a select XLA cannot resolve, so that they are
+        # not loop-invariant. (`fn` reading them as the loop received them, rather than as
+        # rewritten, has XLA copy them.)
         inputs = jax.tree.map(lambda a: jnp.where(never, jnp.zeros((), a.dtype), a), inputs)
         return jnp.bool_(True), fn(anchor, *operands, *inputs), inputs
 
