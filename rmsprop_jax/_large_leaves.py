@@ -17,6 +17,7 @@ one bit per element.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -152,9 +153,7 @@ def _from_means(
         storage.flags_like(g) if centered else None,
     )
 
-    def counted(anchor, *operands):
-        return storage.counted_means(x_of, anchor, *operands, flagged=centered)
-
+    counted = functools.partial(storage.counted_means, x_of, flagged=centered)
     (row_means, col_means, flags), carried = storage.unless(
         finite, counted, g, otherwise=from_sums, carried=carried
     )

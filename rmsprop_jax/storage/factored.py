@@ -177,7 +177,8 @@ class Factored(StorageFormat):
     def update_from_means(
         self, parts: Parts, row_means: chex.Array, col_means: chex.Array, decay: Any
     ) -> Parts:
-        """Averages the means of `x` along the last axis and the one before in."""
+        """Folds the means of `x` along the last axis and along the one before into the row
+        and column statistics."""
         row, col = parts
         return moving_average(row, row_means, decay), moving_average(col, col_means, decay)
 
