@@ -13,10 +13,6 @@ from rmsprop_jax import _large_leaves, _placement, _precision, _validation, stor
 from rmsprop_jax.storage import _rounding
 from rmsprop_jax.storage._format import abs_sq
 
-# The stochastic rounding bits of compressed formats derive from the step count, the leaf's
-# position and the stream (which average is rounded).
-_SECOND_MOMENT_STREAM, _FIRST_MOMENT_STREAM = 0, 1
-
 
 class ScaleByRmsState(NamedTuple):
     """Step count and exponential moving average of squared gradients.
@@ -217,6 +213,9 @@ def scale_by_rms(
         nus = fmt.split(stored_nu, treedef)
         mus = mu_fmt.split(state.mu, treedef) if centered else [None] * len(grads)
         correction = 1 - decay**count  # Unused (and compiled away) without bias_correction.
+        seeds = [(None, None)] * len(grads)
+        if fmt.rounds or (centered and mu_fmt.rounds):
+            seeds = _rounding.step_seeds(count, len(grads))
         steps: list[Any] = []
         new_nus: list[Any] = []
         new_mus: list[Any] = []
@@ -226,8 +225,7 @@ def scale_by_rms(
                 new_nus.append(None)
                 new_mus.append(None)
                 continue
-            nu_seed = _rounding.seed(count, index, _SECOND_MOMENT_STREAM)
-            mu_seed = _rounding.seed(count, index, _FIRST_MOMENT_STREAM)
+            nu_seed, mu_seed = seeds[index]
 
             def first_moment(g, mu, *earlier, mu_seed=mu_seed):
                 """The new mu and its value, written once the arrays `earlier` are."""

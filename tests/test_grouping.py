@@ -20,7 +20,7 @@ from helpers import (
 from reference import Config, reference_trajectory
 
 import rmsprop_jax as rj
-from rmsprop_jax import _jax_compat, _unpacking, grouping
+from rmsprop_jax import _jax_compat, _runtime_integers, grouping
 
 SHAPES = {"kernel": (12, 10), "bias": (10,), "gain": (), "table": (3, 4)}
 MAX_SIZE = 16  # packs bias, gain and table; not kernel (120 elements)
@@ -116,7 +116,8 @@ def test_many_small_leaves_compile_to_fewer_kernels():
 
 
 @pytest.mark.skipif(
-    jax.default_backend() != "cpu" or _jax_compat.JAX_VERSION < _unpacking.SHARED_KERNELS_FROM,
+    jax.default_backend() != "cpu"
+    or _jax_compat.JAX_VERSION < _runtime_integers.SHARED_KERNELS_FROM,
     reason="leaves are sliced at run-time starts on CPU, from JAX 0.7.2 on",
 )
 def test_same_shaped_packed_leaves_compile_to_one_kernel_whatever_their_number():

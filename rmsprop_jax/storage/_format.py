@@ -112,6 +112,8 @@ class StorageFormat:
       stores_centered_variance: whether a centered state keeps the variance
         ν - |μ|² (updated without cancellation) instead of ν.
       first_moment_name: the format of μ (centered), by name.
+      rounds: whether :meth:`encode` and :meth:`update` use their `seed` (for stochastic
+        rounding); formats that do not are given None.
       stores_non_finite: whether a non-finite value averaged in is stored for its element
         (every format but `"factored"`, whose statistics leave it out).
       updates_in_row_chunks: whether large leaves are updated a chunk of rows at a time
@@ -128,6 +130,7 @@ class StorageFormat:
     container: ClassVar[type | None] = None
     stores_centered_variance: ClassVar[bool] = True
     first_moment_name: ClassVar[str | None] = None
+    rounds: ClassVar[bool] = True
     stores_non_finite: ClassVar[bool] = True
     updates_in_row_chunks: ClassVar[bool] = False
     updates_from_sums: ClassVar[bool] = False

@@ -18,6 +18,12 @@ neighbouring elements independent. The bits are reproducible, need no key in the
 do not depend on how a leaf is sharded or batched: the index is the global one, and
 `jax.lax.broadcasted_iota` is partitioned by the compiler like any elementwise operation.
 
+The seeds of one step are one hash of an array of all of them (:func:`step_seeds`), each leaf
+reading its own at a row its kernels take as an argument, so that same-shaped leaves share
+their kernels (XLA compiles them once). At 512 leaves of 32768 elements, hashing each seed by
+itself made tracing a float32 step take 2.6 s (optax's: 0.5 s), and the per-leaf constants made
+compiling a bfloat16 step take 11 s instead of 2.8 s.
+
 References:
   Wellons, `Prospecting for Hash Functions <https://nullprogram.com/blog/2018/07/31/>`_, 2018.
   Salmon et al., `Parallel Random Numbers: As Easy as 1, 2, 3
@@ -33,17 +39,28 @@ from typing import Any
 
 import chex
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
-from rmsprop_jax import _jax_compat, _sharded_ops
+from rmsprop_jax import _jax_compat, _runtime_integers, _sharded_ops
 
 _GOLDEN = 0x9E3779B9
+_MASK = 0xFFFFFFFF
+# `lowbias32`'s two rounds: xor-shift right by the first number, then multiply by the second.
+_ROUNDS = ((16, 0x7FEB352D), (15, 0x846CA68B))
+STREAMS = 2  # Stream 0 rounds the second moment, stream 1 the first (`mu`, centered).
+
+
+def _lowbias32_of_int(x: int) -> int:
+    """`lowbias32` of a Python integer: the constant leaf and stream part of a seed."""
+    for shift, multiplier in _ROUNDS:
+        x = ((x ^ (x >> shift)) * multiplier) & _MASK
+    return x ^ (x >> 16)
 
 
 def _lowbias32(x: chex.Array) -> chex.Array:
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = x * jnp.uint32(0x846CA68B)
+    for shift, multiplier in _ROUNDS:
+        x = (x ^ (x >> shift)) * jnp.uint32(multiplier)
     return x ^ (x >> 16)
 
 
@@ -55,10 +72,45 @@ def _mix(x: chex.Array) -> chex.Array:
     return x * jnp.uint32(0x846CA68B)
 
 
+def _seed_table(count: chex.Array, leaves: int) -> chex.Array:
+    """Every seed of one step (`count`), shaped (leaves, STREAMS): one hash of one array."""
+    leaf_parts = np.array(
+        [
+            [_lowbias32_of_int(STREAMS * leaf + stream + 1) for stream in range(STREAMS)]
+            for leaf in range(leaves)
+        ],
+        np.uint32,
+    ).reshape(leaves, STREAMS)
+    return _lowbias32(jnp.asarray(count).astype(jnp.uint32) * jnp.uint32(_GOLDEN) ^ leaf_parts)
+
+
+def _pick(table: chex.Array, row: Any, stream: int) -> chex.Array:
+    return lax.reshape(lax.dynamic_slice(table, (row, stream), (1, 1)), ())
+
+
+def step_seeds(count: chex.Array, leaves: int) -> list[tuple[chex.Array, ...]]:
+    """The uint32 seeds of one step (`count`): for each of `leaves` leaves, one per stream.
+
+    They are computed together, one hash of an array of all of them, and each leaf reads its
+    own at a row that reaches its kernels at run time
+    (:func:`rmsprop_jax._runtime_integers.integers`): a constant row, or a constant seed, would
+    be written into each leaf's kernels, which XLA would then compile once per leaf rather
+    than once per shape (see the module docstring). Stream 0 rounds the second moment, 1 the
+    first.
+
+    Examples:
+      >>> from rmsprop_jax.storage import _rounding
+      >>> [(int(a), int(b)) for a, b in _rounding.step_seeds(jnp.int32(1), 2)]
+      [(1573952294, 1585645556), (3510182084, 3870760449)]
+    """
+    table = _seed_table(count, leaves)
+    rows = _runtime_integers.integers(range(leaves), count)
+    return [tuple(_pick(table, row, stream) for stream in range(STREAMS)) for row in rows]
+
+
 def seed(count: chex.Array, leaf_index: int, stream: int) -> chex.Array:
-    """A uint32 seed for one step (`count`), one leaf and one stream."""
-    leaf = _lowbias32(jnp.uint32((2 * leaf_index + stream + 1) & 0xFFFFFFFF))
-    return _lowbias32(jnp.asarray(count).astype(jnp.uint32) * jnp.uint32(_GOLDEN) ^ leaf)
+    """The uint32 seed of one step (`count`), one leaf and one stream."""
+    return _pick(_seed_table(count, leaf_index + 1), leaf_index, stream)
 
 
 # Set while a leaf is updated in row chunks (`rmsprop_jax.storage._rows`): how the rows of a

@@ -124,6 +124,7 @@ class Factored(StorageFormat):
     container: ClassVar[type] = FactoredMoment
     # `mu` has no rank-one structure (it is signed); it is stored as bfloat16.
     first_moment_name: ClassVar[str] = "bfloat16"
+    rounds: ClassVar[bool] = False
     # The statistics reduce `x` along both axes: in one pass, XLA:CPU would materialize `x`.
     updates_in_row_chunks: ClassVar[bool] = True
     stores_non_finite: ClassVar[bool] = False

@@ -17,6 +17,7 @@ class Float32(StorageFormat):
 
     name: ClassVar[str] = "float32"
     stores_centered_variance: ClassVar[bool] = False
+    rounds: ClassVar[bool] = False
 
 
 FORMAT = Float32()
