@@ -113,7 +113,7 @@ class StorageFormat:
         ν - |μ|² (updated without cancellation) instead of ν.
       first_moment_name: the format of μ (centered), by name.
       rounds: whether :meth:`encode` and :meth:`update` use their `seed` (for stochastic
-        rounding); formats that do not are given None.
+        rounding); formats that do not may be given None.
       stores_non_finite: whether a non-finite value averaged in is stored for its element
         (every format but `"factored"`, whose statistics leave it out).
       updates_in_row_chunks: whether large leaves are updated a chunk of rows at a time
