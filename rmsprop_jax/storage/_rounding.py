@@ -39,23 +39,14 @@ from typing import Any
 
 import chex
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from rmsprop_jax import _jax_compat, _runtime_integers, _sharded_ops
 
 _GOLDEN = 0x9E3779B9
-_MASK = 0xFFFFFFFF
 # `lowbias32`'s two rounds: xor-shift right by the first number, then multiply by the second.
 _ROUNDS = ((16, 0x7FEB352D), (15, 0x846CA68B))
 STREAMS = 2  # Stream 0 rounds the second moment, stream 1 the first (`mu`, centered).
-
-
-def _lowbias32_of_int(x: int) -> int:
-    """`lowbias32` of a Python integer: the constant leaf and stream part of a seed."""
-    for shift, multiplier in _ROUNDS:
-        x = ((x ^ (x >> shift)) * multiplier) & _MASK
-    return x ^ (x >> 16)
 
 
 def _lowbias32(x: chex.Array) -> chex.Array:
@@ -67,20 +58,15 @@ def _lowbias32(x: chex.Array) -> chex.Array:
 def _mix(x: chex.Array) -> chex.Array:
     """The multiply, xor-shift, multiply core of `lowbias32`: its high bits are well mixed
     (the low bits are not, and are not used)."""
-    x = x * jnp.uint32(0x7FEB352D)
-    x = x ^ (x >> 15)
-    return x * jnp.uint32(0x846CA68B)
+    (_, first), (shift, second) = _ROUNDS
+    x = x * jnp.uint32(first)
+    return (x ^ (x >> shift)) * jnp.uint32(second)
 
 
 def _seed_table(count: chex.Array, leaves: int) -> chex.Array:
     """Every seed of one step (`count`), shaped (leaves, STREAMS): one hash of one array."""
-    leaf_parts = np.array(
-        [
-            [_lowbias32_of_int(STREAMS * leaf + stream + 1) for stream in range(STREAMS)]
-            for leaf in range(leaves)
-        ],
-        np.uint32,
-    ).reshape(leaves, STREAMS)
+    leaf_and_stream = jnp.arange(1, leaves * STREAMS + 1, dtype=jnp.uint32)
+    leaf_parts = _lowbias32(leaf_and_stream.reshape(leaves, STREAMS))
     return _lowbias32(jnp.asarray(count).astype(jnp.uint32) * jnp.uint32(_GOLDEN) ^ leaf_parts)
 
 
