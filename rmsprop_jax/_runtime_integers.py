@@ -4,8 +4,8 @@ them are one piece of code.
 A kernel that reads a constant (where a packed leaf starts in its buffer, which leaf's rounding
 seed to take) has the constant written into its code: XLA then compiles one kernel per leaf,
 where same-shaped leaves would otherwise share one. With many leaves that multiplies the
-compile time: a bfloat16 step of 512 leaves compiled in 11 s instead of 2.8 s, a step packing
-2048 leaves in 25.9 s instead of 6.7 s (benchmarks/README.md).
+compile time: a bfloat16 step of 512 leaves compiled in 11 s instead of 2.8 s, and a step packing
+2048 leaves in 25.9 s where the unpacked step took 6.7 s (benchmarks/README.md).
 
 Here the integers are the results of a `jax.lax.cond` whose predicate (is the first element of
 `witness` NaN?) is known only when the step runs and whose branches both return the same
