@@ -51,8 +51,11 @@ def _run_time(values: Sequence[int], witness: jax.Array) -> tuple[jax.Array, ...
     offsets = [value - base for value, base in zip(values, bases, strict=True)]
     distinct = sorted(set(bases) | set(offsets))
     constants = tuple(np.int32(value) for value in distinct)
-    # A float, so that XLA cannot rewrite `first != first` as False.
-    first = jnp.ravel(witness)[0].astype(jnp.float32)
+    first = jnp.ravel(witness)[0]
+    if not jnp.issubdtype(first.dtype, jnp.inexact):
+        # A float (complex ones stay complex), so that XLA cannot rewrite `first != first`
+        # as False.
+        first = first.astype(jnp.float32)
     # True only for a NaN. Both branches return the same constants, but XLA cannot know which
     # branch runs, so it cannot put the constants in the place of the results.
     results = lax.cond(first != first, lambda: constants, lambda: constants)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -373,3 +374,16 @@ def test_flax_nnx_optimizer_keeps_the_layout_and_the_unpacked_updates():
     assert nu.packed["float32"].shape == (15,)
     slots = jax.tree.leaves(nu.layout, is_leaf=lambda x: isinstance(x, grouping.LeafSlot))
     assert sorted(s.shape for s in slots if s.buffer) == [(3,), (4, 3)]
+
+
+def test_complex_leaves_pack_without_warnings():
+    # The first packed gradient element decides a condition XLA cannot fold; a complex one is
+    # compared as it is, not cast to a real dtype (which JAX warns about).
+    params = {"a": jnp.arange(8, dtype=jnp.complex64) * (1 + 1j), "b": jnp.ones(4, jnp.complex64)}
+    tx = rj.pack_small_leaves(rj.rmsprop(0.01))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
+    plain, _ = rj.rmsprop(0.01).update(params, rj.rmsprop(0.01).init(params), params)
+    for name in params:
+        np.testing.assert_array_equal(updates[name], plain[name])
