@@ -11,11 +11,9 @@ the unpacked one (benchmarks/README.md, "Grouping leaves").
 Here the starts reach the slicing kernels as run-time values
 (:func:`rmsprop_jax._runtime_integers.integers`), so each leaf is a `dynamic_slice` whose start
 is an argument of its kernel; kernels of leaves with the same shape, dtype and buffer are then
-the same code, and XLA compiles it once. The cost at run time is one conditional, which reads
-one element and returns constants (about 2 sqrt(n) of them for n leaves, each start being the
-sum of two), and one scalar addition per leaf; paired with constant starts on the same trees,
-the step time did not change beyond noise (benchmarks/README.md). On other platforms than the
-CPU, and with JAX releases before 0.7.2, the starts stay constants.
+the same code, and XLA compiles it once (on CPU with JAX 0.7.2 or newer; elsewhere the starts
+stay constants). Paired with constant starts on the same trees, the step time did not change
+beyond noise (benchmarks/README.md).
 """
 
 from __future__ import annotations
