@@ -18,6 +18,11 @@
 
     python benchmarks/memory.py            # about 3 minutes on 2 CPU cores
     python benchmarks/memory.py --quick    # fewer repeats and one seed: about 2 minutes
+    python benchmarks/memory.py --xla-option xla_cpu_prefer_vector_width=512
+
+`--xla-option NAME=VALUE` (repeatable) compiles the update and training steps of every
+contender with that XLA option (`jax.jit`'s `compiler_options`), float32 included, and records
+it in the JSON; the committed record uses XLA's defaults.
 
 Prints tables and writes a new outputs/benchmarks/memory_<platform>_<time>.json;
 `--update-results` replaces benchmarks/results/memory_<platform>.json instead.
@@ -138,7 +143,22 @@ def _compiled_memory(compiled, parameters: int) -> dict[str, float]:
     }
 
 
-def measure_update_step(repeats: int, steps: int) -> dict[str, Any]:
+def parse_xla_option(text: str) -> tuple[str, bool | int | str]:
+    """`NAME=VALUE` -> (NAME, VALUE as a bool, an int or a string)."""
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    if value.lower() in ("true", "false"):
+        return name, value.lower() == "true"
+    try:
+        return name, int(value)
+    except ValueError:
+        return name, value
+
+
+def measure_update_step(
+    repeats: int, steps: int, compiler_options: dict | None = None
+) -> dict[str, Any]:
     """Compiled memory and interleaved step times of every contender; see the module doc."""
     key = jax.random.key(0)
     grads = jax.jit(transformer_init)(jax.random.fold_in(key, 1))
@@ -148,7 +168,9 @@ def measure_update_step(repeats: int, steps: int) -> dict[str, Any]:
         params = jax.jit(transformer_init)(key)
         state = tx.init(params)
         compiled = (
-            jax.jit(_update_step(tx), donate_argnums=(0, 1)).lower(params, state, grads).compile()
+            jax.jit(_update_step(tx), donate_argnums=(0, 1), compiler_options=compiler_options)
+            .lower(params, state, grads)
+            .compile()
         )
         steppers[contender] = compiled
         results[contender] = _compiled_memory(compiled, parameters)
@@ -215,7 +237,7 @@ def transformer_loss(params: dict, tokens: jax.Array) -> jax.Array:
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]))
 
 
-def measure_training_step() -> dict[str, Any]:
+def measure_training_step(compiler_options: dict | None = None) -> dict[str, Any]:
     """Compiled peak of a whole training step per format, against optax.adam (not run)."""
     abstract = jax.eval_shape(transformer_init, jax.random.key(0))
     parameters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
@@ -231,7 +253,8 @@ def measure_training_step() -> dict[str, Any]:
             return optax.apply_updates(params, updates), state, loss
 
         state = jax.eval_shape(tx.init, abstract)
-        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(abstract, state, tokens).compile()
+        jitted = jax.jit(step, donate_argnums=(0, 1), compiler_options=compiler_options)
+        compiled = jitted.lower(abstract, state, tokens).compile()
         rows[name] = _compiled_memory(compiled, parameters)
     reference = rows["float32"]["peak_bytes_per_parameter"]
     for row in rows.values():
@@ -373,9 +396,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="2 repeats, 1 seed")
     parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds of timing")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
+    parser.add_argument(
+        "--xla-option",
+        type=parse_xla_option,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="compile the update and training steps with this XLA option (repeatable)",
+    )
     add_output_flags(parser)
     args = parser.parse_args(argv)
     check_output_flags(parser, args)
+    if args.xla_option and args.update_results:
+        parser.error("--update-results records XLA's default compilation: run without --xla-option")
+    compiler_options = dict(args.xla_option) or None
+    if compiler_options:
+        print(f"XLA options of the update and training steps: {compiler_options}", flush=True)
     announce(
         f"memory: {QUICK_DURATION} (--quick)."
         if args.quick
@@ -383,9 +419,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     repeats, seeds = (2, [0]) if args.quick else (args.repeats, [0, 1, 2])
     memory = measure_memory()
-    update = measure_update_step(repeats, args.steps)
+    update = measure_update_step(repeats, args.steps, compiler_options)
     print("  update step done", flush=True)
-    training = measure_training_step()
+    training = measure_training_step(compiler_options)
     print("  training step done", flush=True)
     quality_results = measure_quality(seeds)
     print_tables(memory, update, training, quality_results)
@@ -396,6 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = {
         "repeats": repeats,
         "steps_per_repeat": args.steps,
+        "xla_options": compiler_options or {},
         "variants": VARIANTS,
         "targets": {
             "step_time_relative_to_float32": TARGET_STEP_TIME,

@@ -117,3 +117,37 @@ def test_the_low_memory_table_quotes_the_committed_benchmark_record(document):
         assert quoted[name][: len(cells)] == cells, (document, name)
     text = " ".join(path.read_text().split())
     assert tables.training_sentence(record) in text
+
+
+def test_memory_xla_options_are_parsed_and_never_replace_the_committed_record(capsys):
+    memory = benchmark("memory")
+    assert memory.parse_xla_option("xla_cpu_prefer_vector_width=512") == (
+        "xla_cpu_prefer_vector_width",
+        512,
+    )
+    assert memory.parse_xla_option("some_flag=True") == ("some_flag", True)
+    assert memory.parse_xla_option("some_flag=fast") == ("some_flag", "fast")
+    with pytest.raises(SystemExit) as stop:
+        memory.main(["--xla-option", "xla_cpu_prefer_vector_width"])
+    assert stop.value.code == 2
+    assert "expected NAME=VALUE, got 'xla_cpu_prefer_vector_width'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        memory.main(["--xla-option", "xla_cpu_prefer_vector_width=512", "--update-results"])
+    assert stop.value.code == 2
+    assert "records XLA's default compilation" in capsys.readouterr().err
+
+
+def test_memory_compiles_the_timed_steps_with_the_xla_options(monkeypatch):
+    import jax.numpy as jnp
+
+    import rmsprop_jax as rj
+
+    memory = benchmark("memory")
+    monkeypatch.setattr(memory, "transformer_init", lambda key: {"w": jnp.ones((64, 64))})
+    monkeypatch.setattr(memory, "_contenders", lambda: {("plain", "float32"): rj.rmsprop(1e-3)})
+    options = {"xla_cpu_prefer_vector_width": 512}
+    rows = memory.measure_update_step(repeats=1, steps=1, compiler_options=options)
+    assert rows["variants"]["plain"]["float32"]["relative_to_float32"] == 1.0
+    # An option XLA does not know reaches the compiler, which refuses it.
+    with pytest.raises(Exception, match="no_such_xla_option"):
+        memory.measure_update_step(repeats=1, steps=1, compiler_options={"no_such_xla_option": 1})
