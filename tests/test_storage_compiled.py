@@ -124,6 +124,37 @@ def test_int8_step_divides_by_the_codes_written_not_a_recomputation(variant):
     assert not any(op == "copy" and set(ops) & codes for _, op, ops in definitions.values())
 
 
+# Arithmetic that computes a new block scale (or its inverse) from the block maxima.
+_SCALE_ARITHMETIC = ("multiply", "add", "subtract", "minimum", "maximum", "select", "divide")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_int8_leaf_kernels_read_the_block_scales_rather_than_recompute_them(variant):
+    """The new block scales are computed once per block and read by the kernels that run
+    over the leaf: none of those kernels does arithmetic on block-shaped arrays. (XLA copies
+    a cheap elementwise producer into each of its readers: the new scale, computed from the
+    block maxima by some 15 operations, was computed again for every element of the leaf.)"""
+    shape = (2048, 512)
+    blocks = (shape[0], shape[1] // 256)
+    tx = rj.rmsprop(1e-3, moment_storage="int8", **VARIANTS[variant])
+    text = compile_step(tx, {"w": jnp.ones(shape)}).as_text()
+    computations = re.findall(r"\n%?(fused\S*) \(.*?\) -> (\S+) \{\n(.*?)\n\}", text, re.S)
+    leaf_kernels = [
+        (name, body)
+        for name, result, body in computations
+        if result.split("{")[0].endswith(f"[{shape[0]},{shape[1]}]")
+    ]
+    # The codes of each average, and the kernel computing the new parameters (and momentum).
+    assert len(leaf_kernels) >= (2 if variant == "plain" else 4), [n for n, _ in leaf_kernels]
+    block_type = rf"\w+\[{blocks[0]},{blocks[1]}\]"
+    recomputed = {
+        name: found
+        for name, body in leaf_kernels
+        if (found := re.findall(rf"= {block_type}\S* ({'|'.join(_SCALE_ARITHMETIC)})\(", body))
+    }
+    assert not recomputed, recomputed
+
+
 @pytest.mark.skipif(
     jax.default_backend() != "cpu"
     or _jax_compat.JAX_VERSION < _runtime_integers.SHARED_KERNELS_FROM,
