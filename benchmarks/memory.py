@@ -7,8 +7,8 @@
 2. Update step: one jitted, buffer-donated "update + apply" step on that tree, per format and
    variant (plain; centered with momentum 0.9), beside optax.adam and optax.adafactor: the
    compiled program's arguments, temporaries and peak (`compiled.memory_analysis()`), and its
-   time, contenders interleaved and repeated; medians, relative to the float32 step of the
-   same variant.
+   time, contenders interleaved and repeated; the median over rounds of each round's ratio
+   to the float32 step of the same variant, and the middle half of those ratios.
 3. Training step: the compiled peak of a whole jitted training step (forward, backward,
    update; batch 2 x 64 tokens, so the optimizer dominates) of that transformer, per format
    against float32 and optax.adam.
@@ -156,6 +156,14 @@ def parse_xla_option(text: str) -> tuple[str, bool | int | str]:
         return name, value
 
 
+def _quartiles(values: list[float]) -> list[float]:
+    """The first and third quartiles of `values` (both the value itself for one value)."""
+    if len(values) < 2:
+        return [values[0], values[0]]
+    first, _, third = statistics.quantiles(values, n=4, method="inclusive")
+    return [first, third]
+
+
 def measure_update_step(
     repeats: int, steps: int, compiler_options: dict | None = None
 ) -> dict[str, Any]:
@@ -193,10 +201,15 @@ def measure_update_step(
     for (variant, name), t in times.items():
         reference = times[variant, "float32"]
         # The median over rounds of the ratio within a round: both measured back to back.
-        ratio = statistics.median(a / b for a, b in zip(t, reference, strict=True))
+        ratios = [a / b for a, b in zip(t, reference, strict=True)]
+        ratio = statistics.median(ratios)
         row = results[variant, name] | {
             "median_seconds": statistics.median(t),
             "relative_to_float32": ratio,
+            # The middle half of the rounds' ratios: how far the ratio moves with the machine's
+            # state (float32's step is bound by memory bandwidth, the compressed ones largely
+            # by arithmetic).
+            "relative_to_float32_quartiles": _quartiles(ratios),
             "seconds_per_repeat": t,
         }
         if name in TARGET_STEP_TIME:
@@ -345,13 +358,16 @@ def print_tables(memory: dict, update: dict, training: dict, quality_results: di
     print("\nUpdate step (donated), bytes per parameter; time relative to float32, same variant")
     print(
         f"{'variant':<20} {'step':<16} {'args':>6} {'temps':>6} {'peak':>6} {'ms':>7} {'vs f32':>7}"
+        f" {'middle half':>12}"
     )
     for variant, rows in update["variants"].items():
         for name, r in rows.items():
+            first, third = r["relative_to_float32_quartiles"]
             print(
                 f"{variant:<20} {name:<16} {r['arguments_bytes_per_parameter']:>6.2f} "
                 f"{r['temporary_bytes_per_parameter']:>6.2f} {r['peak_bytes_per_parameter']:>6.2f} "
                 f"{1e3 * r['median_seconds']:>7.1f} {r['relative_to_float32']:>6.2f}x"
+                f" {first:>5.2f}-{third:.2f}x"
             )
     print(
         f"\nTraining step, {training['parameters'] / 1e6:.1f}M parameters, batch "

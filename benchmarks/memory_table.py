@@ -6,8 +6,8 @@
 Prints, per storage format and reference optimizer, the figures the documents quote: state
 bytes per parameter, the update step's compiled peak and temporaries (bytes per parameter),
 and its time relative to the float32 step (plain / centered + momentum), followed by the
-savings and the training-step peaks quoted below the table. `tests/test_benchmarks_cli.py`
-checks that the documents quote the committed record.
+savings, the training-step peaks and the spread of the time ratios quoted below the table.
+`tests/test_benchmarks_cli.py` checks that the documents quote the committed record.
 """
 
 from __future__ import annotations
@@ -78,6 +78,22 @@ def training_sentence(record: dict[str, Any]) -> str:
     )
 
 
+def spread_sentence(record: dict[str, Any]) -> str | None:
+    """The sentence that quotes the middle half of the rounds' time ratios (plain / centered +
+    momentum) per compressed format, or None for a record from before they were kept."""
+    variants = record["update_step"]["variants"]
+    spans = {}
+    for name in FORMATS[1:]:
+        quartiles = [variants[v][name].get("relative_to_float32_quartiles") for v in variants]
+        if None in quartiles:
+            return None
+        spans[name] = " / ".join(f"{first:.2f}x-{third:.2f}x" for first, third in quartiles)
+    return (
+        f"the middle half of its rounds measured bfloat16 at {spans['bfloat16']}, int8 at "
+        f"{spans['int8']} and factored at {spans['factored']}."
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -91,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, saved in peak_savings(record).items():
         print(f"  {name}: {saved}")
     print(f"\ntraining step: ... {training_sentence(record)}")
+    spread = spread_sentence(record)
+    print(f"\nstep time: ... {spread}" if spread else "\n(no quartiles of the step times)")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,7 @@ def test_the_low_memory_table_quotes_the_committed_benchmark_record(document):
         assert quoted[name][: len(cells)] == cells, (document, name)
     text = " ".join(path.read_text().split())
     assert tables.training_sentence(record) in text
+    assert tables.spread_sentence(record) in text
 
 
 def test_memory_xla_options_are_parsed_and_never_replace_the_committed_record(capsys):
