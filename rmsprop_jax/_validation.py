@@ -161,10 +161,10 @@ def check_same_tree(updates: Any, state_tree: Any, *, state_name: str = "state")
                         f"but the optimizer {state_name} has {'None' if s is None else 'an array'}."
                     )
                 continue
-            if jnp.shape(g) != jnp.shape(s):
+            if np.shape(g) != np.shape(s):
                 raise ValueError(
-                    f"Gradient at {_path_str(path)} has shape {jnp.shape(g)} but the optimizer "
-                    f"{state_name} was initialized for shape {jnp.shape(s)}."
+                    f"Gradient at {_path_str(path)} has shape {np.shape(g)} but the optimizer "
+                    f"{state_name} was initialized for shape {np.shape(s)}."
                 )
         return
     grad_paths = [_path_str(p) for p, _ in _leaves_with_paths(updates)]

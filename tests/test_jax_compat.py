@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+import rmsprop_jax as rj
 from rmsprop_jax import _jax_compat
 
 
@@ -79,3 +83,20 @@ def test_axis_type_names_are_recognised():
     assert _jax_compat.is_axis_type(_jax_compat.AxisType.Explicit, "Explicit")
     assert not _jax_compat.is_axis_type(_jax_compat.AxisType.Auto, "Explicit")
     assert not _jax_compat.is_axis_type("Explicit", "Explicit")
+
+
+@pytest.mark.parametrize("moment_storage", ["float32", "bfloat16", "int8", "factored"])
+def test_a_step_of_every_format_warns_nothing_from_the_library(moment_storage):
+    """No deprecated JAX call on any supported release: on JAX 0.5.3, `jnp.shape` of the
+    abstract shapes the gradient check compares warned in every update of a compressed
+    format."""
+    tx = rj.rmsprop(1e-3, moment_storage=moment_storage, centered=True, momentum=0.9)
+    params = {"w": jnp.ones((256, 256)), "b": jnp.ones(3)}
+    state = tx.init(params)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        updates, state = tx.update(params, state, params)
+        jax.block_until_ready(jax.jit(tx.update)(params, state, params))
+        optax.apply_updates(params, updates)
+    ours = [w for w in caught if "rmsprop_jax" in w.filename]
+    assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]
