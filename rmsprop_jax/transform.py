@@ -227,11 +227,16 @@ def scale_by_rms(
                 continue
             nu_seed, mu_seed = seeds[index]
 
-            def first_moment(g, mu, *earlier, mu_seed=mu_seed):
+            def first_moment(g, mu, *earlier, mu_seed=mu_seed, block_maxima=None):
                 """The new mu and its value, written once the arrays `earlier` are."""
                 # mu_t = decay * mu_{t-1} + (1 - decay) * g_t
                 return mu_fmt.leaf_update(
-                    storage.after(mu, *earlier), g, decay, mu_seed, signed=True
+                    storage.after(mu, *earlier),
+                    g,
+                    decay,
+                    mu_seed,
+                    signed=True,
+                    block_maxima=block_maxima,
                 )
 
             def moments(g, nu, mu, nu_seed=nu_seed, first_moment=first_moment):
@@ -245,8 +250,13 @@ def scale_by_rms(
                     #                    + (1 - decay) * decay * |g_t - mu_{t-1}|**2
                     # (no cancellation). mu_{t-1} is read before mu is overwritten in place.
                     folded = decay * _large_leaves.squared_distance(g, mu, mu_fmt)
-                    nu, variance = fmt.leaf_update(nu, folded, decay, nu_seed, signed=False)
-                    mu, _ = first_moment(g, mu, nu)
+                    nu_maxima, mu_maxima = storage.shared_block_maxima(
+                        (fmt, nu, folded, False), (mu_fmt, mu, g, True)
+                    )
+                    nu, variance = fmt.leaf_update(
+                        nu, folded, decay, nu_seed, signed=False, block_maxima=nu_maxima
+                    )
+                    mu, _ = first_moment(g, mu, nu, block_maxima=mu_maxima)
                 else:
                     folded = abs_sq(g)
                     nu, second_moment = fmt.leaf_update(nu, folded, decay, nu_seed, signed=False)

@@ -124,6 +124,18 @@ def test_int8_step_divides_by_the_codes_written_not_a_recomputation(variant):
     assert not any(op == "copy" and set(ops) & codes for _, op, ops in definitions.values())
 
 
+def test_int8_centered_variance_and_mu_share_one_block_reduction():
+    """Centered, the variance and `mu` of a leaf take their block maxima from one reduction
+    (both read the gradient and the old `mu`), so a large leaf is read by one reduction
+    kernel rather than two."""
+    shape = (2048, 512)
+    tx = rj.rmsprop(1e-3, moment_storage="int8", **VARIANTS["centered-momentum"])
+    text = compile_step(tx, {"w": jnp.ones(shape)}).as_text()
+    entry = text[text.index("\nENTRY") :]
+    reductions = re.findall(rf"= \((?:\w+\[{shape[0]},{shape[1] // 256}\]\S*,? ?)+\) fusion", entry)
+    assert len(reductions) == 1, reductions
+
+
 # Arithmetic that computes a new block scale (or its inverse) from the block maxima.
 _SCALE_ARITHMETIC = ("multiply", "add", "subtract", "minimum", "maximum", "select", "divide")
 

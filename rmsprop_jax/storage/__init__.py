@@ -64,6 +64,23 @@ def updates_from_sums(fmt: StorageFormat) -> bool:
     return fmt.updates_from_sums and _rows.sums_fuse()
 
 
+def shared_block_maxima(*averages: tuple[StorageFormat, Any, Any, bool]) -> list[Any]:
+    """For averages of one leaf that a step updates together, each given as (format, stored
+    leaf, x, signed): what each one's `leaf_update` takes as `block_maxima`.
+
+    Where all of them are compressed int8 leaves, one reduction gives every average its
+    block maxima (:func:`rmsprop_jax.storage.int8.finite_maxima`), reading the inputs they
+    share once (the centered variance and `mu` both read the gradient and the old `mu`);
+    otherwise None for each, and each update reduces for itself.
+    """
+    shared = len(averages) > 1 and all(
+        fmt is int8.FORMAT and fmt.is_compressed(stored) for fmt, stored, _, _ in averages
+    )
+    if not shared:
+        return [None] * len(averages)
+    return int8.finite_maxima([(x, stored[0], signed) for _, stored, x, signed in averages])
+
+
 def format_of(node: Any) -> StorageFormat | None:
     """The format whose container `node` is, or None (a plain array or anything else)."""
     for fmt in FORMATS.values():
@@ -101,6 +118,7 @@ __all__ = [
     "fused_sums",
     "get",
     "pack_flags",
+    "shared_block_maxima",
     "unless",
     "unpack_flags",
     "update_by_rows",

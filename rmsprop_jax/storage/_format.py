@@ -280,16 +280,30 @@ class StorageFormat:
         ]
         return columns[0] if self.container is None else self.container(*columns)
 
+    def is_compressed(self, stored_leaf: Parts) -> bool:
+        """Whether a stored leaf holds compressed parts (not the dense average); a format
+        with no container stores every leaf densely."""
+        return self.container is not None and self._dense_is_placeholder(stored_leaf)
+
     def _dense_is_placeholder(self, stored_leaf: Parts) -> bool:
         # A compressed leaf's parts have the parameter's rank and more than one element; a
         # dense leaf's parts are all one-element placeholders.
         return any(np.shape(part) != (1,) for part in stored_leaf[:-1])
 
     def leaf_update(
-        self, stored_leaf: Parts, x: chex.Array, decay: Any, seed: chex.Array, *, signed: bool
+        self,
+        stored_leaf: Parts,
+        x: chex.Array,
+        decay: Any,
+        seed: chex.Array,
+        *,
+        signed: bool,
+        block_maxima: Any = None,
     ) -> tuple[Parts, chex.Array]:
         """:meth:`update` for a stored leaf, compressed or dense (decided by `x`, or by the
-        leaf's parts for a container: `x` may be a chunk of the leaf's rows)."""
+        leaf's parts for a container: `x` may be a chunk of the leaf's rows). `block_maxima`,
+        where not None, are passed on to the format's `update` (see
+        :func:`rmsprop_jax.storage.shared_block_maxima`)."""
         if self.container is not None:
             compressed = self._dense_is_placeholder(stored_leaf)
         else:
@@ -298,7 +312,8 @@ class StorageFormat:
             average = moving_average(stored_leaf[-1], x, decay)
             return (*stored_leaf[:-1], average), average
         parts = stored_leaf if self.container is None else stored_leaf[:-1]
-        parts, average = self.update(parts, x, decay, seed, signed=signed)
+        given = {} if block_maxima is None else {"block_maxima": block_maxima}
+        parts, average = self.update(parts, x, decay, seed, signed=signed, **given)
         return (parts if self.container is None else (*parts, stored_leaf[-1])), average
 
     def leaf_update_from_means(

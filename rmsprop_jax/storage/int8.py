@@ -275,36 +275,49 @@ def decode(codes: chex.Array, scales: chex.Array, dtype: Any) -> chex.Array:
     return _from_blocks(values, codes).astype(dtype)
 
 
-def _finite_maxima(
-    x: chex.Array, codes: chex.Array, book: _CodeBook
-) -> tuple[chex.Array, chex.Array]:
-    """Per block, the largest finite |x| and the largest magnitude of a code of `codes` that
-    stands for a finite value (0 where there is none), in one pass over both.
+def finite_maxima(
+    averages: list[tuple[chex.Array, chex.Array, bool]],
+) -> list[tuple[chex.Array, chex.Array]]:
+    """For each (x, codes, signed) of leaves of one shape: per block, the largest finite |x|
+    and the largest magnitude of a code of `codes` that stands for a finite value (0 where
+    there is none), all in one pass over them.
 
-    One variadic reduction: XLA fuses the elementwise work on `x` (which may be computed from
-    other arrays) into it and writes nothing the size of the leaf. (A reduction of one operand
-    is taken by XLA:CPU's library fusions, which leave a select or a bitcast producer
-    outside, written whole.)
+    One variadic reduction: XLA fuses the elementwise work on each `x` (which may be computed
+    from other arrays) into it and writes nothing the size of the leaf. (A reduction of one
+    operand is taken by XLA:CPU's library fusions, which leave a select or a bitcast producer
+    outside, written whole.) The averages of one leaf that a step updates together (the
+    centered variance and `mu`) share it: their common inputs are read once.
     """
-    blocks = _to_blocks(x.astype(jnp.float32))
-    magnitude = _finite_magnitude(blocks)
-    code = jnp.abs(_to_blocks(codes.astype(jnp.int32)))
-    code = jnp.where(code <= book.top, code, 0)
-    return lax.reduce(
-        (magnitude, code),
-        (jnp.float32(0), jnp.int32(0)),
-        lambda a, b: (jnp.maximum(a[0], b[0]), jnp.maximum(a[1], b[1])),
-        (blocks.ndim - 1,),
+    operands: list[chex.Array] = []
+    for x, codes, signed in averages:
+        book = _SIGNED if signed else _UNSIGNED
+        blocks = _to_blocks(x.astype(jnp.float32))
+        code = jnp.abs(_to_blocks(codes.astype(jnp.int32)))
+        operands += [_finite_magnitude(blocks), jnp.where(code <= book.top, code, 0)]
+    reduced = lax.reduce(
+        tuple(operands),
+        (jnp.float32(0), jnp.int32(0)) * len(averages),
+        lambda a, b: tuple(jnp.maximum(p, q) for p, q in zip(a, b, strict=True)),
+        (operands[0].ndim - 1,),
     )
+    return [(reduced[i], reduced[i + 1]) for i in range(0, len(reduced), 2)]
 
 
 def _scales_after(
-    codes: chex.Array, scales: chex.Array, x: chex.Array, decay: Any, book: _CodeBook
+    codes: chex.Array,
+    scales: chex.Array,
+    x: chex.Array,
+    decay: Any,
+    book: _CodeBook,
+    maxima: tuple[chex.Array, chex.Array] | None = None,
 ) -> chex.Array:
     """The block scales of the new average `decay * old + (1 - decay) * x`: the same average
     of the largest finite magnitudes of the old average and of `x`, a bound on the largest
-    finite magnitude of the new one (at most twice it for a non-negative average)."""
-    x_max, code_max = _finite_maxima(x, codes, book)
+    finite magnitude of the new one (at most twice it for a non-negative average). `maxima`,
+    where given, are those of :func:`finite_maxima` for `x` and `codes`."""
+    if maxima is None:
+        (maxima,) = finite_maxima([(x, codes, book is _SIGNED)])
+    x_max, code_max = maxima
     old_max = jnp.where(code_max > 0, _level(code_max, book), 0) * scales
     new = moving_average(old_max, x_max, decay).astype(jnp.float32)
     return _written_once(jnp.minimum(new, jnp.finfo(jnp.float32).max))
@@ -341,15 +354,23 @@ class Int8(StorageFormat):
         return encode(x, seed, signed=signed)
 
     def update(
-        self, parts: Parts, x: chex.Array, decay: Any, seed: chex.Array, *, signed: bool
+        self,
+        parts: Parts,
+        x: chex.Array,
+        decay: Any,
+        seed: chex.Array,
+        *,
+        signed: bool,
+        block_maxima: Any = None,
     ) -> tuple[Parts, chex.Array]:
         """Folds `x` into the average in two passes over the leaf, writing nothing its size
-        but the new codes: the new block scales (:func:`_scales_after`, one reduction), then
-        the codes, each computed from its old code, its element of `x` and the two scales of
-        its block (written in place of the old codes)."""
+        but the new codes: the new block scales (:func:`_scales_after`, one reduction, or
+        `block_maxima` from a reduction shared with another average, see
+        :func:`finite_maxima`), then the codes, each computed from its old code, its element
+        of `x` and the two scales of its block (written in place of the old codes)."""
         book = _SIGNED if signed else _UNSIGNED
         codes, scales = parts
-        new_scales = _scales_after(codes, scales, x, decay, book)
+        new_scales = _scales_after(codes, scales, x, decay, book, block_maxima)
         old = _values(codes.astype(jnp.int32), _per_element(scales, codes), book)
         average = moving_average(old.astype(x.dtype), x, decay).astype(jnp.float32)
         inverse = _per_element(_inverse(new_scales), codes)
