@@ -71,7 +71,8 @@ on the rest of the leaf (or on how it is sharded or chunked).
 
 An update is two passes over the leaf that write nothing its size but the new codes: one
 variadic reduction (the largest finite |x| and the largest finite code of each block, into
-which XLA fuses whatever computes `x`), then the codes, each from its old code, its `x` and its
+which XLA fuses whatever computes `x`; centered, one reduction serves both the variance and
+`mu`, see :func:`finite_maxima`), then the codes, each from its old code, its `x` and its
 block's two scales (the new scales and their inverses are written once per block, not computed
 again for each element), written in place of the old ones. The new average is never written in
 float32 (an exact block maximum of it would have been: the reduction and the encoding both read
