@@ -179,24 +179,25 @@ def _step_directory(manager: ocp.CheckpointManager, step: int) -> Any:
         return manager.directory / str(step)
 
 
-def _unreadable_json(step_directory: Any) -> list[str]:
-    """The JSON metadata files of a step directory that do not parse, relative to it."""
+def _unreadable_json(step_directory: Any) -> dict[str, Exception]:
+    """The JSON metadata files of a step directory that do not parse (relative to it), each
+    with the error its parse raised."""
     root = Path(str(step_directory))
-    damaged = []
+    damaged = {}
     for path in sorted(root.rglob("*")):
         is_metadata = path.name.startswith("_") or path.parent.name == "array_metadatas"
         if not (path.is_file() and is_metadata):
             continue
         try:
             json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError):
-            damaged.append(str(path.relative_to(root)))
+        except (ValueError, UnicodeDecodeError) as error:
+            damaged[str(path.relative_to(root))] = error
     return damaged
 
 
 def _corrupt(manager: ocp.CheckpointManager, step: int, error: Exception) -> CorruptCheckpointError:
     step_directory = _step_directory(manager, step)
-    damaged = _unreadable_json(step_directory)
+    damaged = list(_unreadable_json(step_directory))
     which = f" ({', '.join(damaged)} in it)" if damaged else ""
     others = [other for other in manager.all_steps() if other != step]
     instead = (
@@ -210,6 +211,18 @@ def _corrupt(manager: ocp.CheckpointManager, step: int, error: Exception) -> Cor
         f"or an interrupted copy. Either {instead}, or delete {step_directory} so that the "
         "latest step is an intact one."
     )
+
+
+def _check_readable(manager: ocp.CheckpointManager, step: int) -> None:
+    """Raises :class:`CorruptCheckpointError` where a metadata file of `step` does not parse.
+
+    Checked before orbax reads anything: orbax reads the arrays concurrently, and where one
+    read fails the others are abandoned unfinished (their coroutines are collected after
+    their event loop closed).
+    """
+    damaged = _unreadable_json(_step_directory(manager, step))
+    if damaged:
+        raise _corrupt(manager, step, next(iter(damaged.values())))
 
 
 def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None) -> Any:
@@ -272,9 +285,10 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
                 f"no checkpoint at step {step} in {manager.directory}; it holds steps "
                 f"{sorted(manager.all_steps())}"
             )
+    _check_readable(manager, step)
     try:
         metadata = manager.item_metadata(step)
-    except ValueError as error:  # JSONDecodeError, or tensorstore's error for a damaged file
+    except ValueError as error:  # a damaged file that is not JSON (tensorstore's error)
         raise _corrupt(manager, step, error) from error
     if metadata is None:
         raise ValueError(
@@ -293,7 +307,7 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
     )
     try:
         restored = _flat(manager.restore(step, args=ocp_.args.StandardRestore(item)))
-    except json.JSONDecodeError as error:  # the per-array metadata, read only when restoring
+    except json.JSONDecodeError as error:  # damaged after the check above
         raise _corrupt(manager, step, error) from error
     return jax.tree_util.tree_map_with_path(lambda path, _: restored[_path_key(path)], target)
 

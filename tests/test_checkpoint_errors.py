@@ -51,6 +51,22 @@ def test_truncated_metadata_names_step_path_file_and_the_way_out(damaged, tmp_pa
     np.testing.assert_array_equal(restored["params"]["w"], np.ones((3, 2)))
 
 
+@pytest.mark.parametrize("damaged", METADATA_FILES)
+def test_a_damaged_step_is_refused_before_orbax_reads_any_of_it(damaged, tmp_path, monkeypatch):
+    # Orbax reads the arrays concurrently; one failing read would leave the others unfinished.
+    save_steps(tmp_path)
+    truncate(tmp_path / "3" / damaged)
+    manager = rj.checkpoint.open_manager(tmp_path)
+
+    def must_not_read(*args, **kwargs):
+        raise AssertionError("orbax was asked to read a damaged step")
+
+    monkeypatch.setattr(manager, "item_metadata", must_not_read)
+    monkeypatch.setattr(manager, "restore", must_not_read)
+    with pytest.raises(rj.checkpoint.CorruptCheckpointError, match=f"{damaged} in it"):
+        rj.checkpoint.restore(manager, state(0.0))
+
+
 def test_a_damaged_only_checkpoint_says_to_use_another_copy(tmp_path):
     save_steps(tmp_path, steps=(5,))
     truncate(tmp_path / "5" / "default" / "_METADATA")
