@@ -183,7 +183,7 @@ def _unreadable_json(step_directory: Any) -> dict[str, Exception]:
     """The JSON metadata files of a step directory that do not parse (relative to it), each
     with the error its parse raised."""
     root = Path(str(step_directory))
-    damaged = {}
+    damaged: dict[str, Exception] = {}
     for path in sorted(root.rglob("*")):
         is_metadata = path.name.startswith("_") or path.parent.name == "array_metadatas"
         if not (path.is_file() and is_metadata):
