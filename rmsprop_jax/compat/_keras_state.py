@@ -219,7 +219,7 @@ def state_to_keras(
       >>> values = rj.compat.state_to_keras(state, jnp.asarray(v.value), keras_optimizer)
       >>> for variable in keras_optimizer.variables:
       ...     _ = variable.assign(values.get(variable.path, variable))
-      >>> int(keras_optimizer.iterations), keras_optimizer.variables[-1].numpy()
+      >>> int(keras_optimizer.iterations), np.asarray(keras_optimizer.variables[-1].value)
       (1, array([0.025, 0.025], dtype=float32))
     """
     keras_state = _optimizer_variables(keras_state)
