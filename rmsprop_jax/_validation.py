@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def _concrete_values(value: Any) -> np.ndarray | None:
@@ -86,6 +87,38 @@ def check_in_range(
         else:
             expected = f"lie in [{low}, {high}{']' if high_inclusive else ')'}"
         raise ValueError(f"`{name}` must {expected}, got {value!r}.")
+
+
+def scalar_hyperparameters(
+    inner: optax.GradientTransformation, **hyperparameters: Any
+) -> optax.GradientTransformationExtraArgs:
+    """`inner`, or, where a hyperparameter is an array with axes, a transformation whose
+    `init` and `update` raise `ValueError` naming it.
+
+    Such an array is accepted when the optimizer is built, so that a whole sweep grid can be
+    range-checked at once (see :mod:`rmsprop_jax.sweep`); used, it would be broadcast against
+    every parameter leaf: a silent wrong answer for a leaf of the same shape, a shape error
+    for the others. Schedules and None pass; a traced value is checked by its shape.
+    """
+    shaped = [
+        (name, value)
+        for name, value in hyperparameters.items()
+        if not (value is None or callable(value) or np.ndim(value) == 0)
+    ]
+    if not shaped:
+        return optax.with_extra_args_support(inner)
+    name, value = shaped[0]
+    message = (
+        f"`{name}` has shape {np.shape(value)}, but a hyperparameter must be a scalar when the "
+        f"optimizer runs (got {value!r}): an array would be broadcast against every "
+        "parameter. To train with several values at once, build the optimizer inside a "
+        "function mapped by jax.vmap (see rmsprop_jax.sweep)."
+    )
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError(message)
+
+    return optax.GradientTransformationExtraArgs(refuse, refuse)
 
 
 def _path_str(path: tuple[Any, ...]) -> str:

@@ -54,6 +54,10 @@ def rmsprop(
     the buffer) is in :func:`rmsprop_jax.compat.torch_rmsprop`. Arithmetic runs in float32 or
     wider whatever the parameter dtype, and the update has the gradient's dtype.
 
+    The numeric hyperparameters are scalars: concrete, or traced (to sweep them, build the
+    optimizer inside a function mapped by `jax.vmap`, see :mod:`rmsprop_jax.sweep`). Built with
+    an array that has axes (a sweep grid, to range-check it), the optimizer refuses to run.
+
     Args:
       learning_rate: the step size η ≥ 0, a number or an optax schedule of the step count.
       decay: β in [0, 1], the decay of the moving average of squared gradients.
@@ -135,4 +139,12 @@ def rmsprop(
         if decays_weights and decoupled_weight_decay
         else optax.identity(),
     ]
-    return _placement.placed(_precision.with_compute_dtype(optax.chain(*stages)))
+    return _validation.scalar_hyperparameters(
+        _placement.placed(_precision.with_compute_dtype(optax.chain(*stages))),
+        learning_rate=learning_rate,
+        decay=decay,
+        eps=eps,
+        initial_scale=initial_scale,
+        momentum=momentum,
+        weight_decay=weight_decay,
+    )

@@ -27,7 +27,8 @@ the optimizer is built *inside* the training function from the hyperparameters i
 Inside `train` the hyperparameters are tracers, so the range checks that :func:`rmsprop_jax.rmsprop`
 makes on concrete values cannot run there. Check a grid once, before the sweep, by building the
 optimizer with the whole arrays: ``rj.rmsprop(**hyperparameters)`` raises a `ValueError` naming
-any out-of-range value.
+any out-of-range value. An optimizer built with arrays refuses to run (its `init` and `update`
+raise a `ValueError` naming the array): run, an array would be broadcast against every parameter.
 
 Hyperparameters stay float32 whatever the parameter dtype: :func:`grid` returns float32 arrays
 and the optimizer computes in float32 for bfloat16 parameters. One exception comes from optax:

@@ -285,6 +285,11 @@ def scale_by_rms(
             return updates, ScaleByCenteredVarianceState(count=count, mu=mu, variance=nu)
         return updates, ScaleByCenteredRmsState(count=count, mu=mu, nu=nu)
 
-    return _placement.placed(
-        _precision.with_compute_dtype(optax.GradientTransformation(init_fn, update_fn))
+    return _validation.scalar_hyperparameters(
+        _placement.placed(
+            _precision.with_compute_dtype(optax.GradientTransformation(init_fn, update_fn))
+        ),
+        decay=decay,
+        eps=eps,
+        initial_scale=initial_scale,
     )

@@ -75,6 +75,10 @@ def add_decoupled_weight_decay(
         )
         return updates, DecoupledWeightDecayState(count=optax.safe_increment(state.count))
 
-    return _placement.placed(
-        _precision.with_compute_dtype(optax.GradientTransformation(init_fn, update_fn))
+    return _validation.scalar_hyperparameters(
+        _placement.placed(
+            _precision.with_compute_dtype(optax.GradientTransformation(init_fn, update_fn))
+        ),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
     )

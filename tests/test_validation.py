@@ -92,6 +92,59 @@ def test_traced_hyperparameters_are_not_checked_and_work_under_jit():
     np.testing.assert_allclose(updates["w"], -0.1 / np.sqrt(0.1), rtol=1e-5)
 
 
+SCALAR_HYPERPARAMETERS = (
+    [
+        (rj.rmsprop, {"learning_rate": 0.1, "momentum": 0.9}, name)
+        for name in ("learning_rate", "decay", "eps", "initial_scale", "momentum", "weight_decay")
+    ]
+    + [(rj.scale_by_rms, {}, name) for name in ("decay", "eps", "initial_scale")]
+    + [
+        (rj.add_decoupled_weight_decay, {"learning_rate": 0.1, "weight_decay": 0.1}, name)
+        for name in ("learning_rate", "weight_decay")
+    ]
+    + [
+        (rj.compat.torch_rmsprop, {}, name)
+        for name in ("lr", "alpha", "eps", "weight_decay", "momentum")
+    ]
+    + [
+        (rj.compat.keras_rmsprop, {}, name)
+        for name in ("learning_rate", "rho", "momentum", "epsilon", "weight_decay")
+    ]
+    + [
+        (rj.compat.tf1_rmsprop, {"learning_rate": 0.1}, name)
+        for name in ("learning_rate", "decay", "momentum", "epsilon")
+    ]
+)
+
+
+@pytest.mark.parametrize(("build", "kwargs", "name"), SCALAR_HYPERPARAMETERS)
+def test_an_array_hyperparameter_is_refused_when_the_optimizer_runs(build, kwargs, name):
+    # Built with a sweep's whole array (to range-check the grid), the optimizer refuses to run:
+    # a (2,) rate would be broadcast against a (2,) parameter, silently one rate per element.
+    tx = build(**{**kwargs, name: np.array([0.5, 0.25], np.float32)})
+    params = {"b": jnp.ones(2), "w": jnp.ones((3, 2))}
+    for run in (tx.init, jax.jit(tx.init)):
+        with pytest.raises(ValueError, match=rf"`{name}` has shape \(2,\).*scalar.*jax.vmap"):
+            run(params)
+    state = build(**{**kwargs, name: 0.5}).init(params)
+    with pytest.raises(ValueError, match=rf"`{name}` has shape \(2,\)"):
+        tx.update(params, state, params)
+
+
+def test_a_traced_array_hyperparameter_is_refused_by_its_shape():
+    params = {"b": jnp.ones(2)}
+
+    @jax.jit
+    def one_step(learning_rate):
+        tx = rj.rmsprop(learning_rate)
+        return tx.update(params, tx.init(params), params)[0]
+
+    with pytest.raises(ValueError, match=r"`learning_rate` has shape \(2,\)"):
+        one_step(jnp.array([0.1, 0.2]))
+    # Mapped by jax.vmap, each configuration sees a scalar.
+    assert jax.vmap(one_step)(jnp.array([0.1, 0.2]))["b"].shape == (2, 2)
+
+
 def test_gradient_with_a_missing_leaf_names_the_first_differing_path():
     params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
     tx = rj.rmsprop(0.01)

@@ -202,8 +202,16 @@ def keras_rmsprop(
     if loss_scale_factor is not None:
         step = optax.chain(optax.stateless_with_tree_map(lambda g, _: g / loss_scale_factor), step)
     tx = _common.reject_complex(_placement.placed(_precision.with_compute_dtype(step)), "Keras")
-    if not use_ema:
-        return tx
-    return _keras_ema.with_keras_ema(
-        tx, ema_momentum, ema_overwrite_frequency, gradient_accumulation_steps
+    if use_ema:
+        tx = _keras_ema.with_keras_ema(
+            tx, ema_momentum, ema_overwrite_frequency, gradient_accumulation_steps
+        )
+    return _validation.scalar_hyperparameters(
+        tx,
+        learning_rate=learning_rate,
+        rho=rho,
+        momentum=momentum,
+        epsilon=epsilon,
+        weight_decay=weight_decay,
+        loss_scale_factor=loss_scale_factor,
     )

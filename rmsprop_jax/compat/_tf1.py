@@ -87,4 +87,10 @@ def tf1_rmsprop(
         # TF1 always keeps a buffer; with momentum 0 it holds the last increment, a no-op.
         momentum=None if _validation.is_literal_zero(momentum) else momentum,
     )
-    return _common.reject_complex(step, "TF1")
+    return _validation.scalar_hyperparameters(
+        _common.reject_complex(step, "TF1"),
+        learning_rate=learning_rate,
+        decay=decay,
+        momentum=momentum,
+        epsilon=epsilon,
+    )

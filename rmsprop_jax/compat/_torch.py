@@ -144,6 +144,13 @@ def torch_rmsprop(
         # Last, so the tuple positions of the stages above are those of earlier releases.
         torch_layout(),
     ]
-    return _common.as_real_pairs(
-        _placement.placed(_precision.with_compute_dtype(optax.chain(*stages)))
+    return _validation.scalar_hyperparameters(
+        _common.as_real_pairs(
+            _placement.placed(_precision.with_compute_dtype(optax.chain(*stages)))
+        ),
+        lr=lr,
+        alpha=alpha,
+        eps=eps,
+        weight_decay=weight_decay,
+        momentum=momentum,
     )
