@@ -204,9 +204,27 @@ def scale_by_rms(
             return ScaleByCenteredVarianceState(count=count, mu=mu, variance=nu)
         return ScaleByCenteredRmsState(count=count, mu=mu, nu=nu)
 
+    state_type = (
+        ScaleByCenteredVarianceState
+        if keeps_variance
+        else ScaleByCenteredRmsState
+        if centered
+        else ScaleByRmsState
+    )
+
     def update_fn(updates, state, params=None):
         del params
+        if not isinstance(state, state_type):
+            raise ValueError(
+                f"scale_by_rms(centered={centered}, moment_storage={fmt.name!r}) keeps a "
+                f"{state_type.__name__}, but was given a {type(state).__name__}: the state was "
+                "made by another optimizer's init. Start from this optimizer's init(params), or "
+                "restore a checkpoint into a target built by it."
+            )
         stored_nu = state.variance if keeps_variance else state.nu
+        storage.check_stored(fmt, stored_nu, name="variance" if keeps_variance else "nu")
+        if centered:
+            storage.check_stored(mu_fmt, state.mu, name="mu")
         _validation.check_same_tree(updates, storage.logical_shapes(fmt, stored_nu))
         count = optax.safe_increment(state.count)
         grads, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)

@@ -54,6 +54,57 @@ def test_init_accepts_abstract_leaves_for_presets_and_transforms(preset):
     assert _shapes(tx.init(ABSTRACT)) == _shapes(tx.init(concrete))
 
 
+@pytest.mark.parametrize("moment_storage", FORMATS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_an_empty_parameter_tree_gives_empty_updates_as_optax_does(
+    variant, moment_storage, maybe_jit
+):
+    # A model with nothing to train (everything frozen, say): optax.rmsprop returns {}.
+    tx = rj.rmsprop(1e-3, moment_storage=moment_storage, **VARIANTS[variant])
+    state = maybe_jit(tx.init)({})
+    updates, state = maybe_jit(tx.update)({}, state, {})
+    assert updates == optax.rmsprop(1e-3).update({}, optax.rmsprop(1e-3).init({}), {})[0]
+    assert maybe_jit(tx.update)({}, state, {})[0] == {}
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_an_empty_parameter_tree_gives_empty_updates_for_presets_and_packing(preset):
+    for tx in (PRESETS[preset](), rj.pack_small_leaves(PRESETS[preset]())):
+        assert tx.update({}, tx.init({}), {})[0] == {}
+
+
+STATE_MISMATCHES = [
+    ({}, {"moment_storage": "int8"}, r"`nu` is stored as a plain tree.*moment_storage='int8'"),
+    ({"moment_storage": "int8"}, {}, r"`nu` is stored as 'int8'.*moment_storage='float32'"),
+    (
+        {"moment_storage": "factored"},
+        {"moment_storage": "int8"},
+        r"`nu` is stored as 'factored'.*moment_storage='int8'",
+    ),
+    (
+        {"moment_storage": "int8", "centered": True},
+        {"moment_storage": "factored", "centered": True},
+        r"`variance` is stored as 'int8'.*moment_storage='factored'",
+    ),
+    ({"centered": True}, {}, r"keeps a ScaleByRmsState, but was given a ScaleByCenteredRmsState"),
+    (
+        {},
+        {"centered": True, "moment_storage": "int8"},
+        r"keeps a ScaleByCenteredVarianceState, but was given a ScaleByRmsState",
+    ),
+]
+
+
+@pytest.mark.parametrize(("made_by", "used_by", "message"), STATE_MISMATCHES)
+def test_a_state_made_by_another_optimizer_is_refused_naming_what_differs(
+    made_by, used_by, message, maybe_jit
+):
+    params = {"w": jnp.ones((256, 256)), "b": jnp.ones(4)}
+    state = rj.rmsprop(1e-3, **made_by).init(params)
+    with pytest.raises(ValueError, match=message):
+        maybe_jit(rj.rmsprop(1e-3, **used_by).update)(params, state, params)
+
+
 def test_init_of_a_single_abstract_leaf_matches_optax():
     leaf = jax.ShapeDtypeStruct((2, 4, 8), jnp.float32)
     ours = rj.rmsprop(1.0).init(leaf)

@@ -94,6 +94,21 @@ def is_container(node: Any) -> bool:
     return format_of(node) is not None
 
 
+def check_stored(fmt: StorageFormat, stored: Any, *, name: str) -> None:
+    """Raises `ValueError` where `stored` (the state's `name`) is not stored as `fmt` keeps
+    averages: a state made by an optimizer of another `moment_storage`."""
+    found = format_of(stored)
+    if found is (fmt if fmt.container is not None else None):
+        return
+    found_as = f"as {found.name!r}" if found is not None else "as a plain tree of arrays"
+    raise ValueError(
+        f"The optimizer state's `{name}` is stored {found_as}, but this optimizer keeps it with "
+        f"moment_storage={fmt.name!r}: the state was made by another optimizer's init. Start "
+        "from this optimizer's init(params), or restore a checkpoint into a target built by it "
+        "(rmsprop_jax.checkpoint.restore names what differs)."
+    )
+
+
 def logical_shapes(fmt: StorageFormat, stored: Any) -> Any:
     """`stored` as a tree of the parameter shapes it stands for (to check gradients against)."""
     if fmt.container is None:
@@ -113,6 +128,7 @@ __all__ = [
     "QuantizedMoment",
     "StorageFormat",
     "after",
+    "check_stored",
     "counted_means",
     "flags_like",
     "fused_sums",

@@ -257,8 +257,7 @@ class StorageFormat:
     def _gather(self, per_leaf: Any, like: Any) -> Any:
         """A tree of per-leaf tuples -> the stored form (one tree, or a container of trees)."""
         treedef = jax.tree.structure(like)
-        trees = jax.tree.transpose(treedef, jax.tree.structure((0,) * self.width), per_leaf)
-        return trees[0] if self.container is None else self.container(*trees)
+        return self.join(treedef.flatten_up_to(per_leaf), treedef)
 
     def leaf_paths(self, stored: Any) -> tuple[Any, list[Any]]:
         """The tree structure shared by a stored average's trees, and each leaf's key path."""
