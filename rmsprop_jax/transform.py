@@ -91,6 +91,17 @@ def _centered_variance(nu: chex.Array, mu: chex.Array) -> chex.Array:
     return jnp.maximum(nu - jnp.minimum(abs_sq(mu), jnp.finfo(nu.dtype).max), 0)
 
 
+def _check_state_type(state: Any, expected: type, *, centered: bool, moment_storage: str) -> None:
+    """Raises `ValueError` unless `state` is an `expected` (a state of this kind of optimizer)."""
+    if not isinstance(state, expected):
+        raise ValueError(
+            f"scale_by_rms(centered={centered}, moment_storage={moment_storage!r}) keeps a "
+            f"{expected.__name__}, but was given a {type(state).__name__}: the state was made "
+            "by another optimizer's init. Start from this optimizer's init(params), or restore "
+            "a checkpoint into a target built by it."
+        )
+
+
 def scale_by_rms(
     decay: chex.Numeric = 0.9,
     eps: chex.Numeric = 1e-8,
@@ -214,13 +225,7 @@ def scale_by_rms(
 
     def update_fn(updates, state, params=None):
         del params
-        if not isinstance(state, state_type):
-            raise ValueError(
-                f"scale_by_rms(centered={centered}, moment_storage={fmt.name!r}) keeps a "
-                f"{state_type.__name__}, but was given a {type(state).__name__}: the state was "
-                "made by another optimizer's init. Start from this optimizer's init(params), or "
-                "restore a checkpoint into a target built by it."
-            )
+        _check_state_type(state, state_type, centered=centered, moment_storage=fmt.name)
         stored_nu = state.variance if keeps_variance else state.nu
         storage.check_stored(fmt, stored_nu, name="variance" if keeps_variance else "nu")
         if centered:
