@@ -175,6 +175,11 @@ def run(
       Array([[1., 1., 1.],
              [2., 2., 2.]], dtype=float32)
     """
+    if not isinstance(hyperparameters, Mapping):
+        raise TypeError(
+            "`hyperparameters` must be a mapping of name -> 1-D values, as "
+            f"rj.sweep.grid(learning_rate=[...]) returns; got {hyperparameters!r}."
+        )
     # Lists and NumPy arrays get the checks of `grid`: jnp.asarray would wrap int64 values
     # into int32 and turn reals beyond float32 into inf without a word.
     hyperparameters = {

@@ -528,6 +528,12 @@ def test_run_checks_hyperparameters_given_as_lists_or_numpy_arrays_like_grid():
     assert result.results["y"].tolist() == [0.5, 1.0]
 
 
+@pytest.mark.parametrize("hyperparameters", [[0.1, 0.2], (0.1,), None, np.array([0.1, 0.2])])
+def test_run_refuses_hyperparameters_that_are_not_a_mapping_of_names(hyperparameters):
+    with pytest.raises(TypeError, match=r"`hyperparameters` must be a mapping.*rj.sweep.grid"):
+        rj.sweep.run(lambda lr: {"y": lr}, hyperparameters)
+
+
 def test_flags_of_grid_and_run_must_be_bools_and_devices_not_empty():
     with pytest.raises(TypeError, match="`product` must be True or False, got 'no'"):
         rj.sweep.grid(product="no", a=[1.0, 2.0], b=[3.0, 4.0])
