@@ -239,18 +239,11 @@ def scale_by_rms(
         seeds = [(None, None)] * len(grads)
         if fmt.rounds or (centered and mu_fmt.rounds):
             seeds = _rounding.step_seeds(count, len(grads))
-        steps: list[Any] = []
-        new_nus: list[Any] = []
-        new_mus: list[Any] = []
-        for index, (g, nu, mu) in enumerate(zip(grads, nus, mus, strict=True)):
-            if g is None:
-                steps.append(None)
-                new_nus.append(None)
-                new_mus.append(None)
-                continue
-            nu_seed, mu_seed = seeds[index]
 
-            def first_moment(g, mu, *earlier, mu_seed=mu_seed, block_maxima=None):
+        def leaf_update(g, nu, mu, nu_seed, mu_seed):
+            """A leaf's step, new nu and new mu."""
+
+            def first_moment(g, mu, *earlier, block_maxima=None):
                 """The new mu and its value, written once the arrays `earlier` are."""
                 # mu_t = decay * mu_{t-1} + (1 - decay) * g_t
                 return mu_fmt.leaf_update(
@@ -262,7 +255,7 @@ def scale_by_rms(
                     block_maxima=block_maxima,
                 )
 
-            def moments(g, nu, mu, nu_seed=nu_seed, first_moment=first_moment):
+            def moments(g, nu, mu):
                 """The new nu and mu, the variance estimate and what was averaged into nu."""
                 if not centered:
                     # nu_t = decay * nu_{t-1} + (1 - decay) * |g_t|**2
@@ -296,7 +289,26 @@ def scale_by_rms(
             if bias_correction:
                 variance = variance / correction.astype(variance.dtype)
             # u_t = g_t / (sqrt(nu_t) + eps)
-            steps.append(_divide_by_rms(g, variance, eps, eps_in_sqrt, eps_is_positive))
+            return _divide_by_rms(g, variance, eps, eps_in_sqrt, eps_is_positive), nu, mu
+
+        if any(isinstance(g, jax.core.Tracer) for g in grads):
+            # Traced once per kind of leaf (shape, dtype, stored layout) rather than once per
+            # leaf: jit caches the trace, and a model repeats a few shapes many times. XLA
+            # inlines the calls again, so the compiled step is the one the leaves traced one by
+            # one would give; the hyperparameters stay closed over, as constants where they are
+            # constants. Run eagerly, each update would compile its own program instead.
+            leaf_update = jax.jit(leaf_update)
+        steps: list[Any] = []
+        new_nus: list[Any] = []
+        new_mus: list[Any] = []
+        for index, (g, nu, mu) in enumerate(zip(grads, nus, mus, strict=True)):
+            if g is None:
+                steps.append(None)
+                new_nus.append(None)
+                new_mus.append(None)
+                continue
+            step, nu, mu = leaf_update(g, nu, mu, *seeds[index])
+            steps.append(step)
             new_nus.append(nu)
             new_mus.append(mu)
         updates = treedef.unflatten(steps)

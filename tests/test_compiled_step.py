@@ -92,3 +92,29 @@ def test_plain_step_moves_the_minimum_bytes():
     pointers = POINTER_BYTES * 2 * len(leaves)  # the parameters and nu
     measured = costs(compile_step(rj.rmsprop(1e-3), PARAMS))["bytes"] - COUNT_BYTES - pointers
     assert 20 * parameters <= measured <= 28 * parameters, measured / parameters
+
+
+def _leaf_update_jaxprs(jaxpr) -> list:
+    """The jaxprs of the per-leaf updates called by `jaxpr` (its `jit` equations)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.params.get("name") == "leaf_update":
+            found.append(eqn.params["jaxpr"])
+        for value in eqn.params.values():
+            if hasattr(value, "eqns"):
+                found += _leaf_update_jaxprs(value)
+            elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
+                found += _leaf_update_jaxprs(value.jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("moment_storage", ["float32", "bfloat16", "int8", "factored"])
+def test_each_kind_of_leaf_is_traced_once_however_many_leaves_share_it(moment_storage):
+    # Tracing every leaf anew made the trace and lowering of a 256-leaf int8 step take seconds.
+    params = {f"layer{i}": {"w": jnp.ones((128, 256)), "b": jnp.ones(256)} for i in range(6)}
+    tx = rj.rmsprop(1e-3, moment_storage=moment_storage, centered=True, momentum=0.9)
+    state = tx.init(params)
+    jaxpr = jax.make_jaxpr(lambda g, s: tx.update(g, s, params))(params, state).jaxpr
+    calls = _leaf_update_jaxprs(jaxpr)
+    assert len(calls) == 12  # one call per leaf ...
+    assert len({id(called) for called in calls}) == 2  # ... of one trace per kind of leaf
