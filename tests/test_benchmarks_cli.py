@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ("update_step", "memory", "sweep")
+SCRIPTS = ("update_step", "memory", "sweep", "compile_time")
 
 
 def benchmark(name):
@@ -93,6 +93,45 @@ def test_sweep_writes_a_new_file(tmp_path):
     [written] = tmp_path.glob("sweep_*.json")
     assert json.loads(written.read_text())["rows"][0]["hidden"] == 4
     assert committed_results() == before
+
+
+def test_compile_time_writes_a_new_file_with_every_contender_against_float32(tmp_path, capsys):
+    before = committed_results()
+    benchmark("compile_time").main(["--leaves", "2", "--out", str(tmp_path)])
+    [written] = tmp_path.glob("compile_time_*.json")
+    rows = json.loads(written.read_text())["leaves"]["2"]
+    assert set(rows["plain"]) == {
+        "float32",
+        "bfloat16",
+        "int8",
+        "factored",
+        "optax.rmsprop",
+        "optax.adam",
+        "optax.adafactor",
+    }
+    assert set(rows["centered + momentum"]) == {"float32", "bfloat16", "int8", "factored"}
+    for variant in rows.values():
+        assert variant["float32"]["relative_to_float32"] == 1.0
+        for row in variant.values():
+            assert len(row["attempts"]) == 2 and row["total_seconds"] > 0
+    assert "Update step compile time" in capsys.readouterr().out
+    assert committed_results() == before
+    with pytest.raises(SystemExit):
+        benchmark("compile_time").main(["--leaves", "0", "--out", str(tmp_path)])
+
+
+def test_the_compile_time_table_quotes_the_committed_record():
+    record = json.loads((BENCHMARKS / "results" / "compile_time_cpu.json").read_text())
+    text = (BENCHMARKS / "README.md").read_text()
+    for variant, suffix in (("plain", ""), ("centered + momentum", " c+m")):
+        for name in record["leaves"]["16"][variant]:
+            label = (name if name.startswith("optax") else f"rj {name}") + suffix
+            cells = [
+                f"{row[variant][name]['total_seconds']:.2f} s "
+                f"({row[variant][name]['relative_to_float32']:.1f}x)"
+                for row in record["leaves"].values()
+            ]
+            assert f"| {label} | {' | '.join(cells)} |" in text, label
 
 
 def _table_rows(document: Path) -> dict[str, list[str]]:
