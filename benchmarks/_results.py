@@ -18,6 +18,17 @@ NEW_RESULTS = Path("outputs") / "benchmarks"
 OPTIONAL_CONTENDERS = {"torch": ("PyTorch", "conformance")}
 
 
+def new_parser(
+    doc: str, full_duration: str, quick_duration: str, *, whole: str = "full run"
+) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring's first line and what its runs take, for `--help`."""
+    return argparse.ArgumentParser(
+        description=f"{doc.splitlines()[0]} The {whole} takes {full_duration}; "
+        f"--quick takes {quick_duration}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+
 def add_output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",

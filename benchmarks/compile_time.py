@@ -18,7 +18,6 @@ replaces benchmarks/results/compile_time_<platform>.json instead.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from typing import Any
@@ -27,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from _machine import describe_machine
-from _results import add_output_flags, announce, check_output_flags, output_path
+from _results import add_output_flags, announce, check_output_flags, new_parser, output_path
 
 import rmsprop_jax as rj
 
@@ -117,11 +116,7 @@ def print_table(rows: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=f"{__doc__.splitlines()[0]} The full run takes {FULL_DURATION}; "
-        f"--quick takes {QUICK_DURATION}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = new_parser(__doc__, FULL_DURATION, QUICK_DURATION)
     parser.add_argument("--quick", action="store_true", help="16 and 64 leaves, one attempt")
     parser.add_argument(
         "--leaves", type=int, nargs="+", default=list(LEAF_COUNTS), help="leaf counts to compile"

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _machine import describe_machine
-from _results import add_output_flags, announce, check_output_flags, output_path
+from _results import add_output_flags, announce, check_output_flags, new_parser, output_path
 
 import rmsprop_jax as rj
 
@@ -404,11 +404,7 @@ QUICK_DURATION = "about 2 minutes"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=f"{__doc__.splitlines()[0]} The full run takes {FULL_DURATION}; "
-        f"--quick takes {QUICK_DURATION}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = new_parser(__doc__, FULL_DURATION, QUICK_DURATION)
     parser.add_argument("--quick", action="store_true", help="2 repeats, 1 seed")
     parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds of timing")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat")

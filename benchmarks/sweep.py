@@ -16,7 +16,6 @@ Prints a table and writes a new outputs/benchmarks/sweep_<platform>_<time>.json;
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _machine import describe_machine
-from _results import add_output_flags, announce, check_output_flags, output_path
+from _results import add_output_flags, announce, check_output_flags, new_parser, output_path
 from sklearn.datasets import load_digits
 
 import rmsprop_jax as rj
@@ -119,11 +118,7 @@ QUICK_DURATION = "under a minute"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description=f"{__doc__.splitlines()[0]} The full run takes {FULL_DURATION}; "
-        f"--quick takes {QUICK_DURATION}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = new_parser(__doc__, FULL_DURATION, QUICK_DURATION)
     parser.add_argument(
         "--hidden", type=int, nargs="+", default=[4, 32, 256], help="hidden sizes of the MLP"
     )

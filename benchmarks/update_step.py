@@ -24,7 +24,6 @@ are left out, with a note naming the extra that installs it.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import math
@@ -42,6 +41,7 @@ from _results import (
     announce,
     check_output_flags,
     missing_contenders,
+    new_parser,
     output_path,
 )
 
@@ -438,11 +438,7 @@ QUICK_DURATION = "about 3 minutes"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        description=f"{__doc__.splitlines()[0]} The full grid takes {FULL_DURATION}; "
-        f"--quick takes {QUICK_DURATION}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = new_parser(__doc__, FULL_DURATION, QUICK_DURATION, whole="full grid")
     parser.add_argument(
         "--sizes",
         type=int,
