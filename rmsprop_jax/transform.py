@@ -223,6 +223,65 @@ def scale_by_rms(
         else ScaleByRmsState
     )
 
+    def leaf_update(g, nu, mu, nu_seed, mu_seed, correction):
+        """A leaf's step, new nu and new mu; `correction` = 1 - decay**t (bias correction)."""
+
+        def first_moment(g, mu, *earlier, block_maxima=None):
+            """The new mu and its value, written once the arrays `earlier` are."""
+            # mu_t = decay * mu_{t-1} + (1 - decay) * g_t
+            return mu_fmt.leaf_update(
+                storage.after(mu, *earlier),
+                g,
+                decay,
+                mu_seed,
+                signed=True,
+                block_maxima=block_maxima,
+            )
+
+        def moments(g, nu, mu):
+            """The new nu and mu, the variance estimate and what was averaged into nu."""
+            if not centered:
+                # nu_t = decay * nu_{t-1} + (1 - decay) * |g_t|**2
+                folded = abs_sq(g)
+                nu, variance = fmt.leaf_update(nu, folded, decay, nu_seed, signed=False)
+            elif keeps_variance:
+                # nu_t - |mu_t|**2 = decay * (nu_{t-1} - |mu_{t-1}|**2)
+                #                    + (1 - decay) * decay * |g_t - mu_{t-1}|**2
+                # (no cancellation). mu_{t-1} is read before mu is overwritten in place.
+                folded = decay * _large_leaves.squared_distance(g, mu, mu_fmt)
+                nu_maxima, mu_maxima = storage.shared_block_maxima(
+                    (fmt, nu, folded, False), (mu_fmt, mu, g, True)
+                )
+                nu, variance = fmt.leaf_update(
+                    nu, folded, decay, nu_seed, signed=False, block_maxima=nu_maxima
+                )
+                mu, _ = first_moment(g, mu, nu, block_maxima=mu_maxima)
+            else:
+                folded = abs_sq(g)
+                nu, second_moment = fmt.leaf_update(nu, folded, decay, nu_seed, signed=False)
+                mu, mean = first_moment(g, mu)
+                variance = _centered_variance(second_moment, mean)
+            return nu, mu, variance, folded
+
+        if storage.updates_by_rows(fmt, g):
+            nu, mu, variance = _large_leaves.moments_by_rows(
+                moments, first_moment, fmt, mu_fmt, g, nu, mu, decay=decay, centered=centered
+            )
+        else:
+            nu, mu, variance, _ = moments(g, nu, mu)
+        if bias_correction:
+            variance = variance / correction.astype(variance.dtype)
+        # u_t = g_t / (sqrt(nu_t) + eps)
+        return _divide_by_rms(g, variance, eps, eps_in_sqrt, eps_is_positive), nu, mu
+
+    # Under a trace, each kind of leaf (shape, dtype, stored layout) is traced once rather than
+    # once per leaf: jit caches the trace (for the life of this transformation), and a model
+    # repeats a few shapes many times. XLA inlines the calls again, so the compiled step is the
+    # one the leaves traced one by one would give; the hyperparameters stay closed over, as
+    # constants where they are constants. Eager updates run op by op: through jit, each kind
+    # of leaf would first be compiled.
+    traced_leaf_update = jax.jit(leaf_update)
+
     def update_fn(updates, state, params=None):
         del params
         _check_state_type(state, state_type, centered=centered, moment_storage=fmt.name)
@@ -240,64 +299,8 @@ def scale_by_rms(
         if fmt.rounds or (centered and mu_fmt.rounds):
             seeds = _rounding.step_seeds(count, len(grads))
 
-        def leaf_update(g, nu, mu, nu_seed, mu_seed):
-            """A leaf's step, new nu and new mu."""
-
-            def first_moment(g, mu, *earlier, block_maxima=None):
-                """The new mu and its value, written once the arrays `earlier` are."""
-                # mu_t = decay * mu_{t-1} + (1 - decay) * g_t
-                return mu_fmt.leaf_update(
-                    storage.after(mu, *earlier),
-                    g,
-                    decay,
-                    mu_seed,
-                    signed=True,
-                    block_maxima=block_maxima,
-                )
-
-            def moments(g, nu, mu):
-                """The new nu and mu, the variance estimate and what was averaged into nu."""
-                if not centered:
-                    # nu_t = decay * nu_{t-1} + (1 - decay) * |g_t|**2
-                    folded = abs_sq(g)
-                    nu, variance = fmt.leaf_update(nu, folded, decay, nu_seed, signed=False)
-                elif keeps_variance:
-                    # nu_t - |mu_t|**2 = decay * (nu_{t-1} - |mu_{t-1}|**2)
-                    #                    + (1 - decay) * decay * |g_t - mu_{t-1}|**2
-                    # (no cancellation). mu_{t-1} is read before mu is overwritten in place.
-                    folded = decay * _large_leaves.squared_distance(g, mu, mu_fmt)
-                    nu_maxima, mu_maxima = storage.shared_block_maxima(
-                        (fmt, nu, folded, False), (mu_fmt, mu, g, True)
-                    )
-                    nu, variance = fmt.leaf_update(
-                        nu, folded, decay, nu_seed, signed=False, block_maxima=nu_maxima
-                    )
-                    mu, _ = first_moment(g, mu, nu, block_maxima=mu_maxima)
-                else:
-                    folded = abs_sq(g)
-                    nu, second_moment = fmt.leaf_update(nu, folded, decay, nu_seed, signed=False)
-                    mu, mean = first_moment(g, mu)
-                    variance = _centered_variance(second_moment, mean)
-                return nu, mu, variance, folded
-
-            if storage.updates_by_rows(fmt, g):
-                nu, mu, variance = _large_leaves.moments_by_rows(
-                    moments, first_moment, fmt, mu_fmt, g, nu, mu, decay=decay, centered=centered
-                )
-            else:
-                nu, mu, variance, _ = moments(g, nu, mu)
-            if bias_correction:
-                variance = variance / correction.astype(variance.dtype)
-            # u_t = g_t / (sqrt(nu_t) + eps)
-            return _divide_by_rms(g, variance, eps, eps_in_sqrt, eps_is_positive), nu, mu
-
-        if any(isinstance(g, jax.core.Tracer) for g in grads):
-            # Traced once per kind of leaf (shape, dtype, stored layout) rather than once per
-            # leaf: jit caches the trace, and a model repeats a few shapes many times. XLA
-            # inlines the calls again, so the compiled step is the one the leaves traced one by
-            # one would give; the hyperparameters stay closed over, as constants where they are
-            # constants. Run eagerly, each update would compile its own program instead.
-            leaf_update = jax.jit(leaf_update)
+        traced = any(isinstance(g, jax.core.Tracer) for g in grads)
+        run = traced_leaf_update if traced else leaf_update
         steps: list[Any] = []
         new_nus: list[Any] = []
         new_mus: list[Any] = []
@@ -307,7 +310,7 @@ def scale_by_rms(
                 new_nus.append(None)
                 new_mus.append(None)
                 continue
-            step, nu, mu = leaf_update(g, nu, mu, *seeds[index])
+            step, nu, mu = run(g, nu, mu, *seeds[index], correction)
             steps.append(step)
             new_nus.append(nu)
             new_mus.append(mu)

@@ -118,3 +118,6 @@ def test_each_kind_of_leaf_is_traced_once_however_many_leaves_share_it(moment_st
     calls = _leaf_update_jaxprs(jaxpr)
     assert len(calls) == 12  # one call per leaf ...
     assert len({id(called) for called in calls}) == 2  # ... of one trace per kind of leaf
+    # The traces last as long as the transformation: tracing its update again reuses them.
+    again = jax.make_jaxpr(lambda g, s: tx.update(g, s, params))(params, state).jaxpr
+    assert {id(called) for called in _leaf_update_jaxprs(again)} == {id(c) for c in calls}
