@@ -3,11 +3,11 @@
 Every contender's jitted "update + apply" step (parameters and state donated, as in
 `memory.py`) is built for trees of `--leaves` float32 leaves of 128 x 256 (32,768 elements,
 a shape every low-memory format compresses) and timed twice from a fresh `jax.jit`: tracing
-and lowering to StableHLO (Python, JAX), then XLA's compilation (`.compile()`); the faster
-of the two attempts is reported, and the ratio to the float32 step of the same variant and
+and lowering to StableHLO (Python, JAX), then XLA's compilation (`.compile()`), each the
+faster of its two attempts, and their sum's ratio to the float32 step of the same variant and
 tree. The references (optax.rmsprop, optax.adam, optax.adafactor) are in the plain rows.
 Compile time grows with the number of leaves, since every leaf's update is its own piece of
-the program; the step time (`memory.py`) does not depend on it.
+the program (traced once per kind of leaf, but compiled by XLA per leaf).
 
     python benchmarks/compile_time.py            # 16, 64 and 256 leaves: about 2 minutes
     python benchmarks/compile_time.py --quick    # 16 and 64 leaves, one attempt: under a minute
