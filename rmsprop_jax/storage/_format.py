@@ -303,10 +303,11 @@ class StorageFormat:
         leaf's parts for a container: `x` may be a chunk of the leaf's rows). `block_maxima`,
         where not None, are passed on to the format's `update` (see
         :func:`rmsprop_jax.storage.shared_block_maxima`)."""
-        if self.container is not None:
-            compressed = self._dense_is_placeholder(stored_leaf)
-        else:
-            compressed = self.compresses(x.shape, x.dtype, signed=signed)
+        compressed = (
+            self.is_compressed(stored_leaf)
+            if self.container is not None
+            else self.compresses(x.shape, x.dtype, signed=signed)
+        )
         if not compressed:
             average = moving_average(stored_leaf[-1], x, decay)
             return (*stored_leaf[:-1], average), average
@@ -324,7 +325,7 @@ class StorageFormat:
 
     def leaf_summed_over_rows(self, stored_leaf: Parts, shape: tuple[int, ...]) -> list[bool]:
         """:meth:`summed_over_rows` for each array of a stored leaf (False for placeholders)."""
-        if self.container is None or not self._dense_is_placeholder(stored_leaf):
+        if not self.is_compressed(stored_leaf):
             return [False] * len(stored_leaf)
         return [*self.summed_over_rows(shape), False]
 
@@ -365,6 +366,6 @@ class StorageFormat:
 
     def leaf_logical_shape(self, stored_leaf: Parts) -> tuple[int, ...]:
         """The shape of the parameter a stored leaf belongs to."""
-        if self.container is None or not self._dense_is_placeholder(stored_leaf):
+        if not self.is_compressed(stored_leaf):
             return tuple(np.shape(stored_leaf[-1]))
         return self.logical_shape(stored_leaf[:-1])
