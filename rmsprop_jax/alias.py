@@ -141,10 +141,8 @@ def rmsprop(
     ]
     return _validation.scalar_hyperparameters(
         _placement.placed(_precision.with_compute_dtype(optax.chain(*stages))),
+        # decay, eps and initial_scale: scale_by_rms checks them, under the same names.
         learning_rate=learning_rate,
-        decay=decay,
-        eps=eps,
-        initial_scale=initial_scale,
         momentum=momentum,
         weight_decay=weight_decay,
     )
