@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 from _machine import describe_machine
 from _results import add_output_flags, announce, check_output_flags, new_parser, output_path
+from memory import update_step
 
 import rmsprop_jax as rj
 
@@ -66,13 +67,8 @@ def time_compilation(tx: optax.GradientTransformation, leaves: int) -> tuple[flo
     """Seconds to trace and lower, and to compile, a fresh jit of the donated update step."""
     params = abstract_tree(leaves)
     state = jax.eval_shape(tx.init, params)
-
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
     started = time.perf_counter()
-    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params)
+    lowered = jax.jit(update_step(tx), donate_argnums=(0, 1)).lower(params, state, params)
     lowered_at = time.perf_counter()
     lowered.compile()
     return lowered_at - started, time.perf_counter() - lowered_at

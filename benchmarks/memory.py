@@ -107,7 +107,9 @@ def measure_memory() -> dict[str, Any]:
     return results
 
 
-def _update_step(tx: optax.GradientTransformation):
+def update_step(tx: optax.GradientTransformation):
+    """`tx`'s update applied to the parameters: (params, state, grads) -> (params, state)."""
+
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
@@ -176,7 +178,7 @@ def measure_update_step(
         params = jax.jit(transformer_init)(key)
         state = tx.init(params)
         compiled = (
-            jax.jit(_update_step(tx), donate_argnums=(0, 1), compiler_options=compiler_options)
+            jax.jit(update_step(tx), donate_argnums=(0, 1), compiler_options=compiler_options)
             .lower(params, state, grads)
             .compile()
         )
