@@ -8,6 +8,15 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from rmsprop_jax import grouping, storage, transform
+
+# The states that keep a moment tree shaped like the parameters, and the field that holds it.
+_MOMENT_FIELDS = {
+    transform.ScaleByRmsState: "nu",
+    transform.ScaleByCenteredRmsState: "nu",
+    transform.ScaleByCenteredVarianceState: "variance",
+}
+
 
 class StateMemory(NamedTuple):
     """Bytes held by an optimizer state, as :func:`state_bytes` counts them.
@@ -47,7 +56,13 @@ def state_bytes(state: Any, params: Any) -> StateMemory:
 
     Args:
       state: an optimizer state, for example `rj.rmsprop(1e-3, moment_storage="int8").init(params)`.
-      params: the parameters (or their shapes) the state was built for.
+      params: the parameters (or their shapes) the state was built for. Every moment the
+        state keeps must be for a leaf of `params` of the same shape at the same path (`params`
+        may hold more leaves, those a masked or partitioned optimizer leaves without state).
+
+    Raises:
+      ValueError: where a moment in `state` has no leaf of its shape at its path in `params`
+        (the state was made for other parameters).
 
     Returns:
       A :class:`StateMemory` with the total bytes and the bytes per parameter element.
@@ -58,8 +73,60 @@ def state_bytes(state: Any, params: Any) -> StateMemory:
       >>> round(rj.state_bytes(state, params).bytes_per_parameter, 4)
       1.0156
     """
+    _check_made_for(state, params)
     total = sum(_array_bytes(leaf, what="state") for leaf in jax.tree.leaves(state))
     parameters = sum(math.prod(np.shape(leaf)) for leaf in jax.tree.leaves(params))
     if parameters == 0:
         raise ValueError("`params` has no elements, so bytes per parameter is undefined.")
     return StateMemory(total_bytes=int(total), bytes_per_parameter=total / parameters)
+
+
+def _moment_shapes(stored: Any) -> list[tuple[Any, tuple[int, ...]]]:
+    """(path, parameter shape) for each leaf that the stored moment `stored` keeps."""
+    packed = jax.tree.leaves(stored, is_leaf=lambda x: isinstance(x, grouping.PackedTree))
+    if packed and isinstance(packed[0], grouping.PackedTree) and packed[0].layout is not None:
+        slots = jax.tree_util.tree_flatten_with_path(
+            packed[0].layout, is_leaf=lambda x: isinstance(x, grouping.LeafSlot)
+        )[0]
+        return [(path, tuple(slot.shape)) for path, slot in slots]
+    fmt = storage.format_of(stored)
+    logical = stored if fmt is None else storage.logical_shapes(fmt, stored)
+    return [
+        (path, np.shape(leaf)) for path, leaf in jax.tree_util.tree_flatten_with_path(logical)[0]
+    ]
+
+
+def _moment_shapes_for(leaf: Any) -> tuple[tuple[int, ...], ...]:
+    """The shapes a moment for the parameter `leaf` may have: its own, and for a complex
+    parameter also its real view's (..., 2), which the PyTorch presets keep."""
+    shape = tuple(np.shape(leaf))
+    dtype = getattr(leaf, "dtype", None)
+    if jax.dtypes.issubdtype(np.result_type(leaf) if dtype is None else dtype, np.complexfloating):
+        return shape, (*shape, 2)
+    return (shape,)
+
+
+def _check_made_for(state: Any, params: Any) -> None:
+    """Raises `ValueError` unless the moments kept in `state` are for leaves of `params`.
+
+    Matched in order, by shape, so that wrappers that change paths but not the order of leaves
+    (Flax NNX variables against a pure state) do not matter: the moments of each moment state,
+    flattened, must be shaped as a subsequence of the leaves of `params` (a masked or
+    partitioned optimizer keeps moments for some leaves only).
+    """
+    param_leaves = jax.tree.leaves(params)
+    kinds = tuple(_MOMENT_FIELDS)
+    for node in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kinds)):
+        if not isinstance(node, kinds):
+            continue
+        remaining = iter(param_leaves)
+        for path, shape in _moment_shapes(getattr(node, _MOMENT_FIELDS[type(node)])):
+            if not any(shape in _moment_shapes_for(leaf) for leaf in remaining):
+                listed = ", ".join(str(np.shape(leaf)) for leaf in param_leaves[:8])
+                more = ", ..." if len(param_leaves) > 8 else ""
+                raise ValueError(
+                    f"The state keeps a moment of shape {shape} at "
+                    f"{jax.tree_util.keystr(path) or '<root>'} that no leaf of `params` matches "
+                    f"in order (its leaves have shapes {listed}{more}): pass the parameters the "
+                    "state was made for."
+                )

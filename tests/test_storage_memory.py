@@ -65,6 +65,60 @@ def test_rejects_parameters_without_elements_and_non_array_leaves():
         rj.state_bytes({"nu": "float32"}, {"w": jnp.zeros(3)})
 
 
+def _optimizers_and_their_parameters():
+    """(name, optimizer, the parameters it is made for) over the ways a state keeps moments."""
+    real = {"w": jnp.ones((256, 300)), "b": jnp.zeros(4)}
+    with_complex = {**real, "c": jnp.ones((3, 2), jnp.complex64)}
+    cases = []
+    for fmt in ("float32", "bfloat16", "int8", "factored"):
+        for options in ({}, {"centered": True, "momentum": 0.9}):
+            tx = rj.rmsprop(1e-3, moment_storage=fmt, **options)
+            cases += [(f"{fmt} {options}", tx, real)]
+            cases += [(f"packed {fmt} {options}", rj.pack_small_leaves(tx), real)]
+    partitioned = optax.multi_transform(
+        {"rms": rj.rmsprop(1e-3, moment_storage="int8"), "frozen": optax.set_to_zero()},
+        {"w": "rms", "b": "frozen"},
+    )
+    return [
+        *cases,
+        # The PyTorch presets keep a complex parameter's moments for its real view (..., 2).
+        ("torch complex", rj.compat.torch_rmsprop(1e-3, centered=True), with_complex),
+        ("masked", optax.masked(rj.rmsprop(1e-3), {"w": True, "b": False}), real),
+        ("multi_transform", partitioned, real),
+        ("inject_hyperparams", optax.inject_hyperparams(rj.rmsprop)(learning_rate=1e-3), real),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("tx", "params"),
+    [case[1:] for case in _optimizers_and_their_parameters()],
+    ids=[case[0] for case in _optimizers_and_their_parameters()],
+)
+def test_refuses_parameters_the_state_was_not_made_for(tx, params):
+    state = tx.init(params)
+    assert rj.state_bytes(state, params).total_bytes > 0
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    assert rj.state_bytes(jax.eval_shape(tx.init, abstract), abstract) == rj.state_bytes(
+        state, params
+    )
+    transposed = {**params, "w": jnp.ones((300, 256))}
+    with pytest.raises(ValueError, match=r"moment of shape \(256, 300\) at \['w'\]"):
+        rj.state_bytes(state, transposed)
+    with pytest.raises(ValueError, match="no leaf of `params` matches"):
+        rj.state_bytes(state, {"v": jnp.ones(3)})
+
+
+def test_matches_flax_nnx_variables_against_a_pure_state():
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(300, 256, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, rj.rmsprop(1e-3, moment_storage="int8"), wrt=nnx.Param)
+    params = nnx.state(model, nnx.Param)
+    # Paths differ (a Variable's `.value`), the order of leaves does not.
+    expected = rj.state_bytes(optimizer.opt_state, params)
+    assert rj.state_bytes(nnx.as_pure(optimizer.opt_state), params) == expected
+    assert expected.bytes_per_parameter == pytest.approx(1.026, abs=1e-3)
+
+
 @pytest.mark.parametrize(
     ("moment_storage", "low", "high"),
     [
