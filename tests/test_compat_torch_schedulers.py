@@ -267,3 +267,34 @@ def test_bad_scheduler_arguments_are_named():
         C.torch_one_cycle_lr(0.1)
     with pytest.raises(ValueError, match="`lr` must be a finite number"):
         C.torch_exponential_lr(float("inf"), 0.9)
+
+
+@pytest.mark.parametrize("anneal_strategy", ["cos", "linear"])
+@pytest.mark.parametrize("three_phase", [False, True])
+def test_one_cycle_holds_its_final_value_past_total_steps(anneal_strategy, three_phase):
+    # torch extrapolates the last phase once (a rate rising again, or below 0 when linear)
+    # and then raises; the schedule holds its final value instead.
+    options = dict(total_steps=6, anneal_strategy=anneal_strategy, three_phase=three_phase)
+    lr = C.torch_one_cycle_lr(0.1, **options)
+    momentum = C.torch_one_cycle_momentum(**options)
+    counts = jnp.arange(5, 40)
+    # Within float32 rounding of the peak (cos(pi) in float32), as torch's rates are matched.
+    for schedule, final, peak in ((lr, 0.1 / 25 / 1e4, 0.1), (momentum, 0.95, 0.95)):
+        values = np.asarray(jax.jit(jax.vmap(schedule))(counts))
+        np.testing.assert_allclose(values, final, rtol=0, atol=SEQUENCE_TOLERANCE * peak)
+
+
+@pytest.mark.conformance
+def test_one_cycle_equals_torch_over_its_total_steps_and_holds_torchs_last_rate(torch):
+    def factory(L, o):
+        return L.OneCycleLR(o, 0.05, total_steps=50, anneal_strategy="linear", cycle_momentum=False)
+
+    theirs = torch_rates(torch, factory, 50, 1)
+    ours = np.asarray(
+        jax.vmap(C.torch_one_cycle_lr(0.05, total_steps=50, anneal_strategy="linear"))(
+            jnp.arange(60)
+        )
+    )
+    atol = SEQUENCE_TOLERANCE * np.max(theirs)
+    np.testing.assert_allclose(ours[:50], theirs, rtol=0, atol=atol)
+    np.testing.assert_allclose(ours[50:], theirs[-1], rtol=0, atol=atol)

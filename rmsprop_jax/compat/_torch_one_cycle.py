@@ -28,10 +28,15 @@ def torch_one_cycle_lr(
     With torch's default `cycle_momentum=True` torch also cycles the optimizer's `momentum`;
     reproduce that with :func:`torch_one_cycle_momentum` and `optax.inject_hyperparams`.
 
+    The rate of updates 0 to `total_steps - 1` is torch's. Past them torch extrapolates the
+    last phase for one more update (a rate rising again, or below 0 with
+    `anneal_strategy="linear"`) and then raises; a schedule cannot raise inside `jax.jit`, so
+    it holds its final rate from there on instead.
+
     Examples:
       >>> schedule = rj.compat.torch_one_cycle_lr(0.1, total_steps=6)
-      >>> [round(float(schedule(t)), 4) for t in range(6)]
-      [0.004, 0.0994, 0.0812, 0.0463, 0.0133, 0.0]
+      >>> [round(float(schedule(t)), 4) for t in range(8)]
+      [0.004, 0.0994, 0.0812, 0.0463, 0.0133, 0.0, 0.0, 0.0]
     """
     total = _one_cycle_total(total_steps, epochs, steps_per_epoch)
     initial = _finite("max_lr", max_lr) / _finite("div_factor", div_factor)
@@ -52,7 +57,8 @@ def torch_one_cycle_momentum(
     """The `momentum` that `OneCycleLR(..., cycle_momentum=True)` sets, per update.
 
     It falls from `max_momentum` to `base_momentum` while the rate of
-    :func:`torch_one_cycle_lr` rises, and rises back while the rate anneals.
+    :func:`torch_one_cycle_lr` rises, and rises back while the rate anneals; from update
+    `total_steps - 1` on it holds its final value (see :func:`torch_one_cycle_lr`).
 
     Examples:
       >>> schedule = rj.compat.torch_one_cycle_momentum(total_steps=6)
@@ -101,10 +107,11 @@ def _one_cycle(
         return (b - a) * pct + a
 
     def schedule(count):
-        step = jnp.asarray(count, jnp.float32)
+        # Past the last end torch extrapolates the last phase once and then raises: hold the
+        # end instead (extrapolated, a linear anneal would go below 0).
+        step = jnp.minimum(jnp.asarray(count, jnp.float32), total - 1)
         value = jnp.float32(0.0)
-        # Phases from last to first, so the first phase whose end is not passed wins; past
-        # the last end torch keeps extrapolating the last phase (and raises after T steps).
+        # Phases from last to first, so the first phase whose end is not passed wins.
         for (a, b), begin, stop in reversed(list(zip(pairs, begins, ends, strict=True))):
             phase = anneal(a, b, (step - begin) / (stop - begin))
             value = phase if stop == ends[-1] else jnp.where(step <= stop, phase, value)
