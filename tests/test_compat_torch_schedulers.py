@@ -259,6 +259,10 @@ def test_bad_scheduler_arguments_are_named():
         C.torch_step_lr(LR, 0)
     with pytest.raises(ValueError, match="`milestones` must be 1 increasing epochs"):
         C.torch_sequential_lr([C.torch_step_lr(LR, 2), C.torch_step_lr(LR, 2)], [5, 6])
+    with pytest.raises(ValueError, match="`schedules` must hold at least one schedule"):
+        C.torch_sequential_lr([], [])
+    with pytest.raises(TypeError, match=r"`schedules\[1\]` must be a schedule .* got 0.01"):
+        C.torch_sequential_lr([C.torch_step_lr(LR, 2), 0.01], [5])
     with pytest.raises(ValueError, match="`mode` must be 'min' or 'max', got 'lowest'"):
         C.torch_reduce_lr_on_plateau(LR, mode="lowest")
     with pytest.raises(ValueError, match=r"`factor` must be in \[0, 1\), got 1.0"):

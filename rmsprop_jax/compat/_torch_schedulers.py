@@ -287,10 +287,19 @@ def torch_sequential_lr(
       [0.01, 0.01, 0.1, 0.05, 0.025, 0.0125]
     """
     spe = _positive_int("steps_per_epoch", steps_per_epoch)
+    schedules = list(schedules)
+    if not schedules:
+        raise ValueError("`schedules` must hold at least one schedule, got none.")
+    for i, schedule in enumerate(schedules):
+        if not callable(schedule):
+            raise TypeError(
+                f"`schedules[{i}]` must be a schedule (a function of the update count), got "
+                f"{schedule!r}."
+            )
     marks = [_positive_int("milestones", m) for m in milestones]
     if len(marks) != len(schedules) - 1 or marks != sorted(marks):
         raise ValueError(
             f"`milestones` must be {len(schedules) - 1} increasing epochs (one fewer than the "
             f"schedules), got {list(milestones)!r}."
         )
-    return optax.join_schedules(list(schedules), [m * spe for m in marks])
+    return optax.join_schedules(schedules, [m * spe for m in marks])
