@@ -53,6 +53,11 @@ def _path_key(path: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(_key_name(key) for key in path)
 
 
+def _dtype(leaf: Any) -> np.dtype:
+    """A leaf's dtype; a Python number's is NumPy's for it (orbax stores it so)."""
+    return np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.result_type(leaf)
+
+
 def _describe(path: tuple[str, ...]) -> str:
     kind = _LEAF_KINDS.get(path[0], "leaf") if path else "leaf"
     return f"{kind} '{'.'.join(path) or '<root>'}'"
@@ -74,7 +79,7 @@ def check_matches(stored: Any, target: Any, *, where: str = "checkpoint") -> Non
     Args:
       stored: the checkpoint's tree metadata (`manager.item_metadata(step)`, or its `.tree`), or
         any tree whose leaves have `.shape` and `.dtype`.
-      target: the tree to restore into: arrays or `jax.ShapeDtypeStruct` leaves.
+      target: the tree to restore into: arrays, `jax.ShapeDtypeStruct` leaves or numbers.
       where: how the messages name the checkpoint, e.g. "checkpoint at step 100".
 
     Raises:
@@ -104,8 +109,8 @@ def check_matches(stored: Any, target: Any, *, where: str = "checkpoint") -> Non
         saved_shape, expected_shape = tuple(np.shape(saved)), tuple(np.shape(expected))
         if saved_shape != expected_shape:
             differing.append((path, "shape", saved_shape, expected_shape))
-        elif np.dtype(saved.dtype) != np.dtype(expected.dtype):
-            differing.append((path, "dtype", np.dtype(saved.dtype), np.dtype(expected.dtype)))
+        elif _dtype(saved) != _dtype(expected):
+            differing.append((path, "dtype", _dtype(saved), _dtype(expected)))
     problems += [
         f"it has {_describe(path)} with {what} {saved}, the target expects {expected}"
         for path, what, saved, expected in differing[:_SHOWN_PER_KIND]

@@ -72,10 +72,18 @@ def _orbax() -> Any:
     return ocp
 
 
-def _abstract_leaf(leaf: Any) -> jax.ShapeDtypeStruct:
+def _abstract_leaf(leaf: Any) -> Any:
+    """What orbax restores `leaf` from: its shape and dtype (and sharding), or a Python number
+    itself (restored as a number of its type)."""
     if isinstance(leaf, jax.ShapeDtypeStruct):
         return leaf
+    if isinstance(leaf, np.generic):  # a NumPy scalar, which orbax restores only as an array
+        return np.zeros((), leaf.dtype)
     return _orbax().utils.to_shape_dtype_struct(leaf)
+
+
+def _restored_like(leaf: Any, value: Any) -> Any:
+    return value[()] if isinstance(leaf, np.generic) else value
 
 
 def open_manager(
@@ -97,6 +105,7 @@ def open_manager(
 
     Raises:
       TypeError: `options` is not a `CheckpointManagerOptions` (a dict, for example).
+      NotADirectoryError: `directory` is a file.
 
     Examples:
       >>> import os, tempfile
@@ -121,6 +130,11 @@ def open_manager(
         )
 
     if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(
+                f"{path} is a file, not a checkpoint directory: pass a directory (it is made by "
+                "the first save if it does not exist)."
+            )
         return manager()
     # Older orbax (0.11.13) refuses to open a directory that does not exist: open it on a
     # directory made for the purpose, then remove what was made, so that opening still leaves
@@ -169,7 +183,9 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
     # The manager was opened with `create=False`; older orbax versions (0.11.13) then refuse
     # to save into a directory that does not exist yet, so the first save makes it.
     Path(manager.directory).mkdir(parents=True, exist_ok=True)
-    return manager.save(step, args=ocp_.args.StandardSave(state), force=force)
+    # NumPy scalars as 0-d arrays, which every supported orbax writes (0.11 refuses scalars).
+    state = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, np.generic) else x, state)
+    return manager.save(int(step), args=ocp_.args.StandardSave(state), force=force)
 
 
 def _step_directory(manager: ocp.CheckpointManager, step: int) -> Any:
@@ -232,7 +248,8 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
       manager: from :func:`open_manager`, holding checkpoints written by :func:`save`.
       target: a tree like the one saved, e.g. built from a freshly initialized model and
         optimizer (arrays or `jax.ShapeDtypeStruct` leaves; only shapes, dtypes, shardings and
-        the tree structure are used).
+        the tree structure are used). Python and NumPy numbers (a step or epoch counter saved
+        with the state) come back as numbers of their type.
       step: the step to restore (a non-negative integer); None for the latest.
 
     Returns:
@@ -309,7 +326,9 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
         restored = _flat(manager.restore(step, args=ocp_.args.StandardRestore(item)))
     except json.JSONDecodeError as error:  # damaged after the check above
         raise _corrupt(manager, step, error) from error
-    return jax.tree_util.tree_map_with_path(lambda path, _: restored[_path_key(path)], target)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: _restored_like(leaf, restored[_path_key(path)]), target
+    )
 
 
 __all__ = [

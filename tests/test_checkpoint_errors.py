@@ -98,11 +98,19 @@ def test_restoring_a_step_that_was_never_saved_lists_the_saved_ones(tmp_path):
         rj.checkpoint.restore(rj.checkpoint.open_manager(tmp_path), state(0.0), step=2)
 
 
-def test_restoring_from_a_file_says_it_is_not_a_directory(tmp_path):
+def test_opening_or_restoring_from_a_file_says_it_is_not_a_directory(tmp_path):
     path = tmp_path / "state.ckpt"
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(NotADirectoryError, match=f"{path} is a file, not a checkpoint directory"):
-        rj.checkpoint.restore(rj.checkpoint.open_manager(path), state(0.0))
+        rj.checkpoint.open_manager(path)
+    # A directory replaced by a file after the manager was opened.
+    (tmp_path / "run").mkdir()
+    manager = rj.checkpoint.open_manager(tmp_path / "run")
+    (tmp_path / "run").rmdir()
+    (tmp_path / "run").write_bytes(b"not a checkpoint")
+    with pytest.raises(NotADirectoryError, match="is a file, not a checkpoint directory"):
+        rj.checkpoint.restore(manager, state(0.0))
+    assert path.read_bytes() == b"not a checkpoint"
 
 
 @pytest.mark.parametrize(

@@ -183,6 +183,30 @@ def test_bias_correction_does_not_change_the_state_so_either_setting_restores(tm
     assert type(restored["opt_state"][2]) is rj.ScaleByRmsState
 
 
+def test_numbers_saved_with_the_state_restore_as_numbers_of_their_type(tmp_path):
+    # A training loop's counters, saved beside the state: orbax writes Python and NumPy numbers,
+    # and they come back as the same kind of number (an int target for a saved float is refused).
+    tx, params = rj.rmsprop(1e-2), make_params()
+    saved = {"opt_state": tx.init(params), "epoch": 7, "lr": 0.1, "done": True}
+    saved |= {"loss": np.float32(2.5), "seen": np.int64(1 << 40)}
+    manager = rj.checkpoint.open_manager(tmp_path)
+    rj.checkpoint.save(manager, np.int64(1), saved)
+    manager.wait_until_finished()
+    assert [type(step) for step in manager.all_steps()] == [int]
+    target = {"opt_state": fresh_target(tx)["opt_state"], "epoch": 0, "lr": 0.0, "done": False}
+    target |= {"loss": np.float32(0), "seen": np.int64(0)}
+
+    restored = rj.checkpoint.restore(manager, target)
+
+    for name in ("epoch", "lr", "done", "loss", "seen"):
+        assert type(restored[name]) is type(saved[name]) and restored[name] == saved[name]
+    assert_identical(restored["opt_state"], saved["opt_state"])
+    with pytest.raises(
+        rj.checkpoint.CheckpointMismatchError, match="'lr' with dtype float64, the target expects"
+    ):
+        rj.checkpoint.restore(manager, {**target, "lr": 0})
+
+
 def test_restore_without_checkpoints_or_without_metadata_says_what_is_wrong(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoint to restore"):
