@@ -121,6 +121,30 @@ def scalar_hyperparameters(
     return optax.GradientTransformationExtraArgs(refuse, refuse)
 
 
+def scalar_schedule(name: str, value: Any) -> Any:
+    """`value`, or where it is a schedule, the schedule with its result checked to be a scalar.
+
+    A schedule returning an array with axes would be broadcast against every parameter leaf,
+    as an array hyperparameter would (see :func:`scalar_hyperparameters`); its shape is known
+    while the update is traced, so the check costs nothing in the compiled step.
+    """
+    if not callable(value):
+        return value
+
+    def checked(count: Any) -> Any:
+        result = value(count)
+        if np.ndim(result) != 0:
+            raise ValueError(
+                f"`{name}` is a schedule that returned an array of shape {np.shape(result)}; a "
+                "schedule must return a scalar for each step count. To train with several "
+                "values at once, build the optimizer inside a function mapped by jax.vmap "
+                "(see rmsprop_jax.sweep)."
+            )
+        return result
+
+    return checked
+
+
 def _path_str(path: tuple[Any, ...]) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 

@@ -109,7 +109,9 @@ def rmsprop(
             "`nesterov=True` needs a momentum buffer, but `momentum` is None. "
             "Pass `momentum=0.9` (for example) or `nesterov=False`."
         )
-    learning_rate = _precision.as_hyperparameter(learning_rate)
+    learning_rate = _precision.as_hyperparameter(
+        _validation.scalar_schedule("learning_rate", learning_rate)
+    )
 
     def masked(transform: optax.GradientTransformation) -> optax.GradientTransformation:
         return (

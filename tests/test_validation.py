@@ -145,6 +145,38 @@ def test_a_traced_array_hyperparameter_is_refused_by_its_shape():
     assert jax.vmap(one_step)(jnp.array([0.1, 0.2]))["b"].shape == (2, 2)
 
 
+@pytest.mark.parametrize(
+    ("build", "name"),
+    [
+        (rj.rmsprop, "learning_rate"),
+        (
+            lambda learning_rate: rj.rmsprop(
+                learning_rate, weight_decay=0.1, decoupled_weight_decay=True
+            ),
+            "learning_rate",
+        ),
+        (lambda lr: rj.compat.torch_rmsprop(lr=lr), "lr"),
+        (
+            lambda learning_rate: rj.compat.keras_rmsprop(learning_rate=learning_rate),
+            "learning_rate",
+        ),
+        (lambda learning_rate: rj.compat.tf1_rmsprop(learning_rate), "learning_rate"),
+    ],
+)
+def test_a_schedule_returning_an_array_is_refused_when_traced(build, name):
+    # A (2,) rate per step would be broadcast against the (2,) parameter: one rate per element.
+    params = {"b": jnp.ones(2), "w": jnp.ones((3, 2))}
+    tx = build(lambda count: jnp.full(2, 0.1))
+    state = tx.init(params)
+    for update in (tx.update, jax.jit(tx.update)):
+        with pytest.raises(
+            ValueError, match=rf"`{name}` is a schedule that returned an array of shape \(2,\)"
+        ):
+            update(params, state, params)
+    fine = build(lambda count: 0.1 / (1.0 + count))
+    assert jax.jit(fine.update)(params, fine.init(params), params)[0]["b"].shape == (2,)
+
+
 def test_gradient_with_a_missing_leaf_names_the_first_differing_path():
     params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
     tx = rj.rmsprop(0.01)

@@ -140,7 +140,9 @@ def torch_rmsprop(
         if _validation.is_literal_zero(momentum)
         else optax.trace(decay=_precision.as_hyperparameter(momentum)),
         # After the buffer: PyTorch scales the buffer, not each increment, by the current rate.
-        optax.scale_by_learning_rate(_precision.as_hyperparameter(lr)),
+        optax.scale_by_learning_rate(
+            _precision.as_hyperparameter(_validation.scalar_schedule("lr", lr))
+        ),
         # Last, so the tuple positions of the stages above are those of earlier releases.
         torch_layout(),
     ]
