@@ -185,6 +185,19 @@ def _state_layout(state: Any) -> Any:
     return None
 
 
+def _refuse_packed(tree: Any) -> None:
+    """Raises `ValueError` where `tree` is already packed: a `pack_small_leaves` inside another
+    (which would find the outer one's vectors and layout instead of leaves)."""
+    if any(
+        isinstance(node, PackedTree)
+        for node in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, PackedTree))
+    ):
+        raise ValueError(
+            "pack_small_leaves was given a tree that is already packed (a PackedTree): it is "
+            "nested inside another pack_small_leaves. Wrap the optimizer once."
+        )
+
+
 def pack_small_leaves(
     inner: optax.GradientTransformation,
     max_size: int | None = DEFAULT_MAX_SIZE,
@@ -271,6 +284,7 @@ def pack_small_leaves(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: optax.Params) -> optax.OptState:
+        _refuse_packed(params)
         return inner.init(pack(params, max_size))
 
     def update_fn(
@@ -281,6 +295,7 @@ def pack_small_leaves(
     ) -> tuple[optax.Updates, optax.OptState]:
         # Pack as `init` did: by the parameters' layout, stored in the state, not by the
         # gradients' own dtypes; a stateless `inner` leaves nothing to check against.
+        _refuse_packed(updates)
         tree_layout = _state_layout(state)
         if tree_layout is None:
             tree_layout = layout(updates, max_size)

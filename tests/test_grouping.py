@@ -387,3 +387,10 @@ def test_complex_leaves_pack_without_warnings():
     plain, _ = rj.rmsprop(0.01).update(params, rj.rmsprop(0.01).init(params), params)
     for name in params:
         np.testing.assert_array_equal(updates[name], plain[name])
+
+
+def test_packing_inside_packing_is_refused_by_name():
+    tx = rj.pack_small_leaves(rj.pack_small_leaves(rj.rmsprop(1e-3)))
+    params = {"b": jnp.zeros(4), "w": jnp.ones((64, 64))}
+    with pytest.raises(ValueError, match=r"already packed .* nested inside another"):
+        tx.init(params)
