@@ -156,6 +156,40 @@ def test_float64_params_keep_float64_moments_when_x64_is_enabled():
         np.testing.assert_allclose(updates["w"], expected[0]["w"], rtol=1e-12)
 
 
+def _updates_of_three_steps(moment_storage, options, dtype):
+    # 512 x 256: large enough to be updated in row chunks where a JAX release needs them.
+    params = {"w": jnp.ones((512, 256), dtype), "b": jnp.zeros(4, dtype)}
+    rng = np.random.default_rng(0)
+    tx = rj.rmsprop(1e-3, moment_storage=moment_storage, **options)
+    state, step, trajectory = tx.init(params), jax.jit(tx.update), []
+    for _ in range(3):
+        grads = {k: jnp.asarray(rng.normal(size=v.shape), dtype) for k, v in params.items()}
+        updates, state = step(grads, state, params)
+        trajectory.append(jax.tree.map(np.asarray, updates))
+    return trajectory
+
+
+@pytest.mark.parametrize("options", [{}, {"centered": True, "momentum": 0.9}], ids=["plain", "c+m"])
+@pytest.mark.parametrize("moment_storage", ["float32", "bfloat16", "int8", "factored"])
+def test_every_storage_format_runs_with_x64_enabled(moment_storage, options):
+    # With jax_enable_x64 a Python int index becomes an int64: the rounding seeds' lookup
+    # mixed it with int32 ones, and every rounding format failed.
+    default = _updates_of_three_steps(moment_storage, options, jnp.float32)
+    with enable_x64(True):
+        same = _updates_of_three_steps(moment_storage, options, jnp.float32)
+        wide = _updates_of_three_steps(moment_storage, options, jnp.float64)
+    for ours, theirs in zip(same, default, strict=True):
+        for name in ours:
+            np.testing.assert_array_equal(ours[name], theirs[name])
+    # float64 parameters: float64 updates, as float32 ones up to the stored format's rounding
+    # (bfloat16 may round one element the other way).
+    for ours, theirs in zip(wide, default, strict=True):
+        for name in ours:
+            assert ours[name].dtype == np.float64
+            scale = np.max(np.abs(theirs[name])) or 1.0
+            assert np.max(np.abs(ours[name] - theirs[name])) / scale < 1e-2
+
+
 @pytest.mark.parametrize("centered", [False, True])
 def test_complex_parameters_use_the_squared_magnitude_and_a_real_nu(centered, maybe_jit):
     rng = np.random.default_rng(0)

@@ -71,7 +71,10 @@ def _seed_table(count: chex.Array, leaves: int) -> chex.Array:
 
 
 def _pick(table: chex.Array, row: Any, stream: int) -> chex.Array:
-    return lax.reshape(lax.dynamic_slice(table, (row, stream), (1, 1)), ())
+    # Both indices int32: with jax_enable_x64 a Python int would become an int64, and
+    # dynamic_slice takes indices of one type.
+    index = (lax.convert_element_type(row, jnp.int32), jnp.int32(stream))
+    return lax.reshape(lax.dynamic_slice(table, index, (1, 1)), ())
 
 
 def step_seeds(count: chex.Array, leaves: int) -> list[tuple[chex.Array, ...]]:
