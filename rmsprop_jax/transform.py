@@ -9,7 +9,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _large_leaves, _placement, _precision, _validation, storage
+from rmsprop_jax import (
+    _jax_compat,
+    _large_leaves,
+    _placement,
+    _precision,
+    _validation,
+    storage,
+)
 from rmsprop_jax.storage import _rounding
 from rmsprop_jax.storage._format import abs_sq
 
@@ -59,6 +66,14 @@ class ScaleByCenteredVarianceState(NamedTuple):
     count: chex.Array  # shape=(), dtype=int32: the number of updates applied so far.
     mu: optax.Updates
     variance: optax.Updates
+
+
+# The first JAX release whose XLA compiles the per-leaf calls of `scale_by_rms` correctly when a
+# gradient is a constant it folds (one computed in the traced function from captured arrays).
+# Before it, XLA folded a transposed gradient passed to a call in the wrong layout, so updates
+# and their derivatives came out wrong (measured with JAX 0.5.3, 0.6.2, 0.7.2 and 0.8.0; correct
+# with 0.8.2, 0.9.2 and 0.10.2): those releases trace every leaf in place.
+PER_LEAF_JIT_FROM = (0, 8, 2)
 
 
 def _divide_by_rms(
@@ -279,8 +294,10 @@ def scale_by_rms(
     # repeats a few shapes many times. XLA inlines the calls again, so the compiled step is the
     # one the leaves traced one by one would give; the hyperparameters stay closed over, as
     # constants where they are constants. Eager updates run op by op: through jit, each kind
-    # of leaf would first be compiled.
-    traced_leaf_update = jax.jit(leaf_update)
+    # of leaf would first be compiled. JAX releases before PER_LEAF_JIT_FROM trace every leaf.
+    traced_leaf_update = (
+        jax.jit(leaf_update) if _jax_compat.JAX_VERSION >= PER_LEAF_JIT_FROM else leaf_update
+    )
 
     def update_fn(updates, state, params=None):
         del params

@@ -16,6 +16,7 @@ import pytest
 from helpers import array_kernels, compile_step
 
 import rmsprop_jax as rj
+from rmsprop_jax import _jax_compat, transform
 
 PARAMS = {
     "kernel": jnp.ones((64, 32), jnp.float32),
@@ -108,6 +109,10 @@ def _leaf_update_jaxprs(jaxpr) -> list:
     return found
 
 
+@pytest.mark.skipif(
+    _jax_compat.JAX_VERSION < transform.PER_LEAF_JIT_FROM,
+    reason="this JAX's XLA miscompiles the per-leaf calls (transform.PER_LEAF_JIT_FROM)",
+)
 @pytest.mark.parametrize("moment_storage", ["float32", "bfloat16", "int8", "factored"])
 def test_each_kind_of_leaf_is_traced_once_however_many_leaves_share_it(moment_storage):
     # Tracing every leaf anew made the trace and lowering of a 256-leaf int8 step take seconds.

@@ -156,6 +156,22 @@ def test_float64_params_keep_float64_moments_when_x64_is_enabled():
         np.testing.assert_allclose(updates["w"], expected[0]["w"], rtol=1e-12)
 
 
+@pytest.mark.parametrize("moment_storage", ["float32", "bfloat16", "int8", "factored"])
+def test_a_gradient_computed_from_captured_constants_updates_as_eagerly(moment_storage):
+    # XLA in JAX 0.5.3 to 0.7.2 folded such a gradient (transposed by the matrix product's
+    # derivative) into the per-leaf calls in the wrong layout: every update came out wrong.
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(0.1 * rng.normal(size=(8, 8)), jnp.float32)}
+    inputs = jnp.asarray(rng.normal(size=(3, 8)), jnp.float32)
+    tx = rj.rmsprop(0.1, moment_storage=moment_storage, centered=True, momentum=0.9)
+
+    def step():
+        grads = jax.grad(lambda p: jnp.mean(jnp.tanh(inputs @ p["w"]) ** 2))(params)
+        return tx.update(grads, tx.init(params), params)[0]["w"]
+
+    np.testing.assert_allclose(jax.jit(step)(), step(), rtol=1e-5, atol=1e-7)
+
+
 def _updates_of_three_steps(moment_storage, options, dtype):
     # 512 x 256: large enough to be updated in row chunks where a JAX release needs them.
     params = {"w": jnp.ones((512, 256), dtype), "b": jnp.zeros(4, dtype)}
