@@ -17,6 +17,11 @@ overwritten in place without a copy of the old one.
 Compensated (Kahan) summation would avoid the noise but needs a second buffer, giving up the
 memory the format exists to save.
 
+Differentiating through an update (meta-learning the decay, say) treats the rounding as the
+identity, a straight-through estimator: since the rounding is unbiased, that is the derivative
+of the expected stored value. The derivatives are then those of float32 storage, evaluated
+along the rounded trajectory, and they flow through the stored state from step to step.
+
 References:
   Gupta et al., `Deep Learning with Limited Numerical Precision
   <https://arxiv.org/abs/1502.02551>`_, 2015.
@@ -28,6 +33,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import chex
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -35,6 +41,7 @@ from rmsprop_jax.storage import _rounding
 from rmsprop_jax.storage._format import Parts, StorageFormat
 
 
+@jax.custom_jvp
 def stochastic_round(x: chex.Array, seed: chex.Array) -> chex.Array:
     """Rounds `x` to bfloat16, up or down with probabilities that make the result unbiased.
 
@@ -50,6 +57,14 @@ def stochastic_round(x: chex.Array, seed: chex.Array) -> chex.Array:
     rounded = lax.bitcast_convert_type(kept, jnp.bfloat16)
     # A NaN whose mantissa is all ones would carry into the sign bit and become -0.
     return jnp.where(jnp.isnan(x), x.astype(jnp.bfloat16), rounded)
+
+
+@stochastic_round.defjvp
+def _stochastic_round_jvp(primals: Any, tangents: Any) -> tuple[chex.Array, chex.Array]:
+    # Straight through: the derivative of E[round(x)] = x (bit operations have none).
+    x, seed = primals
+    x_dot, _ = tangents
+    return stochastic_round(x, seed), jnp.asarray(x_dot, jnp.float32).astype(jnp.bfloat16)
 
 
 class BFloat16(StorageFormat):

@@ -87,10 +87,12 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, ClassVar, NamedTuple
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -215,11 +217,12 @@ def _per_element(per_block: chex.Array, like: chex.Array) -> chex.Array:
     return _from_blocks(spread, like)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
 def _codes(
     x: chex.Array, inverse: chex.Array, bits: chex.Array, book: _CodeBook, signed: bool
 ) -> chex.Array:
     """The codes of `x` (float32) given 1 / its block scale (broadcast against `x`), in the
-    code book's dtype."""
+    code book's dtype. Not differentiable (see :func:`_codes_jvp`)."""
     relative = (jnp.abs(x) if signed else x) * inverse  # A second moment is not negative.
     smallest = _smallest_level(book)
     # Within an octave the levels are evenly spaced, 2**-20 units of the kept bits apart:
@@ -243,6 +246,19 @@ def _codes(
     # then writes its result once and lets every reader read it (the step reads the codes
     # an update writes), rather than computing it again inside each reader.
     return jnp.where(jnp.isnan(x), book.nan, codes.astype(book.dtype))
+
+
+@_codes.defjvp
+def _codes_jvp(book: _CodeBook, signed: bool, primals: Any, tangents: Any) -> Any:
+    del book, signed, primals, tangents
+    raise TypeError(
+        "An update with moment_storage='int8' was differentiated (jax.grad, jax.jvp, ...) with "
+        "respect to something its stored average depends on (gradients, decay, parameters): "
+        "the average is stored as integer codes, which carry no derivative, so the result "
+        "would silently leave out every path through it. To differentiate through updates, "
+        "use moment_storage='float32', or 'bfloat16' (differentiated as if its rounding were "
+        "exact)."
+    )
 
 
 def _values(code: chex.Array, scale: chex.Array, book: _CodeBook) -> chex.Array:
@@ -291,6 +307,9 @@ def finite_maxima(
     """
     operands: list[chex.Array] = []
     for x, codes, signed in averages:
+        # A block scale is a choice of code book, not differentiated (nor differentiable:
+        # JAX has no derivative for variadic reductions); the codes refuse instead (`_codes`).
+        x = lax.stop_gradient(x)
         book = _SIGNED if signed else _UNSIGNED
         blocks = _to_blocks(x.astype(jnp.float32))
         code = jnp.abs(_to_blocks(codes.astype(jnp.int32)))
