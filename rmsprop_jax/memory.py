@@ -56,13 +56,14 @@ def state_bytes(state: Any, params: Any) -> StateMemory:
 
     Args:
       state: an optimizer state, for example `rj.rmsprop(1e-3, moment_storage="int8").init(params)`.
-      params: the parameters (or their shapes) the state was built for. Every moment the
-        state keeps must be for a leaf of `params` of the same shape at the same path (`params`
-        may hold more leaves, those a masked or partitioned optimizer leaves without state).
+      params: the parameters (or their shapes) the state was built for. The moments the
+        state keeps must be shaped like leaves of `params`, in the order of its leaves
+        (`params` may hold more leaves: those a masked or partitioned optimizer keeps no
+        state for).
 
     Raises:
-      ValueError: where a moment in `state` has no leaf of its shape at its path in `params`
-        (the state was made for other parameters).
+      ValueError: where a moment in `state` matches no leaf of `params` in that order (the
+        state was made for other parameters).
 
     Returns:
       A :class:`StateMemory` with the total bytes and the bytes per parameter element.
