@@ -103,7 +103,7 @@ def check_matches(stored: Any, target: Any, *, where: str = "checkpoint") -> Non
         problems.append(f"it has leaves the target lacks: {_listed(only_stored)}")
     if only_target:
         problems.append(f"it lacks leaves the target has: {_listed(only_target)}")
-    differing = []
+    differing: list[tuple[tuple[str, ...], str, Any, Any]] = []
     for path in sorted(set(stored_leaves) & set(target_leaves), key=_params_first):
         saved, expected = stored_leaves[path], target_leaves[path]
         saved_shape, expected_shape = tuple(np.shape(saved)), tuple(np.shape(expected))
