@@ -6,6 +6,7 @@ Hyperparameters are checked only when they are concrete: a traced value (under `
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -119,6 +120,44 @@ def scalar_hyperparameters(
         raise ValueError(message)
 
     return optax.GradientTransformationExtraArgs(refuse, refuse)
+
+
+def _is_flag(leaf: Any) -> bool:
+    """True or False: a Python or NumPy bool, or a concrete boolean array without axes."""
+    if isinstance(leaf, bool | np.bool_):
+        return True
+    dtype = getattr(leaf, "dtype", None)
+    return (
+        dtype is not None
+        and np.dtype(dtype) == np.bool_
+        and np.ndim(leaf) == 0
+        and not isinstance(leaf, jax.core.Tracer)
+    )
+
+
+def checked_mask(name: str, mask: Any) -> Callable[[Any], Any]:
+    """`mask` (a tree of booleans, or a function of the parameters giving one) as a function
+    for `optax.masked` that checks what it gives: a prefix of the parameters' tree structure
+    (`ValueError` naming `name` otherwise) whose leaves are True or False (`TypeError`: a
+    string or an array would be taken for True, or fail deep inside optax)."""
+
+    def resolved(tree: Any) -> Any:
+        value = mask(tree) if callable(mask) else mask
+        try:
+            jax.tree.map(lambda flag, _: flag, value, tree)
+        except ValueError as error:
+            raise ValueError(
+                f"`{name}` must have the tree structure of the parameters (or a prefix of it), "
+                f"with True or False for each leaf: {error}"
+            ) from None
+        for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
+            if not _is_flag(leaf):
+                raise TypeError(
+                    f"`{name}` at {_path_str(path)} must be True or False, got {leaf!r}."
+                )
+        return value
+
+    return resolved
 
 
 def scalar_schedule(name: str, value: Any) -> Any:

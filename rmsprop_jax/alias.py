@@ -115,7 +115,11 @@ def rmsprop(
 
     def masked(transform: optax.GradientTransformation) -> optax.GradientTransformation:
         return (
-            transform if weight_decay_mask is None else optax.masked(transform, weight_decay_mask)
+            transform
+            if weight_decay_mask is None
+            else optax.masked(
+                transform, _validation.checked_mask("weight_decay_mask", weight_decay_mask)
+            )
         )
 
     decays_weights = not _validation.is_literal_zero(weight_decay)

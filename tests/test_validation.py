@@ -207,3 +207,35 @@ def test_integer_or_boolean_parameters_raise_type_error_naming_the_leaf(dtype):
     params = {"weights": jnp.ones(3), "step_counter": jnp.zeros((), dtype)}
     with pytest.raises(TypeError, match=r"\['step_counter'\].*" + jnp.dtype(dtype).name):
         rj.rmsprop(0.01).init(params)
+
+
+@pytest.mark.parametrize(
+    ("mask", "error", "message"),
+    [
+        ({"w": True}, ValueError, "`weight_decay_mask` must have the tree structure"),
+        (lambda p: {"x": True}, ValueError, "`weight_decay_mask` must have the tree structure"),
+        ({"w": True, "b": [False]}, ValueError, "`weight_decay_mask` must have the tree structure"),
+        # A string would be taken for True; an array is not one answer for its leaf.
+        (
+            {"w": True, "b": "no"},
+            TypeError,
+            r"`weight_decay_mask` at \['b'\] must be True or False, got 'no'",
+        ),
+        ({"w": np.ones((3, 2), bool), "b": False}, TypeError, r"at \['w'\] must be True or False"),
+    ],
+)
+def test_a_weight_decay_mask_that_does_not_fit_is_named(mask, error, message):
+    params = {"b": jnp.ones(2), "w": jnp.ones((3, 2))}
+    tx = rj.rmsprop(0.1, weight_decay=0.01, weight_decay_mask=mask)
+    with pytest.raises(error, match=message):
+        tx.init(params)
+    fine = rj.rmsprop(
+        0.1, weight_decay=0.01, weight_decay_mask={"b": np.False_, "w": jnp.array(True)}
+    )
+    updates, _ = jax.jit(fine.update)(params, fine.init(params), params)
+    expected = rj.rmsprop(
+        0.1, weight_decay=0.01, weight_decay_mask=lambda p: {"b": False, "w": True}
+    )
+    np.testing.assert_array_equal(
+        updates["w"], expected.update(params, expected.init(params), params)[0]["w"]
+    )
