@@ -84,10 +84,10 @@ def state_bytes(state: Any, params: Any) -> StateMemory:
 
 def _moment_shapes(stored: Any) -> list[tuple[Any, tuple[int, ...]]]:
     """(path, parameter shape) for each leaf that the stored moment `stored` keeps."""
-    packed = jax.tree.leaves(stored, is_leaf=lambda x: isinstance(x, grouping.PackedTree))
-    if packed and isinstance(packed[0], grouping.PackedTree) and packed[0].layout is not None:
+    layout = grouping._state_layout(stored)  # a packed moment: the parameters' layout
+    if layout is not None:
         slots = jax.tree_util.tree_flatten_with_path(
-            packed[0].layout, is_leaf=lambda x: isinstance(x, grouping.LeafSlot)
+            layout, is_leaf=lambda x: isinstance(x, grouping.LeafSlot)
         )[0]
         return [(path, tuple(slot.shape)) for path, slot in slots]
     fmt = storage.format_of(stored)
