@@ -90,6 +90,13 @@ def check_in_range(
         raise ValueError(f"`{name}` must {expected}, got {value!r}.")
 
 
+# What an array hyperparameter (or schedule result) was probably meant for, and the way to it.
+_ONE_VALUE_PER_RUN = (
+    "To train with several values at once, build the optimizer inside a function mapped by "
+    "jax.vmap (see rmsprop_jax.sweep)."
+)
+
+
 def scalar_hyperparameters(
     inner: optax.GradientTransformation, **hyperparameters: Any
 ) -> optax.GradientTransformationExtraArgs:
@@ -112,8 +119,7 @@ def scalar_hyperparameters(
     message = (
         f"`{name}` has shape {np.shape(value)}, but a hyperparameter must be a scalar when the "
         f"optimizer runs (got {value!r}): an array would be broadcast against every "
-        "parameter. To train with several values at once, build the optimizer inside a "
-        "function mapped by jax.vmap (see rmsprop_jax.sweep)."
+        f"parameter. {_ONE_VALUE_PER_RUN}"
     )
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
@@ -175,9 +181,7 @@ def scalar_schedule(name: str, value: Any) -> Any:
         if np.ndim(result) != 0:
             raise ValueError(
                 f"`{name}` is a schedule that returned an array of shape {np.shape(result)}; a "
-                "schedule must return a scalar for each step count. To train with several "
-                "values at once, build the optimizer inside a function mapped by jax.vmap "
-                "(see rmsprop_jax.sweep)."
+                f"schedule must return a scalar for each step count. {_ONE_VALUE_PER_RUN}"
             )
         return result
 
