@@ -123,10 +123,18 @@ def rmsprop(
         )
 
     decays_weights = not _validation.is_literal_zero(weight_decay)
+    couples_weight_decay = decays_weights and not decoupled_weight_decay
+    # The step is odd in g wherever the state holds no sign of it (ν and the factored
+    # statistics hold g², and -(g/d) == (-g)/d exactly): there the learning-rate stage takes
+    # `maximize`'s sign, giving the same updates and state, and the preconditioner reads the
+    # gradient itself (a negated copy read by the factored format's two statistics would be
+    # written whole, 4 bytes per parameter). Centered μ and L2 decay (-g + λp) need -g.
+    negates_gradient = maximize and (centered or couples_weight_decay)
+    ascends_by_rate = maximize and not negates_gradient
     stages = [
-        optax.scale(-1.0) if maximize else optax.identity(),
+        optax.scale(-1.0) if negates_gradient else optax.identity(),
         masked(optax.add_decayed_weights(_precision.as_hyperparameter(weight_decay)))
-        if decays_weights and not decoupled_weight_decay
+        if couples_weight_decay
         else optax.identity(),
         scale_by_rms(
             decay,
@@ -137,7 +145,7 @@ def rmsprop(
             bias_correction=bias_correction,
             moment_storage=moment_storage,
         ),
-        optax.scale_by_learning_rate(learning_rate),
+        optax.scale_by_learning_rate(learning_rate, flip_sign=not ascends_by_rate),
         optax.identity()
         if momentum is None
         else optax.trace(decay=_precision.as_hyperparameter(momentum), nesterov=nesterov),

@@ -81,6 +81,59 @@ def _run_steps(tx, params, grad_fn, steps):
     return run(params)
 
 
+MAXIMIZE_VARIANTS = {
+    "plain": {},
+    "eps_0": {"eps": 0.0},
+    "momentum": {"momentum": 0.9},
+    "nesterov": {"momentum": 0.9, "nesterov": True},
+    "bias_correction": {"bias_correction": True},
+    "decoupled_weight_decay": {"weight_decay": 0.01, "decoupled_weight_decay": True},
+    "schedule": {"learning_rate": optax.linear_schedule(0.1, 0.01, 3)},
+    "centered": {"centered": True},
+    "coupled_weight_decay": {"weight_decay": 0.01},
+}
+
+
+@pytest.mark.parametrize("variant", list(MAXIMIZE_VARIANTS))
+@pytest.mark.parametrize("moment_storage", ["float32", *FORMATS])
+def test_maximize_gives_the_state_and_updates_of_the_negated_gradient(moment_storage, variant):
+    """`maximize` is descent on -g, whichever stage applies the sign (the learning rate's
+    where the state holds no sign of g): bit for bit eagerly, so states saved before that
+    choice resume the same; under jit, to rounding, as XLA fuses the two programs
+    differently (it did so before the choice too, for the centered variants)."""
+    options = {"learning_rate": 0.1, **MAXIMIZE_VARIANTS[variant]}
+    ascent = rj.rmsprop(maximize=True, moment_storage=moment_storage, **options)
+    descent = rj.rmsprop(moment_storage=moment_storage, **options)
+    params = _params()
+    mask = _zero_mask(params)
+    rng = np.random.default_rng(3)
+    grads = [
+        {
+            name: jnp.asarray(np.where(mask[name], 0.0, rng.normal(size=np.shape(p))), p.dtype)
+            for name, p in params.items()
+        }
+        for _ in range(3)
+    ]
+
+    def run(tx, grads, update):
+        p, state = params, tx.init(params)
+        steps = []
+        for g in grads:
+            updates, state = update(tx)(g, state, p)
+            steps.append(updates)
+            p = optax.apply_updates(p, updates)
+        return steps, state
+
+    negated = [jax.tree.map(jnp.negative, g) for g in grads]
+    eager = run(ascent, grads, lambda tx: tx.update)
+    jax.tree.map(np.testing.assert_array_equal, eager, run(descent, negated, lambda tx: tx.update))
+    if moment_storage == "float32":
+        jitted = run(ascent, grads, lambda tx: jax.jit(tx.update))
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), jitted, eager
+        )
+
+
 @pytest.mark.parametrize("moment_storage", FORMATS)
 def test_centered_constant_gradient_of_10_for_1000_steps_stays_finite(moment_storage):
     params = {"matrix": jnp.zeros((128, 256)), "small": jnp.zeros(8)}
