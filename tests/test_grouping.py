@@ -319,7 +319,12 @@ def test_a_stateless_inner_transformation_packs_by_the_gradients(maybe_jit):
 
 
 def test_state_shardings_and_memory_see_the_packed_state():
-    params = {"w": jnp.ones((64, 64)), "b": jnp.ones((64,)), "gain": jnp.ones(())}
+    # float32 whatever the default dtype (JAX_ENABLE_X64): the byte count below assumes it.
+    params = {
+        "w": jnp.ones((64, 64), jnp.float32),
+        "b": jnp.ones((64,), jnp.float32),
+        "gain": jnp.ones((), jnp.float32),
+    }
     tx = rj.pack_small_leaves(rj.rmsprop(0.01, centered=True, momentum=0.9))
     state = tx.init(params)
     shardings = rj.sharding.state_shardings(tx, params)

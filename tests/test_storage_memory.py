@@ -50,12 +50,12 @@ def test_accepts_shapes_from_eval_shape():
 
 
 def test_counts_prng_keys_and_ignores_python_numbers():
-    params = {"w": jnp.zeros(8)}
+    params = {"w": jnp.zeros(8, jnp.float32)}  # float32 even with JAX_ENABLE_X64
     noisy = optax.chain(optax.add_noise(0.1, 0.5, 0), rj.scale_by_rms())
     memory = rj.state_bytes(noisy.init(params), params)
     # add_noise keeps a count and a threefry key (2 x uint32); scale_by_rms a count and nu.
     assert memory.total_bytes == 4 + 8 + 4 + 8 * 4
-    assert rj.state_bytes({"a": 1.5, "b": jnp.zeros(2)}, params).total_bytes == 8
+    assert rj.state_bytes({"a": 1.5, "b": jnp.zeros(2, jnp.float32)}, params).total_bytes == 8
 
 
 def test_rejects_parameters_without_elements_and_non_array_leaves():
