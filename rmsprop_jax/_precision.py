@@ -66,20 +66,40 @@ def _cast_like(tree: Any, reference: Any) -> Any:
     )
 
 
+def _keep_state_dtypes(new_state: Any, state: Any) -> Any:
+    """`new_state` in the dtypes of the incoming `state`, leaf by leaf.
+
+    A hyperparameter array wider than the state (float64 with `jax_enable_x64`, a swept
+    `decay` say) would otherwise widen every average it multiplies: the state would change
+    dtype from one step to the next (which a `jax.lax.scan` carry refuses) and double in size.
+    The step still computes with the wide hyperparameter; only what is kept is cast.
+    """
+
+    def keep(new: Any, old: Any) -> Any:
+        old_dtype = getattr(old, "dtype", None)
+        if old_dtype is None or getattr(new, "dtype", old_dtype) == old_dtype:
+            return new
+        return new.astype(old_dtype)
+
+    return jax.tree.map(keep, new_state, state)
+
+
 def with_compute_dtype(
     inner: optax.GradientTransformation,
 ) -> optax.GradientTransformationExtraArgs:
     """Runs `inner` on gradients and parameters upcast to their compute dtype.
 
-    The returned transformation has the same state as `inner`; its updates have the dtype of the
-    incoming gradients. Integer or boolean parameters are rejected with a `TypeError`. Nested
-    inside another such wrapper (a public transformation chained into another), it does
-    nothing: the outer one has cast already, and casting back in between would round.
+    The returned transformation has the same state as `inner`, kept in the dtypes `init` gave
+    it; its updates have the dtype of the incoming gradients. Integer or boolean parameters
+    are rejected with a `TypeError`. Nested inside another such wrapper (a public
+    transformation chained into another), it does nothing: the outer one has cast already,
+    and casting back in between would round.
     """
     return _wrappers.map_transformation(
         inner,
         map_inputs=_upcast,
         map_updates_back=_cast_like,
+        map_state_back=_keep_state_dtypes,
         check_params=_validation.check_float_leaves,
         check_updates=_validation.check_float_gradients,
         once="compute_dtype",

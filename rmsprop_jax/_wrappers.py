@@ -44,6 +44,7 @@ def map_transformation(
     *,
     map_inputs: Callable[[Any], Any] = _identity,
     map_updates_back: Callable[[Any, Any], Any] = lambda new, _: new,
+    map_state_back: Callable[[Any, Any], Any] = lambda new, _: new,
     check_params: Callable[[Any], None] | None = None,
     check_updates: Callable[[Any], None] | None = None,
     after_init: Callable[[Any, Any], Any] | None = None,
@@ -55,6 +56,7 @@ def map_transformation(
       inner: the transformation to wrap.
       map_inputs: applied to the parameters and the incoming updates.
       map_updates_back: `(new_updates, incoming_updates) -> updates` returned to the caller.
+      map_state_back: `(new_state, incoming_state) -> state` returned to the caller.
       check_params: called with the raw parameters at `init` (to reject bad input early).
       check_updates: called with the raw incoming updates at `update`.
       after_init: `(state, raw_params) -> state`, applied to the new state.
@@ -82,6 +84,6 @@ def map_transformation(
                 check_updates(updates)
             params = None if params is None else map_inputs(params)
             new_updates, new_state = inner.update(map_inputs(updates), state, params, **extra_args)
-            return map_updates_back(new_updates, updates), new_state
+            return map_updates_back(new_updates, updates), map_state_back(new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -206,6 +206,41 @@ def test_every_storage_format_runs_with_x64_enabled(moment_storage, options):
             assert np.max(np.abs(ours[name] - theirs[name])) / scale < 1e-2
 
 
+@pytest.mark.parametrize("options", [{}, {"centered": True, "momentum": 0.9}], ids=["plain", "c+m"])
+@pytest.mark.parametrize("moment_storage", ["float32", "bfloat16", "int8", "factored"])
+def test_float64_hyperparameter_arrays_keep_the_state_in_its_dtypes(moment_storage, options):
+    """With x64, a swept float64 `decay` (or rate, or momentum) widened the float32 averages
+    it multiplies: the state changed dtype after one step, which a `lax.scan` carry refuses."""
+    params = {"w": jnp.ones((128, 256), jnp.float32), "b": jnp.ones(8, jnp.float32)}
+    grads = jax.tree.map(lambda p: jnp.sin(3.0 * p + jnp.arange(p.shape[-1])), params)
+
+    def final_state(decay, learning_rate, momentum):
+        tx = rj.rmsprop(
+            learning_rate,
+            decay,
+            moment_storage=moment_storage,
+            **{**options, **({"momentum": momentum} if "momentum" in options else {})},
+        )
+
+        def step(carry, _):
+            current, state = carry
+            updates, state = tx.update(grads, state, current)
+            return (optax.apply_updates(current, updates), state), None
+
+        return jax.lax.scan(step, (params, tx.init(params)), length=3)[0]
+
+    narrow = jax.jit(final_state)(0.9, 0.01, 0.9)
+    with enable_x64(True):
+        wide = [jnp.asarray(value, jnp.float64) for value in (0.9, 0.01, 0.9)]
+        kept = jax.jit(final_state)(*wide)
+        swept = jax.jit(jax.vmap(final_state))(*(jnp.stack([w, w]) for w in wide))
+    assert jax.tree.map(lambda x: x.dtype, kept) == jax.tree.map(lambda x: x.dtype, narrow)
+    assert jax.tree.map(lambda x: x.dtype, swept) == jax.tree.map(lambda x: x.dtype, narrow)
+    # A float64 hyperparameter rounds a little differently: a stored code may move one level.
+    for ours, theirs in zip(jax.tree.leaves(kept[0]), jax.tree.leaves(narrow[0]), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-3)
+
+
 @pytest.mark.parametrize("centered", [False, True])
 def test_complex_parameters_use_the_squared_magnitude_and_a_real_nu(centered, maybe_jit):
     rng = np.random.default_rng(0)
