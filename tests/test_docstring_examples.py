@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import enable_x64
 
 import rmsprop_jax as rj
 
@@ -45,9 +46,11 @@ def test_docstring_examples(name: str):
     module = importlib.import_module(name)
     finder = doctest.DocTestFinder(exclude_empty=True)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    # The module's own names, as plain doctest gives them, plus the usual imports.
-    for test in finder.find(module, name, globs={**vars(module), **GLOBALS}):
-        if test.examples:
-            runner.run(test)
+    # The module's own names, as plain doctest gives them, plus the usual imports. JAX's
+    # default dtypes (float32), as the examples print them, even in a run with x64 enabled.
+    with enable_x64(False):
+        for test in finder.find(module, name, globs={**vars(module), **GLOBALS}):
+            if test.examples:
+                runner.run(test)
     results = runner.summarize(verbose=False)
     assert results.failed == 0, f"{results.failed} docstring example(s) of {name} failed (above)"
