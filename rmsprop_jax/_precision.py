@@ -89,8 +89,9 @@ def with_compute_dtype(
 ) -> optax.GradientTransformationExtraArgs:
     """Runs `inner` on gradients and parameters upcast to their compute dtype.
 
-    The returned transformation has the same state as `inner`, kept in the dtypes `init` gave
-    it; its updates have the dtype of the incoming gradients. Integer or boolean parameters
+    The returned transformation has the same state as `inner`, returned in the dtypes of the
+    state it was given (those `init` gave it); its updates have the dtype of the incoming
+    gradients. Integer or boolean parameters
     are rejected with a `TypeError`. Nested inside another such wrapper (a public
     transformation chained into another), it does nothing: the outer one has cast already,
     and casting back in between would round.
