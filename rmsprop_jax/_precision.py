@@ -58,30 +58,24 @@ def _upcast(tree: Any) -> Any:
 
 
 def _cast_like(tree: Any, reference: Any) -> Any:
-    return jax.tree.map(
-        lambda x, ref: None if x is None else x.astype(jnp.result_type(ref)),
-        tree,
-        reference,
-        is_leaf=lambda x: x is None,
-    )
-
-
-def _keep_state_dtypes(new_state: Any, state: Any) -> Any:
-    """`new_state` in the dtypes of the incoming `state`, leaf by leaf.
+    """`tree` in the dtypes of `reference`, leaf by leaf: the updates in the gradients' dtypes,
+    the new state in those of the state given (the dtypes `init` gave it).
 
     A hyperparameter array wider than the state (float64 with `jax_enable_x64`, a swept
     `decay` say) would otherwise widen every average it multiplies: the state would change
     dtype from one step to the next (which a `jax.lax.scan` carry refuses) and double in size.
-    The step still computes with the wide hyperparameter; only what is kept is cast.
+    The step still computes with the wide hyperparameter; only what is returned is cast. A
+    leaf already in its dtype, or whose reference has none (a Python number), is returned as
+    it is.
     """
 
-    def keep(new: Any, old: Any) -> Any:
-        old_dtype = getattr(old, "dtype", None)
-        if old_dtype is None or getattr(new, "dtype", old_dtype) == old_dtype:
-            return new
-        return new.astype(old_dtype)
+    def cast(x: Any, ref: Any) -> Any:
+        dtype = getattr(ref, "dtype", None)
+        if dtype is None or getattr(x, "dtype", dtype) == dtype:
+            return x
+        return x.astype(dtype)
 
-    return jax.tree.map(keep, new_state, state)
+    return jax.tree.map(cast, tree, reference)
 
 
 def with_compute_dtype(
@@ -100,7 +94,7 @@ def with_compute_dtype(
         inner,
         map_inputs=_upcast,
         map_updates_back=_cast_like,
-        map_state_back=_keep_state_dtypes,
+        map_state_back=_cast_like,
         check_params=_validation.check_float_leaves,
         check_updates=_validation.check_float_gradients,
         once="compute_dtype",
