@@ -131,7 +131,7 @@ def _contenders() -> dict[tuple[str, str], optax.GradientTransformation]:
     return contenders
 
 
-def _compiled_memory(compiled, parameters: int) -> dict[str, float]:
+def compiled_memory(compiled, parameters: int) -> dict[str, float]:
     memory = compiled.memory_analysis()
     unaliased = memory.output_size_in_bytes - memory.alias_size_in_bytes
     return {
@@ -183,7 +183,7 @@ def measure_update_step(
             .compile()
         )
         steppers[contender] = compiled
-        results[contender] = _compiled_memory(compiled, parameters)
+        results[contender] = compiled_memory(compiled, parameters)
         carries[contender] = compiled(params, state, grads)  # warm up
     times = {contender: [] for contender in steppers}
     rng = np.random.default_rng(0)
@@ -270,7 +270,7 @@ def measure_training_step(compiler_options: dict | None = None) -> dict[str, Any
         state = jax.eval_shape(tx.init, abstract)
         jitted = jax.jit(step, donate_argnums=(0, 1), compiler_options=compiler_options)
         compiled = jitted.lower(abstract, state, tokens).compile()
-        rows[name] = _compiled_memory(compiled, parameters)
+        rows[name] = compiled_memory(compiled, parameters)
     reference = rows["float32"]["peak_bytes_per_parameter"]
     for row in rows.values():
         row["saved_against_float32"] = reference - row["peak_bytes_per_parameter"]

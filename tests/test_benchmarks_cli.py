@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ("update_step", "memory", "sweep", "compile_time")
+SCRIPTS = ("update_step", "memory", "sweep", "compile_time", "variant_memory")
 
 
 def benchmark(name):
@@ -191,3 +191,19 @@ def test_memory_compiles_the_timed_steps_with_the_xla_options(monkeypatch):
     # An option XLA does not know reaches the compiler, which refuses it.
     with pytest.raises(Exception, match="no_such_xla_option"):
         memory.measure_update_step(repeats=1, steps=1, compiler_options={"no_such_xla_option": 1})
+
+
+def test_the_variant_table_quotes_the_committed_variant_memory_record():
+    record = json.loads((BENCHMARKS / "results" / "variant_memory_cpu.json").read_text())
+    text = (BENCHMARKS / "README.md").read_text()
+    for variant, row in record["memory"].items():
+        if variant == "parameters":
+            continue
+        cells = [
+            ""
+            if (step := row["steps"].get(name)) is None
+            else f"{step['temporary_bytes_per_parameter']:.2f} / "
+            f"{step['peak_bytes_per_parameter']:.2f}"
+            for name in ("float32", "bfloat16", "int8", "factored", "optax")
+        ]
+        assert f"| {variant} | " + " | ".join(cells) + " |" in text, variant
