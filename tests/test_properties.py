@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,11 @@ def configs(draw) -> Config:
     )
 
 
+def _float16_scalar(steps: int, **config) -> Any:
+    """An example of one float16 scalar leaf, seed 0, with `config` (else Config's defaults)."""
+    return example(config=Config(**config), leaf_shapes=[()], dtype="float16", seed=0, steps=steps)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     config=configs(),
@@ -53,45 +59,11 @@ def configs(draw) -> Config:
     seed=st.integers(0, 2**16),
     steps=st.integers(1, 4),
 )
-@example(  # An update in float16's subnormal range (found by a search).
-    config=Config(
-        learning_rate=5.960464477539063e-08,
-        decay=0.5,
-        eps=0.0,
-        eps_in_sqrt=False,
-        initial_scale=0.0,
-        centered=True,
-        momentum=None,
-        nesterov=False,
-        bias_correction=False,
-        weight_decay=0.0,
-        decoupled_weight_decay=False,
-        maximize=False,
-    ),
-    leaf_shapes=[()],
-    dtype="float16",
-    seed=0,
-    steps=2,
+@_float16_scalar(  # An update in float16's subnormal range (found by a search).
+    2, learning_rate=5.960464477539063e-08, decay=0.5, eps=0.0, centered=True
 )
-@example(  # An exact update of 1.3e7, beyond float16's range (found by a search).
-    config=Config(
-        learning_rate=1.0,
-        decay=1.0,
-        eps=1e-08,
-        eps_in_sqrt=False,
-        initial_scale=0.0,
-        centered=True,
-        momentum=0.0,
-        nesterov=False,
-        bias_correction=False,
-        weight_decay=0.0,
-        decoupled_weight_decay=False,
-        maximize=False,
-    ),
-    leaf_shapes=[()],
-    dtype="float16",
-    seed=0,
-    steps=1,
+@_float16_scalar(  # An exact update of 1.3e7, beyond float16's range (found by a search).
+    1, learning_rate=1.0, decay=1.0, eps=1e-08, centered=True, momentum=0.0
 )
 def test_updates_match_the_float64_reference_for_random_shapes_dtypes_and_hyperparameters(
     config, leaf_shapes, dtype, seed, steps
