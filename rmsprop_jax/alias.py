@@ -8,8 +8,8 @@ from typing import Any
 import chex
 import optax
 
-from rmsprop_jax import _placement, _precision, _validation
-from rmsprop_jax.transform import scale_by_rms
+from rmsprop_jax import _placement, _precision, _recomputed_steps, _validation
+from rmsprop_jax.transform import preconditioner
 from rmsprop_jax.weight_decay import add_decoupled_weight_decay
 
 WeightDecayMask = Any | Callable[[optax.Params], Any] | None
@@ -131,30 +131,42 @@ def rmsprop(
     # written whole, 4 bytes per parameter). Centered μ and L2 decay (-g + λp) need -g.
     negates_gradient = maximize and (centered or couples_weight_decay)
     ascends_by_rate = maximize and not negates_gradient
-    stages = [
+    head = [
         optax.scale(-1.0) if negates_gradient else optax.identity(),
         masked(optax.add_decayed_weights(_precision.as_hyperparameter(weight_decay)))
         if couples_weight_decay
         else optax.identity(),
-        scale_by_rms(
-            decay,
-            eps,
-            eps_in_sqrt=eps_in_sqrt,
-            initial_scale=initial_scale,
-            centered=centered,
-            bias_correction=bias_correction,
-            moment_storage=moment_storage,
-        ),
-        optax.scale_by_learning_rate(learning_rate, flip_sign=not ascends_by_rate),
-        optax.identity()
-        if momentum is None
-        else optax.trace(decay=_precision.as_hyperparameter(momentum), nesterov=nesterov),
+    ]
+    scale_by_rms, steps_from_state = preconditioner(
+        decay,
+        eps,
+        eps_in_sqrt=eps_in_sqrt,
+        initial_scale=initial_scale,
+        centered=centered,
+        bias_correction=bias_correction,
+        moment_storage=moment_storage,
+    )
+    scale_by_rate = optax.scale_by_learning_rate(learning_rate, flip_sign=not ascends_by_rate)
+    buffer_decay = None if momentum is None else _precision.as_hyperparameter(momentum)
+    tail = (
         masked(add_decoupled_weight_decay(learning_rate, weight_decay))
         if decays_weights and decoupled_weight_decay
-        else optax.identity(),
-    ]
+        else optax.identity()
+    )
+    if (nesterov or couples_weight_decay) and steps_from_state is not None:
+        # The step is read by two kernels there: computed again in each, it is not kept.
+        chain = _recomputed_steps.chain(
+            head, scale_by_rms, steps_from_state, scale_by_rate, buffer_decay, nesterov, tail
+        )
+    else:
+        trace = (
+            optax.identity()
+            if buffer_decay is None
+            else optax.trace(decay=buffer_decay, nesterov=nesterov)
+        )
+        chain = optax.chain(*head, scale_by_rms, scale_by_rate, trace, tail)
     return _validation.scalar_hyperparameters(
-        _placement.placed(_precision.with_compute_dtype(optax.chain(*stages))),
+        _placement.placed(_precision.with_compute_dtype(chain)),
         # decay, eps and initial_scale: scale_by_rms checks them, under the same names.
         learning_rate=learning_rate,
         momentum=momentum,

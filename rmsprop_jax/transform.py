@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import chex
@@ -197,6 +198,49 @@ def scale_by_rms(
       Graves, Generating Sequences With Recurrent Neural Networks, 2013.
       https://arxiv.org/abs/1308.0850
     """
+    return preconditioner(
+        decay,
+        eps,
+        eps_in_sqrt=eps_in_sqrt,
+        initial_scale=initial_scale,
+        centered=centered,
+        bias_correction=bias_correction,
+        moment_storage=moment_storage,
+    )[0]
+
+
+StepsFromState = Callable[[optax.Updates, Any], optax.Updates]
+
+
+def preconditioner(
+    decay: chex.Numeric = 0.9,
+    eps: chex.Numeric = 1e-8,
+    *,
+    eps_in_sqrt: bool = False,
+    initial_scale: chex.Numeric = 0.0,
+    centered: bool = False,
+    bias_correction: bool = False,
+    moment_storage: str = "float32",
+) -> tuple[optax.GradientTransformationExtraArgs, StepsFromState | None]:
+    """:func:`scale_by_rms` (same arguments), and its step computed from its new state.
+
+    Every format computes the step from the averages it has just stored, so the step is a
+    function of the gradient and the new state alone: the second function maps
+    `(gradients, new_state)` to the updates that `update` returned with `new_state`, the same
+    arithmetic on the same values. It is None where the step needs more than the new state
+    (centered, the factored format keeps the non-finite entries of what was averaged in only
+    while the step is computed). Its inputs are in the compute dtype (float32 for narrower
+    parameters), as inside :func:`rmsprop_jax.rmsprop`, which uses it (see
+    ``rmsprop_jax._recomputed_steps``).
+
+    Examples:
+      >>> from rmsprop_jax.transform import preconditioner
+      >>> tx, steps_from_state = preconditioner(decay=0.9, moment_storage="int8")
+      >>> grads = {"w": jnp.linspace(-1.0, 1.0, 8192)}
+      >>> updates, state = tx.update(grads, tx.init(grads))
+      >>> bool(jnp.all(steps_from_state(grads, state)["w"] == updates["w"]))
+      True
+    """
     for name, flag in (
         ("eps_in_sqrt", eps_in_sqrt),
         ("centered", centered),
@@ -284,10 +328,24 @@ def scale_by_rms(
             )
         else:
             nu, mu, variance, _ = moments(g, nu, mu)
+        return step(g, variance, correction), nu, mu
+
+    def step(g, variance, correction):
         if bias_correction:
             variance = variance / correction.astype(variance.dtype)
         # u_t = g_t / (sqrt(nu_t) + eps)
-        return _divide_by_rms(g, variance, eps, eps_in_sqrt, eps_is_positive), nu, mu
+        return _divide_by_rms(g, variance, eps, eps_in_sqrt, eps_is_positive)
+
+    def leaf_step(g, nu, mu, correction):
+        """A leaf's step from its new stored averages, as `leaf_update` computes it."""
+        squared = abs_sq(g)
+        if centered and not keeps_variance:
+            second_moment = fmt.leaf_decode(nu, squared, signed=False)
+            variance = _centered_variance(second_moment, mu_fmt.leaf_decode(mu, g, signed=True))
+        else:  # The format's new average, as its update gives it.
+            folded = None if fmt.stores_non_finite else squared
+            variance = fmt.leaf_average_after_rows(nu, squared, folded)
+        return step(g, variance, correction)
 
     # Under a trace, each kind of leaf (shape, dtype, stored layout) is traced once rather than
     # once per leaf: jit caches the trace (for the life of this transformation), and a model
@@ -295,22 +353,40 @@ def scale_by_rms(
     # one the leaves traced one by one would give; the hyperparameters stay closed over, as
     # constants where they are constants. Eager updates run op by op: through jit, each kind
     # of leaf would first be compiled. JAX releases before PER_LEAF_JIT_FROM trace every leaf.
-    traced_leaf_update = (
-        jax.jit(leaf_update) if _jax_compat.JAX_VERSION >= PER_LEAF_JIT_FROM else leaf_update
-    )
+    per_leaf_jit = _jax_compat.JAX_VERSION >= PER_LEAF_JIT_FROM
+    traced_leaf_update = jax.jit(leaf_update) if per_leaf_jit else leaf_update
+    traced_leaf_step = jax.jit(leaf_step) if per_leaf_jit else leaf_step
 
-    def update_fn(updates, state, params=None):
-        del params
+    def stored_averages(updates, state):
+        """The gradients' leaves and tree, and each leaf's stored nu and mu (None if not
+        centered), after checking that `state` is this transformation's, for `updates`."""
         _check_state_type(state, state_type, centered=centered, moment_storage=fmt.name)
         stored_nu = state.variance if keeps_variance else state.nu
         storage.check_stored(fmt, stored_nu, name="variance" if keeps_variance else "nu")
         if centered:
             storage.check_stored(mu_fmt, state.mu, name="mu")
         _validation.check_same_tree(updates, storage.logical_shapes(fmt, stored_nu))
-        count = optax.safe_increment(state.count)
         grads, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
         nus = fmt.split(stored_nu, treedef)
         mus = mu_fmt.split(state.mu, treedef) if centered else [None] * len(grads)
+        return grads, treedef, nus, mus
+
+    def steps_from_state(updates, state):
+        grads, treedef, nus, mus = stored_averages(updates, state)
+        correction = 1 - decay**state.count
+        traced = any(isinstance(g, jax.core.Tracer) for g in grads)
+        run = traced_leaf_step if traced else leaf_step
+        return treedef.unflatten(
+            [
+                None if g is None else run(g, nu, mu, correction)
+                for g, nu, mu in zip(grads, nus, mus, strict=True)
+            ]
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        grads, treedef, nus, mus = stored_averages(updates, state)
+        count = optax.safe_increment(state.count)
         correction = 1 - decay**count  # Unused (and compiled away) without bias_correction.
         seeds = [(None, None)] * len(grads)
         if fmt.rounds or (centered and mu_fmt.rounds):
@@ -340,7 +416,7 @@ def scale_by_rms(
             return updates, ScaleByCenteredVarianceState(count=count, mu=mu, variance=nu)
         return updates, ScaleByCenteredRmsState(count=count, mu=mu, nu=nu)
 
-    return _validation.scalar_hyperparameters(
+    transformation = _validation.scalar_hyperparameters(
         _placement.placed(
             _precision.with_compute_dtype(optax.GradientTransformation(init_fn, update_fn))
         ),
@@ -348,3 +424,5 @@ def scale_by_rms(
         eps=eps,
         initial_scale=initial_scale,
     )
+    recomputable = fmt.stores_non_finite or not centered
+    return transformation, steps_from_state if recomputable else None

@@ -33,6 +33,10 @@ COUNT_BYTES, COUNT_FLOPS = 4 + 4 + POINTER_BYTES, 8
 # optax: optax's centered step turns a squared gradient that overflowed (nu = inf) into NaN
 # through inf - inf, where every other RMSprop step gives a finite update.
 OVERFLOW_GUARD_FLOPS_PER_ELEMENT = 1
+# With Nesterov momentum the step is read by two kernels (the new buffer and the update): rj
+# computes it in both (two square roots per element) where optax writes it to memory and reads
+# it back (4 bytes per parameter of temporaries, and more bytes accessed).
+NESTEROV_SQUARE_ROOTS_PER_ELEMENT = 2
 
 CASES = [
     {},
@@ -72,8 +76,11 @@ def test_compiled_step_costs_no_more_than_optax(case):
     assert ours["bytes"] <= theirs["bytes"] + COUNT_BYTES, (ours, theirs)
     guard = OVERFLOW_GUARD_FLOPS_PER_ELEMENT * PARAMETERS if case.get("centered") else 0
     assert ours["flops"] <= theirs["flops"] + COUNT_FLOPS + guard, (ours, theirs)
-    assert ours["transcendentals"] <= theirs["transcendentals"], (ours, theirs)
+    roots = NESTEROV_SQUARE_ROOTS_PER_ELEMENT if case.get("nesterov") else 1
+    assert ours["transcendentals"] <= roots * theirs["transcendentals"], (ours, theirs)
     assert ours["temp_bytes"] <= theirs["temp_bytes"], (ours, theirs)
+    if case.get("nesterov"):
+        assert ours["temp_bytes"] < theirs["temp_bytes"], (ours, theirs)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(case) or "plain")

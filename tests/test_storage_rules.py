@@ -134,6 +134,102 @@ def test_maximize_gives_the_state_and_updates_of_the_negated_gradient(moment_sto
         )
 
 
+# rmsprop's variants whose step is computed again from the new state (see
+# rmsprop_jax._recomputed_steps), each beside the optax chain of the same stages.
+RECOMPUTED_VARIANTS = {
+    "nesterov": (
+        {"momentum": 0.9, "nesterov": True},
+        lambda rms: [rms, optax.scale_by_learning_rate(0.1), optax.trace(0.9, nesterov=True)],
+    ),
+    "nesterov_centered_eps_0": (
+        {"momentum": 0.9, "nesterov": True, "centered": True, "eps": 0.0},
+        lambda rms: [rms, optax.scale_by_learning_rate(0.1), optax.trace(0.9, nesterov=True)],
+    ),
+    "nesterov_schedule_decoupled_weight_decay": (
+        {
+            "learning_rate": optax.linear_schedule(0.1, 0.01, 3),
+            "momentum": 0.9,
+            "nesterov": True,
+            "weight_decay": 0.01,
+            "decoupled_weight_decay": True,
+        },
+        lambda rms: [
+            rms,
+            optax.scale_by_learning_rate(optax.linear_schedule(0.1, 0.01, 3)),
+            optax.trace(0.9, nesterov=True),
+            rj.add_decoupled_weight_decay(optax.linear_schedule(0.1, 0.01, 3), 0.01),
+        ],
+    ),
+    "coupled_weight_decay": (
+        {"weight_decay": 0.01},
+        lambda rms: [optax.add_decayed_weights(0.01), rms, optax.scale_by_learning_rate(0.1)],
+    ),
+    "coupled_weight_decay_momentum_bias_correction": (
+        {"weight_decay": 0.01, "momentum": 0.5, "bias_correction": True},
+        lambda rms: [
+            optax.add_decayed_weights(0.01),
+            rms,
+            optax.scale_by_learning_rate(0.1),
+            optax.trace(0.5),
+        ],
+    ),
+    "coupled_weight_decay_maximize_centered_eps_in_sqrt": (
+        {"weight_decay": 0.01, "maximize": True, "centered": True, "eps_in_sqrt": True},
+        lambda rms: [
+            optax.scale(-1.0),
+            optax.add_decayed_weights(0.01),
+            rms,
+            optax.scale_by_learning_rate(0.1),
+        ],
+    ),
+}
+_RMS_OPTIONS = ("eps", "centered", "bias_correction", "eps_in_sqrt")
+
+
+@pytest.mark.parametrize("variant", list(RECOMPUTED_VARIANTS))
+@pytest.mark.parametrize("moment_storage", ["float32", *FORMATS])
+def test_steps_computed_again_from_the_new_state_are_the_chained_stages(moment_storage, variant):
+    """Nesterov momentum and L2 weight decay compute the step again from the new state (to
+    hold no temporaries): the updates and state are those of the optax chain of the same
+    stages, bit for bit eagerly (so saved states resume the same) and to rounding under jit,
+    where XLA fuses the two programs differently."""
+    options, stages = RECOMPUTED_VARIANTS[variant]
+    options = {"learning_rate": 0.1, **options}
+    tx = rj.rmsprop(moment_storage=moment_storage, **options)
+    rms = rj.scale_by_rms(
+        moment_storage=moment_storage,
+        **{name: options[name] for name in _RMS_OPTIONS if name in options},
+    )
+    chained = optax.chain(*stages(rms))
+    params = _params()
+    mask = _zero_mask(params)
+    rng = np.random.default_rng(4)
+    grads = [
+        {
+            name: jnp.asarray(np.where(mask[name], 0.0, rng.normal(size=np.shape(p))), p.dtype)
+            for name, p in params.items()
+        }
+        for _ in range(3)
+    ]
+
+    def run(tx, update):
+        p, state = params, tx.init(params)
+        steps = []
+        for g in grads:
+            updates, state = update(g, state, p)
+            steps.append(updates)
+            p = optax.apply_updates(p, updates)
+        return steps, jax.tree.leaves(state)
+
+    eager = run(tx, tx.update)
+    jax.tree.map(np.testing.assert_array_equal, eager, run(chained, chained.update))
+    if moment_storage == "float32":
+        jitted = run(tx, jax.jit(tx.update))
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), jitted, eager
+        )
+
+
 @pytest.mark.parametrize("moment_storage", FORMATS)
 def test_centered_constant_gradient_of_10_for_1000_steps_stays_finite(moment_storage):
     params = {"matrix": jnp.zeros((128, 256)), "small": jnp.zeros(8)}
