@@ -166,6 +166,37 @@ def _quartiles(values: list[float]) -> list[float]:
     return [first, third]
 
 
+def interleaved_times(
+    steppers: dict[Any, Any], carries: dict[Any, Any], grads: Any, repeats: int, steps: int
+) -> dict[Any, list[float]]:
+    """Seconds per step of each compiled `(params, state, grads) -> (params, state)` step, in
+    `repeats` rounds of `steps` steps, the contenders in a new random order each round (so a
+    change of the machine's state falls on all of them); `carries` (each contender's params and
+    state, donated) is updated in place."""
+    times: dict[Any, list[float]] = {contender: [] for contender in steppers}
+    rng = np.random.default_rng(0)
+    for _ in range(repeats):
+        order = list(steppers)
+        rng.shuffle(order)
+        for contender in order:
+            params, state = carries[contender]
+            started = time.perf_counter()
+            for _ in range(steps):
+                params, state = steppers[contender](params, state, grads)
+            jax.block_until_ready((params, state))
+            times[contender].append((time.perf_counter() - started) / steps)
+            carries[contender] = (params, state)
+    return times
+
+
+def ratio_statistics(times: list[float], reference: list[float]) -> dict[str, Any]:
+    """The median over rounds of the ratio of `times` to `reference` within a round (both
+    measured back to back), and the middle half of the rounds' ratios: how far the ratio
+    moves with the machine's state."""
+    ratios = [a / b for a, b in zip(times, reference, strict=True)]
+    return {"median": statistics.median(ratios), "quartiles": _quartiles(ratios)}
+
+
 def measure_update_step(
     repeats: int, steps: int, compiler_options: dict | None = None
 ) -> dict[str, Any]:
@@ -185,38 +216,21 @@ def measure_update_step(
         steppers[contender] = compiled
         results[contender] = compiled_memory(compiled, parameters)
         carries[contender] = compiled(params, state, grads)  # warm up
-    times = {contender: [] for contender in steppers}
-    rng = np.random.default_rng(0)
-    for _ in range(repeats):
-        order = list(steppers)
-        rng.shuffle(order)
-        for contender in order:
-            params, state = carries[contender]
-            started = time.perf_counter()
-            for _ in range(steps):
-                params, state = steppers[contender](params, state, grads)
-            jax.block_until_ready((params, state))
-            times[contender].append((time.perf_counter() - started) / steps)
-            carries[contender] = (params, state)
-        del order
+    times = interleaved_times(steppers, carries, grads, repeats, steps)
     rows = {variant: {} for variant in VARIANTS}
     for (variant, name), t in times.items():
-        reference = times[variant, "float32"]
-        # The median over rounds of the ratio within a round: both measured back to back.
-        ratios = [a / b for a, b in zip(t, reference, strict=True)]
-        ratio = statistics.median(ratios)
+        # float32's step is bound by memory bandwidth, the compressed ones largely by
+        # arithmetic: the quartiles show how the ratio moves with the machine's state.
+        ratio = ratio_statistics(t, times[variant, "float32"])
         row = results[variant, name] | {
             "median_seconds": statistics.median(t),
-            "relative_to_float32": ratio,
-            # The middle half of the rounds' ratios: how far the ratio moves with the machine's
-            # state (float32's step is bound by memory bandwidth, the compressed ones largely
-            # by arithmetic).
-            "relative_to_float32_quartiles": _quartiles(ratios),
+            "relative_to_float32": ratio["median"],
+            "relative_to_float32_quartiles": ratio["quartiles"],
             "seconds_per_repeat": t,
         }
         if name in TARGET_STEP_TIME:
             row["target_relative_time"] = TARGET_STEP_TIME[name]
-            row["meets_time_target"] = bool(ratio <= TARGET_STEP_TIME[name])
+            row["meets_time_target"] = bool(ratio["median"] <= TARGET_STEP_TIME[name])
         if name in FORMATS:
             row["meets_temporary_target"] = bool(
                 row["temporary_bytes_per_parameter"] <= TARGET_TEMPORARY_BYTES

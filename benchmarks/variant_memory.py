@@ -1,14 +1,16 @@
-"""Update-step memory of every RMSprop variant, per storage format, against float32 and optax.
+"""Update-step memory and time of every RMSprop variant, per storage format, against optax.
 
-`memory.py` measures and times the plain and centered + momentum steps; this script compiles
-(without running) the jitted, buffer-donated "update + apply" step of every other variant on
-the same 16.8M-parameter transformer-shaped tree, for every `moment_storage`, and reads the
-bytes per parameter from `compiled.memory_analysis()`: arguments, temporaries and the peak
-(arguments + temporaries + outputs not written in place). Each variant's float32 step is the
-reference, and optax's step of the same variant, where optax has it, is beside it.
+`memory.py` measures the plain and centered + momentum steps in depth; this script compiles
+the jitted, buffer-donated "update + apply" step of every other variant on the same
+16.8M-parameter transformer-shaped tree, for every `moment_storage`, reads the bytes per
+parameter from `compiled.memory_analysis()` (arguments, temporaries and the peak: arguments +
+temporaries + outputs not written in place), and times the steps of each variant against each
+other: rounds in a new random order each time, the median over rounds of each round's ratio to
+the float32 step of the same variant. Optax's step of the same variant, where optax has it, is
+beside them.
 
-    python benchmarks/variant_memory.py            # every variant: about 1 minute
-    python benchmarks/variant_memory.py --quick    # four of the variants: under a minute
+    python benchmarks/variant_memory.py            # every variant: about 2 minutes
+    python benchmarks/variant_memory.py --quick    # four of the variants: about 1 minute
 
 Writes a new outputs/benchmarks/variant_memory_<platform>_<time>.json; `--update-results`
 replaces benchmarks/results/variant_memory_<platform>.json instead.
@@ -17,15 +19,23 @@ replaces benchmarks/results/variant_memory_<platform>.json instead.
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 import optax
 from _machine import describe_machine
 from _results import add_output_flags, announce, check_output_flags, new_parser, output_path
-from memory import FORMATS, TARGET_TEMPORARY_BYTES, compiled_memory, transformer_init, update_step
+from memory import (
+    FORMATS,
+    TARGET_TEMPORARY_BYTES,
+    compiled_memory,
+    interleaved_times,
+    ratio_statistics,
+    transformer_init,
+    update_step,
+)
 
 import rmsprop_jax as rj
 
@@ -53,35 +63,48 @@ VARIANTS: dict[str, tuple[dict[str, Any], Callable[[], optax.GradientTransformat
     "maximize, centered": ({"maximize": True, "centered": True}, None),
 }
 QUICK_VARIANTS = ("nesterov", "L2 weight decay", "maximize", "maximize, centered")
-FULL_DURATION = "about 1 minute on 2 CPU cores"
-QUICK_DURATION = "under a minute"
+FULL_DURATION = "about 2 minutes on 2 CPU cores"
+QUICK_DURATION = "about 1 minute"
 
 
-def measure(variants: tuple[str, ...]) -> dict[str, Any]:
-    params = jax.eval_shape(transformer_init, jax.random.key(0))
-    parameters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-
-    def compiled(tx: optax.GradientTransformation) -> dict[str, float]:
-        state = jax.eval_shape(tx.init, params)
-        step = jax.jit(update_step(tx), donate_argnums=(0, 1))
-        return compiled_memory(step.lower(params, state, params).compile(), parameters)
-
+def measure(variants: tuple[str, ...], repeats: int, steps: int) -> dict[str, Any]:
+    key = jax.random.key(0)
+    grads = jax.jit(transformer_init)(jax.random.fold_in(key, 1))
+    parameters = sum(x.size for x in jax.tree.leaves(grads))
     rows: dict[str, Any] = {"parameters": parameters}
     for variant in variants:
         options, optax_step = VARIANTS[variant]
-        row = {m: compiled(rj.rmsprop(1e-3, moment_storage=m, **options)) for m in FORMATS}
+        contenders = {m: rj.rmsprop(1e-3, moment_storage=m, **options) for m in FORMATS}
         if optax_step is not None:
-            row["optax"] = compiled(optax_step())
+            contenders["optax"] = optax_step()
+        row, steppers, carries = {}, {}, {}
+        for name, tx in contenders.items():
+            params = jax.jit(transformer_init)(key)
+            state = tx.init(params)
+            compiled = (
+                jax.jit(update_step(tx), donate_argnums=(0, 1))
+                .lower(params, state, grads)
+                .compile()
+            )
+            row[name] = compiled_memory(compiled, parameters)
+            steppers[name] = compiled
+            carries[name] = compiled(params, state, grads)  # warm up
+        times = interleaved_times(steppers, carries, grads, repeats, steps)
+        del steppers, carries
         reference = row["float32"]
-        for name in FORMATS[1:]:
-            added = (
-                row[name]["temporary_bytes_per_parameter"]
-                - reference["temporary_bytes_per_parameter"]
-            )
-            row[name]["temporaries_added_to_float32"] = added
-            row[name]["peak_below_float32"] = (
-                row[name]["peak_bytes_per_parameter"] < reference["peak_bytes_per_parameter"]
-            )
+        for name, step in row.items():
+            ratio = ratio_statistics(times[name], times["float32"])
+            step["median_seconds"] = statistics.median(times[name])
+            step["relative_to_float32"] = ratio["median"]
+            step["relative_to_float32_quartiles"] = ratio["quartiles"]
+            if name in FORMATS[1:]:
+                step["temporaries_added_to_float32"] = (
+                    step["temporary_bytes_per_parameter"]
+                    - reference["temporary_bytes_per_parameter"]
+                )
+                step["peak_below_float32"] = (
+                    step["peak_bytes_per_parameter"] < reference["peak_bytes_per_parameter"]
+                )
         rows[variant] = {"options": options, "steps": row}
         print(f"  {variant} done", flush=True)
     return rows
@@ -92,7 +115,7 @@ def print_table(rows: dict[str, Any]) -> None:
         f"\nUpdate step (donated), bytes per parameter of {rows['parameters']:,} parameters; "
         f"temporaries target <= {TARGET_TEMPORARY_BYTES}"
     )
-    print(f"{'variant':<24} {'step':<10} {'args':>6} {'temps':>6} {'peak':>6}")
+    print(f"{'variant':<24} {'step':<10} {'args':>6} {'temps':>6} {'peak':>6} {'time':>6}")
     for variant, row in rows.items():
         if variant == "parameters":
             continue
@@ -100,7 +123,7 @@ def print_table(rows: dict[str, Any]) -> None:
             print(
                 f"{variant:<24} {name:<10} {step['arguments_bytes_per_parameter']:>6.2f} "
                 f"{step['temporary_bytes_per_parameter']:>6.2f} "
-                f"{step['peak_bytes_per_parameter']:>6.2f}"
+                f"{step['peak_bytes_per_parameter']:>6.2f} {step['relative_to_float32']:>6.2f}"
             )
 
 
@@ -109,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quick", action="store_true", help=f"only the variants {', '.join(QUICK_VARIANTS)}"
     )
+    parser.add_argument("--repeats", type=int, default=7, help="timing rounds (default 7)")
+    parser.add_argument("--steps", type=int, default=5, help="steps per round (default 5)")
     add_output_flags(parser)
     args = parser.parse_args(argv)
     check_output_flags(parser, args)
@@ -117,11 +142,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.quick
         else f"variant_memory: the full run takes {FULL_DURATION} (--quick: {QUICK_DURATION})."
     )
-    rows = measure(QUICK_VARIANTS if args.quick else tuple(VARIANTS))
+    rows = measure(QUICK_VARIANTS if args.quick else tuple(VARIANTS), args.repeats, args.steps)
     print_table(rows)
     output = output_path("variant_memory", jax.default_backend(), args)
     output.parent.mkdir(parents=True, exist_ok=True)
-    record = {"machine": describe_machine(), "memory": rows}
+    timing = {"repeats": args.repeats, "steps_per_repeat": args.steps}
+    record = {"machine": describe_machine(), "timing": timing, "memory": rows}
     output.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nwrote {output}")
 

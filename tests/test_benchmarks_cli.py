@@ -203,7 +203,7 @@ def test_the_variant_table_quotes_the_committed_variant_memory_record():
             ""
             if (step := row["steps"].get(name)) is None
             else f"{step['temporary_bytes_per_parameter']:.2f} / "
-            f"{step['peak_bytes_per_parameter']:.2f}"
+            f"{step['peak_bytes_per_parameter']:.2f} / {step['relative_to_float32']:.2f}"
             for name in ("float32", "bfloat16", "int8", "factored", "optax")
         ]
         assert f"| {variant} | " + " | ".join(cells) + " |" in text, variant
