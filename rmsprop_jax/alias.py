@@ -156,7 +156,13 @@ def rmsprop(
     if (nesterov or couples_weight_decay) and steps_from_state is not None:
         # The step is read by two kernels there: computed again in each, it is not kept.
         chain = _recomputed_steps.chain(
-            head, scale_by_rms, steps_from_state, scale_by_rate, buffer_decay, nesterov, tail
+            head,
+            scale_by_rms,
+            steps_from_state,
+            scale=[scale_by_rate],
+            momentum=buffer_decay,
+            nesterov=nesterov,
+            tail=[tail],
         )
     else:
         trace = (

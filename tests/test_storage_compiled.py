@@ -45,8 +45,10 @@ FORMATS = ["float32", "bfloat16", "int8", "factored"]
 
 
 def _memory(moment_storage: str, options: dict):
-    tx = rj.rmsprop(1e-3, moment_storage=moment_storage, **options)
+    return _compiled_memory(rj.rmsprop(1e-3, moment_storage=moment_storage, **options))
 
+
+def _compiled_memory(tx: optax.GradientTransformation):
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
@@ -163,6 +165,19 @@ def test_no_variant_holds_temporaries_in_float32():
         if _temporaries_and_peak("float32", variant)[0] > TEMPORARY_BYTES_PER_PARAMETER
     }
     assert holding == set(), holding
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"momentum": 0.9}, {"centered": True, "momentum": 0.9}, {"maximize": True}],
+    ids=["plain", "momentum", "centered-momentum", "maximize"],
+)
+def test_the_pytorch_preset_with_weight_decay_holds_no_temporaries(options):
+    """PyTorch's L2 weight decay, g + λp, is read by the new average and by the step: the
+    preset computes it again in each (see rmsprop_jax._recomputed_steps), where writing it
+    whole took 4 bytes per parameter."""
+    memory, _ = _compiled_memory(rj.compat.torch_rmsprop(1e-3, weight_decay=0.01, **options))
+    assert memory.temp_size_in_bytes / PARAMETERS <= TEMPORARY_BYTES_PER_PARAMETER
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

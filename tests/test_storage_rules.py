@@ -230,6 +230,40 @@ def test_steps_computed_again_from_the_new_state_are_the_chained_stages(moment_s
         )
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"momentum": 0.9}, {"centered": True, "momentum": 0.5, "maximize": True}],
+    ids=["plain", "momentum", "centered-momentum-maximize"],
+)
+def test_the_pytorch_preset_with_weight_decay_is_its_chained_stages(options):
+    """`compat.torch_rmsprop` computes the step again from the new state with weight decay
+    (as `rmsprop` does): bit for bit the chain of its stages, eagerly."""
+    momentum, centered = options.get("momentum", 0.0), options.get("centered", False)
+    tx = rj.compat.torch_rmsprop(0.01, alpha=0.9, eps=1e-6, weight_decay=0.1, **options)
+    chained = optax.chain(
+        optax.scale(-1.0) if options.get("maximize") else optax.identity(),
+        optax.add_decayed_weights(0.1),
+        rj.scale_by_rms(0.9, 1e-6, centered=centered),
+        optax.trace(momentum) if momentum else optax.identity(),
+        optax.scale_by_learning_rate(0.01),
+    )
+    params = _params()
+    rng = np.random.default_rng(5)
+    results = []
+    for transformation in (tx, chained):
+        p, state, steps = params, transformation.init(params), []
+        for _ in range(3):
+            grads = {
+                name: jnp.asarray(rng.normal(size=np.shape(x)), x.dtype) for name, x in p.items()
+            }
+            updates, state = transformation.update(grads, state, p)
+            steps.append(updates)
+            p = optax.apply_updates(p, updates)
+        results.append((steps, jax.tree.leaves(state)))
+        rng = np.random.default_rng(5)
+    jax.tree.map(np.testing.assert_array_equal, *results)
+
+
 @pytest.mark.parametrize("moment_storage", FORMATS)
 def test_centered_constant_gradient_of_10_for_1000_steps_stays_finite(moment_storage):
     params = {"matrix": jnp.zeros((128, 256)), "small": jnp.zeros(8)}

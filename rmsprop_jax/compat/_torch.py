@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import chex
 import optax
 
-from rmsprop_jax import _placement, _precision, _validation
+from rmsprop_jax import _placement, _precision, _recomputed_steps, _validation
 from rmsprop_jax.compat import _common
-from rmsprop_jax.transform import scale_by_rms
+from rmsprop_jax.transform import preconditioner
 
 
 class TorchLayoutState(NamedTuple):
@@ -130,15 +130,17 @@ def torch_rmsprop(
     if foreach is not None:
         _validation.check_flag("foreach", foreach)
 
-    stages: list[Any] = [
+    head = [
         optax.scale(-1.0) if maximize else optax.identity(),
         optax.identity()
         if _validation.is_literal_zero(weight_decay)
         else optax.add_decayed_weights(_precision.as_hyperparameter(weight_decay)),
-        scale_by_rms(alpha, eps, centered=centered),
-        optax.identity()
-        if _validation.is_literal_zero(momentum)
-        else optax.trace(decay=_precision.as_hyperparameter(momentum)),
+    ]
+    scale_by_rms, steps_from_state = preconditioner(alpha, eps, centered=centered)
+    buffer_decay = (
+        None if _validation.is_literal_zero(momentum) else _precision.as_hyperparameter(momentum)
+    )
+    tail = [
         # After the buffer: PyTorch scales the buffer, not each increment, by the current rate.
         optax.scale_by_learning_rate(
             _precision.as_hyperparameter(_validation.scalar_schedule("lr", lr))
@@ -146,10 +148,17 @@ def torch_rmsprop(
         # Last, so the tuple positions of the stages above are those of earlier releases.
         torch_layout(),
     ]
+    if _validation.is_literal_zero(weight_decay) or steps_from_state is None:
+        trace = optax.identity() if buffer_decay is None else optax.trace(decay=buffer_decay)
+        chain = optax.chain(*head, scale_by_rms, trace, *tail)
+    else:
+        # The decayed gradient g + λp is read by the new average and by the step: computed
+        # again in each, it is not written whole (4 bytes per parameter).
+        chain = _recomputed_steps.chain(
+            head, scale_by_rms, steps_from_state, momentum=buffer_decay, tail=tail
+        )
     return _validation.scalar_hyperparameters(
-        _common.as_real_pairs(
-            _placement.placed(_precision.with_compute_dtype(optax.chain(*stages)))
-        ),
+        _common.as_real_pairs(_placement.placed(_precision.with_compute_dtype(chain))),
         lr=lr,
         alpha=alpha,
         eps=eps,
