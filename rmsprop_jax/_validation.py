@@ -167,11 +167,14 @@ def checked_mask(name: str, mask: Any) -> Callable[[Any], Any]:
 
 
 def scalar_schedule(name: str, value: Any) -> Any:
-    """`value`, or where it is a schedule, the schedule with its result checked to be a scalar.
+    """`value`, or where it is a schedule, the schedule with its result checked to be a scalar,
+    and, where it is concrete (an eager update), a finite number >= 0.
 
     A schedule returning an array with axes would be broadcast against every parameter leaf,
     as an array hyperparameter would (see :func:`scalar_hyperparameters`); its shape is known
-    while the update is traced, so the check costs nothing in the compiled step.
+    while the update is traced, so the check costs nothing in the compiled step. A traced
+    value cannot be inspected: a NaN rate then gives NaN updates (which
+    `optax.apply_if_finite` sees), a negative one ascends.
     """
     if not callable(value):
         return value
@@ -183,6 +186,12 @@ def scalar_schedule(name: str, value: Any) -> Any:
                 f"`{name}` is a schedule that returned an array of shape {np.shape(result)}; a "
                 f"schedule must return a scalar for each step count. {_ONE_VALUE_PER_RUN}"
             )
+        try:
+            check_in_range(name, result, low=0.0)
+        except ValueError as error:
+            step = _concrete_values(count)
+            at = "" if step is None else f" at step count {step.item()}"
+            raise ValueError(f"{error} It is the value of the schedule `{name}`{at}.") from None
         return result
 
     return checked

@@ -145,24 +145,25 @@ def test_a_traced_array_hyperparameter_is_refused_by_its_shape():
     assert jax.vmap(one_step)(jnp.array([0.1, 0.2]))["b"].shape == (2, 2)
 
 
-@pytest.mark.parametrize(
-    ("build", "name"),
-    [
-        (rj.rmsprop, "learning_rate"),
-        (
-            lambda learning_rate: rj.rmsprop(
-                learning_rate, weight_decay=0.1, decoupled_weight_decay=True
-            ),
-            "learning_rate",
+# Optimizers built from a learning-rate schedule, and the name of their argument.
+SCHEDULED = [
+    (rj.rmsprop, "learning_rate"),
+    (
+        lambda learning_rate: rj.rmsprop(
+            learning_rate, weight_decay=0.1, decoupled_weight_decay=True
         ),
-        (lambda lr: rj.compat.torch_rmsprop(lr=lr), "lr"),
-        (
-            lambda learning_rate: rj.compat.keras_rmsprop(learning_rate=learning_rate),
-            "learning_rate",
-        ),
-        (lambda learning_rate: rj.compat.tf1_rmsprop(learning_rate), "learning_rate"),
-    ],
-)
+        "learning_rate",
+    ),
+    (lambda lr: rj.compat.torch_rmsprop(lr=lr), "lr"),
+    (
+        lambda learning_rate: rj.compat.keras_rmsprop(learning_rate=learning_rate),
+        "learning_rate",
+    ),
+    (lambda learning_rate: rj.compat.tf1_rmsprop(learning_rate), "learning_rate"),
+]
+
+
+@pytest.mark.parametrize(("build", "name"), SCHEDULED)
 def test_a_schedule_returning_an_array_is_refused_when_traced(build, name):
     # A (2,) rate per step would be broadcast against the (2,) parameter: one rate per element.
     params = {"b": jnp.ones(2), "w": jnp.ones((3, 2))}
@@ -175,6 +176,21 @@ def test_a_schedule_returning_an_array_is_refused_when_traced(build, name):
             update(params, state, params)
     fine = build(lambda count: 0.1 / (1.0 + count))
     assert jax.jit(fine.update)(params, fine.init(params), params)[0]["b"].shape == (2,)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.1])
+@pytest.mark.parametrize(("build", "name"), SCHEDULED)
+def test_a_schedule_value_that_is_no_rate_is_refused_in_an_eager_update(build, name, value):
+    params = {"b": jnp.ones(2)}
+    tx = build(lambda count: jnp.where(count < 2, 0.1, value))
+    state = tx.init(params)
+    for _ in range(2):
+        _, state = tx.update(params, state, params)
+    with pytest.raises(ValueError, match=rf"`{name}` must .* schedule `{name}` at step count 2"):
+        tx.update(params, state, params)
+    # Traced, the value cannot be inspected: a NaN rate gives NaN updates.
+    updates, _ = jax.jit(tx.update)(params, state, params)
+    assert np.isnan(value) == bool(np.all(np.isnan(updates["b"])))
 
 
 def test_gradient_with_a_missing_leaf_names_the_first_differing_path():
