@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,24 @@ class CorruptCheckpointError(ValueError):
       metadata in .../1 (default/_METADATA in it) cannot be read ...
       >>> import shutil; manager.close(); shutil.rmtree(directory)
     """
+
+
+# Managers made by `open_manager` and since closed. Orbax's `save` on a closed manager returns
+# True, but its closed background threads never finish the checkpoint: only a temporary
+# directory is left, and errors are logged minutes later.
+_CLOSED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _marked_when_closed(manager: ocp.CheckpointManager) -> ocp.CheckpointManager:
+    """`manager`, whose `close` (directly or by leaving a `with` block) marks it closed."""
+    close = manager.close
+
+    def close_and_mark() -> None:
+        close()
+        _CLOSED.add(manager)
+
+    manager.close = close_and_mark
+    return manager
 
 
 def _orbax() -> Any:
@@ -125,8 +144,10 @@ def open_manager(
     path = Path(directory).absolute()
 
     def manager() -> ocp.CheckpointManager:
-        return ocp_.CheckpointManager(
-            path, options=options, item_handlers=ocp_.StandardCheckpointHandler()
+        return _marked_when_closed(
+            ocp_.CheckpointManager(
+                path, options=options, item_handlers=ocp_.StandardCheckpointHandler()
+            )
         )
 
     if path.exists():
@@ -166,7 +187,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
     Raises:
       TypeError: `step` is not an integer (a float or a bool would name a directory "1.5" or
         "True").
-      ValueError: `step` is negative.
+      ValueError: `step` is negative, or `manager` (made by :func:`open_manager`) was closed
+        (orbax would report success and leave an unfinished temporary directory).
 
     Examples:
       >>> import tempfile
@@ -179,6 +201,13 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
       True [10]
     """
     _check_step(step)
+    if manager in _CLOSED:
+        raise ValueError(
+            f"The checkpoint manager of {manager.directory} is closed, so step {step} would not "
+            "be saved (orbax would report success and leave an unfinished temporary "
+            "directory). Save before closing it, or open it again with "
+            "rj.checkpoint.open_manager(directory)."
+        )
     ocp_ = _orbax()
     # The manager was opened with `create=False`; older orbax versions (0.11.13) then refuse
     # to save into a directory that does not exist yet, so the first save makes it.

@@ -134,6 +134,26 @@ def test_a_step_that_is_not_a_natural_number_is_refused_and_writes_nothing(
         rj.checkpoint.restore(rj.checkpoint.open_manager(tmp_path), state(0.0), step=step)
 
 
+@pytest.mark.parametrize("closing", ["close", "with"])
+def test_saving_with_a_closed_manager_is_refused_and_the_saved_steps_stay(closing, tmp_path):
+    if closing == "with":
+        with rj.checkpoint.open_manager(tmp_path) as manager:
+            rj.checkpoint.save(manager, 1, state(1.0))
+    else:
+        manager = rj.checkpoint.open_manager(tmp_path)
+        rj.checkpoint.save(manager, 1, state(1.0))
+        manager.close()
+    with pytest.raises(ValueError, match=r"manager of .* is closed, so step 2 would not be saved"):
+        rj.checkpoint.save(manager, 2, state(2.0))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["1"]
+    with rj.checkpoint.open_manager(tmp_path) as again:
+        assert again.all_steps() == [1]
+        rj.checkpoint.save(again, 2, state(2.0))  # reopened, it saves
+        again.wait_until_finished()
+        restored = rj.checkpoint.restore(again, state(0.0))
+    np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 2), 2.0))
+
+
 def test_options_of_another_type_are_named(tmp_path):
     with pytest.raises(
         TypeError, match=r"`options` must be .*CheckpointManagerOptions.*max_to_keep"
