@@ -230,6 +230,15 @@ def test_steps_computed_again_from_the_new_state_are_the_chained_stages(moment_s
         )
 
 
+@pytest.mark.parametrize("variant", ["nesterov", "coupled_weight_decay"])
+def test_the_recomputing_chain_refuses_a_state_of_another_optimizer(variant):
+    params = {"w": jnp.ones(3)}
+    tx = rj.rmsprop(0.1, **RECOMPUTED_VARIANTS[variant][0])
+    for other in (optax.adam(0.1).init(params), {"nu": params}):
+        with pytest.raises(ValueError, match=r"a tuple of 6 stage states, .* another optimizer"):
+            tx.update(params, other, params)
+
+
 @pytest.mark.parametrize(
     "options",
     [{}, {"momentum": 0.9}, {"centered": True, "momentum": 0.5, "maximize": True}],
