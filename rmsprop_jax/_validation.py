@@ -128,6 +128,56 @@ def scalar_hyperparameters(
     return optax.GradientTransformationExtraArgs(refuse, refuse)
 
 
+_PRECONDITIONER_MODULE = "rmsprop_jax.transform"
+
+
+def stage_states_checked(
+    name: str, chain: optax.GradientTransformation
+) -> optax.GradientTransformationExtraArgs:
+    """`chain` (whose state is a tuple of stage states), whose `update` refuses a tuple of the
+    same length with a stage state of another type: the state of another configuration
+    (momentum or none, a schedule or a constant rate, a mask or none), which the stage would
+    fail on with an `AttributeError`, or, for an `optax.identity` given a buffer, carry along
+    unused. The types are those `chain.init` gives for parameters of the tree structure of the
+    update's (found once per structure, from shapes only); where that init fails (a mask
+    function that reads values, say), the state passes unchecked."""
+    chain = optax.with_extra_args_support(chain)
+    expected_by_structure: dict[Any, list[type] | None] = {}
+
+    def expected(params: Any) -> list[type] | None:
+        params = {} if params is None else params
+        structure = jax.tree.structure(params)
+        if structure not in expected_by_structure:
+            try:
+                states = jax.eval_shape(chain.init, params)
+                expected_by_structure[structure] = [type(stage) for stage in states]
+            except Exception:
+                expected_by_structure[structure] = None
+        return expected_by_structure[structure]
+
+    def update_fn(updates, state, params=None, **extra_args):
+        kinds = expected(params) if isinstance(state, tuple) else None
+        if kinds is not None and len(state) == len(kinds):
+            for index, (stage, kind) in enumerate(zip(state, kinds, strict=True)):
+                # The preconditioner checks its own state, naming its options.
+                if not isinstance(stage, kind) and kind.__module__ != _PRECONDITIONER_MODULE:
+                    raise ValueError(
+                        f"{name}'s state holds {_article(kind.__name__)} at position {index}, "
+                        f"but was given {_article(type(stage).__name__)} there: a state made by "
+                        "an optimizer of another configuration (momentum or none, a schedule or "
+                        "a constant rate, a weight decay mask or none). Start from this "
+                        "optimizer's init(params), or restore a checkpoint into a target built "
+                        "by it."
+                    )
+        return chain.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(chain.init, update_fn)
+
+
+def _article(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
 def _is_flag(leaf: Any) -> bool:
     """True or False: a Python or NumPy bool, or a concrete boolean array without axes."""
     if isinstance(leaf, bool | np.bool_):

@@ -172,7 +172,9 @@ def rmsprop(
         )
         chain = optax.chain(*head, scale_by_rms, scale_by_rate, trace, tail)
     return _validation.scalar_hyperparameters(
-        _placement.placed(_precision.with_compute_dtype(chain)),
+        _placement.placed(
+            _precision.with_compute_dtype(_validation.stage_states_checked("rmsprop", chain))
+        ),
         # decay, eps and initial_scale: scale_by_rms checks them, under the same names.
         learning_rate=learning_rate,
         momentum=momentum,

@@ -255,3 +255,38 @@ def test_a_weight_decay_mask_that_does_not_fit_is_named(mask, error, message):
     np.testing.assert_array_equal(
         updates["w"], expected.update(params, expected.init(params), params)[0]["w"]
     )
+
+
+# (optimizer, optimizer of another configuration, the stage that differs and its types).
+OTHER_CONFIGURATIONS = [
+    (rj.rmsprop(0.1, momentum=0.9), rj.rmsprop(0.1), "a TraceState at position 4.*an EmptyState"),
+    (rj.rmsprop(0.1), rj.rmsprop(0.1, momentum=0.9), "an EmptyState at position 4.*a TraceState"),
+    (
+        rj.rmsprop(optax.linear_schedule(0.1, 0.0, 10)),
+        rj.rmsprop(0.1),
+        "a ScaleByScheduleState at position 3.*an EmptyState",
+    ),
+    (
+        rj.rmsprop(0.1, weight_decay=0.1, weight_decay_mask={"w": True}),
+        rj.rmsprop(0.1, weight_decay=0.1),
+        "a MaskedState at position 1.*an EmptyState",
+    ),
+    (
+        rj.compat.torch_rmsprop(0.1, momentum=0.9),
+        rj.compat.torch_rmsprop(0.1),
+        "a TraceState at position 3.*an EmptyState",
+    ),
+]
+
+
+@pytest.mark.parametrize(("tx", "other", "message"), OTHER_CONFIGURATIONS)
+def test_a_state_of_another_configuration_is_refused_naming_the_stage(tx, other, message):
+    """Before, a missing stage state raised an AttributeError from inside optax (`'EmptyState'
+    object has no attribute 'trace'`), and a momentum buffer given to an optimizer without
+    momentum was carried along unused."""
+    params = {"w": jnp.ones(3)}
+    for update in (tx.update, jax.jit(tx.update)):
+        with pytest.raises(ValueError, match=rf"state holds {message} there: a state made by"):
+            update(params, other.init(params), params)
+    updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
+    assert updates["w"].shape == (3,)

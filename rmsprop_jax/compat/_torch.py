@@ -158,7 +158,13 @@ def torch_rmsprop(
             head, scale_by_rms, steps_from_state, momentum=buffer_decay, tail=tail
         )
     return _validation.scalar_hyperparameters(
-        _common.as_real_pairs(_placement.placed(_precision.with_compute_dtype(chain))),
+        _common.as_real_pairs(
+            _placement.placed(
+                _precision.with_compute_dtype(
+                    _validation.stage_states_checked("torch_rmsprop", chain)
+                )
+            )
+        ),
         lr=lr,
         alpha=alpha,
         eps=eps,
