@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +46,30 @@ def _zero_mask(params) -> dict[str, np.ndarray]:
     mask["matrix"][:, 7] = True
     mask["frozen"][:] = True
     return mask
+
+
+def _gradients(params, seed: int, steps: int = 3) -> list[dict[str, jax.Array]]:
+    """`steps` normal gradients of `params`, zero where `_zero_mask` says."""
+    mask = _zero_mask(params)
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            name: jnp.asarray(np.where(mask[name], 0.0, rng.normal(size=np.shape(p))), p.dtype)
+            for name, p in params.items()
+        }
+        for _ in range(steps)
+    ]
+
+
+def _trajectory(tx, update, params, grads) -> tuple[list[Any], list[Any]]:
+    """The updates `update` (`tx.update`, or it jitted) gives for `grads` from `tx.init`, each
+    applied, and the leaves of the last state."""
+    state, steps = tx.init(params), []
+    for g in grads:
+        updates, state = update(g, state, params)
+        steps.append(updates)
+        params = optax.apply_updates(params, updates)
+    return steps, jax.tree.leaves(state)
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-8])
@@ -105,30 +131,14 @@ def test_maximize_gives_the_state_and_updates_of_the_negated_gradient(moment_sto
     ascent = rj.rmsprop(maximize=True, moment_storage=moment_storage, **options)
     descent = rj.rmsprop(moment_storage=moment_storage, **options)
     params = _params()
-    mask = _zero_mask(params)
-    rng = np.random.default_rng(3)
-    grads = [
-        {
-            name: jnp.asarray(np.where(mask[name], 0.0, rng.normal(size=np.shape(p))), p.dtype)
-            for name, p in params.items()
-        }
-        for _ in range(3)
-    ]
-
-    def run(tx, grads, update):
-        p, state = params, tx.init(params)
-        steps = []
-        for g in grads:
-            updates, state = update(tx)(g, state, p)
-            steps.append(updates)
-            p = optax.apply_updates(p, updates)
-        return steps, state
-
+    grads = _gradients(params, seed=3)
     negated = [jax.tree.map(jnp.negative, g) for g in grads]
-    eager = run(ascent, grads, lambda tx: tx.update)
-    jax.tree.map(np.testing.assert_array_equal, eager, run(descent, negated, lambda tx: tx.update))
+    eager = _trajectory(ascent, ascent.update, params, grads)
+    jax.tree.map(
+        np.testing.assert_array_equal, eager, _trajectory(descent, descent.update, params, negated)
+    )
     if moment_storage == "float32":
-        jitted = run(ascent, grads, lambda tx: jax.jit(tx.update))
+        jitted = _trajectory(ascent, jax.jit(ascent.update), params, grads)
         jax.tree.map(
             lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), jitted, eager
         )
@@ -202,29 +212,13 @@ def test_steps_computed_again_from_the_new_state_are_the_chained_stages(moment_s
     )
     chained = optax.chain(*stages(rms))
     params = _params()
-    mask = _zero_mask(params)
-    rng = np.random.default_rng(4)
-    grads = [
-        {
-            name: jnp.asarray(np.where(mask[name], 0.0, rng.normal(size=np.shape(p))), p.dtype)
-            for name, p in params.items()
-        }
-        for _ in range(3)
-    ]
-
-    def run(tx, update):
-        p, state = params, tx.init(params)
-        steps = []
-        for g in grads:
-            updates, state = update(g, state, p)
-            steps.append(updates)
-            p = optax.apply_updates(p, updates)
-        return steps, jax.tree.leaves(state)
-
-    eager = run(tx, tx.update)
-    jax.tree.map(np.testing.assert_array_equal, eager, run(chained, chained.update))
+    grads = _gradients(params, seed=4)
+    eager = _trajectory(tx, tx.update, params, grads)
+    jax.tree.map(
+        np.testing.assert_array_equal, eager, _trajectory(chained, chained.update, params, grads)
+    )
     if moment_storage == "float32":
-        jitted = run(tx, jax.jit(tx.update))
+        jitted = _trajectory(tx, jax.jit(tx.update), params, grads)
         jax.tree.map(
             lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), jitted, eager
         )
@@ -257,20 +251,12 @@ def test_the_pytorch_preset_with_weight_decay_is_its_chained_stages(options):
         optax.scale_by_learning_rate(0.01),
     )
     params = _params()
-    rng = np.random.default_rng(5)
-    results = []
-    for transformation in (tx, chained):
-        p, state, steps = params, transformation.init(params), []
-        for _ in range(3):
-            grads = {
-                name: jnp.asarray(rng.normal(size=np.shape(x)), x.dtype) for name, x in p.items()
-            }
-            updates, state = transformation.update(grads, state, p)
-            steps.append(updates)
-            p = optax.apply_updates(p, updates)
-        results.append((steps, jax.tree.leaves(state)))
-        rng = np.random.default_rng(5)
-    jax.tree.map(np.testing.assert_array_equal, *results)
+    grads = _gradients(params, seed=5)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        _trajectory(tx, tx.update, params, grads),
+        _trajectory(chained, chained.update, params, grads),
+    )
 
 
 @pytest.mark.parametrize("moment_storage", FORMATS)
