@@ -34,6 +34,9 @@ Moments = Callable[[chex.Array, Any, Any], tuple[Any, Any, chex.Array, chex.Arra
 # (g, stored mu, *earlier) -> (new stored mu, its value): the first moment's update, as
 # `moments` computes it, written once the arrays `earlier` are (see `storage.after`).
 FirstMoment = Callable[..., tuple[Any, chex.Array]]
+# (gradient_of, arrays): a leaf's gradient is `gradient_of(*arrays)` (a gradient and its
+# parameter, say, for g + λp), for sums that read the arrays rather than a written gradient.
+Sources = tuple[Callable[..., chex.Array], tuple[Any, ...]]
 
 
 def moments_by_rows(
@@ -47,6 +50,7 @@ def moments_by_rows(
     *,
     decay: Any,
     centered: bool,
+    sources: Sources | None = None,
 ) -> tuple[Any, Any, chex.Array]:
     """`moments(g, nu, mu)` of a large compressed leaf, a chunk of rows at a time or from the
     means of what is averaged in (see the module's docstring).
@@ -62,6 +66,9 @@ def moments_by_rows(
       mu: the stored first moment (centered), or None.
       decay: β.
       centered: whether `mu` is kept.
+      sources: where `g` is computed from other arrays, that computation and the arrays: the
+        means from sums then read the arrays and compute `g` in each sum, which a written `g`
+        would not be (see :func:`storage.fused_sums`).
 
     Returns:
       The new stored `nu` and `mu` and the variance estimate the step divides by.
@@ -88,7 +95,15 @@ def moments_by_rows(
 
     if storage.updates_from_sums(fmt) and (flagged or not centered):
         nu, mu, flags = _from_means(
-            fmt, mu_fmt, first_moment, g, nu, mu, decay=decay, centered=centered
+            fmt,
+            mu_fmt,
+            first_moment,
+            g,
+            nu,
+            mu,
+            decay=decay,
+            centered=centered,
+            sources=(lambda g: g, (g,)) if sources is None else sources,
         )
     else:
 
@@ -119,6 +134,7 @@ def _from_means(
     *,
     decay: Any,
     centered: bool,
+    sources: Sources,
 ) -> tuple[Any, Any, chex.Array | None]:
     r"""The new `nu` and `mu` of a leaf whose format updates from the means of x
     (|g|², or centered the spread β |g - μ_{t-1}|² as in `moments`), and the flags of x's
@@ -130,22 +146,29 @@ def _from_means(
     (:func:`storage.counted_means`, run only then: :func:`storage.unless`). μ is then
     written elementwise in place, after the means have read μ_{t-1}.
     """
-    x_of: Callable[..., chex.Array] = abs_sq
+    gradient_of, arrays = sources
+    count = len(arrays)
+
+    def squared(*arrays: Any) -> chex.Array:
+        return abs_sq(gradient_of(*arrays))
+
+    x_of: Callable[..., chex.Array] = squared
     carried: tuple[Any, ...] = ()
     if centered:
 
-        def distance(g: chex.Array, mu: Any) -> chex.Array:
-            return squared_distance(g, mu, mu_fmt)
+        def distance(*arrays_and_mu: Any) -> chex.Array:
+            g = gradient_of(*arrays_and_mu[:count])
+            return squared_distance(g, arrays_and_mu[count], mu_fmt)
 
-        def spread(g: chex.Array, mu: Any) -> chex.Array:
-            return decay * distance(g, mu)
+        def spread(*arrays_and_mu: Any) -> chex.Array:
+            return decay * distance(*arrays_and_mu)
 
         # decay times the sums of |g - mu|**2: a constant inside them would be written whole
         # (see `fused_sums`).
-        sums = tuple(decay * s for s in storage.fused_sums(distance, g, mu))
+        sums = tuple(decay * s for s in storage.fused_sums(distance, *arrays, mu))
         x_of, carried = spread, (mu,)
     else:
-        sums = storage.fused_sums(abs_sq, g)
+        sums = storage.fused_sums(squared, *arrays)
     finite = jnp.all(jnp.isfinite(sums[0])) & jnp.all(jnp.isfinite(sums[1]))
     from_sums = (
         sums[0] * (1.0 / g.shape[-1]),
@@ -155,7 +178,7 @@ def _from_means(
 
     counted = functools.partial(storage.counted_means, x_of, flagged=centered)
     (row_means, col_means, flags), carried = storage.unless(
-        finite, counted, g, otherwise=from_sums, carried=carried
+        finite, counted, *arrays, otherwise=from_sums, carried=carried
     )
     nu = fmt.leaf_update_from_means(nu, row_means, col_means, decay)
     if centered:

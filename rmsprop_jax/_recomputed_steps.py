@@ -105,7 +105,7 @@ def chain(
                 (incoming, params, new_rms_state, distinct)
             )
             grads, _ = run(head, grads, head_states, params_copy, extra_args)
-            steps = steps_from_state(grads, rms_copy)
+            steps = steps_from_state(grads, rms_copy, params_copy)
             return run(scale, steps, scale_states, params_copy, extra_args)
 
         steps, new_scale_states = scaled_step()

@@ -6,9 +6,10 @@ from collections.abc import Callable
 from typing import Any
 
 import chex
+import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _placement, _precision, _recomputed_steps, _validation
+from rmsprop_jax import _placement, _precision, _recomputed_steps, _validation, storage
 from rmsprop_jax.transform import preconditioner
 from rmsprop_jax.weight_decay import add_decoupled_weight_decay
 
@@ -137,6 +138,28 @@ def rmsprop(
         if couples_weight_decay
         else optax.identity(),
     ]
+    gradient_of = None
+    if (
+        (negates_gradient or couples_weight_decay)
+        and weight_decay_mask is None
+        and storage.get(moment_storage).updates_from_sums
+    ):
+        # The factored statistics read their inputs through optimization barriers, so a
+        # gradient negated or decayed by a stage before them would be written whole (4 bytes
+        # per parameter): the preconditioner computes it, leaf by leaf, as those stages would
+        # (optax.scale(-1.0), then optax.add_decayed_weights), and they step aside (their
+        # states, empty, are the same).
+        head = [optax.identity(), optax.identity()]
+        factors = (-1.0,) * negates_gradient + (
+            (_precision.as_hyperparameter(weight_decay),) if couples_weight_decay else ()
+        )
+
+        def before_preconditioner(g, p, *factors):
+            if negates_gradient:
+                g = factors[0] * g
+            return g + factors[-1] * p if couples_weight_decay else g
+
+        gradient_of = (before_preconditioner, tuple(map(jnp.asarray, factors)))
     scale_by_rms, steps_from_state = preconditioner(
         decay,
         eps,
@@ -145,6 +168,7 @@ def rmsprop(
         centered=centered,
         bias_correction=bias_correction,
         moment_storage=moment_storage,
+        gradient_of=gradient_of,
     )
     scale_by_rate = optax.scale_by_learning_rate(learning_rate, flip_sign=not ascends_by_rate)
     buffer_decay = None if momentum is None else _precision.as_hyperparameter(momentum)

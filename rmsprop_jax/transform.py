@@ -209,7 +209,11 @@ def scale_by_rms(
     )[0]
 
 
-StepsFromState = Callable[[optax.Updates, Any], optax.Updates]
+# (gradients, new state, parameters) -> the step (see `preconditioner`).
+StepsFromState = Callable[[optax.Updates, Any, Any], optax.Updates]
+# (gradient, parameter, *scalars) -> the gradient the averages take in, for one leaf; and the
+# scalars (see `preconditioner`).
+GradientOf = tuple[Callable[..., chex.Array], tuple[Any, ...]]
 
 
 def preconditioner(
@@ -221,24 +225,32 @@ def preconditioner(
     centered: bool = False,
     bias_correction: bool = False,
     moment_storage: str = "float32",
+    gradient_of: GradientOf | None = None,
 ) -> tuple[optax.GradientTransformationExtraArgs, StepsFromState | None]:
     """:func:`scale_by_rms` (same arguments), and its step computed from its new state.
 
     Every format computes the step from the averages it has just stored, so the step is a
     function of the gradient and the new state alone: the second function maps
-    `(gradients, new_state)` to the updates that `update` returned with `new_state`, the same
-    arithmetic on the same values. It is None where the step needs more than the new state
+    `(gradients, new_state, params)` to the updates that `update` returned with `new_state`,
+    the same arithmetic on the same values. It is None where the step needs more than the new state
     (centered, the factored format keeps the non-finite entries of what was averaged in only
     while the step is computed). Its inputs are in the compute dtype (float32 for narrower
     parameters), as inside :func:`rmsprop_jax.rmsprop`, which uses it (see
     ``rmsprop_jax._recomputed_steps``).
+
+    With `gradient_of = (function, scalars)`, each leaf's gradient is first
+    `function(g, p, *scalars)` (p None where no parameters are given): what stages before the
+    preconditioner would compute (`-g`, `g + λp`), computed inside it, where the factored
+    format's statistics read g, p and the scalars through their optimization barriers rather
+    than a written g' (4 bytes per parameter; a scalar closed over would be one broadcast
+    common to both statistics, written whole).
 
     Examples:
       >>> from rmsprop_jax.transform import preconditioner
       >>> tx, steps_from_state = preconditioner(decay=0.9, moment_storage="int8")
       >>> grads = {"w": jnp.linspace(-1.0, 1.0, 8192)}
       >>> updates, state = tx.update(grads, tx.init(grads))
-      >>> bool(jnp.all(steps_from_state(grads, state)["w"] == updates["w"]))
+      >>> bool(jnp.all(steps_from_state(grads, state, grads)["w"] == updates["w"]))
       True
     """
     for name, flag in (
@@ -282,8 +294,17 @@ def preconditioner(
         else ScaleByRmsState
     )
 
-    def leaf_update(g, nu, mu, nu_seed, mu_seed, correction):
+    def sources_of(g, p):
+        """The computation of a leaf's gradient from arrays, and the arrays."""
+        if gradient_of is None:
+            return (lambda g: g), (g,)
+        function, scalars = gradient_of
+        return function, (g, p, *scalars)
+
+    def leaf_update(g, p, nu, mu, nu_seed, mu_seed, correction):
         """A leaf's step, new nu and new mu; `correction` = 1 - decay**t (bias correction)."""
+        sources = sources_of(g, p)
+        g = sources[0](*sources[1])
 
         def first_moment(g, mu, *earlier, block_maxima=None):
             """The new mu and its value, written once the arrays `earlier` are."""
@@ -324,7 +345,16 @@ def preconditioner(
 
         if storage.updates_by_rows(fmt, g):
             nu, mu, variance = _large_leaves.moments_by_rows(
-                moments, first_moment, fmt, mu_fmt, g, nu, mu, decay=decay, centered=centered
+                moments,
+                first_moment,
+                fmt,
+                mu_fmt,
+                g,
+                nu,
+                mu,
+                decay=decay,
+                centered=centered,
+                sources=sources,
             )
         else:
             nu, mu, variance, _ = moments(g, nu, mu)
@@ -336,8 +366,10 @@ def preconditioner(
         # u_t = g_t / (sqrt(nu_t) + eps)
         return _divide_by_rms(g, variance, eps, eps_in_sqrt, eps_is_positive)
 
-    def leaf_step(g, nu, mu, correction):
+    def leaf_step(g, p, nu, mu, correction):
         """A leaf's step from its new stored averages, as `leaf_update` computes it."""
+        function, arrays = sources_of(g, p)
+        g = function(*arrays)
         squared = abs_sq(g)
         if centered and not keeps_variance:
             second_moment = fmt.leaf_decode(nu, squared, signed=False)
@@ -371,20 +403,25 @@ def preconditioner(
         mus = mu_fmt.split(state.mu, treedef) if centered else [None] * len(grads)
         return grads, treedef, nus, mus
 
-    def steps_from_state(updates, state):
+    def parameters(params, treedef):
+        """Each leaf's parameter, where `gradient_of` reads them; else None."""
+        if gradient_of is None or params is None:
+            return [None] * treedef.num_leaves
+        return treedef.flatten_up_to(params)
+
+    def steps_from_state(updates, state, params=None):
         grads, treedef, nus, mus = stored_averages(updates, state)
         correction = 1 - decay**state.count
         traced = any(isinstance(g, jax.core.Tracer) for g in grads)
         run = traced_leaf_step if traced else leaf_step
         return treedef.unflatten(
             [
-                None if g is None else run(g, nu, mu, correction)
-                for g, nu, mu in zip(grads, nus, mus, strict=True)
+                None if g is None else run(g, p, nu, mu, correction)
+                for g, p, nu, mu in zip(grads, parameters(params, treedef), nus, mus, strict=True)
             ]
         )
 
     def update_fn(updates, state, params=None):
-        del params
         grads, treedef, nus, mus = stored_averages(updates, state)
         count = optax.safe_increment(state.count)
         correction = 1 - decay**count  # Unused (and compiled away) without bias_correction.
@@ -397,13 +434,14 @@ def preconditioner(
         steps: list[Any] = []
         new_nus: list[Any] = []
         new_mus: list[Any] = []
-        for index, (g, nu, mu) in enumerate(zip(grads, nus, mus, strict=True)):
+        leaves = zip(grads, parameters(params, treedef), nus, mus, strict=True)
+        for index, (g, p, nu, mu) in enumerate(leaves):
             if g is None:
                 steps.append(None)
                 new_nus.append(None)
                 new_mus.append(None)
                 continue
-            step, nu, mu = run(g, nu, mu, *seeds[index], correction)
+            step, nu, mu = run(g, p, nu, mu, *seeds[index], correction)
             steps.append(step)
             new_nus.append(nu)
             new_mus.append(mu)
