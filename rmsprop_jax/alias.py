@@ -14,6 +14,10 @@ from rmsprop_jax.transform import preconditioner
 from rmsprop_jax.weight_decay import add_decoupled_weight_decay
 
 WeightDecayMask = Any | Callable[[optax.Params], Any] | None
+_L2_NEEDS_PARAMS = (
+    "`weight_decay` (coupled, L2) adds weight_decay * params to the gradient, but update was "
+    "called without params: call tx.update(grads, state, params)."
+)
 
 
 def rmsprop(
@@ -157,7 +161,11 @@ def rmsprop(
         def before_preconditioner(g, p, *factors):
             if negates_gradient:
                 g = factors[0] * g
-            return g + factors[-1] * p if couples_weight_decay else g
+            if not couples_weight_decay:
+                return g
+            if p is None:  # optax.add_decayed_weights refuses it too
+                raise ValueError(_L2_NEEDS_PARAMS)
+            return g + factors[-1] * p
 
         gradient_of = (before_preconditioner, tuple(map(jnp.asarray, factors)))
     scale_by_rms, steps_from_state = preconditioner(

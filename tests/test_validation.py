@@ -290,3 +290,11 @@ def test_a_state_of_another_configuration_is_refused_naming_the_stage(tx, other,
             update(params, other.init(params), params)
     updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
     assert updates["w"].shape == (3,)
+
+
+@pytest.mark.parametrize("moment_storage", ["float32", "factored"])
+def test_coupled_weight_decay_without_params_is_refused(moment_storage):
+    params = {"w": jnp.ones((256, 256))}
+    tx = rj.rmsprop(0.1, weight_decay=0.01, moment_storage=moment_storage)
+    with pytest.raises(ValueError, match="params"):
+        tx.update(params, tx.init(params))
