@@ -31,8 +31,9 @@ from rmsprop_jax.storage._format import abs_sq
 # (g, stored nu, stored mu) -> (new stored nu, new stored mu, variance estimate, what was
 # averaged into nu): one leaf's update, as `scale_by_rms` computes it.
 Moments = Callable[[chex.Array, Any, Any], tuple[Any, Any, chex.Array, chex.Array]]
-# (g, stored mu, *earlier) -> (new stored mu, its value): the first moment's update, as
-# `moments` computes it, written once the arrays `earlier` are (see `storage.after`).
+# (g, stored mu, *earlier, sources=None) -> (new stored mu, its value): the first moment's
+# update, as `moments` computes it, written once the arrays `earlier` are (see
+# `storage.after`); given `g`'s sources, it computes `g` from them, read after `earlier`.
 FirstMoment = Callable[..., tuple[Any, chex.Array]]
 # (gradient_of, arrays): a leaf's gradient is `gradient_of(*arrays)` (a gradient and its
 # parameter, say, for g + λp), for sums that read the arrays rather than a written gradient.
@@ -103,7 +104,7 @@ def moments_by_rows(
             mu,
             decay=decay,
             centered=centered,
-            sources=(lambda g: g, (g,)) if sources is None else sources,
+            sources=sources,
         )
     else:
 
@@ -134,7 +135,7 @@ def _from_means(
     *,
     decay: Any,
     centered: bool,
-    sources: Sources,
+    sources: Sources | None,
 ) -> tuple[Any, Any, chex.Array | None]:
     r"""The new `nu` and `mu` of a leaf whose format updates from the means of x
     (|g|², or centered the spread β |g - μ_{t-1}|² as in `moments`), and the flags of x's
@@ -146,7 +147,7 @@ def _from_means(
     (:func:`storage.counted_means`, run only then: :func:`storage.unless`). μ is then
     written elementwise in place, after the means have read μ_{t-1}.
     """
-    gradient_of, arrays = sources
+    gradient_of, arrays = (lambda g: g, (g,)) if sources is None else sources
     count = len(arrays)
 
     def squared(*arrays: Any) -> chex.Array:
@@ -183,7 +184,7 @@ def _from_means(
     nu = fmt.leaf_update_from_means(nu, row_means, col_means, decay)
     if centered:
         (mu,) = carried  # mu_{t-1}, as the loop passed it on.
-        mu, _ = first_moment(g, mu, row_means)
+        mu, _ = first_moment(g, mu, row_means, sources=sources)
     return nu, mu, flags
 
 

@@ -174,6 +174,30 @@ def stage_states_checked(
     return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 
 
+def params_required_message(name: str, what: str) -> str:
+    """The error for an update called without params by a transformation whose `name`
+    (the argument that asked for it) does `what` with them."""
+    return (
+        f"`{name}` {what}, but update was called without params: call "
+        "tx.update(grads, state, params)."
+    )
+
+
+def params_required(
+    name: str, what: str, transformation: optax.GradientTransformation
+) -> optax.GradientTransformationExtraArgs:
+    """`transformation`, whose update raises `ValueError` naming `name` when called without
+    params (optax's error names neither the argument nor the remedy)."""
+    transformation = optax.with_extra_args_support(transformation)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError(params_required_message(name, what))
+        return transformation.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(transformation.init, update_fn)
+
+
 def _article(noun: str) -> str:
     return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 

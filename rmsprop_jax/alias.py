@@ -6,18 +6,17 @@ from collections.abc import Callable
 from typing import Any
 
 import chex
+import jax
 import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import _placement, _precision, _recomputed_steps, _validation, storage
-from rmsprop_jax.transform import preconditioner
+from rmsprop_jax.transform import StepsFromState, preconditioner
 from rmsprop_jax.weight_decay import add_decoupled_weight_decay
 
 WeightDecayMask = Any | Callable[[optax.Params], Any] | None
-_L2_NEEDS_PARAMS = (
-    "`weight_decay` (coupled, L2) adds weight_decay * params to the gradient, but update was "
-    "called without params: call tx.update(grads, state, params)."
-)
+_L2_DECAYS = "(coupled, L2) adds weight_decay * params to the gradient"
+_DECOUPLED_DECAYS = "(decoupled) subtracts learning_rate * weight_decay * params"
 
 
 def rmsprop(
@@ -138,50 +137,35 @@ def rmsprop(
     ascends_by_rate = maximize and not negates_gradient
     head = [
         optax.scale(-1.0) if negates_gradient else optax.identity(),
-        masked(optax.add_decayed_weights(_precision.as_hyperparameter(weight_decay)))
+        _validation.params_required(
+            "weight_decay",
+            _L2_DECAYS,
+            masked(optax.add_decayed_weights(_precision.as_hyperparameter(weight_decay))),
+        )
         if couples_weight_decay
         else optax.identity(),
     ]
-    gradient_of = None
-    if (
-        (negates_gradient or couples_weight_decay)
-        and weight_decay_mask is None
-        and storage.get(moment_storage).updates_from_sums
-    ):
-        # The factored statistics read their inputs through optimization barriers, so a
-        # gradient negated or decayed by a stage before them would be written whole (4 bytes
-        # per parameter): the preconditioner computes it, leaf by leaf, as those stages would
-        # (optax.scale(-1.0), then optax.add_decayed_weights), and they step aside (their
-        # states, empty, are the same).
-        head = [optax.identity(), optax.identity()]
-        factors = (-1.0,) * negates_gradient + (
-            (_precision.as_hyperparameter(weight_decay),) if couples_weight_decay else ()
-        )
-
-        def before_preconditioner(g, p, *factors):
-            if negates_gradient:
-                g = factors[0] * g
-            if not couples_weight_decay:
-                return g
-            if p is None:  # optax.add_decayed_weights refuses it too
-                raise ValueError(_L2_NEEDS_PARAMS)
-            return g + factors[-1] * p
-
-        gradient_of = (before_preconditioner, tuple(map(jnp.asarray, factors)))
-    scale_by_rms, steps_from_state = preconditioner(
-        decay,
-        eps,
+    head, scale_by_rms, steps_from_state = _preconditioner_after(
+        head,
+        negates_gradient=negates_gradient,
+        l2_decay=weight_decay if couples_weight_decay else None,
+        weight_decay_mask=weight_decay_mask,
+        decay=decay,
+        eps=eps,
         eps_in_sqrt=eps_in_sqrt,
         initial_scale=initial_scale,
         centered=centered,
         bias_correction=bias_correction,
         moment_storage=moment_storage,
-        gradient_of=gradient_of,
     )
     scale_by_rate = optax.scale_by_learning_rate(learning_rate, flip_sign=not ascends_by_rate)
     buffer_decay = None if momentum is None else _precision.as_hyperparameter(momentum)
     tail = (
-        masked(add_decoupled_weight_decay(learning_rate, weight_decay))
+        _validation.params_required(
+            "weight_decay",
+            _DECOUPLED_DECAYS,
+            masked(add_decoupled_weight_decay(learning_rate, weight_decay)),
+        )
         if decays_weights and decoupled_weight_decay
         else optax.identity()
     )
@@ -212,3 +196,105 @@ def rmsprop(
         momentum=momentum,
         weight_decay=weight_decay,
     )
+
+
+def _preconditioner_after(
+    head: list[optax.GradientTransformation],
+    *,
+    negates_gradient: bool,
+    l2_decay: Any,
+    weight_decay_mask: WeightDecayMask,
+    centered: bool,
+    moment_storage: str,
+    **options: Any,
+) -> tuple[list[optax.GradientTransformation], Any, StepsFromState | None]:
+    """The stages before the preconditioner, the preconditioner (`scale_by_rms` of `centered`,
+    `moment_storage` and `options`) and its step from its new state (see
+    :func:`rmsprop_jax.transform.preconditioner`).
+
+    `head` negates the gradient (`negates_gradient`), then adds `l2_decay` * p to it (on the
+    leaves `weight_decay_mask` selects; None: no L2 decay). The factored statistics read their
+    inputs through optimization barriers, and a compressed centered state updates μ after
+    the variance, behind one: such a gradient, computed before them, would be written whole
+    (4 bytes per parameter). There the preconditioner computes it, leaf by leaf, in each
+    reader, as `head` would (`optax.scale(-1.0)`, then `optax.add_decayed_weights`, p = None
+    on the leaves not decayed), and the head keeps only its stages' states.
+    """
+    fmt = storage.get(moment_storage)
+    folds = (negates_gradient or l2_decay is not None) and (
+        fmt.updates_from_sums or (centered and fmt.stores_centered_variance)
+    )
+    if not folds:
+        tx, steps = preconditioner(centered=centered, moment_storage=moment_storage, **options)
+        return head, tx, steps
+    factors = (-1.0,) * negates_gradient + (
+        () if l2_decay is None else (_precision.as_hyperparameter(l2_decay),)
+    )
+
+    def before_preconditioner(g, p, *factors):
+        if negates_gradient:
+            g = factors[0] * g
+        if l2_decay is None or p is None:  # p is None where the mask leaves a leaf out.
+            return g
+        return g + factors[-1] * p
+
+    tx, steps = preconditioner(
+        centered=centered,
+        moment_storage=moment_storage,
+        gradient_of=(before_preconditioner, tuple(map(jnp.asarray, factors))),
+        **options,
+    )
+    head = [_state_only(stage) for stage in head]
+    if l2_decay is None:
+        return head, tx, steps
+    decayed = _decayed_parameters(weight_decay_mask)
+    tx = _with_parameters(tx, decayed)
+    if steps is None:
+        return head, tx, None
+    steps_given_params = steps
+
+    def steps_given_decayed(updates: Any, state: Any, params: Any) -> Any:
+        return steps_given_params(updates, state, decayed(updates, params))
+
+    return head, tx, steps_given_decayed
+
+
+def _state_only(stage: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`stage`'s state, its updates unchanged: a stage whose work another one does."""
+    return optax.GradientTransformation(
+        stage.init, lambda updates, state, params=None: (updates, state)
+    )
+
+
+def _decayed_parameters(mask: WeightDecayMask) -> Callable[[Any, Any], Any]:
+    """(gradients, params) -> the parameters of the leaves that L2 weight decay decays
+    (`mask` selects them, of the gradients as `optax.masked` resolves it), None elsewhere;
+    `ValueError` where params are None."""
+    resolved = None if mask is None else _validation.checked_mask("weight_decay_mask", mask)
+
+    def decayed(updates: Any, params: Any) -> Any:
+        if params is None:  # As the head's stage would.
+            raise ValueError(_validation.params_required_message("weight_decay", _L2_DECAYS))
+        if resolved is None:
+            return params
+        return jax.tree.map(
+            lambda selected, subtree: (
+                subtree if selected else jax.tree.map(lambda _: None, subtree)
+            ),
+            resolved(updates),
+            params,
+        )
+
+    return decayed
+
+
+def _with_parameters(
+    transformation: optax.GradientTransformationExtraArgs,
+    parameters_of: Callable[[Any, Any], Any],
+) -> optax.GradientTransformationExtraArgs:
+    """`transformation`, given `parameters_of(updates, params)` as its params."""
+
+    def update_fn(updates, state, params=None, **extra_args):
+        return transformation.update(updates, state, parameters_of(updates, params), **extra_args)
+
+    return optax.GradientTransformationExtraArgs(transformation.init, update_fn)

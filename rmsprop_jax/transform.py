@@ -303,14 +303,26 @@ def preconditioner(
 
     def leaf_update(g, p, nu, mu, nu_seed, mu_seed, correction):
         """A leaf's step, new nu and new mu; `correction` = 1 - decay**t (bias correction)."""
-        sources = sources_of(g, p)
-        g = sources[0](*sources[1])
+        function, arrays = sources_of(g, p)
+        g = function(*arrays)
+        sources = None if gradient_of is None else (function, arrays)
 
-        def first_moment(g, mu, *earlier, block_maxima=None):
-            """The new mu and its value, written once the arrays `earlier` are."""
+        def first_moment(g, mu, *earlier, block_maxima=None, sources=None):
+            """The new mu and its value, written once the arrays `earlier` are.
+
+            Given the `sources` of `g` (a whole leaf's), `g` is computed again here from
+            those arrays read once `earlier` is written: XLA cannot then share it with the
+            variance's update, and does not write it whole (4 bytes per parameter).
+            """
+            if sources is not None and earlier:
+                function, arrays = sources
+                mu, arrays = storage.after((mu, arrays), *earlier)
+                g = function(*arrays)
+            else:
+                mu = storage.after(mu, *earlier)
             # mu_t = decay * mu_{t-1} + (1 - decay) * g_t
             return mu_fmt.leaf_update(
-                storage.after(mu, *earlier),
+                mu,
                 g,
                 decay,
                 mu_seed,
@@ -318,8 +330,9 @@ def preconditioner(
                 block_maxima=block_maxima,
             )
 
-        def moments(g, nu, mu):
-            """The new nu and mu, the variance estimate and what was averaged into nu."""
+        def moments(g, nu, mu, sources=None):
+            """The new nu and mu, the variance estimate and what was averaged into nu
+            (`sources`: see `first_moment`)."""
             if not centered:
                 # nu_t = decay * nu_{t-1} + (1 - decay) * |g_t|**2
                 folded = abs_sq(g)
@@ -335,7 +348,7 @@ def preconditioner(
                 nu, variance = fmt.leaf_update(
                     nu, folded, decay, nu_seed, signed=False, block_maxima=nu_maxima
                 )
-                mu, _ = first_moment(g, mu, nu, block_maxima=mu_maxima)
+                mu, _ = first_moment(g, mu, nu, block_maxima=mu_maxima, sources=sources)
             else:
                 folded = abs_sq(g)
                 nu, second_moment = fmt.leaf_update(nu, folded, decay, nu_seed, signed=False)
@@ -357,7 +370,7 @@ def preconditioner(
                 sources=sources,
             )
         else:
-            nu, mu, variance, _ = moments(g, nu, mu)
+            nu, mu, variance, _ = moments(g, nu, mu, sources)
         return step(g, variance, correction), nu, mu
 
     def step(g, variance, correction):
@@ -369,6 +382,11 @@ def preconditioner(
     def leaf_step(g, p, nu, mu, correction):
         """A leaf's step from its new stored averages, as `leaf_update` computes it."""
         function, arrays = sources_of(g, p)
+        if keeps_variance and gradient_of is not None:
+            # mu's update reads the parameters after the variance's (`first_moment`): read
+            # here once mu is written, they are not overwritten (by the update this step
+            # gives) before it, and need no copy (4 bytes per parameter).
+            arrays = storage.after(arrays, mu)
         g = function(*arrays)
         squared = abs_sq(g)
         if centered and not keeps_variance:

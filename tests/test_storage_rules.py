@@ -150,6 +150,15 @@ def test_maximize_gives_the_state_and_updates_of_the_negated_gradient(moment_sto
     _check_trajectory(ascent, params, grads, expected, jitted=moment_storage == "float32")
 
 
+# L2 weight decay masks: a tree (decaying the compressed leaves and not the small one), and a
+# function of the parameters (decaying the others).
+_DECAYED = {"matrix": True, "small": False, "frozen": True}
+
+
+def _decayed_but_matrix(params):
+    return {name: name != "matrix" for name in params}
+
+
 # rmsprop's variants whose step is computed again from the new state (see
 # rmsprop_jax._recomputed_steps), each beside the optax chain of the same stages.
 RECOMPUTED_VARIANTS = {
@@ -196,6 +205,33 @@ RECOMPUTED_VARIANTS = {
             optax.add_decayed_weights(0.01),
             rms,
             optax.scale_by_learning_rate(0.1),
+        ],
+    ),
+    "coupled_weight_decay_centered": (
+        {"weight_decay": 0.01, "centered": True},
+        lambda rms: [optax.add_decayed_weights(0.01), rms, optax.scale_by_learning_rate(0.1)],
+    ),
+    "coupled_weight_decay_masked_centered_maximize": (
+        {
+            "weight_decay": 0.01,
+            "weight_decay_mask": _DECAYED,
+            "centered": True,
+            "maximize": True,
+        },
+        lambda rms: [
+            optax.scale(-1.0),
+            optax.masked(optax.add_decayed_weights(0.01), _DECAYED),
+            rms,
+            optax.scale_by_learning_rate(0.1),
+        ],
+    ),
+    "coupled_weight_decay_mask_function_momentum": (
+        {"weight_decay": 0.01, "weight_decay_mask": _decayed_but_matrix, "momentum": 0.5},
+        lambda rms: [
+            optax.masked(optax.add_decayed_weights(0.01), _decayed_but_matrix),
+            rms,
+            optax.scale_by_learning_rate(0.1),
+            optax.trace(0.5),
         ],
     ),
 }

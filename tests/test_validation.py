@@ -292,9 +292,27 @@ def test_a_state_of_another_configuration_is_refused_naming_the_stage(tx, other,
     assert updates["w"].shape == (3,)
 
 
-@pytest.mark.parametrize("moment_storage", ["float32", "factored"])
-def test_coupled_weight_decay_without_params_is_refused(moment_storage):
+@pytest.mark.parametrize("moment_storage", ["float32", "bfloat16", "int8", "factored"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"centered": True},
+        {"weight_decay_mask": {"w": True}},
+        {"decoupled_weight_decay": True},
+        {"nesterov": True, "momentum": 0.9},
+    ],
+    ids=["plain", "centered", "masked", "decoupled", "nesterov"],
+)
+def test_weight_decay_without_params_is_refused_naming_it(moment_storage, options):
     params = {"w": jnp.ones((256, 256))}
-    tx = rj.rmsprop(0.1, weight_decay=0.01, moment_storage=moment_storage)
-    with pytest.raises(ValueError, match="params"):
+    tx = rj.rmsprop(0.1, weight_decay=0.01, moment_storage=moment_storage, **options)
+    with pytest.raises(ValueError, match=r"`weight_decay` .*tx.update\(grads, state, params\)"):
+        tx.update(params, tx.init(params))
+
+
+def test_the_pytorch_preset_with_weight_decay_without_params_is_refused_naming_it():
+    params = {"w": jnp.ones(3)}
+    tx = rj.compat.torch_rmsprop(0.1, weight_decay=0.01)
+    with pytest.raises(ValueError, match=r"`weight_decay` adds weight_decay \* params"):
         tx.update(params, tx.init(params))

@@ -134,7 +134,11 @@ def torch_rmsprop(
         optax.scale(-1.0) if maximize else optax.identity(),
         optax.identity()
         if _validation.is_literal_zero(weight_decay)
-        else optax.add_decayed_weights(_precision.as_hyperparameter(weight_decay)),
+        else _validation.params_required(
+            "weight_decay",
+            "adds weight_decay * params to the gradient",
+            optax.add_decayed_weights(_precision.as_hyperparameter(weight_decay)),
+        ),
     ]
     scale_by_rms, steps_from_state = preconditioner(alpha, eps, centered=centered)
     buffer_decay = (
