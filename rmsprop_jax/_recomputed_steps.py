@@ -54,7 +54,8 @@ def chain(
       tail: the stages after the buffer (decoupled weight decay; PyTorch's learning rate).
 
     Returns:
-      A transformation whose state is that of the chain of the same stages.
+      A transformation whose state is that of the chain of the same stages (a tuple, one
+      state per stage).
     """
     head, scale, tail = (
         [optax.with_extra_args_support(stage) for stage in stages] for stages in (head, scale, tail)
@@ -74,18 +75,8 @@ def chain(
             new_states.append(stage_state)
         return updates, new_states
 
-    stages = len(head) + 1 + len(scale) + 1 + len(tail)
-
     def update_fn(updates, state, params=None, **extra_args):
-        given = len(state) if isinstance(state, Sequence) else None
-        if given != stages:
-            what = type(state).__name__ + ("" if given is None else f" of {given}")
-            raise ValueError(
-                f"This optimizer's state is a tuple of {stages} stage states, as its init "
-                f"returns, but it was given a {what}: a state made by another optimizer's "
-                "init. Start from this optimizer's init(params), or restore a checkpoint into "
-                "a target built by it."
-            )
+        # The state's length is checked by `rmsprop_jax._validation.stage_states_checked`.
         states = iter(state)
         head_states = [next(states) for _ in head]
         rms_state = next(states)

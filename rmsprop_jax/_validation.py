@@ -6,7 +6,7 @@ Hyperparameters are checked only when they are concrete: a traced value (under `
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -132,15 +132,16 @@ _PRECONDITIONER_MODULE = "rmsprop_jax.transform"
 
 
 def stage_states_checked(
-    name: str, chain: optax.GradientTransformation
+    name: str, chain: optax.GradientTransformation, *, stages: int
 ) -> optax.GradientTransformationExtraArgs:
-    """`chain` (whose state is a tuple of stage states), whose `update` refuses a tuple of the
-    same length with a stage state of another type: the state of another configuration
-    (momentum or none, a schedule or a constant rate, a mask or none), which the stage would
-    fail on with an `AttributeError`, or, for an `optax.identity` given a buffer, carry along
-    unused. The types are those `chain.init` gives for parameters of the tree structure of the
-    update's (found once per structure, from shapes only); where that init fails (a mask
-    function that reads values, say), the state passes unchecked."""
+    """`chain` (whose state is a tuple of `stages` stage states), whose `update` refuses
+    anything else (another optimizer's state; optax's error does not say which), and a tuple
+    with a stage state of another type: the state of another configuration (momentum or
+    none, a schedule or a constant rate, a mask or none), which the stage would fail on with
+    an `AttributeError`, or, for an `optax.identity` given a buffer, carry along unused. The
+    types are those `chain.init` gives for parameters of the tree structure of the update's
+    (found once per structure, from shapes only); where that init fails (a mask function that
+    reads values, say), the stages' types pass unchecked."""
     chain = optax.with_extra_args_support(chain)
     expected_by_structure: dict[Any, list[type] | None] = {}
 
@@ -156,6 +157,15 @@ def stage_states_checked(
         return expected_by_structure[structure]
 
     def update_fn(updates, state, params=None, **extra_args):
+        given = len(state) if isinstance(state, Sequence) else None
+        if given != stages:
+            what = type(state).__name__ + ("" if given is None else f" of {given}")
+            raise ValueError(
+                f"{name}'s state is a tuple of {stages} stage states, as its init returns, but "
+                f"it was given a {what}: a state made by another optimizer's init. Start from "
+                "this optimizer's init(params), or restore a checkpoint into a target built by "
+                "it."
+            )
         kinds = expected(params) if isinstance(state, tuple) else None
         if kinds is not None and len(state) == len(kinds):
             for index, (stage, kind) in enumerate(zip(state, kinds, strict=True)):

@@ -189,7 +189,9 @@ def rmsprop(
         chain = optax.chain(*head, scale_by_rms, scale_by_rate, trace, tail)
     return _validation.scalar_hyperparameters(
         _placement.placed(
-            _precision.with_compute_dtype(_validation.stage_states_checked("rmsprop", chain))
+            _precision.with_compute_dtype(
+                _validation.stage_states_checked("rmsprop", chain, stages=len(head) + 4)
+            )
         ),
         # decay, eps and initial_scale: scale_by_rms checks them, under the same names.
         learning_rate=learning_rate,

@@ -259,13 +259,29 @@ def test_steps_computed_again_from_the_new_state_are_the_chained_stages(moment_s
     _check_trajectory(tx, params, grads, expected, jitted=moment_storage == "float32")
 
 
-@pytest.mark.parametrize("variant", ["nesterov", "coupled_weight_decay"])
-def test_the_recomputing_chain_refuses_a_state_of_another_optimizer(variant):
+@pytest.mark.parametrize(
+    "tx",
+    [
+        rj.rmsprop(0.1),
+        rj.rmsprop(0.1, momentum=0.9),
+        rj.rmsprop(0.1, **RECOMPUTED_VARIANTS["nesterov"][0]),
+        rj.rmsprop(0.1, **RECOMPUTED_VARIANTS["coupled_weight_decay"][0]),
+        rj.rmsprop(0.1, weight_decay=0.01, centered=True, moment_storage="int8"),
+        rj.compat.torch_rmsprop(0.1),
+        rj.compat.torch_rmsprop(0.1, weight_decay=0.01),
+    ],
+    ids=["plain", "momentum", "nesterov", "l2", "l2-centered-int8", "torch", "torch-l2"],
+)
+def test_a_state_of_another_optimizer_is_refused_with_the_number_of_stages(tx):
+    """A state of another length or kind (optax's chain said only that the numbers of
+    updates and states differ, the recomputing chain raised StopIteration)."""
     params = {"w": jnp.ones(3)}
-    tx = rj.rmsprop(0.1, **RECOMPUTED_VARIANTS[variant][0])
-    for other in (optax.adam(0.1).init(params), {"nu": params}):
+    own = tx.init(params)
+    for other in (optax.adam(0.1).init(params), {"nu": params}, own[:-1], (*own, own[-1])):
         with pytest.raises(ValueError, match=r"a tuple of 6 stage states, .* another optimizer"):
             tx.update(params, other, params)
+        with pytest.raises(ValueError, match=r"a tuple of 6 stage states"):
+            jax.jit(tx.update)(params, other, params)
 
 
 @pytest.mark.parametrize(

@@ -165,7 +165,9 @@ def torch_rmsprop(
         _common.as_real_pairs(
             _placement.placed(
                 _precision.with_compute_dtype(
-                    _validation.stage_states_checked("torch_rmsprop", chain)
+                    _validation.stage_states_checked(
+                        "torch_rmsprop", chain, stages=len(head) + 2 + len(tail)
+                    )
                 )
             )
         ),
