@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import numpy as np
 import optax
@@ -72,8 +74,14 @@ def test_sharded_states_follow_their_parameters_and_equal_the_unsharded_run():
             params, state = jitted_step(params, state, g)
         return params, state
 
-    for moment_storage in ("bfloat16", "int8", "factored"):
-        tx = rj.rmsprop(1e-2, centered=True, momentum=0.9, moment_storage=moment_storage)
+    # Centered with momentum; and with L2 weight decay on the matrices, which the
+    # preconditioner computes from the gradient and the parameters in each of its readers.
+    variants = [
+        {"momentum": 0.9},
+        {"weight_decay": 0.01, "weight_decay_mask": {k: len(s) > 1 for k, (s, _) in SPECS.items()}},
+    ]
+    for moment_storage, options in itertools.product(("bfloat16", "int8", "factored"), variants):
+        tx = rj.rmsprop(1e-2, centered=True, moment_storage=moment_storage, **options)
 
         def step(params, state, g, tx=tx):
             updates, state = tx.update(g, state, params)
