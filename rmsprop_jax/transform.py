@@ -239,11 +239,13 @@ def preconditioner(
     ``rmsprop_jax._recomputed_steps``).
 
     With `gradient_of = (function, scalars)`, each leaf's gradient is first
-    `function(g, p, *scalars)` (p None where no parameters are given): what stages before the
-    preconditioner would compute (`-g`, `g + λp`), computed inside it, where the factored
-    format's statistics read g, p and the scalars through their optimization barriers rather
-    than a written g' (4 bytes per parameter; a scalar closed over would be one broadcast
-    common to both statistics, written whole).
+    `function(g, p, *scalars)` (p None where no parameters are given for the leaf): what
+    stages before the preconditioner would compute (`-g`, `g + λp`), computed inside it, in
+    each of its readers rather than written whole (4 bytes per parameter): the factored
+    format's two statistics read g, p and the scalars through their optimization barriers
+    (a scalar closed over would be one broadcast common to both, written whole), and a
+    compressed centered state's `mu` update reads them behind the barrier that orders it
+    after the variance's; the step then reads them once `mu` is written.
 
     Examples:
       >>> from rmsprop_jax.transform import preconditioner
