@@ -187,10 +187,12 @@ def rmsprop(
             else optax.trace(decay=buffer_decay, nesterov=nesterov)
         )
         chain = optax.chain(*head, scale_by_rms, scale_by_rate, trace, tail)
+    # The head's stages, the preconditioner, the learning rate, the buffer and the tail.
+    stages = len(head) + 4
     return _validation.scalar_hyperparameters(
         _placement.placed(
             _precision.with_compute_dtype(
-                _validation.stage_states_checked("rmsprop", chain, stages=len(head) + 4)
+                _validation.stage_states_checked("rmsprop", chain, stages=stages)
             )
         ),
         # decay, eps and initial_scale: scale_by_rms checks them, under the same names.
@@ -291,10 +293,11 @@ def _decayed_parameters(mask: WeightDecayMask) -> Callable[[Any, Any], Any]:
 
 
 def _with_parameters(
-    transformation: optax.GradientTransformationExtraArgs,
+    transformation: optax.GradientTransformation,
     parameters_of: Callable[[Any, Any], Any],
 ) -> optax.GradientTransformationExtraArgs:
     """`transformation`, given `parameters_of(updates, params)` as its params."""
+    transformation = optax.with_extra_args_support(transformation)
 
     def update_fn(updates, state, params=None, **extra_args):
         return transformation.update(updates, state, parameters_of(updates, params), **extra_args)

@@ -165,6 +165,7 @@ def torch_rmsprop(
         _common.as_real_pairs(
             _placement.placed(
                 _precision.with_compute_dtype(
+                    # The head's stages, the preconditioner, the buffer and the tail's.
                     _validation.stage_states_checked(
                         "torch_rmsprop", chain, stages=len(head) + 2 + len(tail)
                     )
