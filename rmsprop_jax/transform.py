@@ -297,17 +297,20 @@ def preconditioner(
     )
 
     def sources_of(g, p):
-        """The computation of a leaf's gradient from arrays, and the arrays."""
+        """Where `gradient_of` computes a leaf's gradient, that computation and the arrays it
+        reads; else None (the gradient is `g`)."""
         if gradient_of is None:
-            return (lambda g: g), (g,)
+            return None
         function, scalars = gradient_of
         return function, (g, p, *scalars)
 
+    def gradient(g, sources):
+        return g if sources is None else sources[0](*sources[1])
+
     def leaf_update(g, p, nu, mu, nu_seed, mu_seed, correction):
         """A leaf's step, new nu and new mu; `correction` = 1 - decay**t (bias correction)."""
-        function, arrays = sources_of(g, p)
-        g = function(*arrays)
-        sources = None if gradient_of is None else (function, arrays)
+        sources = sources_of(g, p)
+        g = gradient(g, sources)
 
         def first_moment(g, mu, *earlier, block_maxima=None, sources=None):
             """The new mu and its value, written once the arrays `earlier` are.
@@ -319,7 +322,7 @@ def preconditioner(
             if sources is not None and earlier:
                 function, arrays = sources
                 mu, arrays = storage.after((mu, arrays), *earlier)
-                g = function(*arrays)
+                g = gradient(g, (function, arrays))
             else:
                 mu = storage.after(mu, *earlier)
             # mu_t = decay * mu_{t-1} + (1 - decay) * g_t
@@ -383,13 +386,14 @@ def preconditioner(
 
     def leaf_step(g, p, nu, mu, correction):
         """A leaf's step from its new stored averages, as `leaf_update` computes it."""
-        function, arrays = sources_of(g, p)
-        if keeps_variance and gradient_of is not None:
+        sources = sources_of(g, p)
+        if keeps_variance and sources is not None:
             # mu's update reads the parameters after the variance's (`first_moment`): read
             # here once mu is written, they are not overwritten (by the update this step
             # gives) before it, and need no copy (4 bytes per parameter).
-            arrays = storage.after(arrays, mu)
-        g = function(*arrays)
+            function, arrays = sources
+            sources = function, storage.after(arrays, mu)
+        g = gradient(g, sources)
         squared = abs_sq(g)
         if centered and not keeps_variance:
             second_moment = fmt.leaf_decode(nu, squared, signed=False)
