@@ -81,6 +81,17 @@ def _marked_when_closed(manager: ocp.CheckpointManager) -> ocp.CheckpointManager
     return manager
 
 
+def _closed(manager: ocp.CheckpointManager) -> bool:
+    """Whether `manager` was closed: marked by :func:`open_manager`, or, for a manager made
+    with orbax itself, its metadata writer shut down (what `close` does in orbax 0.11.13 to
+    0.12; a manager without one, in a later orbax, counts as open unless marked)."""
+    if manager in _CLOSED:
+        return True
+    metadata_store = getattr(manager, "_non_blocking_metadata_store", None)
+    executor = getattr(metadata_store, "_single_thread_executor", None)
+    return getattr(executor, "_shutdown", False) is True
+
+
 def _orbax() -> Any:
     try:
         import orbax.checkpoint as ocp
@@ -187,8 +198,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
     Raises:
       TypeError: `step` is not an integer (a float or a bool would name a directory "1.5" or
         "True").
-      ValueError: `step` is negative, or `manager` (made by :func:`open_manager`) was closed
-        (orbax would report success and leave an unfinished temporary directory).
+      ValueError: `step` is negative, or `manager` was closed (orbax would report success and
+        leave an unfinished temporary directory).
 
     Examples:
       >>> import tempfile
@@ -201,7 +212,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
       True [10]
     """
     _check_step(step)
-    if manager in _CLOSED:
+    if _closed(manager):
         raise ValueError(
             f"The checkpoint manager of {manager.directory} is closed, so step {step} would not "
             "be saved (orbax would report success and leave an unfinished temporary "

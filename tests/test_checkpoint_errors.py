@@ -154,6 +154,21 @@ def test_saving_with_a_closed_manager_is_refused_and_the_saved_steps_stay(closin
     np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 2), 2.0))
 
 
+def test_a_closed_manager_made_with_orbax_is_refused_too(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    manager = ocp.CheckpointManager(tmp_path, item_handlers=ocp.StandardCheckpointHandler())
+    assert rj.checkpoint.save(manager, 1, state(1.0))
+    manager.wait_until_finished()
+    assert rj.checkpoint.save(manager, 2, state(2.0))  # still open after waiting
+    manager.wait_until_finished()
+    manager.close()
+    with pytest.raises(ValueError, match=r"manager of .* is closed, so step 3 would not be saved"):
+        rj.checkpoint.save(manager, 3, state(3.0))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["1", "2"]
+    restored = rj.checkpoint.restore(manager, state(0.0))  # reading needs no open manager
+    np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 2), 2.0))
+
+
 def test_options_of_another_type_are_named(tmp_path):
     with pytest.raises(
         TypeError, match=r"`options` must be .*CheckpointManagerOptions.*max_to_keep"
