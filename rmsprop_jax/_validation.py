@@ -140,20 +140,31 @@ def stage_states_checked(
     none, a schedule or a constant rate, a mask or none), which the stage would fail on with
     an `AttributeError`, or, for an `optax.identity` given a buffer, carry along unused. The
     types are those `chain.init` gives for parameters of the tree structure of the update's
-    (found once per structure, from shapes only); where that init fails (a mask function that
-    reads values, say), the stages' types pass unchecked."""
+    (found once per structure, from shapes only; where that fails, a mask function reading
+    values say, from the update's own parameters when they are concrete, in an eager update;
+    under a trace such a mask fails anyway)."""
     chain = optax.with_extra_args_support(chain)
     expected_by_structure: dict[Any, list[type] | None] = {}
+
+    def initial_states(params: Any) -> Any:
+        try:
+            return jax.eval_shape(chain.init, params)
+        except Exception:
+            if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(params)):
+                return None
+        try:
+            return chain.init(params)
+        except Exception:  # The update fails too, with the stage's own error.
+            return None
 
     def expected(params: Any) -> list[type] | None:
         params = {} if params is None else params
         structure = jax.tree.structure(params)
         if structure not in expected_by_structure:
-            try:
-                states = jax.eval_shape(chain.init, params)
-                expected_by_structure[structure] = [type(stage) for stage in states]
-            except Exception:
-                expected_by_structure[structure] = None
+            states = initial_states(params)
+            expected_by_structure[structure] = (
+                None if states is None else [type(stage) for stage in states]
+            )
         return expected_by_structure[structure]
 
     def update_fn(updates, state, params=None, **extra_args):

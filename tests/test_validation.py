@@ -292,6 +292,29 @@ def test_a_state_of_another_configuration_is_refused_naming_the_stage(tx, other,
     assert updates["w"].shape == (3,)
 
 
+def test_a_state_of_another_configuration_is_refused_with_a_mask_reading_values():
+    """A mask function that reads the parameters' values cannot build the state from shapes:
+    the stage types come from the eager update's own parameters (before, they went unchecked
+    and a momentum buffer was carried along unused)."""
+    params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}
+
+    def nonzero(tree):
+        return jax.tree.map(lambda leaf: bool(jnp.any(leaf != 0)), tree)
+
+    tx = rj.rmsprop(0.1, weight_decay=0.1, weight_decay_mask=nonzero)
+    other = rj.rmsprop(0.1, weight_decay=0.1, weight_decay_mask=nonzero, momentum=0.9)
+    with pytest.raises(ValueError, match=r"an EmptyState at position 4.*a TraceState there"):
+        tx.update(params, other.init(params), params)
+    updates, state = tx.update(params, tx.init(params), params)
+    expected = optax.chain(
+        optax.masked(optax.add_decayed_weights(0.1), nonzero), optax.rmsprop(0.1)
+    )
+    np.testing.assert_allclose(
+        updates["w"], expected.update(params, expected.init(params), params)[0]["w"], rtol=1e-6
+    )
+    assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))
+
+
 @pytest.mark.parametrize("moment_storage", ["float32", "bfloat16", "int8", "factored"])
 @pytest.mark.parametrize(
     "options",
