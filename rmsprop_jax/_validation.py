@@ -154,7 +154,7 @@ def stage_states_checked(
                 return None
         try:
             return chain.init(params)
-        except Exception:  # The update fails too, with the stage's own error.
+        except Exception:  # The stages' types then go unchecked, as under a trace.
             return None
 
     def expected(params: Any) -> list[type] | None:
