@@ -189,6 +189,19 @@ def _check_step(step: Any) -> None:
         raise ValueError(f"`step` must be >= 0, got {step!r}.")
 
 
+def _check_manager(manager: Any) -> None:
+    if isinstance(manager, _orbax().CheckpointManager):
+        return
+    path = isinstance(manager, str | os.PathLike)
+    named = path or manager is None or isinstance(manager, int | float)
+    got = repr(manager) if named else f"a {type(manager).__name__}"
+    hint = f": open it with rj.checkpoint.open_manager({os.fspath(manager)!r})" if path else ""
+    raise TypeError(
+        "`manager` must be an orbax.checkpoint.CheckpointManager, as "
+        f"rj.checkpoint.open_manager(directory) returns, got {got}{hint}."
+    )
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool = False) -> bool:
     """Saves the pytree `state` as `step` of `manager` (one item, orbax's standard format).
 
@@ -196,8 +209,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
       Whether a checkpoint was written (the manager's save policy may skip a step).
 
     Raises:
-      TypeError: `step` is not an integer (a float or a bool would name a directory "1.5" or
-        "True").
+      TypeError: `manager` is not an orbax `CheckpointManager` (a path, say), or `step` is not
+        an integer (a float or a bool would name a directory "1.5" or "True").
       ValueError: `step` is negative, or `manager` was closed (orbax would report success and
         leave an unfinished temporary directory).
 
@@ -211,6 +224,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
       ...     manager.close()
       True [10]
     """
+    _check_manager(manager)
     _check_step(step)
     if _closed(manager):
         raise ValueError(
@@ -300,6 +314,7 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
       FileNotFoundError: the manager's directory does not exist (nothing is created), it holds
         no checkpoint, or none at `step`.
       NotADirectoryError: the manager's path is a file.
+      TypeError: `manager` is not an orbax `CheckpointManager` (a path, say).
       TypeError, ValueError: `step` is not a non-negative integer.
       ValueError: the manager cannot read the checkpoint's metadata (not opened by
         :func:`open_manager`).
@@ -321,6 +336,7 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
       ('ScaleByRmsState', (2, 3))
     """
     ocp_ = _orbax()
+    _check_manager(manager)
     if not manager.directory.exists():
         raise FileNotFoundError(
             f"checkpoint directory {manager.directory} does not exist: nothing to restore. "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -167,6 +169,19 @@ def test_a_closed_manager_made_with_orbax_is_refused_too(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["1", "2"]
     restored = rj.checkpoint.restore(manager, state(0.0))  # reading needs no open manager
     np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 2), 2.0))
+
+
+@pytest.mark.parametrize("kind", ["str", "path", "none"])
+def test_a_path_or_none_instead_of_a_manager_is_named(kind, tmp_path):
+    """Before, an AttributeError: 'str' object has no attribute 'directory'."""
+    manager = {"str": str(tmp_path), "path": tmp_path, "none": None}[kind]
+    hint = re.escape(f": open it with rj.checkpoint.open_manager('{tmp_path}')") if manager else ""
+    message = rf"`manager` must be an orbax\.checkpoint\.CheckpointManager.*, got .*{hint}"
+    with pytest.raises(TypeError, match=message):
+        rj.checkpoint.save(manager, 1, state(1.0))
+    with pytest.raises(TypeError, match=message):
+        rj.checkpoint.restore(manager, state(0.0))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_options_of_another_type_are_named(tmp_path):
