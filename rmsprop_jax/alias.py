@@ -255,19 +255,16 @@ def _preconditioner_after(
     tx = _with_parameters(tx, decayed)
     if steps is None:
         return head, tx, None
-    steps_given_params = steps
 
     def steps_given_decayed(updates: Any, state: Any, params: Any) -> Any:
-        return steps_given_params(updates, state, decayed(updates, params))
+        return steps(updates, state, decayed(updates, params))
 
     return head, tx, steps_given_decayed
 
 
 def _state_only(stage: optax.GradientTransformation) -> optax.GradientTransformation:
     """`stage`'s state, its updates unchanged: a stage whose work another one does."""
-    return optax.GradientTransformation(
-        stage.init, lambda updates, state, params=None: (updates, state)
-    )
+    return optax.GradientTransformation(stage.init, optax.identity().update)
 
 
 def _decayed_parameters(mask: WeightDecayMask) -> Callable[[Any, Any], Any]:
