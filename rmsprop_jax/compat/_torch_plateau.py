@@ -10,7 +10,7 @@ is the same update.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -31,6 +31,21 @@ class TorchPlateauState(NamedTuple):
     best: chex.Array
     num_bad_epochs: chex.Array
     cooldown_counter: chex.Array
+
+
+def _metric(value: Any) -> jax.Array:
+    """The metric as a float32 scalar. Torch takes `float(metrics)`: one real number, which
+    may be a one-element array; an array of several would make the rate an array."""
+    try:
+        metric = jnp.asarray(value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"`value` must be a real number (the metric), got {value!r}.") from error
+    if metric.size != 1 or jnp.issubdtype(metric.dtype, jnp.complexfloating):
+        raise ValueError(
+            "`value` must be one real number (the metric, e.g. the epoch's validation loss), "
+            f"got an array of shape {metric.shape} and dtype {metric.dtype}."
+        )
+    return metric.reshape(()).astype(jnp.float32)
 
 
 def torch_reduce_lr_on_plateau(
@@ -66,7 +81,8 @@ def torch_reduce_lr_on_plateau(
 
     Raises:
       ValueError: on a `mode` or `threshold_mode` torch does not know, `factor` not in [0, 1),
-        or a negative number.
+        or a negative number; at `update`, on a `value` that is not one real number (torch's
+        `float(metrics)`: a one-element array is read as its element).
 
     Examples:
       >>> tx = rj.compat.torch_reduce_lr_on_plateau(0.1, patience=1)
@@ -115,7 +131,7 @@ def torch_reduce_lr_on_plateau(
         )
 
     def scheduler_step(state, value):
-        current = jnp.asarray(value, jnp.float32)
+        current = _metric(value)
         better = is_better(current, state.best)
         best = jnp.where(better, current, state.best)
         bad = jnp.where(better, 0, state.num_bad_epochs + 1)
