@@ -273,6 +273,46 @@ def test_bad_scheduler_arguments_are_named():
         C.torch_exponential_lr(float("inf"), 0.9)
 
 
+def test_careless_scheduler_arguments_are_named_not_left_to_python():
+    # Each raised a TypeError or ZeroDivisionError from inside the schedule's construction,
+    # or (`three_phase="no"`) built the three-phase cycle.
+    with pytest.raises(TypeError, match=r"`milestones` must be a sequence of epochs .* got 3"):
+        C.torch_multi_step_lr(LR, milestones=3)
+    with pytest.raises(TypeError, match=r"`milestones` must be a sequence of epochs .* got '35'"):
+        C.torch_multi_step_lr(LR, milestones="35")
+    with pytest.raises(TypeError, match="`schedules` must be a sequence of schedules"):
+        C.torch_sequential_lr(C.torch_step_lr(LR, 2), [])
+    with pytest.raises(ValueError, match=r"`div_factor` must be a finite number > 0.*got 0"):
+        C.torch_one_cycle_lr(0.1, total_steps=10, div_factor=0)
+    with pytest.raises(ValueError, match="`final_div_factor` must be a finite number > 0"):
+        C.torch_one_cycle_lr(0.1, total_steps=10, final_div_factor=0.0)
+    with pytest.raises(TypeError, match="`three_phase` must be True or False, got 'no'"):
+        C.torch_one_cycle_lr(0.1, total_steps=10, three_phase="no")
+    with pytest.raises(TypeError, match="`three_phase` must be True or False"):
+        C.torch_one_cycle_momentum(total_steps=10, three_phase=1)
+
+
+@pytest.mark.parametrize("maybe_jit", [lambda f: f, jax.jit], ids=["eager", "jit"])
+def test_a_plateau_metric_must_be_one_number(maybe_jit):
+    tx = C.torch_reduce_lr_on_plateau(LR, patience=0)
+    params = jnp.ones(2)
+    state = tx.init(params)
+
+    def rate_after(value):
+        return maybe_jit(lambda s, v: tx.update(params, s, value=v)[1].lr)(state, value)
+
+    # A vector of losses (one per batch, say) made the rate, and every later update, a vector.
+    with pytest.raises(ValueError, match=r"`value` must be one real number .* shape \(3,\)"):
+        rate_after(jnp.array([1.0, 0.5, 0.2]))
+    with pytest.raises(ValueError, match=r"`value` must be one real number .* complex64"):
+        rate_after(jnp.array(1.0 + 1.0j, jnp.complex64))
+    # As torch's float(metrics): a one-element array is the number it holds.
+    assert rate_after(jnp.array([0.5])).shape == ()
+    assert rate_after(jnp.array([0.5])) == jnp.float32(LR)  # better than the start: kept
+    with pytest.raises(TypeError, match=r"`value` must be a real number .* got 'low'"):
+        tx.update(params, state, value="low")
+
+
 @pytest.mark.parametrize("anneal_strategy", ["cos", "linear"])
 @pytest.mark.parametrize("three_phase", [False, True])
 def test_one_cycle_holds_its_final_value_past_total_steps(anneal_strategy, three_phase):

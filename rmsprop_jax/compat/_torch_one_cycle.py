@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
+from rmsprop_jax import _validation
 from rmsprop_jax.compat._torch_schedulers import _finite, _half_cosine, _positive_int
 
 
@@ -39,8 +40,8 @@ def torch_one_cycle_lr(
       [0.004, 0.0994, 0.0812, 0.0463, 0.0133, 0.0, 0.0, 0.0]
     """
     total = _one_cycle_total(total_steps, epochs, steps_per_epoch)
-    initial = _finite("max_lr", max_lr) / _finite("div_factor", div_factor)
-    values = (initial, float(max_lr), initial / _finite("final_div_factor", final_div_factor))
+    initial = _finite("max_lr", max_lr) / _divisor("div_factor", div_factor)
+    values = (initial, float(max_lr), initial / _divisor("final_div_factor", final_div_factor))
     return _one_cycle(total, pct_start, anneal_strategy, three_phase, values)
 
 
@@ -70,6 +71,15 @@ def torch_one_cycle_momentum(
     return _one_cycle(total, pct_start, anneal_strategy, three_phase, (top, base, top))
 
 
+def _divisor(name: str, value: float) -> float:
+    """`value` as a float, refused unless finite and positive: torch divides by it."""
+    if _finite(name, value) == 0:
+        raise ValueError(
+            f"`{name}` must be a finite number > 0 (the rate is divided by it), got {value!r}."
+        )
+    return float(value)
+
+
 def _one_cycle_total(
     total_steps: int | None, epochs: int | None, steps_per_epoch: int | None
 ) -> int:
@@ -92,6 +102,7 @@ def _one_cycle(
         raise ValueError(f"`pct_start` must be a float in [0, 1], got {pct_start!r}.")
     if anneal_strategy not in ("cos", "linear"):
         raise ValueError(f"`anneal_strategy` must be 'cos' or 'linear', got {anneal_strategy!r}.")
+    _validation.check_flag("three_phase", three_phase)
     start, peak, end = values
     if three_phase:
         ends = [pct_start * total - 1, 2 * pct_start * total - 2, total - 1]

@@ -25,7 +25,8 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,17 @@ def _positive_int(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
     return int(value)
+
+
+def _sequence(name: str, values: Any, what: str) -> list[Any]:
+    """`values` as a list, or a TypeError naming `name` when it is not a sequence of `what`."""
+    if isinstance(values, str | bytes | Mapping) or not isinstance(values, Iterable):
+        raise TypeError(f"`{name}` must be a sequence of {what}, got {values!r}.")
+    return list(values)
+
+
+def _epochs(name: str, values: Any) -> list[int]:
+    return [_positive_int(name, m) for m in _sequence(name, values, "epochs (positive integers)")]
 
 
 def _finite(name: str, value: float, low: float = 0.0) -> float:
@@ -91,7 +103,7 @@ def torch_multi_step_lr(
     """
     lr, gamma = _finite("lr", lr), _finite("gamma", gamma)
     spe = _positive_int("steps_per_epoch", steps_per_epoch)
-    marks = np.sort(np.asarray([_positive_int("milestones", m) for m in milestones], np.int32))
+    marks = np.sort(np.asarray(_epochs("milestones", milestones), np.int32))
 
     def schedule(count):
         passed = jnp.sum(_epoch(count, spe)[..., None] >= marks, axis=-1)
@@ -287,7 +299,7 @@ def torch_sequential_lr(
       [0.01, 0.01, 0.1, 0.05, 0.025, 0.0125]
     """
     spe = _positive_int("steps_per_epoch", steps_per_epoch)
-    schedules = list(schedules)
+    schedules = _sequence("schedules", schedules, "schedules")
     if not schedules:
         raise ValueError("`schedules` must hold at least one schedule, got none.")
     for i, schedule in enumerate(schedules):
@@ -296,7 +308,7 @@ def torch_sequential_lr(
                 f"`schedules[{i}]` must be a schedule (a function of the update count), got "
                 f"{schedule!r}."
             )
-    marks = [_positive_int("milestones", m) for m in milestones]
+    marks = _epochs("milestones", milestones)
     if len(marks) != len(schedules) - 1 or marks != sorted(marks):
         raise ValueError(
             f"`milestones` must be {len(schedules) - 1} increasing epochs (one fewer than the "
