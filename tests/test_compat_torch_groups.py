@@ -168,6 +168,12 @@ def test_group_options_fall_back_to_the_defaults_and_bad_ones_are_named():
         rj.compat.torch_rmsprop_groups({"a": {}}, {"w": "a", "b": "other"}).init(params)
     with pytest.raises(ValueError, match="empty"):
         rj.compat.torch_rmsprop_groups([], [])
+    # A label tree that is no prefix of the parameters: optax's pytree error named neither.
+    with pytest.raises(ValueError, match=r"`param_labels` must have the structure of the param"):
+        rj.compat.torch_rmsprop_groups([{}], {"w": 0}).init(params)
+    labels_of = lambda p: {"w": 0, "b": {"x": 0}}  # noqa: E731
+    with pytest.raises(ValueError, match=r"`param_labels` .* got PyTreeDef\(\{'b': \{'x'"):
+        rj.compat.torch_rmsprop_groups([{}], labels_of).init(params)
 
 
 def test_groups_work_inside_an_nnx_optimizer_under_nnx_jit():

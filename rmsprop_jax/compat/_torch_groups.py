@@ -90,7 +90,8 @@ def torch_rmsprop_groups(
 
     Raises:
       ValueError: on an empty `param_groups`, an unknown option (naming the group), a value
-        `torch_rmsprop` refuses (naming the group), or, at `init`, a label that names no group.
+        `torch_rmsprop` refuses (naming the group), or, at `init`, a label that names no group
+        or labels whose tree is not a prefix of the parameters'.
 
     Examples:
       >>> params = {"w": jnp.ones((2, 2)), "b": jnp.zeros(2)}
@@ -145,6 +146,14 @@ def torch_rmsprop_groups(
 
     def positions(params: Any) -> Any:
         tree = param_labels(params) if callable(param_labels) else param_labels
+        try:  # optax.partition reads the labels as a prefix of the parameters' tree.
+            jax.tree.map(lambda label, _: label, tree, params)
+        except ValueError as error:
+            raise ValueError(
+                "`param_labels` must have the structure of the parameters, or of a prefix of "
+                f"it; got {jax.tree.structure(tree)} for parameters "
+                f"{jax.tree.structure(params)}."
+            ) from error
         return jax.tree.map(to_position, tree)
 
     # Positions as partition keys: the partition state then lists the groups in torch order.
