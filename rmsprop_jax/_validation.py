@@ -49,6 +49,16 @@ def check_flag(name: str, value: Any) -> None:
         raise TypeError(f"`{name}` must be True or False, got {value!r}.")
 
 
+def check_transformation(name: str, value: Any, example: str) -> None:
+    """Raises `TypeError` unless `value` is an optax transformation; `example` shows a call
+    that passes one (a factory such as `rj.rmsprop` itself is the usual mistake)."""
+    if not isinstance(value, optax.GradientTransformation):
+        raise TypeError(
+            f"`{name}` must be an optax.GradientTransformation, got {value!r}; pass a built "
+            f"transformation, e.g. {example}."
+        )
+
+
 def check_in_range(
     name: str,
     value: Any,

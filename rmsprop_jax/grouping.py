@@ -276,11 +276,7 @@ def pack_small_leaves(
         isinstance(max_size, bool) or not isinstance(max_size, int | np.integer) or max_size < 1
     ):
         raise ValueError(f"`max_size` must be a positive integer or None, got {max_size!r}.")
-    if not isinstance(inner, optax.GradientTransformation):
-        raise TypeError(
-            f"`inner` must be an optax.GradientTransformation, got {inner!r}; pass a built "
-            "transformation, e.g. rj.pack_small_leaves(rj.rmsprop(1e-3))."
-        )
+    _validation.check_transformation("inner", inner, "rj.pack_small_leaves(rj.rmsprop(1e-3))")
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: optax.Params) -> optax.OptState:

@@ -45,7 +45,7 @@ import jax
 import optax
 from jax.sharding import Sharding
 
-from rmsprop_jax import _placement
+from rmsprop_jax import _placement, _validation
 
 
 def _abstract_params(params: Any, shardings: Any) -> Any:
@@ -90,6 +90,14 @@ def _replicated(params: Any) -> Sharding:
     )
 
 
+def _shapes_of_init(tx: Any, params: Any, shardings: Any) -> tuple[Any, Any]:
+    """The parameters as placed `jax.ShapeDtypeStruct`s, and `tx.init`'s state as unplaced ones."""
+    _validation.check_transformation("tx", tx, "rj.rmsprop(1e-3)")
+    abstract_params = _abstract_params(params, shardings)
+    unplaced = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), abstract_params)
+    return abstract_params, jax.eval_shape(tx.init, unplaced)
+
+
 def state_shardings(tx: optax.GradientTransformation, params: Any, shardings: Any = None) -> Any:
     """The sharding of every leaf of `tx.init(params)`, computed without allocating anything.
 
@@ -120,9 +128,7 @@ def state_shardings(tx: optax.GradientTransformation, params: Any, shardings: An
       >>> tuple(rj.sharding.state_shardings(tx, {"w": w})[2].nu.col["w"].spec)
       ('model',)
     """
-    abstract_params = _abstract_params(params, shardings)
-    unplaced = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), abstract_params)
-    state = jax.eval_shape(tx.init, unplaced)
+    abstract_params, state = _shapes_of_init(tx, params, shardings)
     replicated = _replicated(abstract_params)
 
     def place(stored_leaf: tuple, fmt: Any, param: Any) -> tuple:
@@ -159,9 +165,7 @@ def abstract_state(tx: optax.GradientTransformation, params: Any, shardings: Any
       >>> nu.shape, nu.dtype, tuple(nu.sharding.spec)
       ((1024, 16), dtype('float32'), ('data',))
     """
-    abstract_params = _abstract_params(params, shardings)
-    unplaced = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), abstract_params)
-    state = jax.eval_shape(tx.init, unplaced)
+    abstract_params, state = _shapes_of_init(tx, params, shardings)
     return jax.tree.map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
         state,

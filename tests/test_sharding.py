@@ -295,3 +295,12 @@ def test_state_lives_with_its_parameter_and_matches_the_single_device_run():
         assert packing[mesh]["unpacked_state_placed_like_params"], mesh
         assert packing[mesh]["params"]["elements"] > 0, mesh
         assert packing[mesh]["params"]["error"] <= 1e-6, (mesh, packing[mesh]["params"])
+
+
+@pytest.mark.parametrize("function", [rj.sharding.state_shardings, rj.sharding.abstract_state])
+def test_a_factory_instead_of_a_transformation_is_named(function):
+    # `rj.rmsprop` itself (not called) failed inside jax.eval_shape with an AttributeError.
+    params = {"w": jax.ShapeDtypeStruct((4, 2), np.float32)}
+    for tx in (rj.rmsprop, 1e-3):
+        with pytest.raises(TypeError, match=r"`tx` must be an optax.GradientTransformation, got"):
+            function(tx, params)
