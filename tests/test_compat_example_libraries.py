@@ -83,3 +83,22 @@ def test_a_state_of_the_other_variant_is_refused():
         )
     with pytest.raises(ValueError, match=r"must be a jax\.example_libraries"):
         rj.compat.state_from_example_libraries((params,), rj.compat.example_libraries_rmsprop(0.1))
+
+
+def test_careless_arguments_are_named():
+    params = [jnp.ones(3), jnp.ones((2, 2))]
+    init, _, _ = optimizers.rmsprop(0.1)
+    tx = rj.compat.example_libraries_rmsprop(0.1)
+    with pytest.raises(TypeError, match=r"`optimizer` must be an optax\.GradientTransformation"):
+        rj.compat.state_from_example_libraries(init(params), rj.compat.example_libraries_rmsprop)
+    # A negative or fractional step became the step count as it was.
+    for step in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=r"`step` must be an integer >= 0 .* got " + str(step)):
+            rj.compat.state_from_example_libraries(init(params), tx, step=step)
+    _, state = rj.compat.state_from_example_libraries(init(params), tx, step=jnp.int32(3))
+    assert int(state[2].count) == 3
+    # Parameters of other shapes: zip's "argument 2 is longer than argument 1" before, and
+    # with as many leaves as the state, a state of mismatched arrays.
+    for other in ([jnp.ones(3)], [jnp.ones(2), jnp.ones((3, 3))]):
+        with pytest.raises(ValueError, match=r"`params` has leaves of shapes .* keeps statistics"):
+            rj.compat.state_to_example_libraries(tx.init(params), other)

@@ -164,6 +164,8 @@ def test_states_that_do_not_match_are_refused(keras):
         rj.compat.state_from_keras(sgd_variables, params, rj.compat.keras_rmsprop(momentum=0.9))
     rmsprop = keras.optimizers.RMSprop(momentum=0.9)
     rmsprop.build(model.trainable_variables)
+    with pytest.raises(TypeError, match=r"`optimizer` must be an optax\.GradientTransformation"):
+        rj.compat.state_from_keras(rmsprop, params, rj.compat.keras_rmsprop)
     with pytest.raises(ValueError, match="has a momentum buffer"):
         rj.compat.state_from_keras(rmsprop, params, rj.compat.keras_rmsprop())
     with pytest.raises(ValueError, match=r"Keras optimizer has no use_ema"):

@@ -190,6 +190,23 @@ def test_wrong_number_of_parameters_raises_value_error(torch):
 
 
 @pytest.mark.conformance
+def test_careless_arguments_are_named(torch):
+    params, grads = make_problem(seed=5)
+    optimizer = stepped_torch(torch, params, grads)
+    tx = rj.compat.torch_rmsprop()
+    # The preset's factory, or the arguments in the other order: an AttributeError before.
+    for not_built in (rj.compat.torch_rmsprop, params):
+        with pytest.raises(
+            TypeError, match=r"`optimizer` must be an optax\.GradientTransformation"
+        ):
+            rj.compat.state_from_torch(optimizer.state_dict(), params, not_built)
+    # The optimizer's live groups hold its parameters, not a state_dict's indices: torch's
+    # "only one element tensors can be converted to Python scalars" before.
+    with pytest.raises(ValueError, match=r"holds Tensors, not the parameter indices.*state_dict"):
+        rj.compat.state_to_torch(tx.init(params), params, optimizer.param_groups)
+
+
+@pytest.mark.conformance
 def test_mismatched_shapes_raise_value_error_naming_the_parameter(torch):
     params, grads = make_problem(seed=6)
     optimizer = stepped_torch(torch, params, grads)

@@ -29,6 +29,7 @@ References:
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import chex
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 import optax
 
 import rmsprop_jax as rj
+from rmsprop_jax import _validation
 from rmsprop_jax.transform import ScaleByCenteredRmsState, ScaleByRmsState
 
 _STATS = (ScaleByRmsState, ScaleByCenteredRmsState)
@@ -135,6 +137,18 @@ def _unpack(example_state: Any) -> tuple[Any, list[tuple[Any, ...]]]:
     return params, per_leaf
 
 
+def _check_step(step: Any) -> None:
+    """Refuses a `step` that is not an integer >= 0 (a Python, NumPy or JAX scalar)."""
+    try:
+        index = None if isinstance(step, bool) else operator.index(step)
+    except TypeError:
+        index = None
+    if index is None or index < 0:
+        raise ValueError(
+            f"`step` must be an integer >= 0 (the index of the next update), got {step!r}."
+        )
+
+
 def state_from_example_libraries(
     example_state: Any, optimizer: optax.GradientTransformation, step: int = 0
 ) -> tuple[optax.Params, optax.OptState]:
@@ -152,7 +166,9 @@ def state_from_example_libraries(
       and `step`.
 
     Raises:
-      ValueError: on a state of another optimizer, or with momentum on one side only.
+      ValueError: on a state of another optimizer, with momentum on one side only, or on a
+        `step` that is not an integer >= 0.
+      TypeError: on an `optimizer` that is not a built transformation.
 
     Examples:
       >>> from jax.example_libraries import optimizers
@@ -164,6 +180,10 @@ def state_from_example_libraries(
       (Array([ 0.9684, -1.9684], dtype=float32), Array(1, dtype=int32),
        Array([0.025, 0.025], dtype=float32))
     """
+    _validation.check_transformation(
+        "optimizer", optimizer, "rj.compat.example_libraries_rmsprop(0.01)"
+    )
+    _check_step(step)
     params, per_leaf = _unpack(example_state)
     opt_state = optimizer.init(params)
     stats, trace = _parts(opt_state, "The state of `optimizer`")
@@ -209,6 +229,10 @@ def state_to_example_libraries(opt_state: optax.OptState, params: optax.Params) 
       A `jax.example_libraries.optimizers.OptimizerState` for the matching example-library
       optimizer's `update` and `get_params`.
 
+    Raises:
+      ValueError: on a state that is not one example-library preset's, or `params` whose
+        leaves' shapes are not those of its statistics.
+
     Examples:
       >>> from jax.example_libraries import optimizers
       >>> tx = rj.compat.example_libraries_rmsprop(0.01)
@@ -223,6 +247,13 @@ def state_to_example_libraries(opt_state: optax.OptState, params: optax.Params) 
 
     stats, trace = _parts(opt_state, "`opt_state`")
     leaves, tree_def = jax.tree.flatten(params)
+    shapes = [jnp.shape(leaf) for leaf in leaves]
+    stat_shapes = [jnp.shape(nu) for nu in jax.tree.leaves(stats.nu)]
+    if shapes != stat_shapes:
+        raise ValueError(
+            f"`params` has leaves of shapes {shapes}, but `opt_state` keeps statistics of shapes "
+            f"{stat_shapes}; pass the parameters the state was made for."
+        )
     columns = [leaves, jax.tree.leaves(stats.nu)]
     if trace is not None:
         columns.append([-t for t in jax.tree.leaves(trace.trace)])

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rmsprop_jax import _validation
 from rmsprop_jax.compat._keras_ema import KerasEmaState
 from rmsprop_jax.compat._keras_names import (
     MatchBy,
@@ -130,6 +131,7 @@ def state_from_keras(
       ValueError: on a state that is not a Keras RMSprop's (naming what is missing), a
         different number of variables, unmatched names, a shape mismatch, differing
         `centered`/momentum/`use_ema`, or gradient accumulation.
+      TypeError: on an `optimizer` that is not a built transformation.
 
     Examples:
       >>> import keras
@@ -141,6 +143,7 @@ def state_from_keras(
       >>> state[1][2].count, state[1][2].nu
       (Array(1, dtype=int32), Array([0.025, 0.025], dtype=float32))
     """
+    _validation.check_transformation("optimizer", optimizer, "rj.compat.keras_rmsprop(0.001)")
     values = _variables(keras_state)
     refs, slots = _keras_names(values)
     pairing = _pairing(refs, params, match_by)

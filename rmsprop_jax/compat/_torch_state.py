@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rmsprop_jax import _validation
 from rmsprop_jax.compat import _torch_mapping, _torch_state_dict
 from rmsprop_jax.compat._common import view_as_real
 from rmsprop_jax.compat._torch import TorchLayoutState
@@ -223,6 +224,8 @@ def state_from_torch(
         parameters or groups, a name with no leaf, a group whose leaves are not one torch
         group's parameters, a shape or complex/real mismatch, a parameter without state,
         differing step counts within a group, or differing `centered`/`momentum`.
+      TypeError: on an `optimizer` that is not a built transformation (`torch_rmsprop`
+        itself, not called).
 
     Examples:
       >>> import torch
@@ -234,6 +237,7 @@ def state_from_torch(
       >>> state[2].count, state[2].nu
       (Array(1, dtype=int32), Array([0.0025, 0.0025], dtype=float32))
     """
+    _validation.check_transformation("optimizer", optimizer, "rj.compat.torch_rmsprop(lr=0.01)")
     param_groups, per_param = _torch_state_dict.check_state_dict(state_dict)
     opt_state = optimizer.init(params)
     chains = chains_of(opt_state, "The state of `optimizer`")
@@ -275,7 +279,8 @@ def state_to_torch(
       tensors; an empty `state` when no update has been applied yet.
 
     Raises:
-      ValueError: on groups that are not a torch RMSprop's or have different settings, a state
+      ValueError: on groups that are not a torch RMSprop's (or `optimizer.param_groups`, whose
+        `params` are tensors) or have different settings, a state
         that is not a `torch_rmsprop`'s, a different number of parameters or groups, a name
         with no leaf, a group whose leaves are not one torch group's parameters, or differing
         `centered`/`momentum`.

@@ -67,6 +67,15 @@ def check_param_groups(param_groups: Any) -> list[Mapping[str, Any]]:
                 f"{', '.join(sorted(map(str, group)))}), so it is not a torch.optim.RMSprop "
                 "group; the state of another optimizer (Adam, SGD, ...) cannot be ported."
             )
+        not_indices = [
+            p for p in group["params"] if isinstance(p, bool) or not isinstance(p, int | np.integer)
+        ]
+        if not_indices:
+            raise ValueError(
+                f"param_groups[{index}]['params'] holds {type(not_indices[0]).__name__}s, "
+                "not the parameter indices of a state_dict: pass "
+                "`optimizer.state_dict()['param_groups']`, not `optimizer.param_groups`."
+            )
         names = group.get("param_names")
         if names is not None and len(names) != len(group["params"]):
             raise ValueError(
