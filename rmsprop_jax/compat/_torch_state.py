@@ -280,9 +280,9 @@ def state_to_torch(
 
     Raises:
       ValueError: on groups that are not a torch RMSprop's (or `optimizer.param_groups`, whose
-        `params` are tensors) or have different settings, a state
-        that is not a `torch_rmsprop`'s, a different number of parameters or groups, a name
-        with no leaf, a group whose leaves are not one torch group's parameters, or differing
+        `params` are tensors) or have different settings, a state that is not a
+        `torch_rmsprop`'s, a different number of parameters or groups, a name with no leaf, a
+        group whose leaves are not one torch group's parameters, or differing
         `centered`/`momentum`.
 
     Examples:
