@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rmsprop_jax._checkpoint_match import CheckpointMismatchError, _flat, _path_key, check_matches
@@ -112,7 +113,27 @@ def _abstract_leaf(leaf: Any) -> Any:
     return _orbax().utils.to_shape_dtype_struct(leaf)
 
 
+def _is_key(leaf: Any) -> bool:
+    """Whether `leaf` is an array (or shape) of typed PRNG keys (`jax.random.key`)."""
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _read(leaf: Any) -> Any:
+    """What the checkpoint's metadata records for the target leaf `leaf`: typed PRNG keys as
+    their raw data (uint32, one trailing axis more), which orbax writes and reads back as
+    keys; anything else as it is."""
+    return jax.eval_shape(jax.random.key_data, leaf) if _is_key(leaf) else leaf
+
+
 def _restored_like(leaf: Any, value: Any) -> Any:
+    """`value` as read for the target leaf `leaf`: raw key data wrapped with `leaf`'s PRNG
+    implementation, keys unwrapped for a raw (uint32) target (orbax reads keys it wrote as
+    keys, whatever the target), a NumPy scalar taken out of its 0-d array."""
+    if _is_key(leaf) != _is_key(value):
+        if not _is_key(leaf):
+            return jax.random.key_data(value)
+        return jax.random.wrap_key_data(value, impl=jax.random.key_impl(jnp.zeros((), leaf.dtype)))
     return value[()] if isinstance(leaf, np.generic) else value
 
 
@@ -189,6 +210,34 @@ def _check_step(step: Any) -> None:
         raise ValueError(f"`step` must be >= 0, got {step!r}.")
 
 
+_SAVABLE_KINDS = "biufc"  # NumPy dtype kinds orbax writes: bool, integers, floats, complex.
+
+
+def _unsavable(leaf: Any) -> str | None:
+    """What `leaf` is, where orbax cannot save it; None where it can."""
+    if isinstance(leaf, jax.core.Tracer):
+        return "a traced value (save outside jax.jit, jax.vmap and jax.grad)"
+    if isinstance(leaf, jax.Array | bool | int | float):
+        return None
+    if isinstance(leaf, np.ndarray | np.generic):
+        return None if leaf.dtype.kind in _SAVABLE_KINDS else f"an array of dtype {leaf.dtype}"
+    return f"a {type(leaf).__name__}"
+
+
+def _check_savable(state: Any) -> None:
+    """Refuses, before anything is written, a leaf orbax cannot save: it would raise midway
+    (or in its background thread) and leave a temporary step directory behind."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        problem = _unsavable(leaf)
+        if problem is not None:
+            where = jax.tree_util.keystr(path) or "its root"
+            raise TypeError(
+                f"`state` holds {problem} at {where}, which cannot be saved: only arrays and "
+                "Python or NumPy numbers of boolean, integer, floating or complex dtypes can. "
+                "Nothing was written."
+            )
+
+
 def _check_manager(manager: Any) -> None:
     if isinstance(manager, _orbax().CheckpointManager):
         return
@@ -211,6 +260,9 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
     Raises:
       TypeError: `manager` is not an orbax `CheckpointManager` (a path, say), or `step` is not
         an integer (a float or a bool would name a directory "1.5" or "True").
+      TypeError: `state` holds a leaf that is neither an array nor a Python or NumPy number
+        (a string, a function, a traced value under `jax.jit`): orbax would fail midway and
+        leave a temporary directory.
       ValueError: `step` is negative, or `manager` was closed (orbax would report success and
         leave an unfinished temporary directory).
 
@@ -226,6 +278,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
     """
     _check_manager(manager)
     _check_step(step)
+    _check_savable(state)
     if _closed(manager):
         raise ValueError(
             f"The checkpoint manager of {manager.directory} is closed, so step {step} would not "
@@ -303,7 +356,8 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
       target: a tree like the one saved, e.g. built from a freshly initialized model and
         optimizer (arrays or `jax.ShapeDtypeStruct` leaves; only shapes, dtypes, shardings and
         the tree structure are used). Python and NumPy numbers (a step or epoch counter saved
-        with the state) come back as numbers of their type.
+        with the state) come back as numbers of their type, typed PRNG keys
+        (`jax.random.key`, in a Flax NNX state say) as keys.
       step: the step to restore (a non-negative integer); None for the latest.
 
     Returns:
@@ -369,12 +423,13 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
             "the manager with rmsprop_jax.checkpoint.open_manager(directory), or pass "
             "item_handlers=orbax.checkpoint.StandardCheckpointHandler() to CheckpointManager"
         )
-    check_matches(metadata, target, where=f"checkpoint at step {step}")
+    stored = jax.tree.map(_read, target)
+    check_matches(metadata, stored, where=f"checkpoint at step {step}")
     # Orbax compares the stored structure with the restore item's, empty nodes included, so
     # the item is the stored structure (NamedTuples as dicts) with the target's shapes, dtypes
     # and shardings; the leaves then go back into the target's structure by path. A target
     # with a leafless node the checkpoint lacks (a newer version's layout record) restores.
-    abstract = {path: _abstract_leaf(leaf) for path, leaf in _flat(target).items()}
+    abstract = {path: _abstract_leaf(leaf) for path, leaf in _flat(stored).items()}
     item = jax.tree_util.tree_map_with_path(
         lambda path, _: abstract[_path_key(path)], getattr(metadata, "tree", metadata)
     )

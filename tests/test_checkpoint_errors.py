@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -189,3 +190,39 @@ def test_options_of_another_type_are_named(tmp_path):
         TypeError, match=r"`options` must be .*CheckpointManagerOptions.*max_to_keep"
     ):
         rj.checkpoint.open_manager(tmp_path, {"max_to_keep": 2})
+
+
+@pytest.mark.parametrize(
+    ("leaf", "what"),
+    [
+        ("cosine", "a str"),
+        (lambda x: x, "a function"),
+        (2 + 1j, "a complex"),
+        (np.array(["a", "b"]), r"an array of dtype <U1"),
+        (np.array([None]), "an array of dtype object"),
+    ],
+    ids=["str", "function", "python-complex", "numpy-strings", "numpy-objects"],
+)
+def test_a_leaf_orbax_cannot_write_is_named_and_nothing_is_written(leaf, what, tmp_path):
+    # Orbax raised midway (or in its background thread) and left
+    # `1.orbax-checkpoint-tmp` behind.
+    manager = rj.checkpoint.open_manager(tmp_path)
+    saved = {**state(1.0), "config": {"schedule": leaf}}
+    message = rf"`state` holds {what} at \['config'\]\['schedule'\].*Nothing was written"
+    with pytest.raises(TypeError, match=message):
+        rj.checkpoint.save(manager, 1, saved)
+    assert list(tmp_path.iterdir()) == []
+    assert manager.all_steps() == []
+
+
+def test_saving_inside_jit_is_named_and_writes_nothing(tmp_path):
+    manager = rj.checkpoint.open_manager(tmp_path)
+
+    @jax.jit
+    def step(w):
+        rj.checkpoint.save(manager, 1, {"w": w})
+        return w
+
+    with pytest.raises(TypeError, match=r"holds a traced value \(save outside jax\.jit"):
+        step(jnp.ones(2))
+    assert list(tmp_path.iterdir()) == []

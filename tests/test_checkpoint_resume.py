@@ -207,6 +207,52 @@ def test_numbers_saved_with_the_state_restore_as_numbers_of_their_type(tmp_path)
         rj.checkpoint.restore(manager, {**target, "lr": 0})
 
 
+def test_prng_keys_saved_with_the_state_restore_as_keys(tmp_path):
+    # Orbax writes a typed key's raw data and could not restore it into a key target: a
+    # CheckpointMismatchError (shape (2,) where the target expects ()) for what was saved.
+    tx, params = rj.rmsprop(1e-2), make_params()
+    keys = {"dropout": jax.random.key(3), "per_layer": jax.random.split(jax.random.key(4), 3)}
+    keys |= {"rbg": jax.random.key(5, impl="rbg"), "raw": jax.random.PRNGKey(6)}
+    saved = {"params": params, "opt_state": tx.init(params), "keys": keys}
+    manager = rj.checkpoint.open_manager(tmp_path)
+    rj.checkpoint.save(manager, 1, saved)
+    manager.wait_until_finished()
+    fresh_keys = {"dropout": jax.random.key(0), "per_layer": jax.random.split(jax.random.key(0), 3)}
+    fresh_keys |= {"rbg": jax.random.key(0, impl="rbg"), "raw": jax.random.PRNGKey(0)}
+    shapes = jax.tree.map(lambda key: jax.ShapeDtypeStruct(key.shape, key.dtype), keys)
+    targets = {"arrays": fresh_keys, "shapes": shapes}
+    for kind, target_keys in targets.items():
+        restored = rj.checkpoint.restore(manager, {**fresh_target(tx), "keys": target_keys})
+        for name, key in keys.items():
+            back = restored["keys"][name]
+            assert back.dtype == key.dtype and back.shape == key.shape, (kind, name)
+            data = jax.random.key_data if name != "raw" else np.asarray
+            np.testing.assert_array_equal(data(back), data(key))
+        # The same random numbers as from the saved keys.
+        np.testing.assert_array_equal(
+            jax.random.uniform(restored["keys"]["per_layer"][2], (4,)),
+            jax.random.uniform(keys["per_layer"][2], (4,)),
+        )
+        assert_identical(restored["opt_state"], saved["opt_state"])
+    with pytest.raises(rj.checkpoint.CheckpointMismatchError, match=r"'keys\.dropout' with shape"):
+        rj.checkpoint.restore(
+            manager, {**fresh_target(tx), "keys": {**fresh_keys, "dropout": keys["per_layer"]}}
+        )
+
+
+def test_keys_and_their_raw_data_restore_into_each_other_as_the_target_says(tmp_path):
+    # A key saved restores into a raw uint32 target as its data (orbax hands back a key), and
+    # raw key data (jax.random.PRNGKey) into a typed key target as a key.
+    manager = rj.checkpoint.open_manager(tmp_path)
+    rj.checkpoint.save(manager, 1, {"typed": jax.random.key(9), "raw": jax.random.PRNGKey(8)})
+    manager.wait_until_finished()
+    target = {"typed": jax.random.PRNGKey(0), "raw": jax.random.key(0)}
+    restored = rj.checkpoint.restore(manager, target)
+    assert restored["typed"].dtype == jnp.uint32 and restored["raw"].dtype == target["raw"].dtype
+    np.testing.assert_array_equal(restored["typed"], jax.random.key_data(jax.random.key(9)))
+    np.testing.assert_array_equal(jax.random.key_data(restored["raw"]), jax.random.PRNGKey(8))
+
+
 def test_restore_without_checkpoints_or_without_metadata_says_what_is_wrong(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoint to restore"):
