@@ -155,7 +155,8 @@ def open_manager(
         `create` field is ignored, as said above.
 
     Raises:
-      TypeError: `options` is not a `CheckpointManagerOptions` (a dict, for example).
+      TypeError: `directory` is not a path, or `options` is not a `CheckpointManagerOptions`
+        (a dict, for example).
       NotADirectoryError: `directory` is a file.
 
     Examples:
@@ -172,6 +173,8 @@ def open_manager(
             "`options` must be an orbax.checkpoint.CheckpointManagerOptions or None, got "
             f"{options!r}."
         )
+    if not isinstance(directory, str | os.PathLike):
+        raise TypeError(f"`directory` must be a path (a str or os.PathLike), got {directory!r}.")
     options = dataclasses.replace(options or ocp_.CheckpointManagerOptions(), create=False)
     path = Path(directory).absolute()
 

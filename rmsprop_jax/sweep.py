@@ -180,6 +180,11 @@ def run(
             "`hyperparameters` must be a mapping of name -> 1-D values, as "
             f"rj.sweep.grid(learning_rate=[...]) returns; got {hyperparameters!r}."
         )
+    if not callable(train):
+        raise TypeError(
+            f"`train` must be a function of the extra arguments and the hyperparameters, got "
+            f"{train!r}."
+        )
     # Lists and NumPy arrays get the checks of `grid`: jnp.asarray would wrap int64 values
     # into int32 and turn reals beyond float32 into inf without a word.
     hyperparameters = {

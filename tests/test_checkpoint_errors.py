@@ -185,6 +185,14 @@ def test_a_path_or_none_instead_of_a_manager_is_named(kind, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("directory", [3, None, b"ckpt"])
+def test_a_directory_that_is_not_a_path_is_named(directory, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Path(b"...") is refused by pathlib; nothing may be made
+    with pytest.raises(TypeError, match=r"`directory` must be a path .* got " + repr(directory)):
+        rj.checkpoint.open_manager(directory)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_options_of_another_type_are_named(tmp_path):
     with pytest.raises(
         TypeError, match=r"`options` must be .*CheckpointManagerOptions.*max_to_keep"

@@ -528,6 +528,13 @@ def test_run_checks_hyperparameters_given_as_lists_or_numpy_arrays_like_grid():
     assert result.results["y"].tolist() == [0.5, 1.0]
 
 
+@pytest.mark.parametrize("train", [None, "train", 3])
+def test_run_refuses_a_train_that_is_not_a_function(train):
+    # Python's "'str' object is not callable", from inside the traced sweep, before.
+    with pytest.raises(TypeError, match=r"`train` must be a function .* got " + repr(train)):
+        rj.sweep.run(train, {"lr": [0.1, 0.2]})
+
+
 @pytest.mark.parametrize("hyperparameters", [[0.1, 0.2], (0.1,), None, np.array([0.1, 0.2])])
 def test_run_refuses_hyperparameters_that_are_not_a_mapping_of_names(hyperparameters):
     with pytest.raises(TypeError, match=r"`hyperparameters` must be a mapping.*rj.sweep.grid"):
