@@ -261,11 +261,11 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
       Whether a checkpoint was written (the manager's save policy may skip a step).
 
     Raises:
-      TypeError: `manager` is not an orbax `CheckpointManager` (a path, say), or `step` is not
-        an integer (a float or a bool would name a directory "1.5" or "True").
-      TypeError: `state` holds a leaf that is neither an array nor a Python or NumPy number
-        (a string, a function, a traced value under `jax.jit`): orbax would fail midway and
-        leave a temporary directory.
+      TypeError: `manager` is not an orbax `CheckpointManager` (a path, say), `step` is not
+        an integer (a float or a bool would name a directory "1.5" or "True"), or `state`
+        holds a leaf that is neither an array nor a Python or NumPy number (a string, a
+        function, a traced value under `jax.jit`: orbax would fail midway and leave a
+        temporary directory).
       ValueError: `step` is negative, or `manager` was closed (orbax would report success and
         leave an unfinished temporary directory).
 
