@@ -6,6 +6,7 @@ Hyperparameters are checked only when they are concrete: a traced value (under `
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,6 +48,23 @@ def check_flag(name: str, value: Any) -> None:
     """
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+
+
+def check_step(step: Any) -> int:
+    """`step` as an int: a Python, NumPy or concrete JAX integer >= 0 (a step count).
+
+    Raises `TypeError` for anything else (a float or a bool, which would pass as a number) and
+    `ValueError` for a negative one.
+    """
+    try:
+        count = None if isinstance(step, bool) else operator.index(step)
+    except TypeError:
+        count = None
+    if count is None:
+        raise TypeError(f"`step` must be an integer, got {step!r}.")
+    if count < 0:
+        raise ValueError(f"`step` must be >= 0, got {step!r}.")
+    return count
 
 
 def check_transformation(name: str, value: Any, example: str) -> None:

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmsprop_jax import _validation
 from rmsprop_jax._checkpoint_match import CheckpointMismatchError, _flat, _path_key, check_matches
 
 if TYPE_CHECKING:
@@ -205,14 +206,6 @@ def open_manager(
                 folder.rmdir()
 
 
-def _check_step(step: Any) -> None:
-    # Orbax takes any value as a step and names a directory after it ("1.5", "True", "-1").
-    if isinstance(step, bool) or not isinstance(step, int | np.integer):
-        raise TypeError(f"`step` must be an integer, got {step!r}.")
-    if step < 0:
-        raise ValueError(f"`step` must be >= 0, got {step!r}.")
-
-
 _SAVABLE_KINDS = "biufc"  # NumPy dtype kinds orbax writes: bool, integers, floats, complex.
 
 
@@ -280,7 +273,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
       True [10]
     """
     _check_manager(manager)
-    _check_step(step)
+    # Orbax takes any value as a step and names a directory after it ("1.5", "True", "-1").
+    step = _validation.check_step(step)
     _check_savable(state)
     if _closed(manager):
         raise ValueError(
@@ -295,7 +289,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
     Path(manager.directory).mkdir(parents=True, exist_ok=True)
     # NumPy scalars as 0-d arrays, which every supported orbax writes (0.11 refuses scalars).
     state = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, np.generic) else x, state)
-    return manager.save(int(step), args=ocp_.args.StandardSave(state), force=force)
+    return manager.save(step, args=ocp_.args.StandardSave(state), force=force)
 
 
 def _step_directory(manager: ocp.CheckpointManager, step: int) -> Any:
@@ -409,7 +403,7 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
         if step is None:
             raise FileNotFoundError(f"no checkpoint to restore in {manager.directory}")
     else:
-        _check_step(step)
+        step = _validation.check_step(step)
         if step not in manager.all_steps():
             raise FileNotFoundError(
                 f"no checkpoint at step {step} in {manager.directory}; it holds steps "

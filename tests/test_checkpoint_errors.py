@@ -137,6 +137,16 @@ def test_a_step_that_is_not_a_natural_number_is_refused_and_writes_nothing(
         rj.checkpoint.restore(rj.checkpoint.open_manager(tmp_path), state(0.0), step=step)
 
 
+def test_a_step_held_in_a_jax_integer_is_a_step(tmp_path):
+    # An optimizer's own count (a 0-d int32 array) was refused as "not an integer".
+    manager = rj.checkpoint.open_manager(tmp_path)
+    assert rj.checkpoint.save(manager, jnp.int32(4), state(1.0))
+    manager.wait_until_finished()
+    assert manager.all_steps() == [4] and type(manager.all_steps()[0]) is int
+    restored = rj.checkpoint.restore(manager, state(0.0), step=jnp.int32(4))
+    np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 2), 1.0))
+
+
 @pytest.mark.parametrize("closing", ["close", "with"])
 def test_saving_with_a_closed_manager_is_refused_and_the_saved_steps_stay(closing, tmp_path):
     if closing == "with":

@@ -92,8 +92,10 @@ def test_careless_arguments_are_named():
     with pytest.raises(TypeError, match=r"`optimizer` must be an optax\.GradientTransformation"):
         rj.compat.state_from_example_libraries(init(params), rj.compat.example_libraries_rmsprop)
     # A negative or fractional step became the step count as it was.
-    for step in (-1, 2.5, True):
-        with pytest.raises(ValueError, match=r"`step` must be an integer >= 0 .* got " + str(step)):
+    with pytest.raises(ValueError, match="`step` must be >= 0, got -1"):
+        rj.compat.state_from_example_libraries(init(params), tx, step=-1)
+    for step in (2.5, True, "3"):
+        with pytest.raises(TypeError, match=r"`step` must be an integer, got " + repr(step)):
             rj.compat.state_from_example_libraries(init(params), tx, step=step)
     _, state = rj.compat.state_from_example_libraries(init(params), tx, step=jnp.int32(3))
     assert int(state[2].count) == 3

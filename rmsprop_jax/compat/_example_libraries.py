@@ -29,7 +29,6 @@ References:
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import chex
@@ -137,18 +136,6 @@ def _unpack(example_state: Any) -> tuple[Any, list[tuple[Any, ...]]]:
     return params, per_leaf
 
 
-def _check_step(step: Any) -> None:
-    """Refuses a `step` that is not an integer >= 0 (a Python, NumPy or JAX scalar)."""
-    try:
-        index = None if isinstance(step, bool) else operator.index(step)
-    except TypeError:
-        index = None
-    if index is None or index < 0:
-        raise ValueError(
-            f"`step` must be an integer >= 0 (the index of the next update), got {step!r}."
-        )
-
-
 def state_from_example_libraries(
     example_state: Any, optimizer: optax.GradientTransformation, step: int = 0
 ) -> tuple[optax.Params, optax.OptState]:
@@ -166,9 +153,10 @@ def state_from_example_libraries(
       and `step`.
 
     Raises:
-      ValueError: on a state of another optimizer, with momentum on one side only, or on a
-        `step` that is not an integer >= 0.
-      TypeError: on an `optimizer` that is not a built transformation.
+      ValueError: on a state of another optimizer, with momentum on one side only, or a
+        negative `step`.
+      TypeError: on an `optimizer` that is not a built transformation, or a `step` that is not
+        an integer.
 
     Examples:
       >>> from jax.example_libraries import optimizers
@@ -183,7 +171,7 @@ def state_from_example_libraries(
     _validation.check_transformation(
         "optimizer", optimizer, "rj.compat.example_libraries_rmsprop(0.01)"
     )
-    _check_step(step)
+    _validation.check_step(step)
     params, per_leaf = _unpack(example_state)
     opt_state = optimizer.init(params)
     stats, trace = _parts(opt_state, "The state of `optimizer`")
