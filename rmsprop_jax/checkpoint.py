@@ -122,9 +122,15 @@ def _is_key(leaf: Any) -> bool:
 
 def _read(leaf: Any) -> Any:
     """What the checkpoint's metadata records for the target leaf `leaf`: typed PRNG keys as
-    their raw data (uint32, one trailing axis more), which orbax writes and reads back as
-    keys; anything else as it is."""
-    return jax.eval_shape(jax.random.key_data, leaf) if _is_key(leaf) else leaf
+    their raw data (uint32, one trailing axis more, placed as the keys are), which orbax
+    writes and reads back as keys; anything else as it is."""
+    if not _is_key(leaf):
+        return leaf
+    if not isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.random.key_data(leaf)
+    # Shapes only: eval_shape would also give an abstract sharding orbax cannot place.
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=leaf.sharding)
 
 
 def _restored_like(leaf: Any, value: Any) -> Any:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import needs_simulated_devices
 
 import rmsprop_jax as rj
 
@@ -238,6 +239,24 @@ def test_prng_keys_saved_with_the_state_restore_as_keys(tmp_path):
         rj.checkpoint.restore(
             manager, {**fresh_target(tx), "keys": {**fresh_keys, "dropout": keys["per_layer"]}}
         )
+
+
+@needs_simulated_devices
+def test_keys_sharded_over_devices_restore_sharded_as_the_target(tmp_path):
+    # The raw data's shape was taken with jax.eval_shape, whose abstract sharding orbax
+    # cannot place ("_device_assignment is not implemented for AbstractMesh").
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(jax.make_mesh((2,), ("d",)), PartitionSpec("d"))
+    keys = jax.device_put(jax.random.split(jax.random.key(1), 4), sharding)
+    manager = rj.checkpoint.open_manager(tmp_path)
+    rj.checkpoint.save(manager, 1, {"keys": keys})
+    manager.wait_until_finished()
+    shapes = {"keys": jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=sharding)}
+    for target in ({"keys": keys}, shapes):
+        restored = rj.checkpoint.restore(manager, target)["keys"]
+        assert restored.dtype == keys.dtype and restored.sharding.is_equivalent_to(sharding, 1)
+        np.testing.assert_array_equal(jax.random.key_data(restored), jax.random.key_data(keys))
 
 
 def test_keys_and_their_raw_data_restore_into_each_other_as_the_target_says(tmp_path):
