@@ -167,7 +167,8 @@ def scale_by_rms(
         - `"int8"`: about 1.02 bytes: blocks of up to 256 along the last axis, one float32
           scale per block, 8 levels per octave over 9.5 orders of magnitude (signed for `mu`,
           4.7 orders), stochastic rounding, exact zeros kept; leaves under 4096 elements stay
-          dense.
+          dense. A block never spans two rows: a last axis of n < 256 elements takes
+          1 + 4/n bytes per element (5 for a column of shape (N, 1)).
         - `"factored"`: for leaves whose last two axes are both ≥ 128, only the moving
           averages of row and column means (Adafactor's rank-one estimate); other leaves stay
           dense. `mu` (centered) has no such structure and is stored as in `"bfloat16"`.

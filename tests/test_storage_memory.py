@@ -147,3 +147,17 @@ def test_factored_keeps_rows_plus_columns_per_matrix():
     state = jax.eval_shape(rj.scale_by_rms(moment_storage="factored").init, params)
     # Rows and columns, the count, and the one-byte placeholder of the unused dense part.
     assert rj.state_bytes(state, params).total_bytes == 3 * (256 + 1024) * 4 + 4 + 1
+
+
+@pytest.mark.parametrize(
+    ("last_axis", "block"), [(1, 1), (2, 2), (16, 16), (255, 255), (256, 256), (768, 192)]
+)
+def test_int8_keeps_one_scale_per_block_and_a_block_never_spans_rows(last_axis, block):
+    # docs/storage.md: a last axis of n < 256 elements costs 1 + 4/n bytes per element.
+    rows = -(-4096 // last_axis)
+    params = {"w": jax.ShapeDtypeStruct((rows, last_axis), jnp.float32)}
+    state = jax.eval_shape(rj.rmsprop(1e-3, moment_storage="int8").init, params)
+    nu = state[2].nu
+    assert nu.codes["w"].shape == (rows, last_axis)  # compressed, not dense
+    moment = sum(np.dtype(x.dtype).itemsize * x.size for x in (nu.codes["w"], nu.scales["w"]))
+    assert moment / (rows * last_axis) == pytest.approx(1 + 4 / block)
