@@ -161,3 +161,12 @@ def test_int8_keeps_one_scale_per_block_and_a_block_never_spans_rows(last_axis, 
     assert nu.codes["w"].shape == (rows, last_axis)  # compressed, not dense
     moment = sum(np.dtype(x.dtype).itemsize * x.size for x in (nu.codes["w"], nu.scales["w"]))
     assert moment / (rows * last_axis) == pytest.approx(1 + 4 / block)
+
+
+@pytest.mark.parametrize("last_axis", [257, 258, 300, 1000, 4097])
+def test_int8_takes_at_most_1_032_bytes_where_the_last_axis_has_256_elements_or_more(last_axis):
+    params = {"w": jax.ShapeDtypeStruct((16, last_axis), jnp.float32)}
+    nu = jax.eval_shape(rj.rmsprop(1e-3, moment_storage="int8").init, params)[2].nu
+    assert nu.codes["w"].shape == (16, last_axis)  # compressed, not dense
+    moment = sum(np.dtype(x.dtype).itemsize * x.size for x in (nu.codes["w"], nu.scales["w"]))
+    assert moment / (16 * last_axis) <= 1.032
