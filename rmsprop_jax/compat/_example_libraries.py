@@ -171,7 +171,7 @@ def state_from_example_libraries(
     _validation.check_transformation(
         "optimizer", optimizer, "rj.compat.example_libraries_rmsprop(0.01)"
     )
-    _validation.check_step(step)
+    step = _validation.check_step(step)
     params, per_leaf = _unpack(example_state)
     opt_state = optimizer.init(params)
     stats, trace = _parts(opt_state, "The state of `optimizer`")
