@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ("update_step", "memory", "sweep", "compile_time", "variant_memory")
+SCRIPTS = ("update_step", "memory", "sweep", "compile_time", "variant_memory", "step_profile")
 
 
 def benchmark(name):
@@ -207,3 +207,87 @@ def test_the_variant_table_quotes_the_committed_variant_memory_record():
             for name in ("float32", "bfloat16", "int8", "factored", "optax")
         ]
         assert f"| {variant} | " + " | ".join(cells) + " |" in text, variant
+
+
+def test_the_step_profile_table_quotes_the_committed_record():
+    record = json.loads((BENCHMARKS / "results" / "step_profile_cpu.json").read_text())
+    text = (BENCHMARKS / "README.md").read_text()
+    rows = benchmark("step_profile").markdown_rows(record["update_step"])
+    assert len(rows) == 8
+    for row in rows:
+        assert row in text, row
+
+
+def _small_step(**options):
+    import jax
+    import jax.numpy as jnp
+
+    import rmsprop_jax as rj
+
+    memory = benchmark("memory")
+    tx = rj.rmsprop(1e-3, moment_storage="int8", **options)
+    params = {"w": jnp.ones((64, 256)), "b": jnp.ones(8)}
+    state = tx.init(params)
+    compiled = (
+        jax.jit(memory.update_step(tx), donate_argnums=(0, 1))
+        .lower(params, state, params)
+        .compile()
+    )
+    return compiled, params, state
+
+
+def test_step_profile_charges_each_kernel_to_the_output_it_writes():
+    profile = benchmark("step_profile")
+    compiled, params, state = _small_step(centered=True, momentum=0.9)
+    roles = profile.output_roles(params, state)
+    assert roles[:2] == ["parameters", "parameters"] and roles.count("parameters") == 2
+    assert {"second moment", "first moment", "momentum", "other state"} <= set(roles)
+
+    module, written = profile.kernel_roles(compiled.as_text(), roles)
+    assert module == "jit_step"
+    # Every kind of output is written by a kernel of its own (the 8-bit codes of `w`, the
+    # small leaf `b` kept in float32, the momentum buffer, the parameters).
+    assert {"parameters", "second moment", "first moment", "momentum"} <= set(written.values())
+    with pytest.raises(ValueError, match="outputs in the program"):
+        profile.kernel_roles(compiled.as_text(), roles[:-1])
+    with pytest.raises(ValueError, match="no HloModule"):
+        profile.kernel_roles("ENTRY %main {\n}", roles)
+
+
+def test_step_profile_sums_kernel_time_per_role_and_counts_kernels_at_once():
+    profile = benchmark("step_profile")
+
+    def kernel(name, start, duration, module="jit_step"):
+        args = {"hlo_module": module, "hlo_op": name}
+        return {"ph": "X", "name": name, "ts": start, "dur": duration, "args": args}
+
+    trace = [
+        kernel("fusion.1", 0, 1000),  # writes the parameters, alone
+        kernel("fusion.2", 1000, 2000),  # two intermediates side by side
+        kernel("reduce.3", 1000, 2000),
+        kernel("fusion.1", 3000, 1000),
+        kernel("fusion.9", 0, 5000, module="jit_other"),  # another program's: left out
+        {"ph": "X", "name": "ThunkExecutor::Execute", "ts": 0, "dur": 4000, "args": {}},
+    ]
+    times = profile.kernel_times(trace, "jit_step", 2, {"fusion.1": "parameters"})
+    assert times["kernels_per_step"] == 2
+    assert times["at_once"] == pytest.approx(6000 / 4000)
+    assert times["roles"]["parameters"] == {"milliseconds_per_step": 1.0, "at_once": 1.0}
+    assert times["roles"]["intermediates"] == {"milliseconds_per_step": 2.0, "at_once": 2.0}
+    with pytest.raises(RuntimeError, match="no kernel events of jit_none"):
+        profile.kernel_times(trace, "jit_none", 1, {})
+
+
+@pytest.mark.slow
+def test_step_profile_reads_the_kernels_of_a_traced_step():
+    import jax
+
+    profile = benchmark("step_profile")
+    compiled, params, state = _small_step()
+    grads = jax.tree.map(lambda p: p * 0.5, params)
+    carry = compiled(params, state, grads)
+    carry, events = profile.traced_steps(compiled, carry, grads, 2)
+    module, written = profile.kernel_roles(compiled.as_text(), profile.output_roles(*carry))
+    times = profile.kernel_times(events, module, 2, written)
+    assert times["kernels_per_step"] >= 1
+    assert sum(r["milliseconds_per_step"] for r in times["roles"].values()) > 0

@@ -1,0 +1,319 @@
+"""Where the update step's time goes, per storage format: kernel time by what each kernel writes.
+
+The jitted, buffer-donated "update + apply" step of `memory.py` (its 16.8M-parameter
+transformer-shaped tree; plain, and centered with momentum 0.9) runs under `jax.profiler`, and
+the time of each of XLA's kernels, read from the trace, is charged to what the kernel writes,
+found in the compiled program: the parameters, the second moment (ν, in whatever form the format
+stores it), the first moment (`mu`, centered), the momentum buffer, or nothing the step returns
+(*intermediates*: block maxima and scales, row and column sums). XLA:CPU runs independent
+kernels at the same time (the leaves' updates are independent), so the kernel time of a step
+exceeds the step's time; *at once* is their ratio while any kernel runs. The step's time
+relative to float32's comes from interleaved rounds without the profiler, as in `memory.py`;
+the profiler slows every kernel somewhat, so kernel times compare the formats within one run.
+
+    python benchmarks/step_profile.py            # about 1 minute on 2 CPU cores
+    python benchmarks/step_profile.py --quick    # fewer rounds and steps: under a minute
+
+Writes a new outputs/benchmarks/step_profile_<platform>_<time>.json; `--update-results`
+replaces benchmarks/results/step_profile_<platform>.json instead.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import statistics
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import jax
+from _machine import describe_machine
+from _results import add_output_flags, announce, check_output_flags, new_parser, output_path
+from memory import (
+    FORMATS,
+    VARIANTS,
+    interleaved_times,
+    ratio_statistics,
+    transformer_init,
+    update_step,
+)
+
+import rmsprop_jax as rj
+
+ROLES = ("parameters", "second moment", "first moment", "momentum", "other state", "intermediates")
+FULL_DURATION = "about 1 minute on 2 CPU cores"
+QUICK_DURATION = "under a minute"
+# Instructions that produce no kernel of their own: the value is another instruction's.
+_PASS_THROUGH = ("get-tuple-element", "bitcast", "tuple")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*.*?\s([\w\-]+)\((.*)$")
+
+
+def output_role(path: str, is_parameter: bool) -> str:
+    """What a leaf of the step's output `(params, state)` is, from its key path."""
+    if is_parameter:
+        return "parameters"
+    if ".nu" in path or ".variance" in path:
+        return "second moment"
+    if ".mu" in path:
+        return "first moment"
+    if ".trace" in path:
+        return "momentum"
+    return "other state"
+
+
+def output_roles(params: Any, state: Any) -> list[str]:
+    """The role of each leaf of a step's output `(params, state)`, in the program's order."""
+    paths = jax.tree_util.tree_leaves_with_path((params, state))
+    return [output_role(jax.tree_util.keystr(path), path[0].idx == 0) for path, _ in paths]
+
+
+def _operands(rest: str) -> list[str]:
+    """The `%names` inside the operand list that opens `rest` (up to its closing parenthesis)."""
+    depth = 1
+    for end, char in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            return re.findall(r"%([\w.\-]+)", rest[:end])
+    raise ValueError(f"unbalanced operand list: {rest[:80]!r}")
+
+
+def kernel_roles(hlo_text: str, roles: list[str]) -> tuple[str, dict[str, str]]:
+    """The module name of a compiled program (`compiled.as_text()`) and, for each instruction
+    of its entry computation that writes one of its outputs, the role of that output
+    (`roles[i]` for output `i`; roles joined with " + " where one kernel writes several).
+    Instructions not listed write only intermediates."""
+    module = re.search(r"^HloModule\s+([\w.\-]+)", hlo_text, re.MULTILINE)
+    if module is None:
+        raise ValueError("not an HLO module: no HloModule line")
+    lines = hlo_text[hlo_text.index("\nENTRY ") :].splitlines()[1:]
+    instructions: dict[str, tuple[str, list[str]]] = {}
+    root = None
+    for line in lines:
+        if line.startswith("}"):
+            break
+        match = _INSTRUCTION.match(line)
+        if match is None:
+            continue
+        name, op, rest = match.groups()
+        instructions[name] = (op, _operands(rest))
+        if line.lstrip().startswith("ROOT"):
+            root = name
+    if root is None or instructions[root][0] != "tuple":
+        raise ValueError("the entry computation does not return a tuple")
+    outputs = instructions[root][1]
+    if len(outputs) != len(roles):
+        raise ValueError(f"{len(outputs)} outputs in the program, {len(roles)} roles given")
+
+    def producer(name: str) -> str:
+        op, operands = instructions[name]
+        while op in _PASS_THROUGH and len(operands) == 1:
+            name = operands[0]
+            op, operands = instructions[name]
+        return name
+
+    written: dict[str, set[str]] = defaultdict(set)
+    for name, role in zip(outputs, roles, strict=True):
+        kernel = producer(name)
+        if instructions[kernel][0] not in ("parameter", "constant", "tuple"):
+            written[kernel].add(role)
+    return module.group(1), {k: " + ".join(sorted(r)) for k, r in written.items()}
+
+
+def _at_once(intervals: list[tuple[float, float]]) -> float:
+    """The summed length of `intervals` over the length of their union: how many of them
+    ran at once, on average, while any ran."""
+    busy, start, end = 0.0, None, None
+    for begin, finish in sorted(intervals):
+        if end is None or begin > end:
+            busy += 0.0 if end is None else end - start
+            start, end = begin, finish
+        else:
+            end = max(end, finish)
+    busy += end - start
+    return sum(finish - begin for begin, finish in intervals) / busy
+
+
+def kernel_times(
+    trace: list[dict[str, Any]], module: str, steps: int, role_of: dict[str, str]
+) -> dict[str, Any]:
+    """From a perfetto trace's events: the kernels of `module` per step, how many ran at once
+    while any ran, and for each role (`role_of` a kernel's name, "intermediates" for the
+    others) their milliseconds per step and how many of them ran at once."""
+    events = [
+        e
+        for e in trace
+        if e.get("ph") == "X"
+        and e.get("args", {}).get("hlo_module") == module
+        and e.get("name") == e.get("args", {}).get("hlo_op")
+    ]
+    if not events:
+        raise RuntimeError(
+            f"the profiler trace has no kernel events of {module}: this JAX's CPU runtime does "
+            "not report its kernels"
+        )
+    intervals: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for event in events:
+        role = role_of.get(event["name"], "intermediates")
+        intervals[role].append((event["ts"], event["ts"] + event["dur"]))
+    return {
+        "kernels_per_step": len(events) / steps,
+        "at_once": _at_once([span for spans in intervals.values() for span in spans]),
+        "roles": {
+            role: {
+                # Trace times are in microseconds.
+                "milliseconds_per_step": sum(b - a for a, b in spans) / 1e3 / steps,
+                "at_once": _at_once(spans),
+            }
+            for role, spans in intervals.items()
+        },
+    }
+
+
+def traced_steps(
+    compiled: Any, carry: tuple[Any, Any], grads: Any, steps: int
+) -> tuple[tuple[Any, Any], list[dict[str, Any]]]:
+    """Runs `steps` steps under the profiler: the new carry, and the trace's events."""
+    params, state = carry
+    with tempfile.TemporaryDirectory() as directory:
+        with jax.profiler.trace(directory, create_perfetto_trace=True):
+            for _ in range(steps):
+                params, state = compiled(params, state, grads)
+            jax.block_until_ready((params, state))
+        (trace_file,) = Path(directory).glob("**/perfetto_trace.json.gz")
+        with gzip.open(trace_file) as stream:
+            trace = json.load(stream)
+    return (params, state), trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
+def measure(repeats: int, steps: int, profiled_steps: int) -> dict[str, Any]:
+    key = jax.random.key(0)
+    grads = jax.jit(transformer_init)(jax.random.fold_in(key, 1))
+    parameters = sum(x.size for x in jax.tree.leaves(grads))
+    rows: dict[str, Any] = {"parameters": parameters}
+    for variant, options in VARIANTS.items():
+        steppers, carries, kernels = {}, {}, {}
+        for name in FORMATS:
+            tx = rj.rmsprop(1e-3, moment_storage=name, **options)
+            params = jax.jit(transformer_init)(key)
+            state = tx.init(params)
+            compiled = (
+                jax.jit(update_step(tx), donate_argnums=(0, 1))
+                .lower(params, state, grads)
+                .compile()
+            )
+            kernels[name] = kernel_roles(compiled.as_text(), output_roles(params, state))
+            steppers[name] = compiled
+            carries[name] = compiled(params, state, grads)  # warm up
+        times = interleaved_times(steppers, carries, grads, repeats, steps)
+        row = {}
+        for name in FORMATS:
+            module, written = kernels[name]
+            carries[name], events = traced_steps(
+                steppers[name], carries[name], grads, profiled_steps
+            )
+            measured = kernel_times(events, module, profiled_steps, written)
+            ratio = ratio_statistics(times[name], times["float32"])
+            row[name] = {
+                "median_seconds": statistics.median(times[name]),
+                "relative_to_float32": ratio["median"],
+                "relative_to_float32_quartiles": ratio["quartiles"],
+                "kernel_milliseconds_per_step": sum(
+                    r["milliseconds_per_step"] for r in measured["roles"].values()
+                ),
+                "kernels_per_step": measured["kernels_per_step"],
+                "kernels_at_once": measured["at_once"],
+                "roles": measured["roles"],
+            }
+        reference = row["float32"]["kernel_milliseconds_per_step"]
+        for step in row.values():
+            step["kernel_time_relative_to_float32"] = (
+                step["kernel_milliseconds_per_step"] / reference
+            )
+        rows[variant] = row
+        del steppers, carries
+        print(f"  {variant} done", flush=True)
+    return rows
+
+
+def print_table(rows: dict[str, Any]) -> None:
+    print(
+        f"\nUpdate step of {rows['parameters']:,} parameters: time vs float32 (unprofiled), "
+        "kernel ms per step by what the kernel writes (profiled)"
+    )
+    short = {"parameters": "params", "second moment": "nu", "first moment": "mu"}
+    header = " ".join(f"{short.get(r, r.split()[0]):>8}" for r in ROLES)
+    print(f"{'variant':<20} {'step':<9} {'time':>5} {'kernels':>8} {header} {'at once':>7}")
+    for variant, row in rows.items():
+        if variant == "parameters":
+            continue
+        for name, step in row.items():
+            parts = step["roles"]
+            cells = " ".join(
+                f"{parts[r]['milliseconds_per_step']:>8.2f}" if r in parts else f"{'':>8}"
+                for r in ROLES
+            )
+            print(
+                f"{variant:<20} {name:<9} {step['relative_to_float32']:>5.2f} "
+                f"{step['kernel_milliseconds_per_step']:>8.2f} {cells} "
+                f"{step['kernels_at_once']:>7.2f}"
+            )
+
+
+def markdown_rows(rows: dict[str, Any]) -> list[str]:
+    """The rows of benchmarks/README.md's table of a run's `update_step` record."""
+    lines = []
+    for variant, row in rows.items():
+        if variant == "parameters":
+            continue
+        for name, step in row.items():
+            roles = step["roles"]
+            cells = [
+                f"{roles[role]['milliseconds_per_step']:.2f}" if role in roles else ""
+                for role in ROLES
+                if role != "other state"  # the step count: a scalar kernel or none
+            ]
+            lines.append(
+                f"| {variant} | {name} | {step['relative_to_float32']:.2f}x | "
+                f"{step['kernel_milliseconds_per_step']:.2f} | {' | '.join(cells)} | "
+                f"{step['kernels_at_once']:.2f} |"
+            )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = new_parser(__doc__, FULL_DURATION, QUICK_DURATION)
+    parser.add_argument("--quick", action="store_true", help="3 rounds, 3 profiled steps")
+    parser.add_argument("--repeats", type=int, default=15, help="timing rounds (default 15)")
+    parser.add_argument("--steps", type=int, default=5, help="steps per round (default 5)")
+    parser.add_argument(
+        "--profiled-steps", type=int, default=10, help="steps run under the profiler"
+    )
+    add_output_flags(parser)
+    args = parser.parse_args(argv)
+    check_output_flags(parser, args)
+    announce(
+        f"step_profile: {QUICK_DURATION} (--quick)."
+        if args.quick
+        else f"step_profile: the full run takes {FULL_DURATION} (--quick: {QUICK_DURATION})."
+    )
+    repeats, profiled_steps = (3, 3) if args.quick else (args.repeats, args.profiled_steps)
+    rows = measure(repeats, args.steps, profiled_steps)
+    print_table(rows)
+    output = output_path("step_profile", jax.default_backend(), args)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    timing = {
+        "repeats": repeats,
+        "steps_per_repeat": args.steps,
+        "profiled_steps": profiled_steps,
+        "variants": VARIANTS,
+    }
+    record = {"machine": describe_machine(), "timing": timing, "update_step": rows}
+    output.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nwrote {output}")
+
+
+if __name__ == "__main__":
+    main()
