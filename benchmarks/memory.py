@@ -197,25 +197,43 @@ def ratio_statistics(times: list[float], reference: list[float]) -> dict[str, An
     return {"median": statistics.median(ratios), "quartiles": _quartiles(ratios)}
 
 
+def the_tree() -> tuple[jax.Array, Any, int]:
+    """The key the parameters of the timed steps are drawn from, the gradients every step
+    is given, and the number of parameters."""
+    key = jax.random.key(0)
+    grads = jax.jit(transformer_init)(jax.random.fold_in(key, 1))
+    return key, grads, sum(x.size for x in jax.tree.leaves(grads))
+
+
+def compiled_update_step(
+    tx: optax.GradientTransformation,
+    key: jax.Array,
+    grads: Any,
+    compiler_options: dict | None = None,
+) -> tuple[Any, tuple[Any, Any]]:
+    """`tx`'s jitted, buffer-donated update step compiled for the tree, and the parameters
+    (drawn from `key`) and state it starts from."""
+    params = jax.jit(transformer_init)(key)
+    state = tx.init(params)
+    compiled = (
+        jax.jit(update_step(tx), donate_argnums=(0, 1), compiler_options=compiler_options)
+        .lower(params, state, grads)
+        .compile()
+    )
+    return compiled, (params, state)
+
+
 def measure_update_step(
     repeats: int, steps: int, compiler_options: dict | None = None
 ) -> dict[str, Any]:
     """Compiled memory and interleaved step times of every contender; see the module doc."""
-    key = jax.random.key(0)
-    grads = jax.jit(transformer_init)(jax.random.fold_in(key, 1))
-    parameters = sum(x.size for x in jax.tree.leaves(grads))
+    key, grads, parameters = the_tree()
     steppers, carries, results = {}, {}, {}
     for contender, tx in _contenders().items():
-        params = jax.jit(transformer_init)(key)
-        state = tx.init(params)
-        compiled = (
-            jax.jit(update_step(tx), donate_argnums=(0, 1), compiler_options=compiler_options)
-            .lower(params, state, grads)
-            .compile()
-        )
+        compiled, start = compiled_update_step(tx, key, grads, compiler_options)
         steppers[contender] = compiled
         results[contender] = compiled_memory(compiled, parameters)
-        carries[contender] = compiled(params, state, grads)  # warm up
+        carries[contender] = compiled(*start, grads)  # warm up
     times = interleaved_times(steppers, carries, grads, repeats, steps)
     rows = {variant: {} for variant in VARIANTS}
     for (variant, name), t in times.items():

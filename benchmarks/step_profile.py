@@ -35,10 +35,10 @@ from _results import add_output_flags, announce, check_output_flags, new_parser,
 from memory import (
     FORMATS,
     VARIANTS,
+    compiled_update_step,
     interleaved_times,
     ratio_statistics,
-    transformer_init,
-    update_step,
+    the_tree,
 )
 
 import rmsprop_jax as rj
@@ -189,24 +189,16 @@ def traced_steps(
 
 
 def measure(repeats: int, steps: int, profiled_steps: int) -> dict[str, Any]:
-    key = jax.random.key(0)
-    grads = jax.jit(transformer_init)(jax.random.fold_in(key, 1))
-    parameters = sum(x.size for x in jax.tree.leaves(grads))
+    key, grads, parameters = the_tree()
     rows: dict[str, Any] = {"parameters": parameters}
     for variant, options in VARIANTS.items():
         steppers, carries, kernels = {}, {}, {}
         for name in FORMATS:
             tx = rj.rmsprop(1e-3, moment_storage=name, **options)
-            params = jax.jit(transformer_init)(key)
-            state = tx.init(params)
-            compiled = (
-                jax.jit(update_step(tx), donate_argnums=(0, 1))
-                .lower(params, state, grads)
-                .compile()
-            )
-            kernels[name] = kernel_roles(compiled.as_text(), output_roles(params, state))
+            compiled, start = compiled_update_step(tx, key, grads)
+            kernels[name] = kernel_roles(compiled.as_text(), output_roles(*start))
             steppers[name] = compiled
-            carries[name] = compiled(params, state, grads)  # warm up
+            carries[name] = compiled(*start, grads)  # warm up
         times = interleaved_times(steppers, carries, grads, repeats, steps)
         row = {}
         for name in FORMATS:

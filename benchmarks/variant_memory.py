@@ -31,10 +31,10 @@ from memory import (
     FORMATS,
     TARGET_TEMPORARY_BYTES,
     compiled_memory,
+    compiled_update_step,
     interleaved_times,
     ratio_statistics,
-    transformer_init,
-    update_step,
+    the_tree,
 )
 
 import rmsprop_jax as rj
@@ -90,9 +90,7 @@ QUICK_DURATION = "about 1 minute"
 
 
 def measure(variants: tuple[str, ...], repeats: int, steps: int) -> dict[str, Any]:
-    key = jax.random.key(0)
-    grads = jax.jit(transformer_init)(jax.random.fold_in(key, 1))
-    parameters = sum(x.size for x in jax.tree.leaves(grads))
+    key, grads, parameters = the_tree()
     rows: dict[str, Any] = {"parameters": parameters}
     for variant in variants:
         options, optax_step = VARIANTS[variant]
@@ -101,16 +99,10 @@ def measure(variants: tuple[str, ...], repeats: int, steps: int) -> dict[str, An
             contenders["optax"] = optax_step()
         row, steppers, carries = {}, {}, {}
         for name, tx in contenders.items():
-            params = jax.jit(transformer_init)(key)
-            state = tx.init(params)
-            compiled = (
-                jax.jit(update_step(tx), donate_argnums=(0, 1))
-                .lower(params, state, grads)
-                .compile()
-            )
+            compiled, start = compiled_update_step(tx, key, grads)
             row[name] = compiled_memory(compiled, parameters)
             steppers[name] = compiled
-            carries[name] = compiled(params, state, grads)  # warm up
+            carries[name] = compiled(*start, grads)  # warm up
         times = interleaved_times(steppers, carries, grads, repeats, steps)
         del steppers, carries
         reference = row["float32"]
