@@ -1,8 +1,9 @@
 """Where the update step's time goes, per storage format: kernel time by what each kernel writes.
 
 The jitted, buffer-donated "update + apply" step of `memory.py` (its 16.8M-parameter
-transformer-shaped tree; plain, and centered with momentum 0.9) runs under `jax.profiler`, and
-the time of each of XLA's kernels, read from the trace, is charged to what the kernel writes,
+transformer-shaped tree; plain, and centered with momentum 0.9) runs under `jax.profiler`, in
+rounds that take the formats in a new order each time, and the time of each of XLA's kernels,
+read from the traces, is charged to what the kernel writes,
 found in the compiled program: the parameters, the second moment (ν, in whatever form the format
 stores it), the first moment (`mu`, centered), the momentum buffer, or nothing the step returns
 (*intermediates*: block maxima and scales, row and column sums). XLA:CPU runs independent
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import re
 import statistics
 import tempfile
@@ -48,6 +50,8 @@ FULL_DURATION = "about 1 minute on 2 CPU cores"
 QUICK_DURATION = "under a minute"
 # Instructions that produce no kernel of their own: the value is another instruction's.
 _PASS_THROUGH = ("get-tuple-element", "bitcast", "tuple")
+# Instructions that run computations of their own, whose kernels the trace reports one by one.
+_NESTING = ("while", "conditional", "call")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*.*?\s([\w\-]+)\((.*)$")
 
 
@@ -80,11 +84,12 @@ def _operands(rest: str) -> list[str]:
     raise ValueError(f"unbalanced operand list: {rest[:80]!r}")
 
 
-def kernel_roles(hlo_text: str, roles: list[str]) -> tuple[str, dict[str, str]]:
-    """The module name of a compiled program (`compiled.as_text()`) and, for each instruction
-    of its entry computation that writes one of its outputs, the role of that output
-    (`roles[i]` for output `i`; roles joined with " + " where one kernel writes several).
-    Instructions not listed write only intermediates."""
+def kernel_roles(hlo_text: str, roles: list[str]) -> tuple[str, dict[str, str], set[str]]:
+    """The module name of a compiled program (`compiled.as_text()`); for each instruction of
+    its entry computation that writes one of its outputs, the role of that output (`roles[i]`
+    for output `i`; roles joined with " + " where one kernel writes several; instructions not
+    listed write only intermediates); and the entry's loops and conditionals, whose trace
+    events span the kernels they run (each traced as well)."""
     module = re.search(r"^HloModule\s+([\w.\-]+)", hlo_text, re.MULTILINE)
     if module is None:
         raise ValueError("not an HLO module: no HloModule line")
@@ -114,17 +119,17 @@ def kernel_roles(hlo_text: str, roles: list[str]) -> tuple[str, dict[str, str]]:
             op, operands = instructions[name]
         return name
 
+    nested = {name for name, (op, _) in instructions.items() if op in _NESTING}
     written: dict[str, set[str]] = defaultdict(set)
     for name, role in zip(outputs, roles, strict=True):
         kernel = producer(name)
-        if instructions[kernel][0] not in ("parameter", "constant", "tuple"):
+        if instructions[kernel][0] not in ("parameter", "constant", "tuple", *_NESTING):
             written[kernel].add(role)
-    return module.group(1), {k: " + ".join(sorted(r)) for k, r in written.items()}
+    return module.group(1), {k: " + ".join(sorted(r)) for k, r in written.items()}, nested
 
 
-def _at_once(intervals: list[tuple[float, float]]) -> float:
-    """The summed length of `intervals` over the length of their union: how many of them
-    ran at once, on average, while any ran."""
+def _busy(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of `intervals`: how long any of them ran."""
     busy, start, end = 0.0, None, None
     for begin, finish in sorted(intervals):
         if end is None or begin > end:
@@ -132,42 +137,58 @@ def _at_once(intervals: list[tuple[float, float]]) -> float:
             start, end = begin, finish
         else:
             end = max(end, finish)
-    busy += end - start
-    return sum(finish - begin for begin, finish in intervals) / busy
+    return busy + (end - start if end is not None else 0.0)
 
 
 def kernel_times(
-    trace: list[dict[str, Any]], module: str, steps: int, role_of: dict[str, str]
+    traces: list[list[dict[str, Any]]],
+    module: str,
+    steps: int,
+    role_of: dict[str, str],
+    nested: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """From a perfetto trace's events: the kernels of `module` per step, how many ran at once
-    while any ran, and for each role (`role_of` a kernel's name, "intermediates" for the
-    others) their milliseconds per step and how many of them ran at once."""
-    events = [
-        e
-        for e in trace
-        if e.get("ph") == "X"
-        and e.get("args", {}).get("hlo_module") == module
-        and e.get("name") == e.get("args", {}).get("hlo_op")
-    ]
-    if not events:
-        raise RuntimeError(
-            f"the profiler trace has no kernel events of {module}: this JAX's CPU runtime does "
-            "not report its kernels"
-        )
-    intervals: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for event in events:
-        role = role_of.get(event["name"], "intermediates")
-        intervals[role].append((event["ts"], event["ts"] + event["dur"]))
+    """From the events of perfetto traces of `steps` steps each: the kernels of `module` per
+    step, how many ran at once while any ran, and for each role (`role_of` a kernel's name,
+    "intermediates" for the others) their milliseconds per step and how many of them ran at
+    once. The events of `nested` instructions (loops, conditionals) are left out: they span
+    kernels of their own."""
+    kernel: dict[str, float] = defaultdict(float)  # summed durations, microseconds
+    busy: dict[str, float] = defaultdict(float)  # durations of their unions
+    count = 0
+    for trace in traces:
+        intervals: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for event in trace:
+            args = event.get("args", {})
+            name = event.get("name")
+            if (
+                event.get("ph") == "X"
+                and args.get("hlo_module") == module
+                and name == args.get("hlo_op")
+                and name not in nested
+            ):
+                role = role_of.get(name, "intermediates")
+                intervals[role].append((event["ts"], event["ts"] + event["dur"]))
+        if not intervals:
+            raise RuntimeError(
+                f"the profiler trace has no kernel events of {module}: this JAX's CPU runtime "
+                "does not report its kernels"
+            )
+        every = [span for spans in intervals.values() for span in spans]
+        count += len(every)
+        for role, spans in (*intervals.items(), ("all", every)):
+            kernel[role] += sum(finish - begin for begin, finish in spans)
+            busy[role] += _busy(spans)
+    total_steps = steps * len(traces)
     return {
-        "kernels_per_step": len(events) / steps,
-        "at_once": _at_once([span for spans in intervals.values() for span in spans]),
+        "kernels_per_step": count / total_steps,
+        "at_once": kernel["all"] / busy["all"],
         "roles": {
             role: {
-                # Trace times are in microseconds.
-                "milliseconds_per_step": sum(b - a for a, b in spans) / 1e3 / steps,
-                "at_once": _at_once(spans),
+                "milliseconds_per_step": kernel[role] / 1e3 / total_steps,
+                "at_once": kernel[role] / busy[role],
             }
-            for role, spans in intervals.items()
+            for role in kernel
+            if role != "all"
         },
     }
 
@@ -188,8 +209,9 @@ def traced_steps(
     return (params, state), trace["traceEvents"] if isinstance(trace, dict) else trace
 
 
-def measure(repeats: int, steps: int, profiled_steps: int) -> dict[str, Any]:
+def measure(repeats: int, steps: int, profiled_rounds: int, profiled_steps: int) -> dict[str, Any]:
     key, grads, parameters = the_tree()
+    rng = random.Random(0)
     rows: dict[str, Any] = {"parameters": parameters}
     for variant, options in VARIANTS.items():
         steppers, carries, kernels = {}, {}, {}
@@ -200,13 +222,21 @@ def measure(repeats: int, steps: int, profiled_steps: int) -> dict[str, Any]:
             steppers[name] = compiled
             carries[name] = compiled(*start, grads)  # warm up
         times = interleaved_times(steppers, carries, grads, repeats, steps)
+        # Profiled in rounds too, the formats in a new order each round, so that a change of
+        # the machine's state falls on all of them.
+        traces: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in FORMATS}
+        for _ in range(profiled_rounds):
+            order = list(FORMATS)
+            rng.shuffle(order)
+            for name in order:
+                carries[name], events = traced_steps(
+                    steppers[name], carries[name], grads, profiled_steps
+                )
+                traces[name].append(events)
         row = {}
         for name in FORMATS:
-            module, written = kernels[name]
-            carries[name], events = traced_steps(
-                steppers[name], carries[name], grads, profiled_steps
-            )
-            measured = kernel_times(events, module, profiled_steps, written)
+            module, written, nested = kernels[name]
+            measured = kernel_times(traces[name], module, profiled_steps, written, nested)
             ratio = ratio_statistics(times[name], times["float32"])
             row[name] = {
                 "median_seconds": statistics.median(times[name]),
@@ -277,12 +307,15 @@ def markdown_rows(rows: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = new_parser(__doc__, FULL_DURATION, QUICK_DURATION)
-    parser.add_argument("--quick", action="store_true", help="3 rounds, 3 profiled steps")
+    parser.add_argument(
+        "--quick", action="store_true", help="3 timing rounds, 2 profiled rounds of 2 steps"
+    )
     parser.add_argument("--repeats", type=int, default=15, help="timing rounds (default 15)")
     parser.add_argument("--steps", type=int, default=5, help="steps per round (default 5)")
     parser.add_argument(
-        "--profiled-steps", type=int, default=10, help="steps run under the profiler"
+        "--profiled-rounds", type=int, default=5, help="rounds run under the profiler"
     )
+    parser.add_argument("--profiled-steps", type=int, default=2, help="steps per profiled round")
     add_output_flags(parser)
     args = parser.parse_args(argv)
     check_output_flags(parser, args)
@@ -291,15 +324,18 @@ def main(argv: list[str] | None = None) -> None:
         if args.quick
         else f"step_profile: the full run takes {FULL_DURATION} (--quick: {QUICK_DURATION})."
     )
-    repeats, profiled_steps = (3, 3) if args.quick else (args.repeats, args.profiled_steps)
-    rows = measure(repeats, args.steps, profiled_steps)
+    repeats, profiled_rounds, profiled_steps = (
+        (3, 2, 2) if args.quick else (args.repeats, args.profiled_rounds, args.profiled_steps)
+    )
+    rows = measure(repeats, args.steps, profiled_rounds, profiled_steps)
     print_table(rows)
     output = output_path("step_profile", jax.default_backend(), args)
     output.parent.mkdir(parents=True, exist_ok=True)
     timing = {
         "repeats": repeats,
         "steps_per_repeat": args.steps,
-        "profiled_steps": profiled_steps,
+        "profiled_rounds": profiled_rounds,
+        "profiled_steps_per_round": profiled_steps,
         "variants": VARIANTS,
     }
     record = {"machine": describe_machine(), "timing": timing, "update_step": rows}
