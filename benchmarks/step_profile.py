@@ -3,10 +3,10 @@
 The jitted, buffer-donated "update + apply" step of `memory.py` (its 16.8M-parameter
 transformer-shaped tree; plain, and centered with momentum 0.9) runs under `jax.profiler`, in
 rounds that take the formats in a new order each time, and the time of each of XLA's kernels,
-read from the traces, is charged to what the kernel writes,
-found in the compiled program: the parameters, the second moment (ν, in whatever form the format
-stores it), the first moment (`mu`, centered), the momentum buffer, or nothing the step returns
-(*intermediates*: block maxima and scales, row and column sums). XLA:CPU runs independent
+read from the traces, is charged to what the kernel writes, found in the compiled program: the
+parameters, the second moment (ν, in whatever form the format stores it), the first moment
+(`mu`, centered), the momentum buffer, or nothing the step returns (*intermediates*: block
+maxima and scales, row and column sums). XLA:CPU runs independent
 kernels at the same time (the leaves' updates are independent), so the kernel time of a step
 exceeds the step's time; *at once* is their ratio while any kernel runs. The step's time
 relative to float32's comes from interleaved rounds without the profiler, as in `memory.py`;
@@ -46,6 +46,8 @@ from memory import (
 import rmsprop_jax as rj
 
 ROLES = ("parameters", "second moment", "first moment", "momentum", "other state", "intermediates")
+# The table's columns: every role but the step count's (a scalar kernel, or none).
+_COLUMNS = tuple(role for role in ROLES if role != "other state")
 FULL_DURATION = "about 1 minute on 2 CPU cores"
 QUICK_DURATION = "under a minute"
 # Instructions that produce no kernel of their own: the value is another instruction's.
@@ -130,14 +132,11 @@ def kernel_roles(hlo_text: str, roles: list[str]) -> tuple[str, dict[str, str], 
 
 def _busy(intervals: list[tuple[float, float]]) -> float:
     """The length of the union of `intervals`: how long any of them ran."""
-    busy, start, end = 0.0, None, None
+    busy, end = 0.0, float("-inf")
     for begin, finish in sorted(intervals):
-        if end is None or begin > end:
-            busy += 0.0 if end is None else end - start
-            start, end = begin, finish
-        else:
-            end = max(end, finish)
-    return busy + (end - start if end is not None else 0.0)
+        busy += max(0.0, finish - max(begin, end))  # the part past what is counted already
+        end = max(end, finish)
+    return busy
 
 
 def kernel_times(
@@ -148,10 +147,10 @@ def kernel_times(
     nested: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """From the events of perfetto traces of `steps` steps each: the kernels of `module` per
-    step, how many ran at once while any ran, and for each role (`role_of` a kernel's name,
-    "intermediates" for the others) their milliseconds per step and how many of them ran at
-    once. The events of `nested` instructions (loops, conditionals) are left out: they span
-    kernels of their own."""
+    step, their milliseconds per step, how many ran at once while any ran, and for each role
+    (`role_of` a kernel's name, "intermediates" for the others) their milliseconds per step
+    and how many of them ran at once. The events of `nested` instructions (loops,
+    conditionals) are left out: they span kernels of their own."""
     kernel: dict[str, float] = defaultdict(float)  # summed durations, microseconds
     busy: dict[str, float] = defaultdict(float)  # durations of their unions
     count = 0
@@ -181,6 +180,7 @@ def kernel_times(
     total_steps = steps * len(traces)
     return {
         "kernels_per_step": count / total_steps,
+        "milliseconds_per_step": kernel["all"] / 1e3 / total_steps,
         "at_once": kernel["all"] / busy["all"],
         "roles": {
             role: {
@@ -242,9 +242,7 @@ def measure(repeats: int, steps: int, profiled_rounds: int, profiled_steps: int)
                 "median_seconds": statistics.median(times[name]),
                 "relative_to_float32": ratio["median"],
                 "relative_to_float32_quartiles": ratio["quartiles"],
-                "kernel_milliseconds_per_step": sum(
-                    r["milliseconds_per_step"] for r in measured["roles"].values()
-                ),
+                "kernel_milliseconds_per_step": measured["milliseconds_per_step"],
                 "kernels_per_step": measured["kernels_per_step"],
                 "kernels_at_once": measured["at_once"],
                 "roles": measured["roles"],
@@ -260,30 +258,6 @@ def measure(repeats: int, steps: int, profiled_rounds: int, profiled_steps: int)
     return rows
 
 
-def print_table(rows: dict[str, Any]) -> None:
-    print(
-        f"\nUpdate step of {rows['parameters']:,} parameters: time vs float32 (unprofiled), "
-        "kernel ms per step by what the kernel writes (profiled)"
-    )
-    short = {"parameters": "params", "second moment": "nu", "first moment": "mu"}
-    header = " ".join(f"{short.get(r, r.split()[0]):>8}" for r in ROLES)
-    print(f"{'variant':<20} {'step':<9} {'time':>5} {'kernels':>8} {header} {'at once':>7}")
-    for variant, row in rows.items():
-        if variant == "parameters":
-            continue
-        for name, step in row.items():
-            parts = step["roles"]
-            cells = " ".join(
-                f"{parts[r]['milliseconds_per_step']:>8.2f}" if r in parts else f"{'':>8}"
-                for r in ROLES
-            )
-            print(
-                f"{variant:<20} {name:<9} {step['relative_to_float32']:>5.2f} "
-                f"{step['kernel_milliseconds_per_step']:>8.2f} {cells} "
-                f"{step['kernels_at_once']:>7.2f}"
-            )
-
-
 def markdown_rows(rows: dict[str, Any]) -> list[str]:
     """The rows of benchmarks/README.md's table of a run's `update_step` record."""
     lines = []
@@ -294,8 +268,7 @@ def markdown_rows(rows: dict[str, Any]) -> list[str]:
             roles = step["roles"]
             cells = [
                 f"{roles[role]['milliseconds_per_step']:.2f}" if role in roles else ""
-                for role in ROLES
-                if role != "other state"  # the step count: a scalar kernel or none
+                for role in _COLUMNS
             ]
             lines.append(
                 f"| {variant} | {name} | {step['relative_to_float32']:.2f}x | "
@@ -303,6 +276,16 @@ def markdown_rows(rows: dict[str, Any]) -> list[str]:
                 f"{step['kernels_at_once']:.2f} |"
             )
     return lines
+
+
+def print_table(rows: dict[str, Any]) -> None:
+    print(
+        f"\nUpdate step of {rows['parameters']:,} parameters: time vs float32 (unprofiled), "
+        "kernel ms per step by what the kernel writes (profiled)\n"
+    )
+    print("| variant | step | time | kernel ms | " + " | ".join(_COLUMNS) + " | at once |")
+    print("|---|---|---:|---:|" + "---:|" * (len(_COLUMNS) + 1))
+    print("\n".join(markdown_rows(rows)))
 
 
 def main(argv: list[str] | None = None) -> None:

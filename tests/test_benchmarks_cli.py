@@ -272,8 +272,8 @@ def test_step_profile_sums_kernel_time_per_role_and_counts_kernels_at_once():
         kernel("fusion.1", 3000, 1000),
         kernel("fusion.9", 0, 5000, module="jit_other"),  # another program's: left out
         {"ph": "X", "name": "ThunkExecutor::Execute", "ts": 0, "dur": 4000, "args": {}},
+        kernel("while.4", 0, 4000),  # a loop: its kernels are traced one by one
     ]
-    trace.append(kernel("while.4", 0, 4000))  # a loop: its kernels are traced one by one
     roles = {"fusion.1": "parameters"}
     times = profile.kernel_times([trace], "jit_step", 2, roles, {"while.4"})
     assert times["kernels_per_step"] == 2
