@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 COMMITTED = Path(__file__).resolve().parent / "results"
 NEW_RESULTS = Path("outputs") / "benchmarks"
@@ -59,6 +61,17 @@ def output_path(name: str, platform: str, args: argparse.Namespace) -> Path:
     while path.exists():  # two runs within one second
         suffix += 1
         path = args.out / f"{name}_{platform}_{stamp}-{suffix}.json"
+    return path
+
+
+def write_results(
+    name: str, platform: str, args: argparse.Namespace, record: Any, *, indent: int = 2
+) -> Path:
+    """Writes `record` as JSON where :func:`output_path` says, and says where."""
+    path = output_path(name, platform, args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=indent) + "\n")
+    print(f"\nwrote {path}")
     return path
 
 

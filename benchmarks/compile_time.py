@@ -18,7 +18,6 @@ replaces benchmarks/results/compile_time_<platform>.json instead.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -26,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from _machine import describe_machine
-from _results import add_output_flags, announce, check_output_flags, new_parser, output_path
+from _results import add_output_flags, announce, check_output_flags, new_parser, write_results
 from memory import update_step
 
 import rmsprop_jax as rj
@@ -130,8 +129,6 @@ def main(argv: list[str] | None = None) -> None:
     leaf_counts, attempts = (QUICK_LEAF_COUNTS, 1) if args.quick else (tuple(args.leaves), ATTEMPTS)
     rows = measure(leaf_counts, attempts)
     print_table(rows)
-    output = output_path("compile_time", jax.default_backend(), args)
-    output.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "machine": describe_machine(),
         "settings": {
@@ -141,8 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "leaves": rows,
     }
-    output.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwrote {output}")
+    write_results("compile_time", jax.default_backend(), args, record)
 
 
 if __name__ == "__main__":

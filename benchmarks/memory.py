@@ -31,7 +31,6 @@ Prints tables and writes a new outputs/benchmarks/memory_<platform>_<time>.json;
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from typing import Any
@@ -42,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _machine import describe_machine
-from _results import add_output_flags, announce, check_output_flags, new_parser, output_path
+from _results import add_output_flags, announce, check_output_flags, new_parser, write_results
 
 import rmsprop_jax as rj
 
@@ -471,9 +470,6 @@ def main(argv: list[str] | None = None) -> None:
     print("  training step done", flush=True)
     quality_results = measure_quality(seeds)
     print_tables(memory, update, training, quality_results)
-    backend = jax.default_backend()
-    output = output_path("memory", backend, args)
-    output.parent.mkdir(parents=True, exist_ok=True)
     machine = describe_machine()
     settings = {
         "repeats": repeats,
@@ -498,8 +494,7 @@ def main(argv: list[str] | None = None) -> None:
         "training_step": training,
     }
     record["quality"] = quality_results
-    output.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwrote {output}")
+    write_results("memory", jax.default_backend(), args, record)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from typing import Any
 
 import jax
 from _machine import describe_machine
-from _results import add_output_flags, announce, check_output_flags, new_parser, output_path
+from _results import add_output_flags, announce, check_output_flags, new_parser, write_results
 from memory import (
     FORMATS,
     VARIANTS,
@@ -312,8 +312,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     rows = measure(repeats, args.steps, profiled_rounds, profiled_steps)
     print_table(rows)
-    output = output_path("step_profile", jax.default_backend(), args)
-    output.parent.mkdir(parents=True, exist_ok=True)
     timing = {
         "repeats": repeats,
         "steps_per_repeat": args.steps,
@@ -322,8 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         "variants": VARIANTS,
     }
     record = {"machine": describe_machine(), "timing": timing, "update_step": rows}
-    output.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwrote {output}")
+    write_results("step_profile", jax.default_backend(), args, record)
 
 
 if __name__ == "__main__":

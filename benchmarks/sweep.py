@@ -16,7 +16,6 @@ Prints a table and writes a new outputs/benchmarks/sweep_<platform>_<time>.json;
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _machine import describe_machine
-from _results import add_output_flags, announce, check_output_flags, new_parser, output_path
+from _results import add_output_flags, announce, check_output_flags, new_parser, write_results
 from sklearn.datasets import load_digits
 
 import rmsprop_jax as rj
@@ -165,10 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if not all(r["results_agree"] for r in rows):
         raise SystemExit("The vmapped and sequential final losses differ: the timing is void.")
-    path = output_path("sweep", device.platform, args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"Wrote {path}")
+    write_results("sweep", device.platform, args, report, indent=1)
     return report
 
 

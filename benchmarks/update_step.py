@@ -25,7 +25,6 @@ are left out, with a note naming the extra that installs it.
 from __future__ import annotations
 
 import gc
-import json
 import math
 import statistics
 import time
@@ -42,7 +41,7 @@ from _results import (
     check_output_flags,
     missing_contenders,
     new_parser,
-    output_path,
+    write_results,
 )
 
 import rmsprop_jax as rj
@@ -527,10 +526,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "targets": targets,
         "skipped_contenders": skipped,
     }
-    path = output_path("update_step", jax.default_backend(), args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1))
-    print(f"\nwrote {path}")
+    write_results("update_step", jax.default_backend(), args, report, indent=1)
     return report
 
 

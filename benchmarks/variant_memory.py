@@ -18,7 +18,6 @@ replaces benchmarks/results/variant_memory_<platform>.json instead.
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import jax
 import optax
 from _machine import describe_machine
-from _results import add_output_flags, announce, check_output_flags, new_parser, output_path
+from _results import add_output_flags, announce, check_output_flags, new_parser, write_results
 from memory import (
     FORMATS,
     TARGET_TEMPORARY_BYTES,
@@ -160,12 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     rows = measure(QUICK_VARIANTS if args.quick else tuple(VARIANTS), args.repeats, args.steps)
     print_table(rows)
-    output = output_path("variant_memory", jax.default_backend(), args)
-    output.parent.mkdir(parents=True, exist_ok=True)
     timing = {"repeats": args.repeats, "steps_per_repeat": args.steps}
     record = {"machine": describe_machine(), "timing": timing, "memory": rows}
-    output.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwrote {output}")
+    write_results("variant_memory", jax.default_backend(), args, record)
 
 
 if __name__ == "__main__":
