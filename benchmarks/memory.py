@@ -117,13 +117,17 @@ def update_step(tx: optax.GradientTransformation):
 
 
 def _contenders() -> dict[tuple[str, str], optax.GradientTransformation]:
-    """(variant, name) -> transformation: every format in every variant, and the references
-    (in the plain variant)."""
+    """(variant, name) -> transformation: every format in every variant, int8 with 8-bit `mu`
+    (centered), and the references (in the plain variant)."""
     contenders = {}
     for variant, options in VARIANTS.items():
         for moment_storage in FORMATS:
             contenders[variant, moment_storage] = rj.rmsprop(
                 1e-3, moment_storage=moment_storage, **options
+            )
+        if options.get("centered"):
+            contenders[variant, EIGHT_BIT_MU] = rj.rmsprop(
+                1e-3, moment_storage="int8", first_moment_storage="int8", **options
             )
     for name, build in REFERENCES.items():
         contenders["plain", name] = build()

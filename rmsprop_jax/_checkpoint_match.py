@@ -73,6 +73,28 @@ def _listed(paths: list[tuple[str, ...]]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
+def _codes_of_mu(paths: list[tuple[str, ...]]) -> bool:
+    """Whether `paths` include the 8-bit codes of a centered state's `mu`."""
+    return any(path[i : i + 2] == ("mu", "codes") for path in paths for i in range(len(path)))
+
+
+def _mu_layout_hint(only_stored: list[tuple[str, ...]], only_target: list[tuple[str, ...]]) -> str:
+    """What to pass where the stored and the target `mu` differ only in being 8-bit codes."""
+    if _codes_of_mu(only_stored) and not _codes_of_mu(only_target):
+        return (
+            " The checkpoint keeps the centered mean gradient `mu` as 8-bit codes (what "
+            "moment_storage='int8' did up to version 0.1.0): build the target's optimizer with "
+            "first_moment_storage='int8'."
+        )
+    if _codes_of_mu(only_target) and not _codes_of_mu(only_stored):
+        return (
+            " The target keeps the centered mean gradient `mu` as 8-bit codes "
+            "(first_moment_storage='int8') and the checkpoint does not: build the target's "
+            "optimizer with the checkpoint's first_moment_storage (None by default)."
+        )
+    return ""
+
+
 def check_matches(stored: Any, target: Any, *, where: str = "checkpoint") -> None:
     """Raises unless `stored` has exactly the leaves of `target`, with equal shapes and dtypes.
 
@@ -124,6 +146,7 @@ def check_matches(stored: Any, target: Any, *, where: str = "checkpoint") -> Non
     roots |= {path[0] for path, *_ in differing if path and path[0] == "params"}
     hints = [_CAUSES[root] for root in sorted(roots, reverse=True) if root in _CAUSES]
     cause = f" Probably {' and '.join(hints)}." if hints else ""
+    cause += _mu_layout_hint(only_stored, only_target)
     raise CheckpointMismatchError(
         f"{where} does not match the restore target: {'; '.join(problems)}.{cause} Restore "
         "with the configuration that wrote the checkpoint, or use a new checkpoint directory."

@@ -35,6 +35,7 @@ def rmsprop(
     weight_decay_mask: WeightDecayMask = None,
     maximize: bool = False,
     moment_storage: str = "float32",
+    first_moment_storage: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RMSprop with every variant the major frameworks implement.
 
@@ -81,6 +82,8 @@ def rmsprop(
       moment_storage: how ν (and μ, the mean gradient, when centered) are stored between
         steps: `"float32"`, `"bfloat16"`, `"int8"` or `"factored"` (see
         :func:`rmsprop_jax.scale_by_rms`).
+      first_moment_storage: how μ is stored when centered; None: as `moment_storage` picks
+        (see :func:`rmsprop_jax.scale_by_rms`).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; its state is the tuple of the states
@@ -157,6 +160,7 @@ def rmsprop(
         centered=centered,
         bias_correction=bias_correction,
         moment_storage=moment_storage,
+        first_moment_storage=first_moment_storage,
     )
     scale_by_rate = optax.scale_by_learning_rate(learning_rate, flip_sign=not ascends_by_rate)
     buffer_decay = None if momentum is None else _precision.as_hyperparameter(momentum)

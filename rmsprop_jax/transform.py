@@ -127,6 +127,7 @@ def scale_by_rms(
     centered: bool = False,
     bias_correction: bool = False,
     moment_storage: str = "float32",
+    first_moment_storage: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Divides each gradient by the root of the moving average of its square.
 
@@ -171,12 +172,20 @@ def scale_by_rms(
           1 + 4/n bytes per element (5 for a column of shape (N, 1)).
         - `"factored"`: for leaves whose last two axes are both ≥ 128, only the moving
           averages of row and column means (Adafactor's rank-one estimate); other leaves stay
-          dense. `mu` (centered) has no such structure and is stored as in `"bfloat16"`.
+          dense.
 
         With a compressed format, a centered state is a :class:`ScaleByCenteredVarianceState`
         whose `variance` field holds `ν - |μ|²`, updated without cancellation, instead of ν;
         see ``rmsprop_jax.storage``. Every format keeps a non-finite value of one element to
         that element. `rj.state_bytes` reports the memory.
+      first_moment_storage: how μ (centered only) is stored, where ν is compressed and the
+        state keeps the variance: `"float32"`, `"bfloat16"` or `"int8"` with `"bfloat16"` and
+        `"int8"`, `"bfloat16"` with `"factored"`. None (default): as `moment_storage` says,
+        but `"bfloat16"` for `"int8"` (its step is then about a fifth shorter than with 8-bit
+        μ, for 1 byte per parameter more) and `"factored"` (μ is signed and has no rank-one
+        structure). A float32 state keeps μ in float32: its ν - |μ|² would cancel with a
+        rounded μ. States with 8-bit μ (what `"int8"` kept up to version 0.1.0) restore with
+        `first_moment_storage="int8"`.
 
     Returns:
       An optax transformation whose state is :class:`ScaleByRmsState`, or
@@ -207,6 +216,7 @@ def scale_by_rms(
         centered=centered,
         bias_correction=bias_correction,
         moment_storage=moment_storage,
+        first_moment_storage=first_moment_storage,
     )[0]
 
 
@@ -226,6 +236,7 @@ def preconditioner(
     centered: bool = False,
     bias_correction: bool = False,
     moment_storage: str = "float32",
+    first_moment_storage: str | None = None,
     gradient_of: GradientOf | None = None,
 ) -> tuple[optax.GradientTransformationExtraArgs, StepsFromState | None]:
     """:func:`scale_by_rms` (same arguments), and its step computed from its new state.
@@ -266,7 +277,12 @@ def preconditioner(
     _validation.check_in_range("eps", eps, low=0.0)
     _validation.check_in_range("initial_scale", initial_scale, low=0.0)
     fmt = storage.get(moment_storage)
-    mu_fmt = storage.first_moment_format(fmt)
+    mu_fmt = storage.first_moment_format(fmt, first_moment_storage)
+    if first_moment_storage is not None and not centered:
+        raise ValueError(
+            f"`first_moment_storage` ({first_moment_storage!r}) says how the mean gradient μ of "
+            "centered RMSprop is stored; without `centered=True` there is no μ. Leave it None."
+        )
     if centered and bias_correction:
         raise ValueError(
             "`centered=True` with `bias_correction=True` is degenerate: after one step the "
@@ -421,7 +437,7 @@ def preconditioner(
         stored_nu = state.variance if keeps_variance else state.nu
         storage.check_stored(fmt, stored_nu, name="variance" if keeps_variance else "nu")
         if centered:
-            storage.check_stored(mu_fmt, state.mu, name="mu")
+            storage.check_stored(mu_fmt, state.mu, name="mu", option="first_moment_storage")
         _validation.check_same_tree(updates, storage.logical_shapes(fmt, stored_nu))
         grads, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
         nus = fmt.split(stored_nu, treedef)

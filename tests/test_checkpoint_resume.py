@@ -437,3 +437,37 @@ def test_resuming_a_plain_checkpoint_as_centered_exits_with_the_error_and_trains
     assert "Traceback" not in process.stderr
     assert sorted(p.name for p in directory.iterdir()) == ["14", "history.json"]
     assert not (tmp_path / "out" / "history_rmsprop-centered.json").exists()
+
+
+def test_a_checkpoint_with_8_bit_mu_names_first_moment_storage_and_restores_with_it(tmp_path):
+    """Centered int8 states kept `mu` as 8-bit codes up to version 0.1.0; the default is now
+    bfloat16. Such a checkpoint is refused by a default target, with the option that restores
+    it, and restores bit for bit into a target built with that option."""
+    params = {"w": jax.random.normal(jax.random.key(1), (64, 128))}
+    options = {"centered": True, "momentum": 0.9, "moment_storage": "int8"}
+    eight_bit = rj.rmsprop(1e-2, first_moment_storage="int8", **options)
+    params, state = run(eight_bit, params, eight_bit.init(params), 0, 3)
+    manager = rj.checkpoint.open_manager(tmp_path)
+    rj.checkpoint.save(manager, 3, {"params": params, "opt_state": state})
+    manager.wait_until_finished()
+
+    default = rj.rmsprop(1e-2, **options)
+    target = {"params": params, "opt_state": default.init(params)}
+    with pytest.raises(
+        rj.checkpoint.CheckpointMismatchError,
+        match=r"keeps the centered mean gradient `mu` as 8-bit codes .* "
+        r"first_moment_storage='int8'",
+    ):
+        rj.checkpoint.restore(manager, target)
+    target = {"params": params, "opt_state": eight_bit.init(params)}
+    restored = rj.checkpoint.restore(manager, target)
+    assert_identical(restored, {"params": params, "opt_state": state})
+
+    # And the other way round: a target with 8-bit mu, a checkpoint without.
+    rj.checkpoint.save(manager, 4, {"params": params, "opt_state": default.init(params)})
+    manager.wait_until_finished()
+    with pytest.raises(
+        rj.checkpoint.CheckpointMismatchError,
+        match=r"The target keeps the centered mean gradient `mu` as 8-bit codes",
+    ):
+        rj.checkpoint.restore(manager, target, step=4)

@@ -41,6 +41,9 @@ TEMPORARY_BYTES_PER_PARAMETER = 0.25
 POINTER_BYTES = 8  # a tuple-valued program's outputs include a table of one pointer each
 
 VARIANTS = {"plain": {}, "centered-momentum": {"centered": True, "momentum": 0.9}}
+# Centered with momentum, `mu` kept as 8-bit codes whatever the format of the variance.
+INT8_MU = {"centered": True, "momentum": 0.9, "first_moment_storage": "int8"}
+INT8_VARIANTS = {**VARIANTS, "centered-momentum-int8-mu": INT8_MU}
 FORMATS = ["float32", "bfloat16", "int8", "factored"]
 
 
@@ -69,23 +72,55 @@ def test_step_temporaries_stay_under_a_quarter_byte_per_parameter(moment_storage
     assert unaliased <= POINTER_BYTES * outputs, unaliased
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("moment_storage", ["bfloat16", "int8", "factored"])
+@pytest.mark.parametrize(
+    ("moment_storage", "first_moment_storage"),
+    [
+        (moment_storage, first_moment_storage)
+        for moment_storage in FORMATS
+        for first_moment_storage in ("float32", "bfloat16", "int8")
+        if first_moment_storage in rj.storage.get(moment_storage).first_moment_names
+    ],
+)
+def test_every_first_moment_storage_stays_under_a_quarter_byte_per_parameter(
+    moment_storage, first_moment_storage
+):
+    options = {**INT8_MU, "first_moment_storage": first_moment_storage}
+    memory, outputs = _memory(moment_storage, options)
+    assert memory.temp_size_in_bytes / PARAMETERS <= TEMPORARY_BYTES_PER_PARAMETER
+    assert memory.output_size_in_bytes - memory.alias_size_in_bytes <= POINTER_BYTES * outputs
+
+
+@pytest.mark.parametrize(
+    ("moment_storage", "variant"),
+    [
+        (moment_storage, variant)
+        for moment_storage in ("bfloat16", "int8", "factored")
+        for variant in INT8_VARIANTS
+        if (moment_storage, variant) != ("factored", "centered-momentum-int8-mu")
+    ],
+)
 def test_compressed_step_peak_is_below_the_float32_step_peak(moment_storage, variant):
     """Peak = arguments (parameters, state, gradients) + temporaries, per parameter."""
 
     def peak(memory):
         return (memory.argument_size_in_bytes + memory.temp_size_in_bytes) / PARAMETERS
 
-    reference = peak(_memory("float32", VARIANTS[variant])[0])
-    compressed = peak(_memory(moment_storage, VARIANTS[variant])[0])
+    reference = peak(
+        _memory("float32", VARIANTS["centered-momentum" if variant != "plain" else variant])[0]
+    )
+    compressed = peak(_memory(moment_storage, INT8_VARIANTS[variant])[0])
     # Bytes per parameter at least saved: per stored average, 2 (bfloat16), 2.9 (int8: codes
-    # and scales, less a little temporary memory) or 3.8 (factored; its centered `mu` is
-    # bfloat16, and the chunks' flags of non-finite spreads take 1/8 byte).
-    saved = {"bfloat16": (2.0, 4.0), "int8": (2.9, 5.8), "factored": (3.8, 5.6)}[moment_storage]
+    # and scales, less a little temporary memory) or 3.8 (factored, where the chunks' flags
+    # of non-finite spreads take 1/8 byte); centered, `mu` saves 2 as bfloat16 (int8's and
+    # factored's default) or 2.9 as 8-bit codes.
+    saved = {
+        "bfloat16": {"plain": 2.0, "centered-momentum": 4.0, "centered-momentum-int8-mu": 4.9},
+        "int8": {"plain": 2.9, "centered-momentum": 4.9, "centered-momentum-int8-mu": 5.8},
+        "factored": {"plain": 3.8, "centered-momentum": 5.6},
+    }[moment_storage][variant]
     # Besides: scalars (each leaf's rounding seeds, the rows of the table they are read from).
     scalars = 1024 / PARAMETERS
-    assert compressed <= reference - saved[variant == "centered-momentum"] + scalars, (
+    assert compressed <= reference - saved + scalars, (
         compressed,
         reference,
     )
@@ -168,7 +203,7 @@ def test_the_pytorch_preset_with_weight_decay_holds_no_temporaries(options):
     assert memory.temp_size_in_bytes / PARAMETERS <= TEMPORARY_BYTES_PER_PARAMETER
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", INT8_VARIANTS)
 def test_int8_step_divides_by_the_codes_written_not_a_recomputation(variant):
     """The int8 update writes the new codes in place of the old ones, and the step reads them
     back: the kernel that computes the new parameters reads no old codes (had XLA computed
@@ -176,7 +211,7 @@ def test_int8_step_divides_by_the_codes_written_not_a_recomputation(variant):
     overwritten, and every element encoded twice)."""
     shape = (2048, 512)
     params = {"w": jax.ShapeDtypeStruct(shape, jnp.float32)}
-    tx = rj.rmsprop(1e-3, moment_storage="int8", **VARIANTS[variant])
+    tx = rj.rmsprop(1e-3, moment_storage="int8", **INT8_VARIANTS[variant])
 
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
@@ -196,7 +231,7 @@ def test_int8_step_divides_by_the_codes_written_not_a_recomputation(variant):
         for name, (kind, op, _) in definitions.items()
         if op == "parameter" and kind.split("{")[0] in (f"u8[{dims}]", f"s8[{dims}]")
     }
-    assert len(codes) == (2 if variant != "plain" else 1), codes
+    assert len(codes) == (2 if variant == "centered-momentum-int8-mu" else 1), codes
     root = next(line for line in entry if line.lstrip().startswith("ROOT"))
     new_params = definitions[re.findall(r"%[\w.\-]+", root.split(" tuple(")[1])[0]]
     assert new_params[0].startswith(f"f32[{dims}]"), new_params
@@ -204,12 +239,12 @@ def test_int8_step_divides_by_the_codes_written_not_a_recomputation(variant):
     assert not any(op == "copy" and set(ops) & codes for _, op, ops in definitions.values())
 
 
-def test_int8_centered_variance_and_mu_share_one_block_reduction():
-    """Centered, the variance and `mu` of a leaf take their block maxima from one reduction
-    (both read the gradient and the old `mu`), so a large leaf is read by one reduction
-    kernel rather than two."""
+def test_int8_centered_variance_and_8_bit_mu_share_one_block_reduction():
+    """Centered with 8-bit `mu`, the variance and `mu` of a leaf take their block maxima from
+    one reduction (both read the gradient and the old `mu`), so a large leaf is read by one
+    reduction kernel rather than two."""
     shape = (2048, 512)
-    tx = rj.rmsprop(1e-3, moment_storage="int8", **VARIANTS["centered-momentum"])
+    tx = rj.rmsprop(1e-3, moment_storage="int8", **INT8_MU)
     text = compile_step(tx, {"w": jnp.ones(shape)}).as_text()
     entry = text[text.index("\nENTRY") :]
     reductions = re.findall(rf"= \((?:\w+\[{shape[0]},{shape[1] // 256}\]\S*,? ?)+\) fusion", entry)
@@ -220,7 +255,7 @@ def test_int8_centered_variance_and_mu_share_one_block_reduction():
 _SCALE_ARITHMETIC = ("multiply", "add", "subtract", "minimum", "maximum", "select", "divide")
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", INT8_VARIANTS)
 def test_int8_leaf_kernels_read_the_block_scales_rather_than_recompute_them(variant):
     """The new block scales are computed once per block and read by the kernels that run
     over the leaf: none of those kernels does arithmetic on block-shaped arrays. (XLA copies
@@ -228,7 +263,7 @@ def test_int8_leaf_kernels_read_the_block_scales_rather_than_recompute_them(vari
     block maxima by some 15 operations, was computed again for every element of the leaf.)"""
     shape = (2048, 512)
     blocks = (shape[0], shape[1] // 256)
-    tx = rj.rmsprop(1e-3, moment_storage="int8", **VARIANTS[variant])
+    tx = rj.rmsprop(1e-3, moment_storage="int8", **INT8_VARIANTS[variant])
     text = compile_step(tx, {"w": jnp.ones(shape)}).as_text()
     computations = re.findall(r"\n%?(fused\S*) \(.*?\) -> (\S+) \{\n(.*?)\n\}", text, re.S)
     leaf_kernels = [

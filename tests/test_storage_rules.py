@@ -404,13 +404,26 @@ def test_second_moment_field_is_found_by_tree_get(moment_storage, container):
 
 
 @pytest.mark.parametrize(
-    ("moment_storage", "nu_dtype", "mu_dtype"),
-    [("bfloat16", jnp.bfloat16, jnp.bfloat16), ("int8", jnp.uint8, jnp.int8)],
+    ("moment_storage", "first_moment_storage", "nu_dtype", "mu_dtype"),
+    [
+        ("bfloat16", None, jnp.bfloat16, jnp.bfloat16),
+        ("bfloat16", "int8", jnp.bfloat16, jnp.int8),
+        ("bfloat16", "float32", jnp.bfloat16, jnp.float32),
+        ("int8", None, jnp.uint8, jnp.bfloat16),
+        ("int8", "int8", jnp.uint8, jnp.int8),
+        ("int8", "float32", jnp.uint8, jnp.float32),
+        ("float32", "float32", jnp.float32, jnp.float32),
+    ],
 )
-def test_compressed_leaves_have_the_format_dtypes(moment_storage, nu_dtype, mu_dtype):
-    state = rj.scale_by_rms(centered=True, moment_storage=moment_storage).init(_params())
+def test_compressed_leaves_have_the_format_dtypes(
+    moment_storage, first_moment_storage, nu_dtype, mu_dtype
+):
+    state = rj.scale_by_rms(
+        centered=True, moment_storage=moment_storage, first_moment_storage=first_moment_storage
+    ).init(_params())
+    stored_nu = state.variance if hasattr(state, "variance") else state.nu
     leaf = lambda stored: getattr(stored, "codes", stored)  # noqa: E731
-    assert leaf(stored_leaf(state.variance, "matrix")).dtype == nu_dtype
+    assert leaf(stored_leaf(stored_nu, "matrix")).dtype == nu_dtype
     assert leaf(stored_leaf(state.mu, "matrix")).dtype == mu_dtype
 
 

@@ -54,10 +54,10 @@ def _rank_one_quadratic(seed: int, variant: dict):
     return curvature, {k: np.ones(v.shape) for k, v in curvature.items()}
 
 
-def _trajectory(moment_storage, variant, curvature, start, transform_fn):
+def _trajectory(moment_storage, variant, curvature, start, transform_fn, **options):
     curvature = {k: jnp.asarray(v, jnp.float32) for k, v in curvature.items()}
     params = {k: jnp.asarray(v, jnp.float32) for k, v in start.items()}
-    tx = rj.rmsprop(LEARNING_RATE, moment_storage=moment_storage, **variant)
+    tx = rj.rmsprop(LEARNING_RATE, moment_storage=moment_storage, **variant, **options)
 
     def step(params, state):
         grads = jax.tree.map(lambda a, p: a * p, curvature, params)
@@ -103,6 +103,57 @@ def test_quantized_storage_tracks_float32_on_a_quadratic(moment_storage, variant
     tolerance = (CENTERED_TOLERANCE if options.get("centered") else TOLERANCE)[moment_storage]
     deviation = _deviation(trajectory, reference, start)
     assert 0 < deviation < tolerance
+
+
+@pytest.mark.parametrize(
+    ("moment_storage", "first_moment_storage"),
+    [
+        ("bfloat16", "int8"),
+        ("bfloat16", "float32"),
+        ("int8", "int8"),
+        ("int8", "float32"),
+    ],
+)
+def test_every_first_moment_storage_tracks_float32_centered_with_momentum(
+    moment_storage, first_moment_storage, maybe_jit
+):
+    """μ in another format than ν: the trajectory stays within the tolerance of the coarser
+    of the two formats."""
+    curvature, start = _general_quadratic(seed=7)
+    options = {"centered": True, "momentum": 0.9}
+    reference = _trajectory("float32", options, curvature, start, maybe_jit)
+    trajectory = _trajectory(
+        moment_storage,
+        options,
+        curvature,
+        start,
+        maybe_jit,
+        first_moment_storage=first_moment_storage,
+    )
+    coarsest = max(
+        (moment_storage, first_moment_storage),
+        key=["float32", "bfloat16", "int8"].index,
+    )
+    assert 0 < _deviation(trajectory, reference, start) < CENTERED_TOLERANCE[coarsest]
+
+
+def test_int8_first_moment_storage_keeps_the_8_bit_mu_of_earlier_versions(maybe_jit):
+    """`first_moment_storage="int8"` is the int8 state of version 0.1.0 (μ as signed codes
+    beside the variance's), and steps exactly as the shared block reduction of both does."""
+    curvature, start = _general_quadratic(seed=8)
+    options = {"centered": True, "momentum": 0.9}
+    tx = rj.rmsprop(LEARNING_RATE, moment_storage="int8", first_moment_storage="int8", **options)
+    state = tx.init({k: jnp.asarray(v, jnp.float32) for k, v in start.items()})
+    preconditioner = state[2]
+    assert isinstance(preconditioner.mu, rj.QuantizedMoment)
+    assert stored_leaf(preconditioner.mu, "matrix").codes.dtype == jnp.int8
+    default = _trajectory("int8", options, curvature, start, maybe_jit)
+    eight_bit = _trajectory(
+        "int8", options, curvature, start, maybe_jit, first_moment_storage="int8"
+    )
+    reference = _trajectory("float32", options, curvature, start, maybe_jit)
+    assert 0 < _deviation(eight_bit, reference, start) < CENTERED_TOLERANCE["int8"]
+    assert _deviation(eight_bit, default, start) > 0
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

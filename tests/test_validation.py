@@ -339,3 +339,42 @@ def test_the_pytorch_preset_with_weight_decay_without_params_is_refused_naming_i
     tx = rj.compat.torch_rmsprop(0.1, weight_decay=0.01)
     with pytest.raises(ValueError, match=r"`weight_decay` adds weight_decay \* params"):
         tx.update(params, tx.init(params))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"moment_storage": "int8", "first_moment_storage": "int4", "centered": True},
+            r"`first_moment_storage` must be None or one of \('float32', 'bfloat16', 'int8'\) "
+            r"with moment_storage='int8', got 'int4'",
+        ),
+        (
+            {"moment_storage": "factored", "first_moment_storage": "int8", "centered": True},
+            r"one of \('bfloat16',\) with moment_storage='factored', got 'int8'",
+        ),
+        (
+            {"first_moment_storage": "bfloat16", "centered": True},
+            r"one of \('float32',\) with moment_storage='float32', got 'bfloat16'",
+        ),
+        (
+            {"moment_storage": "int8", "first_moment_storage": "int8"},
+            r"`first_moment_storage` \('int8'\) .* without `centered=True` there is no μ",
+        ),
+    ],
+)
+def test_first_moment_storage_is_refused_naming_the_value_and_the_choices(options, message):
+    with pytest.raises(ValueError, match=message):
+        rj.rmsprop(0.1, **options)
+    with pytest.raises(ValueError, match=message):
+        rj.scale_by_rms(**options)
+
+
+def test_a_state_with_another_first_moment_storage_is_refused_naming_the_option():
+    params = {"w": jnp.ones((64, 128))}
+    eight_bit = rj.rmsprop(0.1, centered=True, moment_storage="int8", first_moment_storage="int8")
+    default = rj.rmsprop(0.1, centered=True, moment_storage="int8")
+    message = r"`mu` is stored as 'int8', but this optimizer keeps it with first_moment_storage"
+    for update in (default.update, jax.jit(default.update)):
+        with pytest.raises(ValueError, match=message):
+            update(params, eight_bit.init(params), params)

@@ -47,9 +47,18 @@ def get(name: Any) -> StorageFormat:
     return FORMATS[name]
 
 
-def first_moment_format(fmt: StorageFormat) -> StorageFormat:
-    """The format in which `fmt` keeps the first moment `mu` of centered RMSprop."""
-    return FORMATS[fmt.first_moment_name or fmt.name]
+def first_moment_format(fmt: StorageFormat, name: Any = None) -> StorageFormat:
+    """The format in which a state of `fmt` keeps the first moment `mu` of centered RMSprop:
+    the one called `name` (`first_moment_storage`, one of `fmt.first_moment_names`), or where
+    `name` is None, `fmt`'s own choice. `ValueError` naming the choices for any other value."""
+    if name is None:
+        return FORMATS[fmt.first_moment_name or fmt.name]
+    if not isinstance(name, str) or name not in fmt.first_moment_names:
+        raise ValueError(
+            f"`first_moment_storage` must be None or one of {fmt.first_moment_names} with "
+            f"moment_storage={fmt.name!r}, got {name!r}."
+        )
+    return FORMATS[name]
 
 
 def updates_by_rows(fmt: StorageFormat, g: Any) -> bool:
@@ -94,16 +103,19 @@ def is_container(node: Any) -> bool:
     return format_of(node) is not None
 
 
-def check_stored(fmt: StorageFormat, stored: Any, *, name: str) -> None:
+def check_stored(
+    fmt: StorageFormat, stored: Any, *, name: str, option: str = "moment_storage"
+) -> None:
     """Raises `ValueError` where `stored` (the state's `name`) is not stored as `fmt` keeps
-    averages: a state made by an optimizer of another `moment_storage`."""
+    averages: a state made by an optimizer of another `option` (`moment_storage`, or
+    `first_moment_storage` for `mu`)."""
     found = format_of(stored)
     if found is (fmt if fmt.container is not None else None):
         return
     found_as = f"as {found.name!r}" if found is not None else "as a plain tree of arrays"
     raise ValueError(
         f"The optimizer state's `{name}` is stored {found_as}, but this optimizer keeps it with "
-        f"moment_storage={fmt.name!r}: the state was made by another optimizer's init. Start "
+        f"{option}={fmt.name!r}: the state was made by another optimizer's init. Start "
         "from this optimizer's init(params), or restore a checkpoint into a target built by it "
         "(rmsprop_jax.checkpoint.restore names what differs)."
     )

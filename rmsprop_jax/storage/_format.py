@@ -111,7 +111,9 @@ class StorageFormat:
         names followed by `dense`; None for formats that store one array per leaf.
       stores_centered_variance: whether a centered state keeps the variance
         ν - |μ|² (updated without cancellation) instead of ν.
-      first_moment_name: the format of μ (centered), by name.
+      first_moment_name: the format of μ (centered), by name, where the user picks none
+        (None: this format).
+      first_moment_names: the formats μ may be kept in instead (`first_moment_storage`).
       rounds: whether :meth:`encode` and :meth:`update` use their `seed` (for stochastic
         rounding); formats that do not may be given None.
       stores_non_finite: whether a non-finite value averaged in is stored for its element
@@ -130,6 +132,7 @@ class StorageFormat:
     container: ClassVar[type | None] = None
     stores_centered_variance: ClassVar[bool] = True
     first_moment_name: ClassVar[str | None] = None
+    first_moment_names: ClassVar[tuple[str, ...]] = ("float32", "bfloat16", "int8")
     rounds: ClassVar[bool] = True
     stores_non_finite: ClassVar[bool] = True
     updates_in_row_chunks: ClassVar[bool] = False

@@ -122,8 +122,11 @@ class Factored(StorageFormat):
 
     name: ClassVar[str] = "factored"
     container: ClassVar[type] = FactoredMoment
-    # `mu` has no rank-one structure (it is signed); it is stored as bfloat16.
+    # `mu` has no rank-one structure (it is signed); it is stored as bfloat16. Its statistics
+    # read the stored `mu` through their own barriers: kept as float32 or 8-bit codes, `mu`
+    # would be written whole once more (2 to 3 bytes per parameter of temporaries).
     first_moment_name: ClassVar[str] = "bfloat16"
+    first_moment_names: ClassVar[tuple[str, ...]] = ("bfloat16",)
     rounds: ClassVar[bool] = False
     # The statistics reduce `x` along both axes: in one pass, XLA:CPU would materialize `x`.
     updates_in_row_chunks: ClassVar[bool] = True

@@ -17,6 +17,8 @@ class Float32(StorageFormat):
 
     name: ClassVar[str] = "float32"
     stores_centered_variance: ClassVar[bool] = False
+    # The step divides by ν - |μ|², where a rounded μ could cancel the whole variance.
+    first_moment_names: ClassVar[tuple[str, ...]] = ("float32",)
     rounds: ClassVar[bool] = False
 
 
