@@ -54,6 +54,8 @@ TARGET_TEMPORARY_BYTES = 0.25
 # Training step: bytes per parameter int8 saves at the compiled peak against float32.
 TARGET_INT8_TRAINING_SAVING = 2.5
 VARIANTS = {"plain": {}, "centered + momentum": {"centered": True, "momentum": 0.9}}
+# Centered, int8 with `mu` as 8-bit codes too (`first_moment_storage="int8"`).
+EIGHT_BIT_MU = "int8, 8-bit mu"
 REFERENCES = {
     "optax.adam": lambda: optax.adam(1e-3),
     "optax.adafactor": lambda: optax.adafactor(1e-3),
