@@ -177,6 +177,21 @@ def test_memory_xla_options_are_parsed_and_never_replace_the_committed_record(ca
     assert "records XLA's default compilation" in capsys.readouterr().err
 
 
+def test_memory_times_every_format_in_every_variant_and_8_bit_mu_where_centered():
+    import jax.numpy as jnp
+
+    import rmsprop_jax as rj
+
+    memory = benchmark("memory")
+    contenders = memory._contenders()
+    for variant in memory.VARIANTS:
+        assert {name for v, name in contenders if v == variant} >= set(memory.FORMATS)
+    eight_bit = contenders["centered + momentum", memory.EIGHT_BIT_MU]
+    params = {"w": jnp.ones((64, 128))}
+    assert isinstance(eight_bit.init(params)[2].mu, rj.QuantizedMoment)
+    assert ("plain", memory.EIGHT_BIT_MU) not in contenders
+
+
 def test_memory_compiles_the_timed_steps_with_the_xla_options(monkeypatch):
     import jax.numpy as jnp
 
