@@ -181,11 +181,11 @@ def scale_by_rms(
       first_moment_storage: how μ (centered only) is stored, where ν is compressed and the
         state keeps the variance: `"float32"`, `"bfloat16"` or `"int8"` with `"bfloat16"` and
         `"int8"`, `"bfloat16"` with `"factored"`. None (default): as `moment_storage` says,
-        but `"bfloat16"` for `"int8"` (its step is then about a fifth shorter than with 8-bit
-        μ, for 1 byte per parameter more) and `"factored"` (μ is signed and has no rank-one
-        structure). A float32 state keeps μ in float32: its ν - |μ|² would cancel with a
-        rounded μ. States with 8-bit μ (what `"int8"` kept up to version 0.1.0) restore with
-        `first_moment_storage="int8"`.
+        but `"bfloat16"` for `"int8"` (1 byte per parameter more than 8-bit μ, for a step
+        15-18% shorter, centered with momentum, in `benchmarks/memory.py`'s record) and
+        `"factored"` (μ is signed and has no rank-one structure). A float32 state keeps μ
+        in float32: its ν - |μ|² would cancel with a rounded μ. States with 8-bit μ (what
+        `"int8"` kept up to version 0.1.0) restore with `first_moment_storage="int8"`.
 
     Returns:
       An optax transformation whose state is :class:`ScaleByRmsState`, or
