@@ -83,7 +83,7 @@ def _mu_layout_hint(only_stored: list[tuple[str, ...]], only_target: list[tuple[
     if _codes_of_mu(only_stored) and not _codes_of_mu(only_target):
         return (
             " The checkpoint keeps the centered mean gradient `mu` as 8-bit codes (what "
-            "moment_storage='int8' did up to version 0.1.0): build the target's optimizer with "
+            "moment_storage='int8' did in release 0.1.0): build the target's optimizer with "
             "first_moment_storage='int8'."
         )
     if _codes_of_mu(only_target) and not _codes_of_mu(only_stored):

@@ -185,7 +185,7 @@ def scale_by_rms(
         15-18% shorter, centered with momentum, in `benchmarks/memory.py`'s record) and
         `"factored"` (μ is signed and has no rank-one structure). A float32 state keeps μ
         in float32: its `ν - |μ|²` would cancel with a rounded μ. States with 8-bit μ (what
-        `"int8"` kept up to version 0.1.0) restore with `first_moment_storage="int8"`.
+        `"int8"` kept in release 0.1.0) restore with `first_moment_storage="int8"`.
 
     Returns:
       An optax transformation whose state is :class:`ScaleByRmsState`, or

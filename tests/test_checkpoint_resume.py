@@ -440,7 +440,7 @@ def test_resuming_a_plain_checkpoint_as_centered_exits_with_the_error_and_trains
 
 
 def test_a_checkpoint_with_8_bit_mu_names_first_moment_storage_and_restores_with_it(tmp_path):
-    """Centered int8 states kept `mu` as 8-bit codes up to version 0.1.0; the default is now
+    """Centered int8 states kept `mu` as 8-bit codes in release 0.1.0; the default is now
     bfloat16. Such a checkpoint is refused by a default target, with the option that restores
     it, and restores bit for bit into a target built with that option."""
     params = {"w": jax.random.normal(jax.random.key(1), (64, 128))}
