@@ -138,8 +138,9 @@ def test_every_first_moment_storage_tracks_float32_centered_with_momentum(
 
 
 def test_int8_first_moment_storage_keeps_the_8_bit_mu_of_earlier_versions(maybe_jit):
-    """`first_moment_storage="int8"` is the int8 state of release 0.1.0 (μ as signed codes
-    beside the variance's), and steps exactly as the shared block reduction of both does."""
+    """`first_moment_storage="int8"` keeps the int8 state of release 0.1.0 (μ as signed codes
+    beside the variance's): its trajectory tracks float32's within int8's tolerance, and is
+    not the default's (μ in bfloat16)."""
     curvature, start = _general_quadratic(seed=8)
     options = {"centered": True, "momentum": 0.9}
     tx = rj.rmsprop(LEARNING_RATE, moment_storage="int8", first_moment_storage="int8", **options)
