@@ -6,7 +6,8 @@
 Prints, per storage format and reference optimizer, the figures the documents quote: state
 bytes per parameter, the update step's compiled peak and temporaries (bytes per parameter),
 and its time relative to the float32 step (plain / centered + momentum), followed by the
-savings, the training-step peaks and the spread of the time ratios quoted below the table.
+savings, the training-step peaks, the spread of the time ratios and their values in the rounds
+with the fastest float32 step (the fastest third) and in the others, quoted below the table.
 `tests/test_benchmarks_cli.py` checks that the documents quote the committed record.
 """
 
@@ -14,12 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FORMATS = ("float32", "bfloat16", "int8", "factored")
 REFERENCES = ("optax.adam", "optax.adafactor")
+EIGHT_BIT_MU = "int8, 8-bit mu"
+# The rounds in which the float32 step ran fastest: the fastest third.
+FAST_SHARE = 3
 # A reference optimizer's arguments are parameters and gradients (4 + 4 bytes) and its state.
 PARAMETER_AND_GRADIENT_BYTES = 8.0
 
@@ -94,6 +99,72 @@ def spread_sentence(record: dict[str, Any]) -> str | None:
     )
 
 
+def split_by_float32_speed(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per variant, the rounds split into the third in which the float32 step ran fastest and
+    the others: float32's seconds in each group, and each contender's median ratio to float32
+    (of the rounds' own ratios, from the record's `seconds_per_repeat`) in each group."""
+    split = {}
+    for variant, rows in record["update_step"]["variants"].items():
+        reference = rows["float32"]["seconds_per_repeat"]
+        order = sorted(range(len(reference)), key=reference.__getitem__)
+        fast = order[: len(reference) // FAST_SHARE]
+        groups = {"fast": fast, "other": order[len(fast) :]}
+        split[variant] = {
+            "float32_seconds": {
+                group: [reference[i] for i in rounds] for group, rounds in groups.items()
+            },
+            "ratios": {
+                name: {
+                    group: statistics.median(
+                        row["seconds_per_repeat"][i] / reference[i] for i in rounds
+                    )
+                    for group, rounds in groups.items()
+                }
+                for name, row in rows.items()
+            },
+        }
+    return split
+
+
+def fast_rounds_sentence(record: dict[str, Any]) -> str | None:
+    """The sentence that quotes the ratios (plain / centered + momentum) in the rounds with the
+    fastest float32 step and in the others, or None for a record without per-round times."""
+    variants = record["update_step"]["variants"]
+    if any("seconds_per_repeat" not in row for rows in variants.values() for row in rows.values()):
+        return None
+    split = split_by_float32_speed(record)
+    plain, centered = split["plain"], split["centered + momentum"]
+
+    def milliseconds(group: str) -> list[str]:
+        return [
+            f"{min(s[group]) * 1e3:.1f}-{max(s[group]) * 1e3:.1f} ms"
+            for s in (plain["float32_seconds"], centered["float32_seconds"])
+        ]
+
+    def ratios(name: str, group: str) -> str:
+        return " / ".join(f"{v['ratios'][name][group]:.2f}x" for v in (plain, centered))
+
+    def eight_bit_mu(group: str) -> str:
+        if EIGHT_BIT_MU not in centered["ratios"]:
+            return ""
+        return f" (8-bit `mu`: {centered['ratios'][EIGHT_BIT_MU][group]:.2f}x)"
+
+    fast_rounds = len(plain["float32_seconds"]["fast"])
+    other_rounds = len(plain["float32_seconds"]["other"])
+    (fast_plain, fast_centered), (other_plain, other_centered) = map(
+        milliseconds, ("fast", "other")
+    )
+    return (
+        f"In the {fast_rounds} of its {fast_rounds + other_rounds} rounds in which the float32 "
+        f"step ran fastest ({fast_plain} plain and {fast_centered} centered with momentum, "
+        f"against {other_plain} and {other_centered} in the others), bfloat16 measured "
+        f"{ratios('bfloat16', 'fast')}, int8 {ratios('int8', 'fast')}{eight_bit_mu('fast')} "
+        f"and factored {ratios('factored', 'fast')}; in the other {other_rounds}, "
+        f"{ratios('bfloat16', 'other')}, {ratios('int8', 'other')}{eight_bit_mu('other')} "
+        f"and {ratios('factored', 'other')}."
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -109,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ntraining step: ... {training_sentence(record)}")
     spread = spread_sentence(record)
     print(f"\nstep time: ... {spread}" if spread else "\n(no quartiles of the step times)")
+    fast = fast_rounds_sentence(record)
+    print(f"\n{fast}" if fast else "\n(no per-round step times)")
 
 
 if __name__ == "__main__":

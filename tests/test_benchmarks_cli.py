@@ -157,6 +157,27 @@ def test_the_low_memory_table_quotes_the_committed_benchmark_record(document):
     text = " ".join(path.read_text().split())
     assert tables.training_sentence(record) in text
     assert tables.spread_sentence(record) in text
+    assert tables.fast_rounds_sentence(record) in text
+
+
+def test_the_benchmark_readme_quotes_the_ratios_in_the_rounds_with_the_fastest_float32_step():
+    tables = benchmark("memory_table")
+    record = json.loads((BENCHMARKS / "results" / "memory_cpu.json").read_text())
+    text = " ".join((BENCHMARKS / "README.md").read_text().split())
+    assert tables.fast_rounds_sentence(record) in text
+
+
+def test_the_rounds_split_by_float32_speed_into_the_fastest_third_and_the_others():
+    tables = benchmark("memory_table")
+    float32 = [0.6, 0.1, 0.5, 0.2, 0.4, 0.3]
+    int8 = [0.6, 0.3, 1.0, 0.4, 0.4, 0.3]  # 3x and 2x float32 in its two fastest rounds.
+    rows = {"float32": {"seconds_per_repeat": float32}, "int8": {"seconds_per_repeat": int8}}
+    record = {"update_step": {"variants": {"plain": rows}}}
+    split = tables.split_by_float32_speed(record)["plain"]
+    assert split["float32_seconds"] == {"fast": [0.1, 0.2], "other": [0.3, 0.4, 0.5, 0.6]}
+    assert split["ratios"]["int8"]["fast"] == pytest.approx(2.5)
+    assert split["ratios"]["int8"]["other"] == pytest.approx(1.0)
+    assert split["ratios"]["float32"] == {"fast": 1.0, "other": 1.0}
 
 
 def test_memory_xla_options_are_parsed_and_never_replace_the_committed_record(capsys):
