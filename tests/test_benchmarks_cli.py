@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ("update_step", "memory", "sweep", "compile_time", "variant_memory", "step_profile")
+SCRIPTS = (
+    "update_step",
+    "memory",
+    "sweep",
+    "compile_time",
+    "variant_memory",
+    "step_profile",
+    "reductions",
+)
 
 
 def benchmark(name):
@@ -341,3 +349,66 @@ def test_step_profile_reads_the_kernels_of_a_traced_step():
     times = profile.kernel_times([events], module, 2, written, nested)
     assert times["kernels_per_step"] >= 1
     assert sum(r["milliseconds_per_step"] for r in times["roles"].values()) > 0
+
+
+def _update_step_state(tx, params, grads):
+    import jax
+
+    return jax.jit(lambda p, s, g: tx.update(g, s, p)[1]).lower(params, tx.init(params), grads)
+
+
+@pytest.mark.parametrize(
+    ("moment_storage", "options", "stand_in"),
+    [
+        ("int8", {}, "block_maxima_stand_in"),
+        ("factored", {"centered": True, "momentum": 0.9}, "statistics_stand_in"),
+    ],
+)
+def test_the_reductions_stand_ins_change_the_step_and_are_put_back(
+    moment_storage, options, stand_in
+):
+    import jax
+    import jax.numpy as jnp
+
+    import rmsprop_jax as rj
+    from rmsprop_jax import storage
+    from rmsprop_jax._jax_compat import JAX_VERSION
+    from rmsprop_jax.storage import _rows, int8
+
+    reductions = benchmark("reductions")
+    originals = (int8.finite_maxima, storage.fused_sums)
+    keys = jax.random.split(jax.random.key(0), 2)
+    params = {"w": jax.random.normal(keys[0], (256, 512))}
+    grads = {"w": jax.random.normal(keys[1], (256, 512)) * jnp.linspace(0.1, 10.0, 512)}
+    tx = rj.rmsprop(1e-3, moment_storage=moment_storage, **options)
+    real = _update_step_state(tx, params, grads).compile()
+    state = tx.init(params)
+
+    def replaced():
+        return _update_step_state(tx, params, grads).compile()
+
+    if moment_storage == "factored" and JAX_VERSION < _rows.SUMS_FUSE_FROM:
+        # This release updates factored leaves in row chunks, without the fused sums.
+        with pytest.raises(RuntimeError, match="never called the function it replaces"):
+            reductions.traced_with(getattr(reductions, stand_in), replaced)
+    else:
+        stood_in = reductions.traced_with(getattr(reductions, stand_in), replaced)
+        real_state = real(params, state, grads)
+        stood_in_state = stood_in(params, state, grads)
+        assert any(
+            not jnp.array_equal(a, b)
+            for a, b in zip(
+                jax.tree.leaves(real_state), jax.tree.leaves(stood_in_state), strict=True
+            )
+        )
+    assert (int8.finite_maxima, storage.fused_sums) == originals
+
+
+def test_the_reductions_tables_quote_the_committed_record():
+    reductions = benchmark("reductions")
+    record = json.loads((BENCHMARKS / "results" / "reductions_cpu.json").read_text())
+    text = (BENCHMARKS / "README.md").read_text()
+    for line in reductions.step_rows(record["update_step"]) + reductions.leaf_rows(record["leaf"]):
+        assert line in text, line
+    assert reductions.factored_sentence(record) in text
+    assert reductions.int8_sentence(record)[:-1] in text
