@@ -163,7 +163,8 @@ def stage_states_checked(
     name: str, chain: optax.GradientTransformation, *, stages: int
 ) -> optax.GradientTransformationExtraArgs:
     """`chain` (whose state is a tuple of `stages` stage states), whose `update` refuses
-    anything else (another optimizer's state; optax's error does not say which), and a tuple
+    anything else (another optimizer's state, optax's error not saying which; a list of stage
+    states, as a restore without a target gives), and a tuple
     with a stage state of another type: the state of another configuration (momentum or
     none, a schedule or a constant rate, a mask or none), which the stage would fail on with
     an `AttributeError`, or, for an `optax.identity` given a buffer, carry along unused. The
@@ -205,7 +206,15 @@ def stage_states_checked(
                 "this optimizer's init(params), or restore a checkpoint into a target built by "
                 "it."
             )
-        kinds = expected(params) if isinstance(state, tuple) else None
+        if not isinstance(state, tuple):
+            raise ValueError(
+                f"{name}'s state is a tuple of {stages} stage states, as its init returns, but "
+                f"it was given a {type(state).__name__} of them: a state restored without a "
+                "target comes back with lists and dicts in place of tuples and named tuples. "
+                "Restore into a target built by this optimizer's init(params) "
+                "(rj.checkpoint.restore(manager, target))."
+            )
+        kinds = expected(params)
         if kinds is not None and len(state) == len(kinds):
             for index, (stage, kind) in enumerate(zip(state, kinds, strict=True)):
                 # The preconditioner checks its own state, naming its options.

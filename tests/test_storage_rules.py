@@ -285,6 +285,22 @@ def test_a_state_of_another_optimizer_is_refused_with_the_number_of_stages(tx):
 
 
 @pytest.mark.parametrize(
+    "tx",
+    [rj.rmsprop(0.1), rj.rmsprop(0.1, momentum=0.9), rj.compat.torch_rmsprop(0.1)],
+    ids=["plain", "momentum", "torch"],
+)
+def test_a_list_of_stage_states_is_refused_with_how_to_restore_one(tx):
+    """A state whose stages come as a list (as a restore without a target gives them) was
+    updated, and the state handed back failed a pytree structure check of the list against
+    the tuple the update returns."""
+    params = {"w": jnp.ones(3)}
+    listed = list(tx.init(params))
+    for update in (tx.update, jax.jit(tx.update)):
+        with pytest.raises(ValueError, match=r"given a list of them: a state restored without"):
+            update(params, listed, params)
+
+
+@pytest.mark.parametrize(
     "options",
     [{}, {"momentum": 0.9}, {"centered": True, "momentum": 0.5, "maximize": True}],
     ids=["plain", "momentum", "centered-momentum-maximize"],
