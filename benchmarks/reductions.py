@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from _machine import describe_machine
 from _results import add_output_flags, announce, check_output_flags, new_parser, write_results
 from jax import lax
-from memory import VARIANTS, compiled_update_step, interleaved_times, ratio_statistics, the_tree
+from memory import VARIANTS, compiled_update_step, interleaved_times, step_timing, the_tree
 from memory_table import split_by_float32_speed
 
 import rmsprop_jax as rj
@@ -148,12 +148,8 @@ def measure_steps(repeats: int, steps: int) -> dict[str, Any]:
     times = interleaved_times(steppers, carries, grads, repeats, steps)
     variants: dict[str, dict[str, Any]] = {variant: {} for variant, _ in STEPS}
     for (variant, name), seconds in times.items():
-        ratio = ratio_statistics(seconds, times[variant, "float32"])
-        variants[variant][name] = {
-            "median_seconds": statistics.median(seconds),
-            "relative_to_float32": ratio["median"],
-            "relative_to_float32_quartiles": ratio["quartiles"],
-            "seconds_per_repeat": seconds,
+        variants[variant][name] = step_timing(seconds, times[variant, "float32"]) | {
+            "seconds_per_repeat": seconds
         }
     split = split_by_float32_speed({"update_step": {"variants": variants}})
     for variant, rows in variants.items():

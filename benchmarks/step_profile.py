@@ -25,7 +25,6 @@ import gzip
 import json
 import random
 import re
-import statistics
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -39,7 +38,7 @@ from memory import (
     VARIANTS,
     compiled_update_step,
     interleaved_times,
-    ratio_statistics,
+    step_timing,
     the_tree,
 )
 
@@ -237,11 +236,7 @@ def measure(repeats: int, steps: int, profiled_rounds: int, profiled_steps: int)
         for name in FORMATS:
             module, written, nested = kernels[name]
             measured = kernel_times(traces[name], module, profiled_steps, written, nested)
-            ratio = ratio_statistics(times[name], times["float32"])
-            row[name] = {
-                "median_seconds": statistics.median(times[name]),
-                "relative_to_float32": ratio["median"],
-                "relative_to_float32_quartiles": ratio["quartiles"],
+            row[name] = step_timing(times[name], times["float32"]) | {
                 "kernel_milliseconds_per_step": measured["milliseconds_per_step"],
                 "kernels_per_step": measured["kernels_per_step"],
                 "kernels_at_once": measured["at_once"],

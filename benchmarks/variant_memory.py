@@ -18,7 +18,6 @@ replaces benchmarks/results/variant_memory_<platform>.json instead.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +31,7 @@ from memory import (
     compiled_memory,
     compiled_update_step,
     interleaved_times,
-    ratio_statistics,
+    step_timing,
     the_tree,
 )
 
@@ -106,10 +105,7 @@ def measure(variants: tuple[str, ...], repeats: int, steps: int) -> dict[str, An
         del steppers, carries
         reference = row["float32"]
         for name, step in row.items():
-            ratio = ratio_statistics(times[name], times["float32"])
-            step["median_seconds"] = statistics.median(times[name])
-            step["relative_to_float32"] = ratio["median"]
-            step["relative_to_float32_quartiles"] = ratio["quartiles"]
+            step.update(step_timing(times[name], times["float32"]))
             if name in FORMATS[1:]:
                 step["temporaries_added_to_float32"] = (
                     step["temporary_bytes_per_parameter"]
