@@ -172,9 +172,12 @@ def _block_maxima(g: jax.Array, codes: jax.Array) -> tuple[jax.Array, jax.Array]
     return maxima
 
 
+SQUARES_ROWS = "row sums of g²"
+SPREAD_ROWS = "row sums of (g - μ)², μ bfloat16 (factored, centered)"
+SPREAD_COLUMNS = "column sums of (g - μ)², μ bfloat16 (factored, centered)"
 # name -> (bytes read per element, function of (g, h, mu, codes)).
 REDUCTIONS: dict[str, tuple[int, Callable[..., Any]]] = {
-    "row sums of g²": (4, lambda g, h, mu, codes: jnp.sum(jnp.square(g), axis=-1)),
+    SQUARES_ROWS: (4, lambda g, h, mu, codes: jnp.sum(jnp.square(g), axis=-1)),
     "column sums of g²": (4, lambda g, h, mu, codes: jnp.sum(jnp.square(g), axis=-2)),
     "row sums of g³ (one multiply more)": (4, lambda g, h, mu, codes: jnp.sum(g * g * g, -1)),
     "row sums of g·g, g read as two operands": (
@@ -182,11 +185,11 @@ REDUCTIONS: dict[str, tuple[int, Callable[..., Any]]] = {
         lambda g, h, mu, codes: jnp.sum(jnp.multiply(*_twice(g)), axis=-1),
     ),
     "row sums of g·h, two float32 arrays": (8, lambda g, h, mu, codes: jnp.sum(g * h, -1)),
-    "row sums of (g - μ)², μ bfloat16 (factored, centered)": (
+    SPREAD_ROWS: (
         6,
         lambda g, h, mu, codes: jnp.sum(_spread(g, mu), axis=-1),
     ),
-    "column sums of (g - μ)², μ bfloat16 (factored, centered)": (
+    SPREAD_COLUMNS: (
         6,
         lambda g, h, mu, codes: jnp.sum(_spread(g, mu), axis=-2),
     ),
@@ -281,14 +284,13 @@ def factored_sentence(record: dict[str, Any]) -> str:
     """What benchmarks/README.md says of the factored centered step, from a record."""
     real = _step(record, "centered + momentum", "factored")
     stand_in = _step(record, "centered + momentum", f"factored, {STAND_IN}")
-    spread = "(g - μ)², μ bfloat16 (factored, centered)"
     return (
         "with its row and column sums replaced by a stand-in that reads one element per matrix "
         f"(wrong, for timing only) the step ran at {stand_in[0]} float32's ({stand_in[1]} in the "
         f"fastest third of the rounds), the real one at {real[0]} ({real[1]}); on one 4096 x "
-        f"4096 leaf the spread's row and column sums read {_rate(record, f'row sums of {spread}')}"
-        f" and {_rate(record, f'column sums of {spread}')} GB/s, the squared gradient's row sums "
-        f"{_rate(record, 'row sums of g²')}, where an elementwise pass moves "
+        f"4096 leaf the spread's row and column sums read {_rate(record, SPREAD_ROWS)} and "
+        f"{_rate(record, SPREAD_COLUMNS)} GB/s, the squared gradient's row sums "
+        f"{_rate(record, SQUARES_ROWS)}, where an elementwise pass moves "
         f"{_rate(record, ELEMENTWISE)}."
     )
 
@@ -298,7 +300,7 @@ def int8_sentence(record: dict[str, Any]) -> str:
     real = _step(record, "plain", "int8")
     stand_in = _step(record, "plain", f"int8, {STAND_IN}")
     return (
-        "With its block maxima replaced by a stand-in that reads one element per block (wrong, "
+        "with its block maxima replaced by a stand-in that reads one element per block (wrong, "
         f"for timing only), the plain step ran at {stand_in[0]} float32's, and at {stand_in[1]} "
         f"in the fastest third of the rounds, against the real one's {real[0]} and {real[1]}."
     )
