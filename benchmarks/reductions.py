@@ -107,7 +107,9 @@ def traced_with(stand_in: Callable[[], Any], trace: Callable[[], Any]) -> Any:
     """`trace()` (which traces and compiles a step) with `stand_in` in place; an error where
     the step never called the function it replaces (this JAX release's update takes another
     path, see `rmsprop_jax.storage._rows`), so that no real step is reported as a stand-in."""
-    # A step traced before (its inner jitted functions) would be taken from JAX's caches.
+    # The step's inner jitted functions are cached by JAX: cleared before, so that the
+    # stand-in is traced rather than a real step's functions reused, and after, so that no
+    # later real step reuses the stand-in's.
     jax.clear_caches()
     with stand_in() as calls:
         result = trace()
