@@ -6,8 +6,9 @@
 Prints, per storage format and reference optimizer, the figures the documents quote: state
 bytes per parameter, the update step's compiled peak and temporaries (bytes per parameter),
 and its time relative to the float32 step (plain / centered + momentum), followed by the
-savings, the training-step peaks, the spread of the time ratios and their values in the rounds
-with the fastest float32 step (the fastest third) and in the others, quoted below the table.
+savings, the training-step peaks, the spread of the time ratios, their values in the rounds
+with the fastest float32 step (the fastest third) and in the others, and how much faster each
+step ran in those rounds than in the others, quoted below the table.
 `tests/test_benchmarks_cli.py` checks that the documents quote the committed record.
 """
 
@@ -101,8 +102,9 @@ def spread_sentence(record: dict[str, Any]) -> str | None:
 
 def split_by_float32_speed(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per variant, the rounds split into the third in which the float32 step ran fastest and
-    the others: float32's seconds in each group, and each contender's median ratio to float32
-    (of the rounds' own ratios, from the record's `seconds_per_repeat`) in each group."""
+    the others: float32's seconds in each group, and each contender's median seconds and
+    median ratio to float32 (of the rounds' own ratios, from the record's
+    `seconds_per_repeat`) in each group."""
     split = {}
     for variant, rows in record["update_step"]["variants"].items():
         reference = rows["float32"]["seconds_per_repeat"]
@@ -112,6 +114,13 @@ def split_by_float32_speed(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
         split[variant] = {
             "float32_seconds": {
                 group: [reference[i] for i in rounds] for group, rounds in groups.items()
+            },
+            "median_seconds": {
+                name: {
+                    group: statistics.median(row["seconds_per_repeat"][i] for i in rounds)
+                    for group, rounds in groups.items()
+                }
+                for name, row in rows.items()
             },
             "ratios": {
                 name: {
@@ -165,6 +174,32 @@ def fast_rounds_sentence(record: dict[str, Any]) -> str | None:
     )
 
 
+def bandwidth_sentence(record: dict[str, Any]) -> str | None:
+    """The sentence that compares each contender's median step time (plain / centered +
+    momentum) in the rounds with the fastest float32 step with its time in the others, or None
+    for a record without per-round times."""
+    variants = record["update_step"]["variants"]
+    if any("seconds_per_repeat" not in row for rows in variants.values() for row in rows.values()):
+        return None
+    split = split_by_float32_speed(record)
+
+    def change(variant: str, name: str) -> str:
+        seconds = split[variant]["median_seconds"][name]
+        return f"{seconds['fast'] / seconds['other']:.2f}x"
+
+    def changes(name: str) -> str:
+        return " / ".join(change(variant, name) for variant in ("plain", "centered + momentum"))
+
+    return (
+        "Against its median time in the other rounds, each step's median in those rounds was "
+        f"{changes('float32')} with float32 (`optax.adam`, plain: "
+        f"{change('plain', 'optax.adam')}), {changes('bfloat16')} with bfloat16, "
+        f"{changes('int8')} with int8 and {changes('factored')} with factored: the compressed "
+        "steps, bound more by arithmetic, gain less from the memory bandwidth that speeds up "
+        "float32's."
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -182,6 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nstep time: ... {spread}" if spread else "\n(no quartiles of the step times)")
     fast = fast_rounds_sentence(record)
     print(f"\n{fast}" if fast else "\n(no per-round step times)")
+    bandwidth = bandwidth_sentence(record)
+    if bandwidth:
+        print(f"\n{bandwidth}")
 
 
 if __name__ == "__main__":

@@ -166,6 +166,7 @@ def test_the_low_memory_table_quotes_the_committed_benchmark_record(document):
     assert tables.training_sentence(record) in text
     assert tables.spread_sentence(record) in text
     assert tables.fast_rounds_sentence(record) in text
+    assert tables.bandwidth_sentence(record) in text
 
 
 def test_the_benchmark_readme_quotes_the_ratios_in_the_rounds_with_the_fastest_float32_step():
@@ -173,6 +174,7 @@ def test_the_benchmark_readme_quotes_the_ratios_in_the_rounds_with_the_fastest_f
     record = json.loads((BENCHMARKS / "results" / "memory_cpu.json").read_text())
     text = " ".join((BENCHMARKS / "README.md").read_text().split())
     assert tables.fast_rounds_sentence(record) in text
+    assert tables.bandwidth_sentence(record) in text
 
 
 def test_the_rounds_split_by_float32_speed_into_the_fastest_third_and_the_others():
@@ -186,6 +188,37 @@ def test_the_rounds_split_by_float32_speed_into_the_fastest_third_and_the_others
     assert split["ratios"]["int8"]["fast"] == pytest.approx(2.5)
     assert split["ratios"]["int8"]["other"] == pytest.approx(1.0)
     assert split["ratios"]["float32"] == {"fast": 1.0, "other": 1.0}
+    assert split["median_seconds"]["float32"] == pytest.approx({"fast": 0.15, "other": 0.45})
+    assert split["median_seconds"]["int8"] == pytest.approx({"fast": 0.35, "other": 0.5})
+
+
+def test_the_bandwidth_sentence_compares_each_step_in_the_fast_rounds_with_the_others():
+    tables = benchmark("memory_table")
+
+    def rows(float32, **others):
+        times = {"float32": float32, **others}
+        return {name: {"seconds_per_repeat": seconds} for name, seconds in times.items()}
+
+    slow_then_fast = [0.4, 0.4, 0.1, 0.1, 0.2, 0.2]  # The fastest third: the 3rd and 4th.
+    steady = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    slower = [1.0, 1.0, 1.3, 1.3, 1.0, 1.0]
+    plain = rows(slow_then_fast, bfloat16=steady, int8=slower, factored=steady)
+    plain["optax.adam"] = {"seconds_per_repeat": slow_then_fast}
+    record = {
+        "update_step": {
+            "variants": {
+                "plain": plain,
+                "centered + momentum": rows(
+                    slow_then_fast, bfloat16=steady, int8=steady, factored=slower
+                ),
+            }
+        }
+    }
+    sentence = tables.bandwidth_sentence(record)
+    assert "0.33x / 0.33x with float32 (`optax.adam`, plain: 0.33x)" in sentence
+    assert "1.00x / 1.00x with bfloat16, 1.30x / 1.00x with int8 and 1.00x / 1.30x" in sentence
+    del plain["int8"]["seconds_per_repeat"]
+    assert tables.bandwidth_sentence(record) is None
 
 
 def test_memory_xla_options_are_parsed_and_never_replace_the_committed_record(capsys):
