@@ -100,6 +100,12 @@ def spread_sentence(record: dict[str, Any]) -> str | None:
     )
 
 
+def has_round_times(record: dict[str, Any]) -> bool:
+    """Whether every step of the record has its per-round times (`seconds_per_repeat`)."""
+    variants = record["update_step"]["variants"]
+    return all("seconds_per_repeat" in row for rows in variants.values() for row in rows.values())
+
+
 def split_by_float32_speed(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per variant, the rounds split into the third in which the float32 step ran fastest and
     the others: float32's seconds in each group, and each contender's median seconds and
@@ -138,8 +144,7 @@ def split_by_float32_speed(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def fast_rounds_sentence(record: dict[str, Any]) -> str | None:
     """The sentence that quotes the ratios (plain / centered + momentum) in the rounds with the
     fastest float32 step and in the others, or None for a record without per-round times."""
-    variants = record["update_step"]["variants"]
-    if any("seconds_per_repeat" not in row for rows in variants.values() for row in rows.values()):
+    if not has_round_times(record):
         return None
     split = split_by_float32_speed(record)
     plain, centered = split["plain"], split["centered + momentum"]
@@ -178,8 +183,7 @@ def bandwidth_sentence(record: dict[str, Any]) -> str | None:
     """The sentence that compares each contender's median step time (plain / centered +
     momentum) in the rounds with the fastest float32 step with its time in the others, or None
     for a record without per-round times."""
-    variants = record["update_step"]["variants"]
-    if any("seconds_per_repeat" not in row for rows in variants.values() for row in rows.values()):
+    if not has_round_times(record):
         return None
     split = split_by_float32_speed(record)
 
