@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -56,14 +57,14 @@ def _mlp(params: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
     return x @ params[-1]["w"] + params[-1]["b"]
 
 
-def _cross_entropy(params, x, y) -> jax.Array:
+def _cross_entropy(params: list[dict[str, jax.Array]], x: jax.Array, y: jax.Array) -> jax.Array:
     logits = _mlp(params, x)
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
 
 def make_digits_run(
     optimizer: Callable[[optax.Schedule], optax.GradientTransformation], steps: int
-) -> Callable[[jax.Array], dict[str, jax.Array]]:
+) -> Callable[[ArrayLike], dict[str, jax.Array]]:
     """A jitted `run(seed) -> {"train_loss", "test_accuracy"}` after `steps` minibatch steps."""
     x_train, y_train, x_test, y_test = digits_data()
     sizes = (x_train.shape[1], *DIGITS_HIDDEN, 10)
@@ -112,7 +113,7 @@ def make_least_squares_run(
         return 0.5 * jnp.mean(jnp.sum((x @ w - y) ** 2, axis=-1))
 
     @jax.jit
-    def run(x, y) -> dict[str, jax.Array]:
+    def run(x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
         w = jnp.zeros((x.shape[1], y.shape[1]))
 
         def step(carry, _):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import _storage_quality as quality
@@ -53,7 +54,10 @@ TARGET_STEP_TIME = {"bfloat16": 1.15, "int8": 1.5, "factored": 1.3}
 TARGET_TEMPORARY_BYTES = 0.25
 # Training step: bytes per parameter int8 saves at the compiled peak against float32.
 TARGET_INT8_TRAINING_SAVING = 2.5
-VARIANTS = {"plain": {}, "centered + momentum": {"centered": True, "momentum": 0.9}}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "centered + momentum": {"centered": True, "momentum": 0.9},
+}
 # Centered, int8 with `mu` as 8-bit codes too (`first_moment_storage="int8"`).
 EIGHT_BIT_MU = "int8, 8-bit mu"
 REFERENCES = {
@@ -62,7 +66,7 @@ REFERENCES = {
 }
 TRAINING_BATCH, TRAINING_LENGTH = 2, 64
 # (learning rate, options): digits use coupled L2 1e-3 so the training loss keeps a floor.
-CONFIGURATIONS = {
+CONFIGURATIONS: dict[str, tuple[float, dict[str, Any]]] = {
     "decay 0.9": (1e-3, {"decay": 0.9}),
     "decay 0.99": (1e-3, {"decay": 0.99}),
     "centered + momentum 0.9": (1e-4, {"decay": 0.9, "centered": True, "momentum": 0.9}),
@@ -71,7 +75,9 @@ DIGITS_STEPS, DIGITS_WEIGHT_DECAY = 600, 1e-3
 LEAST_SQUARES_STEPS, LEAST_SQUARES_RATE_FACTOR = 500, 30.0
 
 
-def transformer_init(key: jax.Array, layers=4, d_model=512, d_ff=2048, vocab=8192) -> dict:
+def transformer_init(
+    key: jax.Array, layers: int = 4, d_model: int = 512, d_ff: int = 2048, vocab: int = 8192
+) -> dict:
     def dense(key, fan_in, fan_out):
         weight = jax.random.normal(key, (fan_in, fan_out)) / jnp.sqrt(fan_in)
         return {"kernel": weight, "bias": jnp.zeros(fan_out)}
@@ -93,10 +99,11 @@ def transformer_init(key: jax.Array, layers=4, d_model=512, d_ff=2048, vocab=819
 def measure_memory() -> dict[str, Any]:
     abstract = jax.eval_shape(transformer_init, jax.random.key(0))
     parameters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
-    results = {"parameters": parameters}
+    results: dict[str, Any] = {"parameters": parameters}
+    layouts: dict[str, dict[str, Any]] = {"plain": {}, "centered": {"centered": True}}
     for moment_storage in FORMATS:
-        row = {}
-        for name, options in (("plain", {}), ("centered", {"centered": True})):
+        row: dict[str, Any] = {}
+        for name, options in layouts.items():
             tx = rj.rmsprop(1e-3, moment_storage=moment_storage, **options)
             memory = rj.state_bytes(jax.eval_shape(tx.init, abstract), abstract)
             row[name] = memory._asdict()
@@ -108,7 +115,7 @@ def measure_memory() -> dict[str, Any]:
     return results
 
 
-def update_step(tx: optax.GradientTransformation):
+def update_step(tx: optax.GradientTransformation) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
     """`tx`'s update applied to the parameters: (params, state, grads) -> (params, state)."""
 
     def step(params, state, grads):
@@ -136,8 +143,13 @@ def _contenders() -> dict[tuple[str, str], optax.GradientTransformation]:
     return contenders
 
 
-def compiled_memory(compiled, parameters: int) -> dict[str, float]:
+def compiled_memory(compiled: jax.stages.Compiled, parameters: int) -> dict[str, float]:
     memory = compiled.memory_analysis()
+    if memory is None:
+        raise RuntimeError(
+            f"XLA gives no memory analysis on this backend ({jax.default_backend()}): "
+            "the compiled bytes per parameter cannot be measured"
+        )
     unaliased = memory.output_size_in_bytes - memory.alias_size_in_bytes
     return {
         "arguments_bytes_per_parameter": memory.argument_size_in_bytes / parameters,
@@ -244,7 +256,7 @@ def measure_update_step(
         results[contender] = compiled_memory(compiled, parameters)
         carries[contender] = compiled(*start, grads)  # warm up
     times = interleaved_times(steppers, carries, grads, repeats, steps)
-    rows = {variant: {} for variant in VARIANTS}
+    rows: dict[str, dict[str, Any]] = {variant: {} for variant in VARIANTS}
     for (variant, name), t in times.items():
         # float32's step is bound by memory bandwidth, the compressed ones largely by
         # arithmetic: the quartiles show how the ratio moves with the machine's state.
@@ -324,7 +336,9 @@ def measure_training_step(compiler_options: dict | None = None) -> dict[str, Any
     }
 
 
-def _optimizer(moment_storage: str, rate: float, options: dict, weight_decay: float):
+def _optimizer(
+    moment_storage: str, rate: float, options: dict, weight_decay: float
+) -> Callable[[optax.Schedule], optax.GradientTransformation]:
     def build(schedule: optax.Schedule) -> optax.GradientTransformation:
         return rj.rmsprop(
             lambda count: rate * schedule(count),
@@ -348,7 +362,7 @@ def measure_quality(seeds: list[int]) -> dict[str, Any]:
     ]
     results = {"least_squares_optimum": _summary(optimum)}
     for name, (rate, options) in CONFIGURATIONS.items():
-        rows = {}
+        rows: dict[str, dict[str, Any]] = {}
         for moment_storage in FORMATS:
             digits = quality.make_digits_run(
                 _optimizer(moment_storage, rate, options, DIGITS_WEIGHT_DECAY), DIGITS_STEPS

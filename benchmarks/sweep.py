@@ -72,7 +72,9 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - begin
 
 
-def measure(hidden: int, steps: int, repeats: int, x, y, grid) -> dict[str, float]:
+def measure(
+    hidden: int, steps: int, repeats: int, x: jax.Array, y: jax.Array, grid: dict[str, jax.Array]
+) -> dict[str, Any]:
     train = make_train(hidden, steps)
     jitted = jax.jit(train)
     configs = [(grid["learning_rate"][i], grid["decay"][i]) for i in range(CONFIGURATIONS)]

@@ -24,6 +24,7 @@ are left out, with a note naming the extra that installs it.
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import statistics
@@ -74,7 +75,12 @@ def _step_function(tx: optax.GradientTransformation | None) -> Callable:
 class JaxContender:
     """A jitted, donated step of an optax transformation (or of SGD when `tx` is None)."""
 
-    def __init__(self, tx: optax.GradientTransformation | None, params, grads):
+    def __init__(
+        self,
+        tx: optax.GradientTransformation | None,
+        params: dict[str, np.ndarray],
+        grads: dict[str, np.ndarray],
+    ):
         self.grads = jax.device_put(grads)
         self.params = jax.device_put(params)
         self.state = () if tx is None else tx.init(self.params)
@@ -99,7 +105,13 @@ class JaxContender:
 
 
 class TorchContender:
-    def __init__(self, params, grads, foreach: bool, **kwargs):
+    def __init__(
+        self,
+        params: dict[str, np.ndarray],
+        grads: dict[str, np.ndarray],
+        foreach: bool,
+        **kwargs: Any,
+    ):
         import torch
 
         self.torch = torch
@@ -139,9 +151,11 @@ class TorchTriad:
 STREAM_PROBES = ("stream: jax triad, 1 array", "stream: torch triad, 1 array")
 
 
-def contenders(params, grads, with_torch: bool) -> dict[str, tuple[Callable[[], Any], int]]:
+def contenders(
+    params: dict[str, np.ndarray], grads: dict[str, np.ndarray], with_torch: bool
+) -> dict[str, tuple[Callable[[], Any], int]]:
     """name -> (factory, minimum bytes per parameter)."""
-    settings = dict(decay=0.99, eps=1e-8)
+    settings: dict[str, Any] = dict(decay=0.99, eps=1e-8)
     total = sum(p.size for p in params.values())
     one_array = {"all": np.concatenate(list(params.values()))}
     entries: dict[str, tuple[Callable[[], Any], int]] = {
@@ -213,12 +227,12 @@ def contenders(params, grads, with_torch: bool) -> dict[str, tuple[Callable[[], 
         entries[STREAM_PROBES[1]] = (lambda: TorchTriad(total), SGD_BYTES)
         for foreach in (True, False):
             entries[f"torch foreach={foreach}"] = (
-                lambda foreach=foreach: TorchContender(params, grads, foreach, alpha=0.99),
+                functools.partial(TorchContender, params, grads, foreach, alpha=0.99),
                 PLAIN_BYTES,
             )
             entries[f"torch foreach={foreach} centered+momentum"] = (
-                lambda foreach=foreach: TorchContender(
-                    params, grads, foreach, alpha=0.99, centered=True, momentum=0.9
+                functools.partial(
+                    TorchContender, params, grads, foreach, alpha=0.99, centered=True, momentum=0.9
                 ),
                 CENTERED_MOMENTUM_BYTES,
             )
@@ -303,7 +317,11 @@ def print_run(total: int, leaves: int, results: dict, stream: float) -> None:
     print(f"{'contender':<34}{'ms':>9}{'GB/s':>7}{'% stream':>10}{'ratio':>7}  vs")
     for name, r in results.items():
         peer = (PEERS | GROUPING_PEERS).get(name)
-        ratio = f"{paired_ratio(results, name, peer):.2f}" if peer in results else ""
+        ratio = (
+            f"{paired_ratio(results, name, peer):.2f}"
+            if peer is not None and peer in results
+            else ""
+        )
         print(
             f"{name:<34}{r['seconds'] * 1e3:>9.2f}{r['bandwidth_bytes_per_second'] / 1e9:>7.1f}"
             f"{100 * r['bandwidth_bytes_per_second'] / stream:>10.0f}{ratio:>7}  {peer or ''}"

@@ -321,6 +321,7 @@ def train(trainer: Trainer, data: Digits, args: argparse.Namespace) -> dict[str,
 
     def save(at_step: int) -> None:
         nonlocal last_saved
+        assert manager is not None  # every call is under a `manager is not None` check
         with _interrupts_deferred():
             rj.checkpoint.save(manager, at_step, checkpoint_tree(trainer, args))
             kept = list(manager.all_steps())
@@ -406,8 +407,9 @@ def main(
         warm_up.train_step(data.x_train[: args.batch_size], data.y_train[: args.batch_size])
         warm_up.logits(data.x_train)
         warm_up.logits(data.x_test)
-    results = [_timed_run(make_trainer, data, run_args) for run_args in runs]
-    if any(result is None for result in results):
+    timed = [_timed_run(make_trainer, data, run_args) for run_args in runs]
+    results = [result for result in timed if result is not None]
+    if len(results) < len(timed):
         return []  # resumed with nothing left to do: the outputs stay as they were
     for r in results:
         print(

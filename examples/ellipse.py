@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,9 @@ import optax
 from cli_help import DefaultsHelpFormatter
 
 import rmsprop_jax as rj
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 CURVATURE = jnp.asarray([1.0, 100.0])
 START = jnp.asarray([-1.0, 1.0])
@@ -77,7 +81,7 @@ def plot(
     colorbar.set_label("f(x, y), log scale")
     styles = {"gradient descent": "tab:red", "momentum 0.9": "tab:orange", "RMSprop": "tab:blue"}
 
-    def draw(ax, with_labels: bool) -> None:
+    def draw(ax: Axes, with_labels: bool) -> None:
         for name, points in paths.items():
             shown = points[: shown_steps + 1]
             count = steps[name]
@@ -89,8 +93,8 @@ def plot(
                 if i + 1 < len(shown) and np.linalg.norm(shown[i + 1] - shown[i]) > 1e-3:
                     ax.annotate(
                         "",
-                        xy=shown[i + 1],
-                        xytext=shown[i],
+                        xy=(shown[i + 1, 0], shown[i + 1, 1]),
+                        xytext=(shown[i, 0], shown[i, 1]),
                         arrowprops={"arrowstyle": "-|>", "color": styles[name], "lw": 1.1},
                     )
         angle = np.linspace(0, 2 * np.pi, 200)
@@ -99,7 +103,7 @@ def plot(
         ax.plot(0, 0, "k*", ms=11)
 
     draw(axis, with_labels=True)
-    start = np.asarray(START)
+    start = (float(START[0]), float(START[1]))
     axis.annotate("start", start, xytext=(8, 6), textcoords="offset points", fontsize=10)
     axis.set(xlim=(-1.2, 0.4), ylim=(-1.2, 1.2))
     axis.set(xlabel="x (flat direction)", ylabel="y (steep direction)")

@@ -17,6 +17,7 @@ import digits_common
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
@@ -70,11 +71,11 @@ class LinenTrainer:
         # type the same before and after a restore, so jit compiles the step once.
         self.state = state.replace(step=jnp.zeros((), jnp.int32))
 
-    def train_step(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    def train_step(self, x: np.ndarray, y: np.ndarray) -> jax.Array:
         self.state, loss = train_step(self.state, x, y)
         return loss
 
-    def logits(self, x: jax.Array) -> jax.Array:
+    def logits(self, x: np.ndarray) -> jax.Array:
         return predict(self.state, x)
 
     def checkpoint_tree(self) -> dict[str, Any]:

@@ -27,6 +27,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from cli_help import DefaultsHelpFormatter
 
@@ -61,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _forward_output(stream) -> None:
+def _forward_output(stream: Iterable[str]) -> None:
     """Copies process 0's output to ours, without gloo's notes on each connection it makes."""
     for line in stream:
         if not line.startswith("[Gloo]"):
@@ -161,7 +163,7 @@ def init_mlp(hidden: int) -> dict[str, np.ndarray]:
     return params
 
 
-def mlp(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+def mlp(params: Mapping[str, jax.Array | np.ndarray], x: jax.Array | np.ndarray) -> jax.Array:
     x = jax.nn.relu(x @ params["w1"] + params["b1"])
     x = jax.nn.relu(x @ params["w2"] + params["b2"])
     return x @ params["w3"] + params["b3"]
@@ -189,7 +191,8 @@ def to_host(x: jax.Array) -> np.ndarray:
 def describe(name: str, leaf: jax.Array) -> str:
     """Where a (global) array lives: the slice each device holds, and in which process."""
     number = {device: i for i, device in enumerate(jax.devices())}
-    places = leaf.sharding.devices_indices_map(leaf.shape)
+    # Keyed by jaxlib's Device, which has no stubs (see pyproject.toml): Any to mypy.
+    places: Mapping[Any, tuple[slice, ...]] = leaf.sharding.devices_indices_map(leaf.shape)
     slices = ", ".join(
         f"{number[device]} (process {device.process_index}): "
         + " x ".join(
@@ -197,10 +200,13 @@ def describe(name: str, leaf: jax.Array) -> str:
         )
         for device, index in sorted(places.items(), key=lambda item: number[item[0]])
     )
-    return f"{name} {leaf.shape} {leaf.dtype} sharded as {leaf.sharding.spec}; devices {slices}"
+    sharding = leaf.sharding
+    if not isinstance(sharding, NamedSharding):  # every array here is laid out on the mesh
+        raise TypeError(f"{name} is not laid out by a NamedSharding: {sharding}")
+    return f"{name} {leaf.shape} {leaf.dtype} sharded as {sharding.spec}; devices {slices}"
 
 
-def placement_figure(params: dict, state, path: str) -> None:
+def placement_figure(params: dict, state: Any, path: str) -> None:
     """Maps of which device holds which entries of w2 and of its stored second moment."""
     nu = optax.tree_utils.tree_get(state, "nu")
     arrays = {"parameter w2": params["w2"]}

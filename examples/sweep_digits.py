@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -94,18 +95,25 @@ def accuracy(params: dict[str, jax.Array], x: jax.Array, y: jax.Array) -> jax.Ar
     return jnp.mean(jnp.argmax(logits(params, x), axis=-1) == y)
 
 
-def make_training(seed: int, batch_size: int, epochs_per_chunk: int):
+def make_training(
+    seed: int, batch_size: int, epochs_per_chunk: int
+) -> tuple[
+    Callable[[Data, jax.Array, jax.Array], Carry],
+    Callable[[Carry, Data, jax.Array, jax.Array], tuple[Carry, dict[str, jax.Array]]],
+]:
     """The two functions the sweep runs: `start` builds the state, `train_chunk` advances it."""
 
-    def optimizer(learning_rate, decay):
+    def optimizer(learning_rate: jax.Array, decay: jax.Array) -> optax.GradientTransformation:
         return rj.rmsprop(learning_rate, decay)
 
-    def start(data: Data, learning_rate, decay) -> Carry:
+    def start(data: Data, learning_rate: jax.Array, decay: jax.Array) -> Carry:
         params = init_mlp(jax.random.key(seed), data.x_train.shape[1])
         opt_state = optimizer(learning_rate, decay).init(params)
         return Carry(params, opt_state, jnp.zeros([], jnp.int32))
 
-    def train_chunk(carry: Carry, data: Data, learning_rate, decay):
+    def train_chunk(
+        carry: Carry, data: Data, learning_rate: jax.Array, decay: jax.Array
+    ) -> tuple[Carry, dict[str, jax.Array]]:
         tx = optimizer(learning_rate, decay)
         batches = data.x_train.shape[0] // batch_size
 
@@ -116,7 +124,7 @@ def make_training(seed: int, batch_size: int, epochs_per_chunk: int):
             updates, opt_state = tx.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), loss
 
-        def epoch(carry: Carry, _):
+        def epoch(carry: Carry, _: None) -> tuple[Carry, jax.Array]:
             # Same order for every configuration: it depends on the seed and epoch only.
             key = jax.random.fold_in(jax.random.key(seed + 1), carry.epoch)
             order = jax.random.permutation(key, data.x_train.shape[0])[: batches * batch_size]

@@ -16,6 +16,8 @@ from typing import Any
 
 import digits_common
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -65,11 +67,11 @@ class NNXTrainer:
         )
         self.optimizer = nnx.Optimizer(self.model, tx, wrt=nnx.Param)
 
-    def train_step(self, x: jax.Array, y: jax.Array) -> jax.Array:
-        return train_step(self.model, self.optimizer, x, y)
+    def train_step(self, x: np.ndarray, y: np.ndarray) -> jax.Array:
+        return train_step(self.model, self.optimizer, jnp.asarray(x), jnp.asarray(y))
 
-    def logits(self, x: jax.Array) -> jax.Array:
-        return predict(self.model, x)
+    def logits(self, x: np.ndarray) -> jax.Array:
+        return predict(self.model, jnp.asarray(x))
 
     def checkpoint_tree(self) -> dict[str, Any]:
         # nnx.as_pure strips the Variable wrappers: the optimizer state is then exactly the

@@ -239,6 +239,23 @@ def test_memory_xla_options_are_parsed_and_never_replace_the_committed_record(ca
     assert "records XLA's default compilation" in capsys.readouterr().err
 
 
+def test_memory_figures_need_the_backends_memory_analysis():
+    import jax
+    import jax.numpy as jnp
+
+    memory = benchmark("memory")
+    compiled = jax.jit(lambda x: x * 2, donate_argnums=0).lower(jnp.ones(1024)).compile()
+    figures = memory.compiled_memory(compiled, 1024)
+    assert figures["arguments_bytes_per_parameter"] == 4.0
+
+    class WithoutAnalysis:
+        def memory_analysis(self):
+            return None  # what `Compiled.memory_analysis()` gives on backends without one
+
+    with pytest.raises(RuntimeError, match="no memory analysis on this backend"):
+        memory.compiled_memory(WithoutAnalysis(), 1024)
+
+
 def test_memory_times_every_format_in_every_variant_and_8_bit_mu_where_centered():
     import jax.numpy as jnp
 
