@@ -7,6 +7,7 @@ compared with the slice of the parameter it holds, on the parameter axes the lea
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -19,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 STORAGES = ("float32", "bfloat16", "int8", "factored")
 # Between them, every variant: centered, momentum (heavy-ball and Nesterov), bias correction,
 # coupled and decoupled weight decay.
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "centered_nesterov_decoupled": dict(
         centered=True, momentum=0.9, nesterov=True, weight_decay=1e-2, decoupled_weight_decay=True
     ),
@@ -69,10 +70,9 @@ def _ranges(index: tuple, shape: tuple) -> tuple:
 
 
 def _device_ranges(array: jax.Array) -> dict:
-    return {
-        device.id: _ranges(index, array.shape)
-        for device, index in array.sharding.devices_indices_map(array.shape).items()
-    }
+    # Keyed by jaxlib's Device, which has no stubs (see pyproject.toml): Any to mypy.
+    places: Mapping[Any, tuple] = array.sharding.devices_indices_map(array.shape)
+    return {device.id: _ranges(index, array.shape) for device, index in places.items()}
 
 
 def _expected_ranges(kind: str, param_ranges: tuple) -> tuple:
@@ -117,7 +117,7 @@ def placement_report(state: Any, params: Any, derived: Any) -> dict:
     """Where each leaf of `state` lives, against its parameter and against `derived`."""
     params_by_path = {tuple(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
     devices = len(jax.devices())
-    report = {"leaves": 0, "misplaced": [], "disagrees_with_state_shardings": []}
+    report: dict[str, Any] = {"leaves": 0, "misplaced": [], "disagrees_with_state_shardings": []}
     report.update({"replicated_but_kept_axis_sharded": [], "replicated_reduced_stats": []})
     report["scalars_replicated"] = True
     leaves = jax.tree_util.tree_leaves_with_path(state)
@@ -178,7 +178,9 @@ def compare_runs(run: tuple, reference: tuple) -> dict:
     return {"params": params, "state": state}
 
 
-def mlp_problem(samples: int = 256, features: int = 64, hidden: int = 128, classes: int = 10):
+def mlp_problem(
+    samples: int = 256, features: int = 64, hidden: int = 128, classes: int = 10
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """A fixed classification problem and initial MLP parameters, as NumPy arrays."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(samples, features)).astype(np.float32)
@@ -213,7 +215,9 @@ def _global(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def mlp_train(tx: optax.GradientTransformation, problem: tuple, mesh, steps: int = 8) -> dict:
+def mlp_train(
+    tx: optax.GradientTransformation, problem: tuple, mesh: jax.sharding.Mesh, steps: int = 8
+) -> dict:
     """Trains the MLP with parameters, state and batch sharded over `mesh`'s "fsdp" axis."""
     x, labels, host_params = problem
     size = mesh.shape["fsdp"]

@@ -16,6 +16,7 @@ import importlib
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 SIMULATED_DEVICES = 8
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -47,7 +48,7 @@ def pytest_configure(config):
             )
 
 
-def import_reference_framework(name: str):
+def import_reference_framework(name: str) -> ModuleType:
     """Imports `name` (e.g. "torch", "keras"), or skips the test when it is not installed.
 
     With RMSPROP_JAX_REQUIRE_CONFORMANCE=1 (set by CI) a missing framework fails the test

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.stages import Compiled
+from numpy.typing import DTypeLike
 
 from rmsprop_jax import _jax_compat
 
@@ -28,18 +32,19 @@ needs_jax_0_10_placement = pytest.mark.skipif(
 )
 
 
-def enable_x64(enabled: bool = True):
+def enable_x64(enabled: bool = True) -> AbstractContextManager[Any]:
     """`jax.enable_x64` as a context manager; `jax.experimental.enable_x64` before JAX had it."""
     if hasattr(jax, "enable_x64"):
         return jax.enable_x64(enabled)
-    from jax.experimental import disable_x64
-    from jax.experimental import enable_x64 as enable
+    # JAX releases before `jax.enable_x64` only; the installed JAX no longer has these.
+    from jax.experimental import disable_x64  # type: ignore[attr-defined]
+    from jax.experimental import enable_x64 as enable  # type: ignore[attr-defined]
 
     return enable() if enabled else disable_x64()
 
 
 def random_problem(
-    shapes: dict[str, tuple[int, ...]], steps: int, seed: int = 0, dtype=np.float32
+    shapes: dict[str, tuple[int, ...]], steps: int, seed: int = 0, dtype: DTypeLike = np.float32
 ) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
     """Parameters and a gradient sequence drawn from a seeded normal distribution."""
     rng = np.random.default_rng(seed)
@@ -53,10 +58,10 @@ def random_problem(
 
 def run_transformation(
     tx: optax.GradientTransformation,
-    params,
-    grads: Sequence,
-    transform_fn: Callable = jax.jit,
-):
+    params: Any,
+    grads: Sequence[Any],
+    transform_fn: Callable[..., Any] = jax.jit,
+) -> tuple[list[Any], Any]:
     """:func:`run_trajectory` for a list of gradient trees, one per step.
 
     `transform_fn` is `jax.jit` for the compiled variant (anything else runs eagerly).
@@ -67,7 +72,7 @@ def run_transformation(
     return [jax.tree.map(lambda h, t=t: h[t], history) for t in range(len(grads))], state
 
 
-def max_elementwise_relative_error(actual, expected, floor: float = 0.1) -> float:
+def max_elementwise_relative_error(actual: Any, expected: Any, floor: float = 0.1) -> float:
     """max |actual - expected| / max(|expected|, floor) over every leaf of two trees."""
     worst = 0.0
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
@@ -145,7 +150,7 @@ def conformance_problem(seed, shapes, steps, dtype=np.float32):
     return params, grads
 
 
-def compile_step(tx: optax.GradientTransformation, params):
+def compile_step(tx: optax.GradientTransformation, params: Any) -> Compiled:
     """One jitted "update + apply" step with parameters and state donated, compiled."""
     state = tx.init(params)
 
@@ -156,20 +161,24 @@ def compile_step(tx: optax.GradientTransformation, params):
     return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
 
 
-def array_kernels(compiled) -> int:
+def array_kernels(compiled: Compiled) -> int:
     """Instructions of the entry computation that write an array (not a scalar or a tuple)."""
-    entry = compiled.as_text().split("\nENTRY", 1)[1]
+    text = compiled.as_text()
+    assert text is not None, "the backend gives no text of the compiled program"
+    entry = text.split("\nENTRY", 1)[1]
     writes = re.findall(r"= (\w+\[[\d,]*\])\S* (?!parameter\(|tuple\(|get-tuple-element\()", entry)
     return sum(1 for shape in writes if not shape.endswith("[]"))
 
 
-def distinct_fusions(compiled) -> int:
+def distinct_fusions(compiled: Compiled) -> int:
     """How many fused computations of the compiled program differ in more than their names.
 
     Two computations count once when their instructions match after every name is replaced by
     its order of first appearance (and metadata dropped): XLA compiles such kernels once.
     """
-    bodies = re.findall(r"\n%?fused\S* \(.*?\) -> .*? \{\n(.*?)\n\}", compiled.as_text(), re.S)
+    text = compiled.as_text()
+    assert text is not None, "the backend gives no text of the compiled program"
+    bodies = re.findall(r"\n%?fused\S* \(.*?\) -> .*? \{\n(.*?)\n\}", text, re.S)
 
     def canonical(body: str) -> str:
         names: dict[str, str] = {}
@@ -189,7 +198,7 @@ def stored_leaf(average, name):
     return average[name]
 
 
-def is_compressed(stored) -> bool:
+def is_compressed(stored: Any) -> bool:
     """Whether a `stored_leaf` holds compressed parts (rather than its dense average)."""
     import rmsprop_jax as rj
 

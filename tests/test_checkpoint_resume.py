@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ pytest.importorskip("flax")
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {},
     "centered_momentum": {"centered": True, "momentum": 0.9},
     "momentum_bias_correction": {"momentum": 0.9, "bias_correction": True},
@@ -444,7 +445,7 @@ def test_a_checkpoint_with_8_bit_mu_names_first_moment_storage_and_restores_with
     bfloat16. Such a checkpoint is refused by a default target, with the option that restores
     it, and restores bit for bit into a target built with that option."""
     params = {"w": jax.random.normal(jax.random.key(1), (64, 128))}
-    options = {"centered": True, "momentum": 0.9, "moment_storage": "int8"}
+    options: dict[str, Any] = {"centered": True, "momentum": 0.9, "moment_storage": "int8"}
     eight_bit = rj.rmsprop(1e-2, first_moment_storage="int8", **options)
     params, state = run(eight_bit, params, eight_bit.init(params), 0, 3)
     manager = rj.checkpoint.open_manager(tmp_path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,7 +98,8 @@ def test_careless_arguments_are_named():
         rj.compat.state_from_example_libraries(init(params), tx, step=-1)
     for step in (2.5, True, "3"):
         with pytest.raises(TypeError, match=r"`step` must be an integer, got " + repr(step)):
-            rj.compat.state_from_example_libraries(init(params), tx, step=step)
+            # Mistyped on purpose.
+            rj.compat.state_from_example_libraries(init(params), tx, step=cast(Any, step))
     _, state = rj.compat.state_from_example_libraries(init(params), tx, step=jnp.int32(3))
     assert int(state[2].count) == 3
     # Parameters of other shapes: zip's "argument 2 is longer than argument 1" before, and

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,7 @@ def keras_trajectory(keras, params, grads, **kwargs):
     """Parameters after each `optimizer.apply` of `keras.optimizers.RMSprop(**kwargs)`."""
     variables = [keras.Variable(p) for p in params]
     optimizer = keras.optimizers.RMSprop(**kwargs)
-    history = [[] for _ in variables]
+    history: list[list[np.ndarray]] = [[] for _ in variables]
     for t in range(len(grads[0])):
         optimizer.apply([g[t] for g in grads], variables)
         for h, variable in zip(history, variables, strict=True):
@@ -93,7 +94,9 @@ def test_jitted_preset_matches_keras_for_100_steps(
 @pytest.mark.conformance
 def test_eager_preset_matches_keras_with_every_option_on(keras):
     params, grads = make_problem(seed=1)
-    kwargs = dict(rho=0.8, epsilon=1e-5, momentum=0.5, centered=True, weight_decay=0.1)
+    kwargs: dict[str, Any] = dict(
+        rho=0.8, epsilon=1e-5, momentum=0.5, centered=True, weight_decay=0.1
+    )
     theirs, ours = rates(keras, scheduled=True)
     reference = keras_trajectory(keras, params, grads, learning_rate=theirs, **kwargs)
     tx = rj.compat.keras_rmsprop(ours, **kwargs)
@@ -121,7 +124,7 @@ def test_gradient_options_match_keras(keras, option):
         grads = [g * np.float32(option["loss_scale_factor"]) for g in grads]
     # A large epsilon makes the step depend on the gradient's scale, so that clipping and
     # loss scaling change the trajectory visibly.
-    plain = dict(epsilon=1.0, momentum=0.9, centered=True, weight_decay=0.01)
+    plain: dict[str, Any] = dict(epsilon=1.0, momentum=0.9, centered=True, weight_decay=0.01)
     theirs, ours = rates(keras, scheduled=True)
     run_keras = (
         keras_jitted_trajectory if "gradient_accumulation_steps" in option else keras_trajectory

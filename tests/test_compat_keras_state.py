@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +35,7 @@ def new_model(keras):
 
 def as_tree(flat):
     """{"sequential/dense/kernel": w, ...} as the nested dict a JAX model would hold."""
-    tree = {}
+    tree: dict[str, Any] = {}
     for path, value in flat.items():
         *scopes, leaf = path.split("/")
         node = tree

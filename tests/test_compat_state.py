@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -281,7 +282,7 @@ def test_an_rmsprop_whose_buffer_holds_scaled_steps_is_refused_in_both_direction
 @pytest.mark.conformance
 def test_a_wrapped_torch_rmsprop_is_still_recognised_and_continues_torch(torch):
     params, grads = make_problem(seed=11)
-    kwargs = dict(momentum=0.9, centered=True)
+    kwargs: dict[str, Any] = dict(momentum=0.9, centered=True)
     tensors = [torch.tensor(p) for p in params]
     optimizer = torch.optim.RMSprop(tensors, lr=LR, **kwargs)
     full = run_torch(torch, optimizer, tensors, grads, range(20))
@@ -376,7 +377,7 @@ def torch_steps(torch, model, optimizer, grads, steps):
 
 def as_tree(flat):
     """{"0.weight": w, ...} as the nested {"0": {"weight": w}, ...} a JAX model would hold."""
-    tree = {}
+    tree: dict[str, dict[str, Any]] = {}
     for name, value in flat.items():
         layer, leaf = name.split(".")
         tree.setdefault(layer, {})[leaf] = value
@@ -385,7 +386,7 @@ def as_tree(flat):
 
 @pytest.mark.conformance
 def test_named_parameter_groups_port_by_name_in_both_directions(torch):
-    kwargs = dict(momentum=0.9, centered=True)
+    kwargs: dict[str, Any] = dict(momentum=0.9, centered=True)
     model, optimizer = named_torch(torch, seed=12, **kwargs)
     rng = np.random.default_rng(12)
     grads = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -84,7 +85,7 @@ def test_jitted_preset_matches_tf1_kernels_for_100_steps(momentum, centered, sch
 
 def test_eager_preset_matches_tf1_kernels_with_every_option_on():
     params, grads = make_problem(seed=1)
-    kwargs = dict(decay=0.8, momentum=0.5, epsilon=1e-4, centered=True)
+    kwargs: dict[str, Any] = dict(decay=0.8, momentum=0.5, epsilon=1e-4, centered=True)
     theirs, ours = rates(scheduled=True)
     reference = tf1_reference(params, grads, theirs, **kwargs)
     tx = rj.compat.tf1_rmsprop(ours, **kwargs)

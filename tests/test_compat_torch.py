@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ def torch_trajectory(torch, params, grads, lr_lambda=None, **kwargs):
     scheduler = (
         None if lr_lambda is None else torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     )
-    history = [[] for _ in tensors]
+    history: list[list[np.ndarray]] = [[] for _ in tensors]
     for t in range(len(grads[0])):
         for tensor, g in zip(tensors, grads, strict=True):
             tensor.grad = torch.tensor(g[t])
@@ -79,7 +80,9 @@ def test_jitted_preset_matches_torch_for_100_steps(
 @pytest.mark.conformance
 def test_eager_preset_matches_torch_with_every_option_on(torch):
     params, grads = make_problem(seed=1)
-    kwargs = dict(alpha=0.9, eps=1e-6, momentum=0.5, centered=True, weight_decay=0.1, maximize=True)
+    kwargs: dict[str, Any] = dict(
+        alpha=0.9, eps=1e-6, momentum=0.5, centered=True, weight_decay=0.1, maximize=True
+    )
     reference = torch_trajectory(torch, params, grads, warmup, lr=LR, **kwargs)
     tx = rj.compat.torch_rmsprop(WARMUP, **kwargs)
     worst = max_error_relative_to_leaf_scale(
@@ -180,7 +183,7 @@ def test_out_of_range_argument_raises_value_error_naming_it(name, value):
 )
 def test_non_boolean_flag_raises_type_error_naming_it(name):
     with pytest.raises(TypeError, match=f"`{name}`"):
-        rj.compat.torch_rmsprop(**{name: "yes"})
+        rj.compat.torch_rmsprop(**{name: cast(Any, "yes")})  # not a `bool`: rejected
 
 
 def test_traced_hyperparameters_are_accepted_under_vmap():

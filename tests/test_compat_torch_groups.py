@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ STEPS, SPLIT = 100, 50
 TOLERANCE = 1e-5
 SHAPES = [(3, 4), (5,), (), (2, 3, 4), (3,)]
 LABELS = [0, 1, 1, 0, 2]  # leaf i belongs to group LABELS[i]
-DEFAULTS = dict(lr=0.01, momentum=0.9)
+DEFAULTS: dict[str, Any] = dict(lr=0.01, momentum=0.9)
 GROUPS = [
     dict(weight_decay=0.01),
     dict(lr=0.05, alpha=0.9, centered=True, momentum=0),

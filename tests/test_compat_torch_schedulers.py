@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -275,11 +276,12 @@ def test_bad_scheduler_arguments_are_named():
 
 def test_careless_scheduler_arguments_are_named_not_left_to_python():
     # Each raised a TypeError or ZeroDivisionError from inside the schedule's construction,
-    # or (`three_phase="no"`) built the three-phase cycle.
+    # or (`three_phase="no"`) built the three-phase cycle. The arguments are mistyped on
+    # purpose (`cast(Any, ...)`).
     with pytest.raises(TypeError, match=r"`milestones` must be a sequence of epochs .* got 3"):
-        C.torch_multi_step_lr(LR, milestones=3)
+        C.torch_multi_step_lr(LR, milestones=cast(Any, 3))
     with pytest.raises(TypeError, match=r"`milestones` must be a sequence of epochs .* got '35'"):
-        C.torch_multi_step_lr(LR, milestones="35")
+        C.torch_multi_step_lr(LR, milestones=cast(Any, "35"))
     with pytest.raises(TypeError, match="`schedules` must be a sequence of schedules"):
         C.torch_sequential_lr(C.torch_step_lr(LR, 2), [])
     with pytest.raises(ValueError, match=r"`div_factor` must be a finite number > 0.*got 0"):
@@ -287,9 +289,9 @@ def test_careless_scheduler_arguments_are_named_not_left_to_python():
     with pytest.raises(ValueError, match="`final_div_factor` must be a finite number > 0"):
         C.torch_one_cycle_lr(0.1, total_steps=10, final_div_factor=0.0)
     with pytest.raises(TypeError, match="`three_phase` must be True or False, got 'no'"):
-        C.torch_one_cycle_lr(0.1, total_steps=10, three_phase="no")
+        C.torch_one_cycle_lr(0.1, total_steps=10, three_phase=cast(Any, "no"))
     with pytest.raises(TypeError, match="`three_phase` must be True or False"):
-        C.torch_one_cycle_momentum(total_steps=10, three_phase=1)
+        C.torch_one_cycle_momentum(total_steps=10, three_phase=cast(Any, 1))
 
 
 @pytest.mark.parametrize("maybe_jit", [lambda f: f, jax.jit], ids=["eager", "jit"])

@@ -9,11 +9,14 @@ buffers, and every donated parameter and state buffer updated in place.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
 from helpers import array_kernels, compile_step
+from jax.stages import Compiled
 
 import rmsprop_jax as rj
 from rmsprop_jax import _jax_compat, transform
@@ -50,9 +53,10 @@ CASES = [
 ]
 
 
-def costs(compiled) -> dict[str, float]:
+def costs(compiled: Compiled) -> dict[str, float]:
     analysis = compiled.cost_analysis()
     memory = compiled.memory_analysis()
+    assert analysis is not None and memory is not None
     outputs = compiled.out_tree.num_leaves
     return {
         "kernels": array_kernels(compiled),
@@ -102,7 +106,7 @@ def test_plain_step_moves_the_minimum_bytes():
     assert 20 * parameters <= measured <= 28 * parameters, measured / parameters
 
 
-def _leaf_update_jaxprs(jaxpr) -> list:
+def _leaf_update_jaxprs(jaxpr: Any) -> list:
     """The jaxprs of the per-leaf updates called by `jaxpr` (its `jit` equations)."""
     found = []
     for eqn in jaxpr.eqns:

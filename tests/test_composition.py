@@ -26,7 +26,7 @@ def test_inject_hyperparams_changes_the_rate_between_steps_without_recompiling()
     params, grads = random_problem({"w": (5,)}, 6, seed=1)
     tx = optax.inject_hyperparams(rj.rmsprop)(learning_rate=0.01)
     state = tx.init(params)
-    traces = []
+    traces: list[None] = []
 
     @jax.jit
     def step(params, state, grad):

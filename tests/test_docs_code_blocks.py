@@ -65,17 +65,17 @@ def test_documents_have_blocks():
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda block: block.name)
-def test_code_block_runs(block: Block, tmp_path, monkeypatch):
+def test_code_block_runs(block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if block.skip_reason is not None:
         assert block.skip_reason, f"{block.name}: say why the block is not run"
         pytest.skip(block.skip_reason)
     tree = ast.parse(block.code, filename=block.name)
     for node in ast.walk(tree):
         # `...` as a statement stands for code the reader cannot run.
-        is_ellipsis = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
-        assert not (is_ellipsis and node.value.value is Ellipsis), (
-            f"{block.name}, line {node.lineno}: `...` in place of code"
-        )
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            assert node.value.value is not Ellipsis, (
+                f"{block.name}, line {node.lineno}: `...` in place of code"
+            )
         if isinstance(node, ast.Import | ast.ImportFrom):
             modules = (
                 [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]

@@ -42,7 +42,7 @@ def test_modules_found():
         for name in MODULES
     ],
 )
-def test_docstring_examples(name: str):
+def test_docstring_examples(name: str) -> None:
     module = importlib.import_module(name)
     finder = doctest.DocTestFinder(exclude_empty=True)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

@@ -35,7 +35,7 @@ def public_objects() -> list[tuple[str, object]]:
         (rj.sharding, SHARDING_NAMES),
         (rj.checkpoint, rj.checkpoint.__all__),
     ]
-    found = []
+    found: list[tuple[str, object]] = []
     for module, names in modules:
         for name in names:
             value = getattr(module, name)
@@ -111,7 +111,9 @@ def test_docstring_has_examples_section(name, value):
 
 @pytest.mark.parametrize("name,value", PUBLIC, ids=IDS)
 def test_docstring_shows_no_raw_markup_in_help(name, value):
-    for text in (inspect.getdoc(value) or "", pydoc.render_doc(value, renderer=pydoc.plaintext)):
+    # typeshed's pydoc stub lacks `plaintext`, the plain-text renderer pydoc defines.
+    plaintext = pydoc.plaintext  # type: ignore[attr-defined]
+    for text in (inspect.getdoc(value) or "", pydoc.render_doc(value, renderer=plaintext)):
         raw = RAW_MARKUP.findall(prose(text))
         assert not raw, f"{name}: help() shows raw markup {sorted(set(raw))}"
 

@@ -15,6 +15,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ellipse.py"
 
 def load_example():
     spec = importlib.util.spec_from_file_location("ellipse_example", EXAMPLE)
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +68,9 @@ def test_packed_updates_equal_unpacked_updates_exactly(max_size, maybe_jit):
     params = mixed_tree(rng)
     grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)]
     grads *= 3
-    settings = dict(centered=True, momentum=0.9, weight_decay=0.01, decoupled_weight_decay=True)
+    settings: dict[str, Any] = dict(
+        centered=True, momentum=0.9, weight_decay=0.01, decoupled_weight_decay=True
+    )
     plain, _ = run_transformation(rj.rmsprop(0.01, **settings), params, grads, maybe_jit)
     packed_tx = rj.pack_small_leaves(rj.rmsprop(0.01, **settings), max_size=max_size)
     packed, _ = run_transformation(packed_tx, params, grads, maybe_jit)
@@ -107,7 +110,8 @@ def test_nothing_small_means_nothing_packed():
 
 def test_many_small_leaves_compile_to_fewer_kernels():
     params = {f"bias{i}": jnp.ones((100,)) for i in range(32)}
-    for settings in ({}, dict(centered=True, momentum=0.9)):
+    cases: tuple[dict[str, Any], ...] = ({}, dict(centered=True, momentum=0.9))
+    for settings in cases:
         per_leaf = array_kernels(compile_step(rj.rmsprop(0.01, **settings), params))
         packed_tx = rj.pack_small_leaves(rj.rmsprop(0.01, **settings))
         packed = array_kernels(compile_step(packed_tx, params))
@@ -125,7 +129,8 @@ def test_same_shaped_packed_leaves_compile_to_one_kernel_whatever_their_number()
     # Each packed leaf is sliced out of its buffer at a start the kernel takes as an argument,
     # so its kernel is the same code as its same-shaped neighbours' and compiles once; with the
     # start written into the code there was one distinct kernel per leaf.
-    for settings in ({}, dict(centered=True, momentum=0.9)):
+    cases: tuple[dict[str, Any], ...] = ({}, dict(centered=True, momentum=0.9))
+    for settings in cases:
         distinct = {}
         for leaves in (64, 256):
             params = {f"bias{i:03d}": jnp.ones((100,)) for i in range(leaves)}
@@ -286,7 +291,7 @@ def test_low_precision_gradients_of_float32_params_give_the_unpacked_updates(
             dtypes = dict.fromkeys(names, grad_dtypes)
         return {name: g.astype(dtypes[name]) for name, g in grad.items()}
 
-    settings = dict(momentum=0.9, centered=True, weight_decay=0.01)
+    settings: dict[str, Any] = dict(momentum=0.9, centered=True, weight_decay=0.01)
     plain_tx = rj.rmsprop(0.01, **settings)
     packed_tx = rj.pack_small_leaves(rj.rmsprop(0.01, **settings), max_size=MAX_SIZE)
     plain_state, packed_state = plain_tx.init(params), packed_tx.init(params)
@@ -345,7 +350,10 @@ def test_a_mask_tree_for_the_unpacked_params_is_refused_not_misapplied():
 
 
 def test_flax_nnx_optimizer_keeps_the_layout_and_the_unpacked_updates():
-    nnx = pytest.importorskip("flax.nnx")
+    if TYPE_CHECKING:
+        from flax import nnx
+    else:
+        nnx = pytest.importorskip("flax.nnx")
 
     class Model(nnx.Module):
         def __init__(self):
@@ -369,7 +377,7 @@ def test_flax_nnx_optimizer_keeps_the_layout_and_the_unpacked_updates():
             step(model, optimizer, jnp.full((2, 4), 0.5 + i))
         return nnx.state(model, nnx.Param), optimizer
 
-    settings = dict(centered=True, momentum=0.9)
+    settings: dict[str, Any] = dict(centered=True, momentum=0.9)
     packed_params, optimizer = train(
         rj.pack_small_leaves(rj.rmsprop(0.01, **settings), max_size=MAX_SIZE)
     )

@@ -23,7 +23,7 @@ shapes = st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)
 
 
 @st.composite
-def configs(draw) -> Config:
+def configs(draw: st.DrawFn) -> Config:
     centered = draw(st.booleans())
     bias_correction = not centered and draw(st.booleans())
     # Centered RMSprop divides by a variance; with a decay near 0 it is a difference of nearly
@@ -46,7 +46,7 @@ def configs(draw) -> Config:
     )
 
 
-def _float16_scalar(steps: int, **config) -> Any:
+def _float16_scalar(steps: int, **config: Any) -> Any:
     """An example of one float16 scalar leaf, seed 0, with `config` (else Config's defaults)."""
     return example(config=Config(**config), leaf_shapes=[()], dtype="float16", seed=0, steps=steps)
 

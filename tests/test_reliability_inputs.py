@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 import rmsprop_jax as rj
 
 FORMATS = ["float32", "bfloat16", "int8", "factored"]
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {},
     "centered": {"centered": True},
     "momentum": {"momentum": 0.9},
@@ -188,7 +190,7 @@ def test_structural_flags_must_be_bools_in_rmsprop(flag, value):
 @pytest.mark.parametrize("flag", ["centered", "eps_in_sqrt", "bias_correction"])
 def test_structural_flags_must_be_bools_in_scale_by_rms(flag):
     with pytest.raises(TypeError, match=f"`{flag}` must be True or False"):
-        rj.scale_by_rms(**{flag: "False"})
+        rj.scale_by_rms(**{flag: cast(Any, "False")})  # not a `bool`
 
 
 def test_unknown_moment_storage_names_the_argument_and_the_choices():

@@ -13,6 +13,7 @@ momentum, bias correction, coupled and decoupled weight decay; automatic shardin
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import jax
 import numpy as np
@@ -108,7 +109,9 @@ def layouts() -> dict:
 def _packing(host_grads: list) -> dict:
     """`rj.pack_small_leaves` on both meshes against plain `rj.rmsprop` on one device."""
     host, specs = layout_params()
-    inner = dict(centered=True, momentum=0.9, weight_decay=1e-2, decoupled_weight_decay=True)
+    inner: dict[str, Any] = dict(
+        centered=True, momentum=0.9, weight_decay=1e-2, decoupled_weight_decay=True
+    )
     on_one = jax.device_put(host, jax.devices()[0])
     grads = [jax.device_put(g, jax.devices()[0]) for g in host_grads]
     reference = _train(rj.rmsprop(1e-2, **inner), on_one, grads)[1:]

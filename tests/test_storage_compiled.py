@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,18 +41,21 @@ PARAMETERS = sum(int(np.prod(shape)) for shape in SHAPES.values())
 TEMPORARY_BYTES_PER_PARAMETER = 0.25
 POINTER_BYTES = 8  # a tuple-valued program's outputs include a table of one pointer each
 
-VARIANTS = {"plain": {}, "centered-momentum": {"centered": True, "momentum": 0.9}}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "centered-momentum": {"centered": True, "momentum": 0.9},
+}
 # Centered with momentum, `mu` kept as 8-bit codes whatever the format of the variance.
-INT8_MU = {"centered": True, "momentum": 0.9, "first_moment_storage": "int8"}
-INT8_VARIANTS = {**VARIANTS, "centered-momentum-int8-mu": INT8_MU}
+INT8_MU: dict[str, Any] = {"centered": True, "momentum": 0.9, "first_moment_storage": "int8"}
+INT8_VARIANTS: dict[str, dict[str, Any]] = {**VARIANTS, "centered-momentum-int8-mu": INT8_MU}
 FORMATS = ["float32", "bfloat16", "int8", "factored"]
 
 
-def _memory(moment_storage: str, options: dict):
+def _memory(moment_storage: str, options: dict[str, Any]) -> tuple[Any, int]:
     return _compiled_memory(rj.rmsprop(1e-3, moment_storage=moment_storage, **options))
 
 
-def _compiled_memory(tx: optax.GradientTransformation):
+def _compiled_memory(tx: optax.GradientTransformation) -> tuple[Any, int]:
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
@@ -136,7 +140,7 @@ def test_compressed_step_peak_is_below_the_float32_step_peak(moment_storage, var
 # written to memory (see rmsprop_jax._recomputed_steps). A gradient negated or decayed before
 # the preconditioner is computed by it, in each of its readers, where it is read behind an
 # optimization barrier (the factored statistics, a compressed centered state's `mu`).
-OTHER_VARIANTS = {
+OTHER_VARIANTS: dict[str, dict[str, Any]] = {
     "centered": {"centered": True},
     "momentum": {"momentum": 0.9},
     "nesterov": {"momentum": 0.9, "nesterov": True},
@@ -223,6 +227,7 @@ def test_int8_step_divides_by_the_codes_written_not_a_recomputation(variant):
 
     state = jax.eval_shape(tx.init, params)
     text = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text()
+    assert text is not None
     entry = text[text.index("\nENTRY") :].splitlines()
     dims = ",".join(map(str, shape))
     definitions = {}
@@ -250,6 +255,7 @@ def test_int8_centered_variance_and_8_bit_mu_share_one_block_reduction():
     shape = (2048, 512)
     tx = rj.rmsprop(1e-3, moment_storage="int8", **INT8_MU)
     text = compile_step(tx, {"w": jnp.ones(shape)}).as_text()
+    assert text is not None
     entry = text[text.index("\nENTRY") :]
     reductions = re.findall(rf"= \((?:\w+\[{shape[0]},{shape[1] // 256}\]\S*,? ?)+\) fusion", entry)
     assert len(reductions) == 1, reductions
@@ -269,6 +275,7 @@ def test_int8_leaf_kernels_read_the_block_scales_rather_than_recompute_them(vari
     blocks = (shape[0], shape[1] // 256)
     tx = rj.rmsprop(1e-3, moment_storage="int8", **INT8_VARIANTS[variant])
     text = compile_step(tx, {"w": jnp.ones(shape)}).as_text()
+    assert text is not None
     computations = re.findall(r"\n%?(fused\S*) \(.*?\) -> (\S+) \{\n(.*?)\n\}", text, re.S)
     leaf_kernels = [
         (name, body)

@@ -3,6 +3,8 @@ exactly where it is, and one element's non-finite gradient never reaches another
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 import rmsprop_jax as rj
 
 FORMATS = ["bfloat16", "int8", "factored"]
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {},
     "centered": {"centered": True},
     "momentum": {"momentum": 0.9},
@@ -40,7 +42,9 @@ def _gradients(seed: int, bad_value: float | None) -> list[dict[str, np.ndarray]
     return steps
 
 
-def _updates(moment_storage: str, variant: str, grads) -> list[dict[str, np.ndarray]]:
+def _updates(
+    moment_storage: str, variant: str, grads: list[dict[str, np.ndarray]]
+) -> list[dict[str, np.ndarray]]:
     tx = rj.rmsprop(0.1, moment_storage=moment_storage, **VARIANTS[variant])
     params = {k: jnp.ones(s) for k, s in SHAPES.items()}
     state, update, out = tx.init(params), jax.jit(tx.update), []

@@ -6,6 +6,8 @@ optax.inject_hyperparams, optax.apply_if_finite, optax.MultiSteps and jax.vmap.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,9 +17,15 @@ import pytest
 import rmsprop_jax as rj
 
 FORMATS = ["float32", "bfloat16", "int8", "factored"]
-VARIANTS = {"plain": {}, "centered_momentum": {"centered": True, "momentum": 0.9}}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "centered_momentum": {"centered": True, "momentum": 0.9},
+}
 
-nnx = pytest.importorskip("flax.nnx")
+if TYPE_CHECKING:
+    from flax import nnx
+else:
+    nnx = pytest.importorskip("flax.nnx")
 
 
 class _Model(nnx.Module):
@@ -106,7 +114,10 @@ def test_nnx_optimizer_state_round_trips_through_an_orbax_checkpoint(moment_stor
 
 @pytest.mark.parametrize("moment_storage", FORMATS)
 def test_linen_train_state_trains(moment_storage):
-    linen = pytest.importorskip("flax.linen")
+    if TYPE_CHECKING:
+        from flax import linen
+    else:
+        linen = pytest.importorskip("flax.linen")
     train_state = pytest.importorskip("flax.training.train_state")
 
     class Dense(linen.Module):

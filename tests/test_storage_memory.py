@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +22,7 @@ def _transformer_shapes(layers: int = 2, d_model: int = 512, d_ff: int = 2048) -
             "bias": jax.ShapeDtypeStruct((fan_out,), jnp.float32),
         }
 
-    params = {"embed": jax.ShapeDtypeStruct((4096, d_model), jnp.float32)}
+    params: dict[str, Any] = {"embed": jax.ShapeDtypeStruct((4096, d_model), jnp.float32)}
     for i in range(layers):
         block = {name: dense(d_model, d_model) for name in ("q", "k", "v", "o")}
         block["mlp_in"], block["mlp_out"] = dense(d_model, d_ff), dense(d_ff, d_model)
@@ -70,8 +72,9 @@ def _optimizers_and_their_parameters():
     real = {"w": jnp.ones((256, 300)), "b": jnp.zeros(4)}
     with_complex = {**real, "c": jnp.ones((3, 2), jnp.complex64)}
     cases = []
+    variants: tuple[dict[str, Any], ...] = ({}, {"centered": True, "momentum": 0.9})
     for fmt in ("float32", "bfloat16", "int8", "factored"):
-        for options in ({}, {"centered": True, "momentum": 0.9}):
+        for options in variants:
             tx = rj.rmsprop(1e-3, moment_storage=fmt, **options)
             cases += [(f"{fmt} {options}", tx, real)]
             cases += [(f"packed {fmt} {options}", rj.pack_small_leaves(tx), real)]

@@ -12,6 +12,8 @@ column would not be.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,14 +32,14 @@ INT8_SHAPES = {"odd_rows": (1000, 384)}
 EXTREMES = [np.nan, np.inf, -np.inf, 1e38, 1.5e19]
 ROUNDING_ALLOWANCE = 1e-4
 ROUNDED_STEP = 0.07  # half an int8 level (12.5%), and more than bfloat16's 2**-8
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {},
     "centered": {"centered": True},
     "centered_no_memory": {"centered": True, "decay": 0.0},
 }
 
 
-def _gradients(shapes: dict, seed: int) -> list[dict[str, np.ndarray]]:
+def _gradients(shapes: dict[str, tuple[int, ...]], seed: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     steps = [
         {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(3)
@@ -49,7 +51,12 @@ def _gradients(shapes: dict, seed: int) -> list[dict[str, np.ndarray]]:
     return steps
 
 
-def _run(moment_storage: str, options: dict, grads, maybe_jit):
+def _run(
+    moment_storage: str,
+    options: dict[str, Any],
+    grads: list[dict[str, np.ndarray]],
+    maybe_jit: Callable[..., Any],
+) -> list[tuple[Any, Any]]:
     tx = rj.scale_by_rms(moment_storage=moment_storage, **options)
     state = tx.init(jax.tree.map(jnp.asarray, grads[0]))
     update = maybe_jit(tx.update)
@@ -60,7 +67,9 @@ def _run(moment_storage: str, options: dict, grads, maybe_jit):
     return out
 
 
-def _assert_same(chunked, one_pass, rtol: float) -> None:
+def _assert_same(
+    chunked: list[tuple[Any, Any]], one_pass: list[tuple[Any, Any]], rtol: float
+) -> None:
     """Equal non-finite entries, float32 arrays within `rtol`, and rounded stored arrays
     (bfloat16, int8 codes) equal but for a few elements one rounding step away: an eager
     one-pass update rounds each operation apart, where the compiled one may fuse a multiply
@@ -151,7 +160,9 @@ def test_fused_sums_do_not_write_the_summed_array():
     g = jax.ShapeDtypeStruct((1024, 1024), jnp.float32)
     compiled = jax.jit(lambda g: _rows.fused_sums(lambda g: g * g, g)).lower(g).compile()
     # Two sums of 1024 floats each, and no 4 MiB square.
-    assert compiled.memory_analysis().temp_size_in_bytes < 64 * 1024
+    memory = compiled.memory_analysis()
+    assert memory is not None
+    assert memory.temp_size_in_bytes < 64 * 1024
     x = np.random.default_rng(0).normal(size=(1024, 1024)).astype(np.float32)
     rows, cols = compiled(jnp.asarray(x))
     np.testing.assert_allclose(rows, np.sum(np.float64(x) ** 2, axis=-1), rtol=1e-5)
@@ -171,7 +182,9 @@ def test_fused_sums_of_a_gradient_and_a_bfloat16_moment_write_nothing_whole():
         return _rows.fused_sums(lambda g, mu: (g - mu.astype(jnp.float32)) ** 2, g, mu)
 
     compiled = jax.jit(spread_sums).lower(*shapes).compile()
-    assert compiled.memory_analysis().temp_size_in_bytes < 64 * 1024
+    memory = compiled.memory_analysis()
+    assert memory is not None
+    assert memory.temp_size_in_bytes < 64 * 1024
     rng = np.random.default_rng(1)
     g = rng.normal(size=(1024, 512)).astype(np.float32)
     mu = jnp.asarray(rng.normal(size=(1024, 512)), jnp.bfloat16)
@@ -271,6 +284,7 @@ def test_unless_keeps_the_counted_means_in_its_loop():
     for program, args in zip(programs, (one, two), strict=True):
         compiled = program.lower(*args).compile()
         text = compiled.as_text()
+        assert text is not None
         entry = text[text.index("\nENTRY") :]
         entry = entry[: entry.index("\n}")]
         assert "while(" in entry
@@ -280,7 +294,9 @@ def test_unless_keeps_the_counted_means_in_its_loop():
         elements = int(np.prod(args[0].shape))
         bound = elements if args is one else 3 * elements
         if _rows.sums_fuse():  # Older XLA:CPU writes the sums' x whole (not used there).
-            assert compiled.memory_analysis().temp_size_in_bytes < bound, args[0].shape
+            memory = compiled.memory_analysis()
+            assert memory is not None
+            assert memory.temp_size_in_bytes < bound, args[0].shape
 
 
 def test_factored_sum_that_overflows_takes_the_chunks(maybe_jit, monkeypatch):

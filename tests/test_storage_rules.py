@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -10,13 +11,14 @@ import numpy as np
 import optax
 import pytest
 from helpers import is_compressed, second_moment_field, stored_leaf
+from jax.typing import DTypeLike
 
 import rmsprop_jax as rj
 
 FORMATS = ["bfloat16", "int8", "factored"]
 
 # Variants in which a gradient that was always zero must give an exactly zero update.
-ZERO_GRADIENT_VARIANTS = {
+ZERO_GRADIENT_VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {},
     "eps_in_sqrt": {"eps_in_sqrt": True},
     "initial_scale": {"initial_scale": 1.0},
@@ -28,7 +30,7 @@ ZERO_GRADIENT_VARIANTS = {
 }
 
 
-def _params(dtype=jnp.float32) -> dict[str, jax.Array]:
+def _params(dtype: DTypeLike = jnp.float32) -> dict[str, jax.Array]:
     """A matrix that every format compresses, one too small for int8, one never updated."""
     rng = np.random.default_rng(0)
     return {
@@ -38,7 +40,7 @@ def _params(dtype=jnp.float32) -> dict[str, jax.Array]:
     }
 
 
-def _zero_mask(params) -> dict[str, np.ndarray]:
+def _zero_mask(params: dict[str, jax.Array]) -> dict[str, np.ndarray]:
     """Where the gradient is always zero: scattered entries, a whole row and column, a leaf."""
     rng = np.random.default_rng(1)
     mask = {name: rng.random(np.shape(p)) < 0.3 for name, p in params.items()}
@@ -48,7 +50,9 @@ def _zero_mask(params) -> dict[str, np.ndarray]:
     return mask
 
 
-def _gradients(params, seed: int, steps: int = 3) -> list[dict[str, jax.Array]]:
+def _gradients(
+    params: dict[str, jax.Array], seed: int, steps: int = 3
+) -> list[dict[str, jax.Array]]:
     """`steps` normal gradients of `params`, zero where `_zero_mask` says."""
     mask = _zero_mask(params)
     rng = np.random.default_rng(seed)
@@ -61,7 +65,12 @@ def _gradients(params, seed: int, steps: int = 3) -> list[dict[str, jax.Array]]:
     ]
 
 
-def _trajectory(tx, update, params, grads) -> tuple[list[Any], list[Any]]:
+def _trajectory(
+    tx: optax.GradientTransformation,
+    update: Callable[..., Any],
+    params: Any,
+    grads: Sequence[Any],
+) -> tuple[list[Any], list[Any]]:
     """The updates `update` (`tx.update`, or it jitted) gives for `grads` from `tx.init`, each
     applied, and the leaves of the last state."""
     state, steps = tx.init(params), []
@@ -72,7 +81,14 @@ def _trajectory(tx, update, params, grads) -> tuple[list[Any], list[Any]]:
     return steps, jax.tree.leaves(state)
 
 
-def _check_trajectory(tx, params, grads, expected, *, jitted: bool) -> None:
+def _check_trajectory(
+    tx: optax.GradientTransformation,
+    params: Any,
+    grads: Sequence[Any],
+    expected: tuple[list[Any], list[Any]],
+    *,
+    jitted: bool,
+) -> None:
     """`tx`'s eager trajectory is `expected` bit for bit, and (where `jitted`) its jitted one
     is to rounding: XLA fuses two programs of the same arithmetic differently."""
     eager = _trajectory(tx, tx.update, params, grads)
@@ -120,7 +136,7 @@ def _run_steps(tx, params, grad_fn, steps):
     return run(params)
 
 
-MAXIMIZE_VARIANTS = {
+MAXIMIZE_VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {},
     "eps_0": {"eps": 0.0},
     "momentum": {"momentum": 0.9},
@@ -140,7 +156,7 @@ def test_maximize_gives_the_state_and_updates_of_the_negated_gradient(moment_sto
     where the state holds no sign of g): bit for bit eagerly, so states saved before that
     choice resume the same; under jit, to rounding, as XLA fuses the two programs
     differently (it did so before the choice too, for the centered variants)."""
-    options = {"learning_rate": 0.1, **MAXIMIZE_VARIANTS[variant]}
+    options: dict[str, Any] = {"learning_rate": 0.1, **MAXIMIZE_VARIANTS[variant]}
     ascent = rj.rmsprop(maximize=True, moment_storage=moment_storage, **options)
     descent = rj.rmsprop(moment_storage=moment_storage, **options)
     params = _params()
@@ -438,7 +454,7 @@ def test_compressed_leaves_have_the_format_dtypes(
         centered=True, moment_storage=moment_storage, first_moment_storage=first_moment_storage
     ).init(_params())
     stored_nu = state.variance if hasattr(state, "variance") else state.nu
-    leaf = lambda stored: getattr(stored, "codes", stored)  # noqa: E731
+    leaf: Callable[[Any], Any] = lambda stored: getattr(stored, "codes", stored)  # noqa: E731
     assert leaf(stored_leaf(stored_nu, "matrix")).dtype == nu_dtype
     assert leaf(stored_leaf(state.mu, "matrix")).dtype == mu_dtype
 
@@ -466,7 +482,7 @@ def test_unknown_storage_format_is_rejected_with_its_name():
     with pytest.raises(ValueError, match="int4"):
         rj.rmsprop(0.1, moment_storage="int4")
     with pytest.raises(ValueError, match="moment_storage"):
-        rj.scale_by_rms(moment_storage=None)
+        rj.scale_by_rms(moment_storage=cast(Any, None))  # not a `str`: rejected
 
 
 @pytest.mark.parametrize("moment_storage", FORMATS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import jax
 import numpy as np
@@ -76,7 +77,7 @@ def test_sharded_states_follow_their_parameters_and_equal_the_unsharded_run():
 
     # Centered with momentum; and with L2 weight decay on the matrices, which the
     # preconditioner computes from the gradient and the parameters in each of its readers.
-    variants = [
+    variants: list[dict[str, Any]] = [
         {"momentum": 0.9},
         {"weight_decay": 0.01, "weight_decay_mask": {k: len(s) > 1 for k, (s, _) in SPECS.items()}},
     ]
@@ -91,11 +92,13 @@ def test_sharded_states_follow_their_parameters_and_equal_the_unsharded_run():
         sharded_grads = [jax.device_put(g, shardings) for g in grads]
         state = tx.init(params)
         check_placement(mesh, state[2], moment_storage)
-        jitted = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, sharded_grads[0])
-        jitted = jitted.compile()
+        jitted = (
+            jax.jit(step, donate_argnums=(0, 1)).lower(params, state, sharded_grads[0]).compile()
+        )
         if moment_storage != "factored":
             # Blocks within shards: the update needs no communication at all.
             hlo = jitted.as_text()
+            assert hlo is not None
             for collective in ("all-reduce", "all-gather", "all-to-all", "collective-permute"):
                 assert collective not in hlo, (moment_storage, collective)
         for g in sharded_grads:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ from helpers import is_compressed, stored_leaf
 
 import rmsprop_jax as rj
 
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {},
     "eps_in_sqrt": {"eps_in_sqrt": True},
     "initial_scale": {"initial_scale": 1.0},
@@ -26,7 +28,7 @@ STEPS = 20
 LEARNING_RATE = 3e-3
 
 
-def _general_quadratic(seed: int):
+def _general_quadratic(seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """0.5 * sum(a * p**2) with curvatures a in [0.1, 10], started in [1, 2], far from 0."""
     rng = np.random.default_rng(seed)
     shapes = {"matrix": (128, 256), "vector": (256,)}
@@ -35,7 +37,9 @@ def _general_quadratic(seed: int):
     return curvature, start
 
 
-def _rank_one_quadratic(seed: int, variant: dict):
+def _rank_one_quadratic(
+    seed: int, variant: dict[str, Any]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Curvature r c^T and a uniform start: in exact arithmetic every squared gradient is then
     rank one, and so is their average, which the factored estimator reproduces exactly.
 
@@ -72,7 +76,11 @@ def _trajectory(moment_storage, variant, curvature, start, transform_fn, **optio
     return trajectory
 
 
-def _deviation(trajectory, reference, start) -> float:
+def _deviation(
+    trajectory: list[dict[str, np.ndarray]],
+    reference: list[dict[str, np.ndarray]],
+    start: dict[str, np.ndarray],
+) -> float:
     """Largest distance from the float32 trajectory, as a fraction of the float32 travel."""
     travel = max(np.max(np.abs(reference[-1][k] - start[k])) for k in start)
     return (
@@ -142,7 +150,7 @@ def test_int8_first_moment_storage_keeps_the_8_bit_mu_of_earlier_versions(maybe_
     beside the variance's): its trajectory tracks float32's within int8's tolerance, and is
     not the default's (μ in bfloat16)."""
     curvature, start = _general_quadratic(seed=8)
-    options = {"centered": True, "momentum": 0.9}
+    options: dict[str, Any] = {"centered": True, "momentum": 0.9}
     tx = rj.rmsprop(LEARNING_RATE, moment_storage="int8", first_moment_storage="int8", **options)
     state = tx.init({k: jnp.asarray(v, jnp.float32) for k, v in start.items()})
     preconditioner = state[2]
@@ -206,7 +214,12 @@ def test_factored_preconditioner_matches_a_float64_reference(options, maybe_jit)
         for _ in range(6)
     ]
     grads[2]["matrix"][:, :5] = 0.0
-    settings = {"decay": 0.9, "eps": 1e-8, "eps_in_sqrt": False, "initial_scale": 0.0}
+    settings: dict[str, Any] = {
+        "decay": 0.9,
+        "eps": 1e-8,
+        "eps_in_sqrt": False,
+        "initial_scale": 0.0,
+    }
     settings.update({"bias_correction": False}, **options)
     tx = rj.scale_by_rms(**settings, moment_storage="factored")
     update = maybe_jit(tx.update)

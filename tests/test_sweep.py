@@ -6,6 +6,7 @@ import importlib.util
 import json
 import re
 from pathlib import Path
+from typing import Any, cast
 
 import jax
 import jax.extend.core
@@ -450,7 +451,7 @@ def test_grid_keeps_the_extremes_of_int32_and_float32_exactly():
 def test_building_the_optimizer_from_the_whole_grid_checks_every_value():
     # Inside `train` the values are traced and cannot be checked, so check them up front.
     with pytest.raises(ValueError, match="`decay` must lie in"):
-        rj.rmsprop(**rj.sweep.grid(learning_rate=[0.1], decay=[0.9, 1.5]))
+        rj.rmsprop(**cast(dict[str, Any], rj.sweep.grid(learning_rate=[0.1], decay=[0.9, 1.5])))
 
 
 def quadratic_train(learning_rate, decay):
@@ -510,7 +511,7 @@ def test_config_refuses_an_index_outside_the_sweep_instead_of_clamping():
     for index in (3, -4, 100):
         with pytest.raises(IndexError, match=f"`index` {index} is out of range .* 3 config"):
             result.config(index)
-    for index in (1.0, True, "0"):
+    for index in cast(tuple[Any, ...], (1.0, True, "0")):  # mistyped on purpose
         with pytest.raises(TypeError, match=f"`index` must be an integer, got {index!r}"):
             result.config(index)
 
@@ -543,10 +544,10 @@ def test_run_refuses_hyperparameters_that_are_not_a_mapping_of_names(hyperparame
 
 def test_flags_of_grid_and_run_must_be_bools_and_devices_not_empty():
     with pytest.raises(TypeError, match="`product` must be True or False, got 'no'"):
-        rj.sweep.grid(product="no", a=[1.0, 2.0], b=[3.0, 4.0])
+        rj.sweep.grid(product=cast(Any, "no"), a=[1.0, 2.0], b=[3.0, 4.0])  # not a `bool`
     grid = rj.sweep.grid(lr=[1.0, 2.0])
     with pytest.raises(TypeError, match="`shard` must be True or False, got 'False'"):
-        rj.sweep.run(lambda lr: {"y": lr}, grid, shard="False")
+        rj.sweep.run(lambda lr: {"y": lr}, grid, shard=cast(Any, "False"))  # not a `bool`
     with pytest.raises(ValueError, match="`devices` is empty"):
         rj.sweep.run(lambda lr: {"y": lr}, grid, shard=True, devices=[])
 
@@ -613,6 +614,7 @@ def test_digits_sweep_example_writes_heatmap_and_names_the_best_configuration(
     path = Path(__file__).resolve().parents[1] / "examples" / "sweep_digits.py"
     monkeypatch.syspath_prepend(str(path.parent))  # the examples import their shared modules
     spec = importlib.util.spec_from_file_location("sweep_digits_example", path)
+    assert spec is not None and spec.loader is not None
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     summary = example.main(["--out", str(tmp_path), "--epochs", "2", "--epochs-per-chunk", "1"])

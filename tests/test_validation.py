@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,7 +95,7 @@ def test_traced_hyperparameters_are_not_checked_and_work_under_jit():
     np.testing.assert_allclose(updates["w"], -0.1 / np.sqrt(0.1), rtol=1e-5)
 
 
-SCALAR_HYPERPARAMETERS = (
+SCALAR_HYPERPARAMETERS: list[tuple[Callable[..., Any], dict[str, Any], str]] = (
     [
         (rj.rmsprop, {"learning_rate": 0.1, "momentum": 0.9}, name)
         for name in ("learning_rate", "decay", "eps", "initial_scale", "momentum", "weight_decay")
