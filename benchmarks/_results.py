@@ -86,6 +86,16 @@ def missing_contenders(module: str) -> str | None:
     )
 
 
-def announce(duration: str) -> None:
+def announce(
+    name: str, quick: bool, full_duration: str, quick_duration: str, *, whole: str = "full run"
+) -> None:
     """The first line of every benchmark: what the run will cost."""
-    print(f"{duration} Cores are assumed idle: other work slows every contender.", flush=True)
+    duration = (
+        f"{quick_duration} (--quick)."
+        if quick
+        else f"the {whole} takes {full_duration} (--quick: {quick_duration})."
+    )
+    print(
+        f"{name}: {duration} Cores are assumed idle: other work slows every contender.",
+        flush=True,
+    )

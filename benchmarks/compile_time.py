@@ -121,11 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     check_output_flags(parser, args)
     if any(count < 1 for count in args.leaves):
         parser.error(f"--leaves must be positive, got {args.leaves}")
-    announce(
-        f"compile_time: {QUICK_DURATION} (--quick)."
-        if args.quick
-        else f"compile_time: the full run takes {FULL_DURATION} (--quick: {QUICK_DURATION})."
-    )
+    announce("compile_time", args.quick, FULL_DURATION, QUICK_DURATION)
     leaf_counts, attempts = (QUICK_LEAF_COUNTS, 1) if args.quick else (tuple(args.leaves), ATTEMPTS)
     rows = measure(leaf_counts, attempts)
     print_table(rows)

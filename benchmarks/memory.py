@@ -479,11 +479,7 @@ def main(argv: list[str] | None = None) -> None:
     compiler_options = dict(args.xla_option) or None
     if compiler_options:
         print(f"XLA options of the update and training steps: {compiler_options}", flush=True)
-    announce(
-        f"memory: {QUICK_DURATION} (--quick)."
-        if args.quick
-        else f"memory: the full run takes {FULL_DURATION} (--quick: {QUICK_DURATION})."
-    )
+    announce("memory", args.quick, FULL_DURATION, QUICK_DURATION)
     repeats, seeds = (2, [0]) if args.quick else (args.repeats, [0, 1, 2])
     memory = measure_memory()
     update = measure_update_step(repeats, args.steps, compiler_options)

@@ -330,11 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     add_output_flags(parser)
     args = parser.parse_args(argv)
     check_output_flags(parser, args)
-    announce(
-        f"reductions: {QUICK_DURATION} (--quick)."
-        if args.quick
-        else f"reductions: the full run takes {FULL_DURATION} (--quick: {QUICK_DURATION})."
-    )
+    announce("reductions", args.quick, FULL_DURATION, QUICK_DURATION)
     repeats = 3 if args.quick else args.repeats
     steps = measure_steps(repeats, args.steps)
     leaf = measure_leaf(repeats, args.steps)

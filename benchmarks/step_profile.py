@@ -297,11 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     add_output_flags(parser)
     args = parser.parse_args(argv)
     check_output_flags(parser, args)
-    announce(
-        f"step_profile: {QUICK_DURATION} (--quick)."
-        if args.quick
-        else f"step_profile: the full run takes {FULL_DURATION} (--quick: {QUICK_DURATION})."
-    )
+    announce("step_profile", args.quick, FULL_DURATION, QUICK_DURATION)
     repeats, profiled_rounds, profiled_steps = (
         (3, 2, 2) if args.quick else (args.repeats, args.profiled_rounds, args.profiled_steps)
     )

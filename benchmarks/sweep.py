@@ -131,11 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check_output_flags(parser, args)
     if args.quick:
         args.hidden, args.repeats = [4, 32], 3
-    announce(
-        f"sweep: {QUICK_DURATION} (--quick)."
-        if args.quick
-        else f"sweep: the full run takes {FULL_DURATION} (--quick: {QUICK_DURATION})."
-    )
+    announce("sweep", args.quick, FULL_DURATION, QUICK_DURATION)
 
     digits = load_digits()
     x = jnp.asarray(digits.data / 16.0, jnp.float32)

@@ -479,11 +479,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     check_output_flags(parser, args)
     if args.quick:
         args.sizes, args.leaves, args.repeats = QUICK_SIZES, QUICK_LEAVES, QUICK_REPEATS
-    announce(
-        f"update_step: {QUICK_DURATION} (--quick)."
-        if args.quick
-        else f"update_step: the full grid takes {FULL_DURATION} (--quick: {QUICK_DURATION})."
-    )
+    announce("update_step", args.quick, FULL_DURATION, QUICK_DURATION, whole="full grid")
     skipped = {}
     with_torch = not args.no_torch
     note = missing_contenders("torch") if with_torch else None

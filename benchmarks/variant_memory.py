@@ -148,11 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     add_output_flags(parser)
     args = parser.parse_args(argv)
     check_output_flags(parser, args)
-    announce(
-        f"variant_memory: {QUICK_DURATION} (--quick)."
-        if args.quick
-        else f"variant_memory: the full run takes {FULL_DURATION} (--quick: {QUICK_DURATION})."
-    )
+    announce("variant_memory", args.quick, FULL_DURATION, QUICK_DURATION)
     rows = measure(QUICK_VARIANTS if args.quick else tuple(VARIANTS), args.repeats, args.steps)
     print_table(rows)
     timing = {"repeats": args.repeats, "steps_per_repeat": args.steps}

@@ -64,6 +64,19 @@ def test_help_says_how_long_the_full_and_quick_runs_take(script, capsys):
     assert re.search(r"--quick takes (about \d+|under a) minute", text), text
 
 
+def test_every_run_first_says_what_it_will_cost(capsys):
+    results = benchmark("_results")
+    results.announce("memory", False, "about 3 minutes", "about 2 minutes")
+    results.announce("memory", True, "about 3 minutes", "about 2 minutes")
+    results.announce("update_step", False, "about 20 minutes", "about 3", whole="full grid")
+    idle = " Cores are assumed idle: other work slows every contender."
+    assert capsys.readouterr().out.splitlines() == [
+        "memory: the full run takes about 3 minutes (--quick: about 2 minutes)." + idle,
+        "memory: about 2 minutes (--quick)." + idle,
+        "update_step: the full grid takes about 20 minutes (--quick: about 3)." + idle,
+    ]
+
+
 def test_missing_pytorch_is_reported_with_the_extra_that_installs_it(monkeypatch):
     results = benchmark("_results")
     monkeypatch.setattr(results.importlib.util, "find_spec", lambda name: None)
