@@ -164,10 +164,10 @@ def stage_states_checked(
 ) -> optax.GradientTransformationExtraArgs:
     """`chain` (whose state is a tuple of `stages` stage states), whose `update` refuses
     anything else (another optimizer's state, optax's error not saying which; a list of stage
-    states, as a restore without a target gives), and a tuple
-    with a stage state of another type: the state of another configuration (momentum or
-    none, a schedule or a constant rate, a mask or none), which the stage would fail on with
-    an `AttributeError`, or, for an `optax.identity` given a buffer, carry along unused. The
+    states, as a restore without a target gives), and a tuple with a stage state of another
+    type: the state of another configuration (momentum or none, a schedule or a constant rate,
+    a mask or none), which the stage would fail on with an `AttributeError`, or, for an
+    `optax.identity` given a buffer, carry along unused. The
     types are those `chain.init` gives for parameters of the tree structure of the update's
     (found once per structure, from shapes only; where that fails, a mask function reading
     values say, from the update's own parameters when they are concrete, in an eager update;
