@@ -51,6 +51,14 @@ def check_output_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error("--update-results replaces the committed full results: run without --quick")
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`argv` parsed by a benchmark's `parser` with the output flags added and checked."""
+    add_output_flags(parser)
+    args = parser.parse_args(argv)
+    check_output_flags(parser, args)
+    return args
+
+
 def output_path(name: str, platform: str, args: argparse.Namespace) -> Path:
     """The committed file with --update-results, otherwise a new file in args.out."""
     if args.update_results:

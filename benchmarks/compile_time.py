@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from _machine import describe_machine
-from _results import add_output_flags, announce, check_output_flags, new_parser, write_results
+from _results import announce, new_parser, parse_args, write_results
 from memory import update_step
 
 import rmsprop_jax as rj
@@ -116,9 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--leaves", type=int, nargs="+", default=list(LEAF_COUNTS), help="leaf counts to compile"
     )
-    add_output_flags(parser)
-    args = parser.parse_args(argv)
-    check_output_flags(parser, args)
+    args = parse_args(parser, argv)
     if any(count < 1 for count in args.leaves):
         parser.error(f"--leaves must be positive, got {args.leaves}")
     announce("compile_time", args.quick, FULL_DURATION, QUICK_DURATION)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _machine import describe_machine
-from _results import add_output_flags, announce, check_output_flags, new_parser, write_results
+from _results import announce, new_parser, parse_args, write_results
 
 import rmsprop_jax as rj
 
@@ -471,9 +471,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="NAME=VALUE",
         help="compile the update and training steps with this XLA option (repeatable)",
     )
-    add_output_flags(parser)
-    args = parser.parse_args(argv)
-    check_output_flags(parser, args)
+    args = parse_args(parser, argv)
     if args.xla_option and args.update_results:
         parser.error("--update-results records XLA's default compilation: run without --xla-option")
     compiler_options = dict(args.xla_option) or None

@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from _machine import describe_machine
-from _results import add_output_flags, announce, check_output_flags, new_parser, write_results
+from _results import announce, new_parser, parse_args, write_results
 from jax import lax
 from memory import VARIANTS, compiled_update_step, interleaved_times, step_timing, the_tree
 from memory_table import split_by_float32_speed
@@ -327,9 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="3 rounds of each measurement")
     parser.add_argument("--repeats", type=int, default=15, help="rounds (default 15)")
     parser.add_argument("--steps", type=int, default=5, help="steps or calls per round")
-    add_output_flags(parser)
-    args = parser.parse_args(argv)
-    check_output_flags(parser, args)
+    args = parse_args(parser, argv)
     announce("reductions", args.quick, FULL_DURATION, QUICK_DURATION)
     repeats = 3 if args.quick else args.repeats
     steps = measure_steps(repeats, args.steps)

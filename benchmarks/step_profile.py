@@ -32,7 +32,7 @@ from typing import Any
 
 import jax
 from _machine import describe_machine
-from _results import add_output_flags, announce, check_output_flags, new_parser, write_results
+from _results import announce, new_parser, parse_args, write_results
 from memory import (
     FORMATS,
     VARIANTS,
@@ -294,9 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         "--profiled-rounds", type=int, default=5, help="rounds run under the profiler"
     )
     parser.add_argument("--profiled-steps", type=int, default=2, help="steps per profiled round")
-    add_output_flags(parser)
-    args = parser.parse_args(argv)
-    check_output_flags(parser, args)
+    args = parse_args(parser, argv)
     announce("step_profile", args.quick, FULL_DURATION, QUICK_DURATION)
     repeats, profiled_rounds, profiled_steps = (
         (3, 2, 2) if args.quick else (args.repeats, args.profiled_rounds, args.profiled_steps)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _machine import describe_machine
-from _results import add_output_flags, announce, check_output_flags, new_parser, write_results
+from _results import announce, new_parser, parse_args, write_results
 from sklearn.datasets import load_digits
 
 import rmsprop_jax as rj
@@ -126,9 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=300, help="training steps of every run")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs of each")
     parser.add_argument("--quick", action="store_true", help="hidden sizes 4 and 32, 3 repeats")
-    add_output_flags(parser)
-    args = parser.parse_args(argv)
-    check_output_flags(parser, args)
+    args = parse_args(parser, argv)
     if args.quick:
         args.hidden, args.repeats = [4, 32], 3
     announce("sweep", args.quick, FULL_DURATION, QUICK_DURATION)

@@ -37,11 +37,10 @@ import numpy as np
 import optax
 from _machine import describe_machine
 from _results import (
-    add_output_flags,
     announce,
-    check_output_flags,
     missing_contenders,
     new_parser,
+    parse_args,
     write_results,
 )
 
@@ -474,9 +473,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{QUICK_REPEATS} repeats",
     )
     parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
-    add_output_flags(parser)
-    args = parser.parse_args(argv)
-    check_output_flags(parser, args)
+    args = parse_args(parser, argv)
     if args.quick:
         args.sizes, args.leaves, args.repeats = QUICK_SIZES, QUICK_LEAVES, QUICK_REPEATS
     announce("update_step", args.quick, FULL_DURATION, QUICK_DURATION, whole="full grid")

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import optax
 from _machine import describe_machine
-from _results import add_output_flags, announce, check_output_flags, new_parser, write_results
+from _results import announce, new_parser, parse_args, write_results
 from memory import (
     FORMATS,
     TARGET_TEMPORARY_BYTES,
@@ -145,9 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--repeats", type=int, default=7, help="timing rounds (default 7)")
     parser.add_argument("--steps", type=int, default=5, help="steps per round (default 5)")
-    add_output_flags(parser)
-    args = parser.parse_args(argv)
-    check_output_flags(parser, args)
+    args = parse_args(parser, argv)
     announce("variant_memory", args.quick, FULL_DURATION, QUICK_DURATION)
     rows = measure(QUICK_VARIANTS if args.quick else tuple(VARIANTS), args.repeats, args.steps)
     print_table(rows)
