@@ -12,7 +12,7 @@ import importlib.util
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 COMMITTED = Path(__file__).resolve().parent / "results"
 NEW_RESULTS = Path("outputs") / "benchmarks"
@@ -20,18 +20,26 @@ NEW_RESULTS = Path("outputs") / "benchmarks"
 OPTIONAL_CONTENDERS = {"torch": ("PyTorch", "conformance")}
 
 
-def new_parser(
-    doc: str, full_duration: str, quick_duration: str, *, whole: str = "full run"
-) -> argparse.ArgumentParser:
+class Durations(NamedTuple):
+    """How long a benchmark's runs take, as its `--help` and its first line say."""
+
+    full: str
+    quick: str
+    whole: str = "full run"  # what the run without --quick covers
+
+
+def new_parser(doc: str, durations: Durations) -> argparse.ArgumentParser:
     """A benchmark's parser: its docstring's first line and what its runs take, for `--help`."""
     return argparse.ArgumentParser(
-        description=f"{doc.splitlines()[0]} The {whole} takes {full_duration}; "
-        f"--quick takes {quick_duration}.",
+        description=f"{doc.splitlines()[0]} The {durations.whole} takes {durations.full}; "
+        f"--quick takes {durations.quick}.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
 
-def add_output_flags(parser: argparse.ArgumentParser) -> None:
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`argv` parsed by a benchmark's `parser`, with the output flags every benchmark shares
+    (`--out`, `--update-results`, which a `--quick` run may not use) added and checked."""
     parser.add_argument(
         "--out",
         type=Path,
@@ -44,18 +52,9 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
         help=f"replace the committed results in {COMMITTED.parent.name}/{COMMITTED.name}/ "
         "(the files benchmarks/README.md quotes) instead of writing a new file",
     )
-
-
-def check_output_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    args = parser.parse_args(argv)
     if args.update_results and getattr(args, "quick", False):
         parser.error("--update-results replaces the committed full results: run without --quick")
-
-
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """`argv` parsed by a benchmark's `parser` with the output flags added and checked."""
-    add_output_flags(parser)
-    args = parser.parse_args(argv)
-    check_output_flags(parser, args)
     return args
 
 
@@ -94,14 +93,12 @@ def missing_contenders(module: str) -> str | None:
     )
 
 
-def announce(
-    name: str, quick: bool, full_duration: str, quick_duration: str, *, whole: str = "full run"
-) -> None:
+def announce(name: str, quick: bool, durations: Durations) -> None:
     """The first line of every benchmark: what the run will cost."""
     duration = (
-        f"{quick_duration} (--quick)."
+        f"{durations.quick} (--quick)."
         if quick
-        else f"the {whole} takes {full_duration} (--quick: {quick_duration})."
+        else f"the {durations.whole} takes {durations.full} (--quick: {durations.quick})."
     )
     print(
         f"{name}: {duration} Cores are assumed idle: other work slows every contender.",

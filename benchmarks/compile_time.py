@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from _machine import describe_machine
-from _results import announce, new_parser, parse_args, write_results
+from _results import Durations, announce, new_parser, parse_args, write_results
 from memory import update_step
 
 import rmsprop_jax as rj
@@ -41,8 +41,7 @@ REFERENCES = {
     "optax.adam": lambda: optax.adam(1e-3),
     "optax.adafactor": lambda: optax.adafactor(1e-3),
 }
-FULL_DURATION = "about 2 minutes on 2 CPU cores"
-QUICK_DURATION = "under a minute"
+DURATIONS = Durations("about 2 minutes on 2 CPU cores", "under a minute")
 
 
 def abstract_tree(leaves: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -111,7 +110,7 @@ def print_table(rows: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = new_parser(__doc__, FULL_DURATION, QUICK_DURATION)
+    parser = new_parser(__doc__, DURATIONS)
     parser.add_argument("--quick", action="store_true", help="16 and 64 leaves, one attempt")
     parser.add_argument(
         "--leaves", type=int, nargs="+", default=list(LEAF_COUNTS), help="leaf counts to compile"
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(parser, argv)
     if any(count < 1 for count in args.leaves):
         parser.error(f"--leaves must be positive, got {args.leaves}")
-    announce("compile_time", args.quick, FULL_DURATION, QUICK_DURATION)
+    announce("compile_time", args.quick, DURATIONS)
     leaf_counts, attempts = (QUICK_LEAF_COUNTS, 1) if args.quick else (tuple(args.leaves), ATTEMPTS)
     rows = measure(leaf_counts, attempts)
     print_table(rows)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _machine import describe_machine
-from _results import announce, new_parser, parse_args, write_results
+from _results import Durations, announce, new_parser, parse_args, write_results
 
 import rmsprop_jax as rj
 
@@ -454,12 +454,11 @@ def print_tables(memory: dict, update: dict, training: dict, quality_results: di
     print(f"(least-squares optimum: {quality_results['least_squares_optimum']['mean']:.5f})")
 
 
-FULL_DURATION = "about 3 minutes on 2 CPU cores"
-QUICK_DURATION = "about 2 minutes"
+DURATIONS = Durations("about 3 minutes on 2 CPU cores", "about 2 minutes")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = new_parser(__doc__, FULL_DURATION, QUICK_DURATION)
+    parser = new_parser(__doc__, DURATIONS)
     parser.add_argument("--quick", action="store_true", help="2 repeats, 1 seed")
     parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds of timing")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
@@ -477,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     compiler_options = dict(args.xla_option) or None
     if compiler_options:
         print(f"XLA options of the update and training steps: {compiler_options}", flush=True)
-    announce("memory", args.quick, FULL_DURATION, QUICK_DURATION)
+    announce("memory", args.quick, DURATIONS)
     repeats, seeds = (2, [0]) if args.quick else (args.repeats, [0, 1, 2])
     memory = measure_memory()
     update = measure_update_step(repeats, args.steps, compiler_options)

@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from _machine import describe_machine
-from _results import announce, new_parser, parse_args, write_results
+from _results import Durations, announce, new_parser, parse_args, write_results
 from jax import lax
 from memory import VARIANTS, compiled_update_step, interleaved_times, step_timing, the_tree
 from memory_table import split_by_float32_speed
@@ -47,8 +47,7 @@ import rmsprop_jax as rj
 from rmsprop_jax import storage
 from rmsprop_jax.storage import int8
 
-FULL_DURATION = "about 1 minute on 2 CPU cores"
-QUICK_DURATION = "under a minute"
+DURATIONS = Durations("about 1 minute on 2 CPU cores", "under a minute")
 STAND_IN = "reductions replaced (wrong, timing only)"
 LEAF_SHAPE = (4096, 4096)
 
@@ -323,12 +322,12 @@ def print_tables(steps: dict[str, Any], leaf: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = new_parser(__doc__, FULL_DURATION, QUICK_DURATION)
+    parser = new_parser(__doc__, DURATIONS)
     parser.add_argument("--quick", action="store_true", help="3 rounds of each measurement")
     parser.add_argument("--repeats", type=int, default=15, help="rounds (default 15)")
     parser.add_argument("--steps", type=int, default=5, help="steps or calls per round")
     args = parse_args(parser, argv)
-    announce("reductions", args.quick, FULL_DURATION, QUICK_DURATION)
+    announce("reductions", args.quick, DURATIONS)
     repeats = 3 if args.quick else args.repeats
     steps = measure_steps(repeats, args.steps)
     leaf = measure_leaf(repeats, args.steps)

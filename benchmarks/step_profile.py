@@ -32,7 +32,7 @@ from typing import Any
 
 import jax
 from _machine import describe_machine
-from _results import announce, new_parser, parse_args, write_results
+from _results import Durations, announce, new_parser, parse_args, write_results
 from memory import (
     FORMATS,
     VARIANTS,
@@ -47,8 +47,7 @@ import rmsprop_jax as rj
 ROLES = ("parameters", "second moment", "first moment", "momentum", "other state", "intermediates")
 # The table's columns: every role but the step count's (a scalar kernel, or none).
 _COLUMNS = tuple(role for role in ROLES if role != "other state")
-FULL_DURATION = "about 1 minute on 2 CPU cores"
-QUICK_DURATION = "under a minute"
+DURATIONS = Durations("about 1 minute on 2 CPU cores", "under a minute")
 # Instructions that produce no kernel of their own: the value is another instruction's.
 _PASS_THROUGH = ("get-tuple-element", "bitcast", "tuple")
 # Instructions that run computations of their own, whose kernels the trace reports one by one.
@@ -284,7 +283,7 @@ def print_table(rows: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = new_parser(__doc__, FULL_DURATION, QUICK_DURATION)
+    parser = new_parser(__doc__, DURATIONS)
     parser.add_argument(
         "--quick", action="store_true", help="3 timing rounds, 2 profiled rounds of 2 steps"
     )
@@ -295,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--profiled-steps", type=int, default=2, help="steps per profiled round")
     args = parse_args(parser, argv)
-    announce("step_profile", args.quick, FULL_DURATION, QUICK_DURATION)
+    announce("step_profile", args.quick, DURATIONS)
     repeats, profiled_rounds, profiled_steps = (
         (3, 2, 2) if args.quick else (args.repeats, args.profiled_rounds, args.profiled_steps)
     )

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _machine import describe_machine
-from _results import announce, new_parser, parse_args, write_results
+from _results import Durations, announce, new_parser, parse_args, write_results
 from sklearn.datasets import load_digits
 
 import rmsprop_jax as rj
@@ -114,12 +114,11 @@ def measure(
     }
 
 
-FULL_DURATION = "about 1 minute on 2 CPU cores"
-QUICK_DURATION = "under a minute"
+DURATIONS = Durations("about 1 minute on 2 CPU cores", "under a minute")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = new_parser(__doc__, FULL_DURATION, QUICK_DURATION)
+    parser = new_parser(__doc__, DURATIONS)
     parser.add_argument(
         "--hidden", type=int, nargs="+", default=[4, 32, 256], help="hidden sizes of the MLP"
     )
@@ -129,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(parser, argv)
     if args.quick:
         args.hidden, args.repeats = [4, 32], 3
-    announce("sweep", args.quick, FULL_DURATION, QUICK_DURATION)
+    announce("sweep", args.quick, DURATIONS)
 
     digits = load_digits()
     x = jnp.asarray(digits.data / 16.0, jnp.float32)

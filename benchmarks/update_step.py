@@ -37,6 +37,7 @@ import numpy as np
 import optax
 from _machine import describe_machine
 from _results import (
+    Durations,
     announce,
     missing_contenders,
     new_parser,
@@ -448,13 +449,12 @@ def markdown_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-FULL_DURATION = "about 20 minutes on 2 CPU cores"
+DURATIONS = Durations("about 20 minutes on 2 CPU cores", "about 3 minutes", whole="full grid")
 QUICK_SIZES, QUICK_LEAVES, QUICK_REPEATS = [2**20], [1, 64, 512], 3
-QUICK_DURATION = "about 3 minutes"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = new_parser(__doc__, FULL_DURATION, QUICK_DURATION, whole="full grid")
+    parser = new_parser(__doc__, DURATIONS)
     parser.add_argument(
         "--sizes",
         type=int,
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(parser, argv)
     if args.quick:
         args.sizes, args.leaves, args.repeats = QUICK_SIZES, QUICK_LEAVES, QUICK_REPEATS
-    announce("update_step", args.quick, FULL_DURATION, QUICK_DURATION, whole="full grid")
+    announce("update_step", args.quick, DURATIONS)
     skipped = {}
     with_torch = not args.no_torch
     note = missing_contenders("torch") if with_torch else None

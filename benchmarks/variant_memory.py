@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import optax
 from _machine import describe_machine
-from _results import announce, new_parser, parse_args, write_results
+from _results import Durations, announce, new_parser, parse_args, write_results
 from memory import (
     FORMATS,
     TARGET_TEMPORARY_BYTES,
@@ -83,8 +83,7 @@ QUICK_VARIANTS = (
     "L2 weight decay, masked",
     "maximize, centered",
 )
-FULL_DURATION = "about 2 minutes on 2 CPU cores"
-QUICK_DURATION = "about 1 minute"
+DURATIONS = Durations("about 2 minutes on 2 CPU cores", "about 1 minute")
 
 
 def measure(variants: tuple[str, ...], repeats: int, steps: int) -> dict[str, Any]:
@@ -139,14 +138,14 @@ def print_table(rows: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = new_parser(__doc__, FULL_DURATION, QUICK_DURATION)
+    parser = new_parser(__doc__, DURATIONS)
     parser.add_argument(
         "--quick", action="store_true", help=f"only the variants {', '.join(QUICK_VARIANTS)}"
     )
     parser.add_argument("--repeats", type=int, default=7, help="timing rounds (default 7)")
     parser.add_argument("--steps", type=int, default=5, help="steps per round (default 5)")
     args = parse_args(parser, argv)
-    announce("variant_memory", args.quick, FULL_DURATION, QUICK_DURATION)
+    announce("variant_memory", args.quick, DURATIONS)
     rows = measure(QUICK_VARIANTS if args.quick else tuple(VARIANTS), args.repeats, args.steps)
     print_table(rows)
     timing = {"repeats": args.repeats, "steps_per_repeat": args.steps}

@@ -66,9 +66,11 @@ def test_help_says_how_long_the_full_and_quick_runs_take(script, capsys):
 
 def test_every_run_first_says_what_it_will_cost(capsys):
     results = benchmark("_results")
-    results.announce("memory", False, "about 3 minutes", "about 2 minutes")
-    results.announce("memory", True, "about 3 minutes", "about 2 minutes")
-    results.announce("update_step", False, "about 20 minutes", "about 3", whole="full grid")
+    memory = results.Durations("about 3 minutes", "about 2 minutes")
+    results.announce("memory", False, memory)
+    results.announce("memory", True, memory)
+    grid = results.Durations("about 20 minutes", "about 3", whole="full grid")
+    results.announce("update_step", False, grid)
     idle = " Cores are assumed idle: other work slows every contender."
     assert capsys.readouterr().out.splitlines() == [
         "memory: the full run takes about 3 minutes (--quick: about 2 minutes)." + idle,
