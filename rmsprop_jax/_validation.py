@@ -410,23 +410,31 @@ def check_same_tree(updates: Any, state_tree: Any, *, state_name: str = "state")
         return
     grad_paths = [_path_str(p) for p, _ in _leaves_with_paths(updates)]
     state_paths = [_path_str(p) for p, _ in _leaves_with_paths(state_tree)]
-    for grad_path, state_path in zip(grad_paths, state_paths, strict=False):
-        if grad_path != state_path:
-            raise ValueError(
-                f"Gradient tree differs from the optimizer {state_name} at {grad_path}: the "
-                f"{state_name} has {state_path} there. Initialize the optimizer with the same "
-                "parameter tree the gradients come from."
-            )
-    if len(grad_paths) == len(state_paths):
+    grad_set, state_set = set(grad_paths), set(state_paths)
+    missing = [path for path in state_paths if path not in grad_set]
+    extra = [path for path in grad_paths if path not in state_set]
+    if not missing and not extra:
         raise ValueError(
             f"Gradient tree has the same paths as the optimizer {state_name} but different "
             f"container types: {jax.tree.structure(updates)} vs {jax.tree.structure(state_tree)}."
         )
-    shorter, longer = sorted((grad_paths, state_paths), key=len)
-    which = "gradient" if longer is grad_paths else f"optimizer {state_name}"
+    differences = []
+    if missing:
+        differences.append(f"it lacks {_listing(missing)}")
+    if extra:
+        differences.append(f"it has {_listing(extra)}, which the optimizer {state_name} lacks")
     raise ValueError(
-        f"Gradient tree differs from the optimizer {state_name}: the {which} has an extra leaf "
-        f"at {longer[len(shorter)]} (gradient has {len(grad_paths)} leaves, {state_name} has "
-        f"{len(state_paths)}). Initialize the optimizer with the same parameter tree the "
-        "gradients come from."
+        f"Gradient tree differs from the optimizer {state_name} ({_leaves(len(grad_paths))} "
+        f"against {_leaves(len(state_paths))}): {'; '.join(differences)}. Initialize the "
+        "optimizer with the same parameter tree the gradients come from."
     )
+
+
+def _leaves(count: int) -> str:
+    return f"{count} leaf" if count == 1 else f"{count} leaves"
+
+
+def _listing(paths: list[str], shown: int = 4) -> str:
+    """`paths` joined for a message: the first `shown`, then how many more."""
+    listed = ", ".join(paths[:shown])
+    return listed if len(paths) <= shown else f"{listed} and {len(paths) - shown} more"

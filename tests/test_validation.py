@@ -196,11 +196,13 @@ def test_a_schedule_value_that_is_no_rate_is_refused_in_an_eager_update(build, n
     assert np.isnan(value) == bool(np.all(np.isnan(updates["b"])))
 
 
-def test_gradient_with_a_missing_leaf_names_the_first_differing_path():
+def test_gradient_with_a_missing_leaf_names_the_leaf_it_lacks():
     params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
     tx = rj.rmsprop(0.01)
     state = tx.init(params)
-    with pytest.raises(ValueError, match=r"\['dense'\]\['bias'\]"):
+    with pytest.raises(
+        ValueError, match=r"\(1 leaf against 2 leaves\): it lacks \['dense'\]\['bias'\]\. "
+    ):
         tx.update({"dense": {"kernel": jnp.ones((2, 2))}}, state, params)
 
 
@@ -208,8 +210,21 @@ def test_gradient_with_an_extra_leaf_names_it():
     params = {"a": jnp.ones(2)}
     tx = rj.scale_by_rms()
     state = tx.init(params)
-    with pytest.raises(ValueError, match=r"\['b'\]"):
+    with pytest.raises(ValueError, match=r"it has \['b'\], which the optimizer state lacks"):
         tx.update({"a": jnp.ones(2), "b": jnp.ones(2)}, state)
+
+
+def test_gradient_with_a_renamed_leaf_names_both_sides_and_shortens_long_lists(maybe_jit):
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+    tx = rj.rmsprop(0.01)
+    state = tx.init(params)
+    with pytest.raises(
+        ValueError, match=r"it lacks \['kernel'\]; it has \['kernal'\], which the optimizer"
+    ):
+        maybe_jit(tx.update)({"kernal": jnp.ones((2, 2)), "bias": jnp.ones(2)}, state, params)
+    grads = {f"layer{i}": jnp.ones(2) for i in range(7)}
+    with pytest.raises(ValueError, match=r"\['layer3'\] and 3 more, which the optimizer"):
+        maybe_jit(tx.update)(grads, state, params)
 
 
 def test_gradient_with_a_different_shape_names_the_path_and_both_shapes():
