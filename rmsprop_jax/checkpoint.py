@@ -265,8 +265,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
         holds a leaf that is neither an array nor a Python or NumPy number (a string, a
         function, a traced value under `jax.jit`: orbax would fail midway and leave a
         temporary directory).
-      ValueError: `step` is negative, or `manager` was closed (orbax would report success and
-        leave an unfinished temporary directory).
+      ValueError: `step` is negative; `manager` was closed (orbax would report success and
+        leave an unfinished temporary directory); or, without `force`, `step` is already saved
+        or comes before the latest saved step (orbax would skip the save and return False,
+        so the state would silently not be written: after restoring an earlier step, say).
 
     Examples:
       >>> import tempfile
@@ -289,6 +291,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
             "directory). Save before closing it, or open it again with "
             "rj.checkpoint.open_manager(directory)."
         )
+    if not force:
+        _check_after_latest(manager, step)
     ocp_ = _orbax()
     # The manager was opened with `create=False`; older orbax versions (0.11.13) then refuse
     # to save into a directory that does not exist yet, so the first save makes it.
@@ -296,6 +300,26 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
     # NumPy scalars as 0-d arrays, which every supported orbax writes (0.11 refuses scalars).
     state = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, np.generic) else x, state)
     return manager.save(step, args=ocp_.args.StandardSave(state), force=force)
+
+
+def _check_after_latest(manager: ocp.CheckpointManager, step: int) -> None:
+    """Raises unless `step` comes after every saved step: orbax skips any other save without a
+    word (its `should_save`), so a state meant to be saved would be lost."""
+    latest = manager.latest_step()
+    if latest is None or step > latest:
+        return
+    if step in manager.all_steps():
+        raise ValueError(
+            f"Step {step} is already saved in {manager.directory}: orbax would skip this save "
+            "and keep the stored state. Save under a new step, or delete the stored one first "
+            f"with manager.delete({step})."
+        )
+    raise ValueError(
+        f"Step {step} comes before step {latest}, the latest saved in {manager.directory}: "
+        "orbax would skip this save, so the state would not be written. Save under a step "
+        f"after {latest}, or pass force=True to save it as step {step} (restore() without a "
+        f"step still reads step {latest}, the highest)."
+    )
 
 
 def _step_directory(manager: ocp.CheckpointManager, step: int) -> Any:

@@ -147,6 +147,45 @@ def test_a_step_held_in_a_jax_integer_is_a_step(tmp_path):
     np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 2), 1.0))
 
 
+def test_a_step_already_saved_is_refused_and_the_stored_state_stays(tmp_path):
+    # orbax skips such a save and returns False: the new state was silently not written.
+    with rj.checkpoint.open_manager(tmp_path) as manager:
+        assert rj.checkpoint.save(manager, 1, state(1.0))
+        with pytest.raises(ValueError, match=r"Step 1 is already saved in .*manager\.delete\(1\)"):
+            rj.checkpoint.save(manager, 1, state(2.0))  # before the first save has finished
+        manager.wait_until_finished()
+        manager.delete(1)
+        assert rj.checkpoint.save(manager, 1, state(2.0))  # deleted first, it saves
+        manager.wait_until_finished()
+        restored = rj.checkpoint.restore(manager, state(0.0))
+    np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 2), 2.0))
+
+
+def test_a_step_before_the_latest_is_refused_unless_forced(tmp_path):
+    # As after restoring an earlier step and training on: orbax skipped every such save.
+    save_steps(tmp_path, steps=(10,))
+    with rj.checkpoint.open_manager(tmp_path) as manager:
+        with pytest.raises(ValueError, match=r"Step 6 comes before step 10, the latest saved in"):
+            rj.checkpoint.save(manager, 6, state(6.0))
+        assert manager.all_steps() == [10]
+        assert rj.checkpoint.save(manager, 6, state(6.0), force=True)
+        manager.wait_until_finished()
+        assert sorted(manager.all_steps()) == [6, 10]
+        restored = rj.checkpoint.restore(manager, state(0.0), step=6)
+    np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 2), 6.0))
+
+
+def test_a_step_the_save_policy_skips_still_returns_false(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    options = ocp.CheckpointManagerOptions(save_interval_steps=5)
+    with rj.checkpoint.open_manager(tmp_path, options) as manager:
+        assert rj.checkpoint.save(manager, 0, state(0.0))
+        assert not rj.checkpoint.save(manager, 3, state(3.0))
+        assert rj.checkpoint.save(manager, 5, state(5.0))
+        manager.wait_until_finished()
+        assert manager.all_steps() == [0, 5]
+
+
 @pytest.mark.parametrize("closing", ["close", "with"])
 def test_saving_with_a_closed_manager_is_refused_and_the_saved_steps_stay(closing, tmp_path):
     if closing == "with":
