@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+import optax
 
 from rmsprop_jax import grouping, storage, transform
 
@@ -64,6 +65,9 @@ def state_bytes(state: Any, params: Any) -> StateMemory:
     Raises:
       ValueError: where a moment in `state` matches no leaf of `params` in that order (the
         state was made for other parameters).
+      TypeError: `state` or `params` is an optimizer rather than a state or parameters, or a
+        leaf of `params` is not an array, a `jax.ShapeDtypeStruct` or a number (a string such
+        as "int8": every parameter counted as one element, the figure was meaningless).
 
     Returns:
       A :class:`StateMemory` with the total bytes and the bytes per parameter element.
@@ -74,12 +78,33 @@ def state_bytes(state: Any, params: Any) -> StateMemory:
       >>> round(rj.state_bytes(state, params).bytes_per_parameter, 4)
       1.0156
     """
+    _check_arguments(state, params)
     _check_made_for(state, params)
     total = sum(_array_bytes(leaf, what="state") for leaf in jax.tree.leaves(state))
     parameters = sum(math.prod(np.shape(leaf)) for leaf in jax.tree.leaves(params))
     if parameters == 0:
         raise ValueError("`params` has no elements, so bytes per parameter is undefined.")
     return StateMemory(total_bytes=int(total), bytes_per_parameter=total / parameters)
+
+
+def _check_arguments(state: Any, params: Any) -> None:
+    """Raises `TypeError` for an optimizer in place of the state or the parameters, and for a
+    leaf of `params` that has no shape (it would count as one element)."""
+    usage = (
+        "pass the state an optimizer made and its parameters: "
+        "rj.state_bytes(tx.init(params), params)"
+    )
+    for name, value in (("state", state), ("params", params)):
+        if isinstance(value, optax.GradientTransformation):
+            raise TypeError(f"`{name}` is an optimizer (an optax.GradientTransformation): {usage}.")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        has_shape = hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+        if not (has_shape or isinstance(leaf, bool | int | float | complex | np.generic)):
+            raise TypeError(
+                f"`params` has a leaf of type {type(leaf).__name__} "
+                f"({leaf!r:.40}) at {jax.tree_util.keystr(path) or '<root>'}, which is not an "
+                f"array, a jax.ShapeDtypeStruct or a number: {usage}."
+            )
 
 
 def _moment_shapes(stored: Any) -> list[tuple[Any, tuple[int, ...]]]:

@@ -60,6 +60,30 @@ def test_counts_prng_keys_and_ignores_python_numbers():
     assert rj.state_bytes({"a": 1.5, "b": jnp.zeros(2, jnp.float32)}, params).total_bytes == 8
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        # Each counted a shapeless leaf as one parameter: 32780 or 16390 "bytes per parameter".
+        (lambda tx, p: (p, "int8"), r"`params` has a leaf of type str \('int8'\) at <root>"),
+        (lambda tx, p: (p, tx), r"`params` is an optimizer"),
+        (lambda tx, p: (tx, p), r"`state` is an optimizer"),
+        (lambda tx, p: (tx.init(p), {"w": p["w"], "f": len}), r"type builtin_function_or_method"),
+    ],
+    ids=["string", "optimizer as params", "optimizer as state", "function leaf"],
+)
+def test_an_optimizer_or_a_shapeless_leaf_in_place_of_the_arguments_is_named(arguments, message):
+    params = {"w": jnp.ones((64, 128)), "b": jnp.zeros(3)}
+    tx = rj.rmsprop(1e-3, moment_storage="int8")
+    with pytest.raises(
+        TypeError, match=message + r".*rj\.state_bytes\(tx\.init\(params\), params\)"
+    ):
+        rj.state_bytes(*arguments(tx, params))
+    # Numbers are parameters of one element, as arrays of shape ().
+    number = rj.state_bytes(tx.init({"s": 2.0}), {"s": 2.0})
+    assert number == rj.state_bytes(tx.init({"s": jnp.zeros(())}), {"s": jnp.zeros(())})
+    assert number.bytes_per_parameter == number.total_bytes
+
+
 def test_rejects_parameters_without_elements_and_non_array_leaves():
     with pytest.raises(ValueError, match="no elements"):
         rj.state_bytes({"nu": jnp.zeros(3)}, {})
