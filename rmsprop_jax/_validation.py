@@ -71,8 +71,12 @@ def check_transformation(name: str, value: Any, example: str) -> None:
     """Raises `TypeError` unless `value` is an optax transformation; `example` shows a call
     that passes one (a factory such as `rj.rmsprop` itself is the usual mistake)."""
     if not isinstance(value, optax.GradientTransformation):
+        # A tree of parameters in its place (arguments swapped) is named by its type: its
+        # repr would print every array.
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else f"a {type(value).__name__}"
         raise TypeError(
-            f"`{name}` must be an optax.GradientTransformation, got {value!r}; pass a built "
+            f"`{name}` must be an optax.GradientTransformation, got {shown}; pass a built "
             f"transformation, e.g. {example}."
         )
 

@@ -307,3 +307,6 @@ def test_a_factory_instead_of_a_transformation_is_named(function):
     for tx in (rj.rmsprop, 1e-3):
         with pytest.raises(TypeError, match=r"`tx` must be an optax.GradientTransformation, got"):
             function(tx, params)
+    # Arguments swapped: the parameters are named by their type, not printed array by array.
+    with pytest.raises(TypeError, match=r"GradientTransformation, got a dict; pass a built"):
+        function({"w": np.ones((64, 64), np.float32)}, rj.rmsprop(1e-3))
