@@ -1,8 +1,11 @@
-"""The `--help` of every example: each flag with its default, unless it has none."""
+"""The command lines of the examples: `--help` with each flag's default, unless it has none,
+and flag types that refuse a value out of range as a usage error (rather than a traceback
+from deep inside the run)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -16,3 +19,27 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
+
+
+def positive_number(text: str) -> float:
+    """A finite number > 0: a learning rate, a distance."""
+    value = float(text)  # argparse reports a ValueError as "invalid positive_number value"
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1): a momentum."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
+
+
+def random_seed(text: str) -> int:
+    """An integer in [0, 2**32): what NumPy's and JAX's generators both take."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
+    return value

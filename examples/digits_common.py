@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from cli_help import DefaultsHelpFormatter
+from cli_help import DefaultsHelpFormatter, fraction, positive_number, random_seed
 from progress_report import Progress, format_loss
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -141,13 +141,13 @@ def build_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--learning-rate",
-        type=float,
+        type=positive_number,
         help="default: per optimizer, "
         + ", ".join(f"{name} {rate:g}" for name, rate in DEFAULT_LEARNING_RATES.items()),
     )
     parser.add_argument(
         "--momentum",
-        type=float,
+        type=fraction,
         help=f"momentum for the RMSprop optimizers (rmsprop-momentum: {RMSPROP_MOMENTUM})",
     )
     parser.add_argument(
@@ -159,7 +159,7 @@ def build_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
     parser.add_argument("--hidden-size", type=int, default=128, help="width of the dense layer")
     parser.add_argument(
-        "--seed", type=int, default=0, help="initialization and order of the batches"
+        "--seed", type=random_seed, default=0, help="initialization and order of the batches"
     )
     parser.add_argument(
         "--out", type=Path, default=Path(default_out), help="folder for the history and figure"

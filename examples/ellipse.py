@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from cli_help import DefaultsHelpFormatter
+from cli_help import DefaultsHelpFormatter, positive_number
 
 import rmsprop_jax as rj
 
@@ -129,18 +129,19 @@ def main(argv: list[str] | None = None) -> dict[str, int | None]:
         description=__doc__.splitlines()[0],
         formatter_class=DefaultsHelpFormatter,
     )
-    parser.add_argument("--learning-rate", type=float, default=0.019, help="shared by all three")
+    parser.add_argument(
+        "--learning-rate", type=positive_number, default=0.019, help="shared by all three"
+    )
     parser.add_argument("--steps", type=int, default=500, help="steps of each optimizer")
-    parser.add_argument("--radius", type=float, default=0.05, help="distance to the minimum")
+    parser.add_argument(
+        "--radius", type=positive_number, default=0.05, help="distance to the minimum"
+    )
     parser.add_argument(
         "--out", type=Path, default=Path("outputs/ellipse"), help="folder for the figure"
     )
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.learning_rate <= 0 or args.radius <= 0:
-        parser.error(
-            "--steps, --learning-rate and --radius must be positive, got "
-            f"{args.steps}, {args.learning_rate} and {args.radius}"
-        )
+    if args.steps < 1:
+        parser.error(f"--steps must be positive, got {args.steps}")
 
     rate = args.learning_rate
     optimizers = {

@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from cli_help import DefaultsHelpFormatter
+from cli_help import DefaultsHelpFormatter, positive_number
 
 STORAGE_FORMATS = ("float32", "bfloat16", "int8", "factored")  # rj.rmsprop's moment_storage
 
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=512, help="width of the hidden layers")
     parser.add_argument("--steps", type=int, default=300, help="training steps")
     parser.add_argument("--batch", type=int, default=256, help="global batch size")
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="of rj.rmsprop")
+    parser.add_argument("--learning-rate", type=positive_number, default=1e-3, help="of rj.rmsprop")
     parser.add_argument("--timeout", type=float, default=600, help="seconds, with --processes")
     parser.add_argument("--out", default="outputs/sharded_training", help="folder for the figures")
     args = parser.parse_args(argv)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from cli_help import DefaultsHelpFormatter
+from cli_help import DefaultsHelpFormatter, random_seed
 from progress_report import Progress
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs-per-chunk", type=int, default=5, help="epochs per compiled call")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per step")
     parser.add_argument(
-        "--seed", type=int, default=0, help="initialization and order of the batches"
+        "--seed", type=random_seed, default=0, help="initialization and order of the batches"
     )
     parser.add_argument("--shard", action="store_true", help="split the sweep across devices")
     args = parser.parse_args(argv)

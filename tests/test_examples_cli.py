@@ -183,6 +183,12 @@ def test_help_shows_the_defaults(script, default):
         ("train_digits", ["--optimizer", "lion"], "argument --optimizer: invalid choice"),
         ("sweep_digits", ["--epochs-per-chunk", "0"], "--epochs-per-chunk must be >= 1, got 0"),
         ("ellipse", ["--steps", "0"], "must be positive, got 0"),
+        # Each was a traceback: from NumPy's generator, or from the optimizer being built.
+        ("train_digits", ["--seed", "-3"], "--seed: must be an integer in [0, 2**32), got -3"),
+        ("linen_trainstate", ["--momentum", "1.5"], "--momentum: must lie in [0, 1), got 1.5"),
+        ("sweep_digits", ["--seed", "-1"], "--seed: must be an integer in [0, 2**32), got -1"),
+        ("sharded_training", ["--learning-rate", "-1"], "must be a finite number > 0, got -1"),
+        ("ellipse", ["--learning-rate", "nan"], "must be a finite number > 0, got nan"),
     ],
 )
 def test_invalid_flags_are_usage_errors_not_tracebacks(script, flags, message, tmp_path):
