@@ -28,6 +28,15 @@ class Durations(NamedTuple):
     whole: str = "full run"  # what the run without --quick covers
 
 
+def count(text: str) -> int:
+    """A flag's whole number >= 1 (rounds, steps, leaves, sizes): 0 would end a long run with
+    a median of nothing."""
+    value = int(text)  # argparse reports a ValueError as "invalid count value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
 def new_parser(doc: str, durations: Durations) -> argparse.ArgumentParser:
     """A benchmark's parser: its docstring's first line and what its runs take, for `--help`."""
     return argparse.ArgumentParser(

@@ -55,6 +55,26 @@ def test_quick_runs_may_not_replace_the_committed_results(script, capsys):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_a_count_of_zero_is_refused_before_the_run_starts(script, capsys):
+    # It ran the whole benchmark and then failed taking the median of no rounds.
+    flag = "--leaves" if script == "compile_time" else "--repeats"
+    with pytest.raises(SystemExit) as stop:
+        benchmark(script).main([flag, "0"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: must be a whole number >= 1, got 0" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_each_default_once(script, capsys):
+    with pytest.raises(SystemExit):
+        benchmark(script).main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert not re.search(r"\(default \d+\) \(default: \d+\)", text), text
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_help_says_how_long_the_full_and_quick_runs_take(script, capsys):
     with pytest.raises(SystemExit) as stop:
         benchmark(script).main(["--help"])
