@@ -71,14 +71,17 @@ def check_transformation(name: str, value: Any, example: str) -> None:
     """Raises `TypeError` unless `value` is an optax transformation; `example` shows a call
     that passes one (a factory such as `rj.rmsprop` itself is the usual mistake)."""
     if not isinstance(value, optax.GradientTransformation):
-        # A tree of parameters in its place (arguments swapped) is named by its type: its
-        # repr would print every array.
-        shown = repr(value)
-        shown = shown if len(shown) <= 80 else f"a {type(value).__name__}"
         raise TypeError(
-            f"`{name}` must be an optax.GradientTransformation, got {shown}; pass a built "
-            f"transformation, e.g. {example}."
+            f"`{name}` must be an optax.GradientTransformation, got {shown(value)}; pass a "
+            f"built transformation, e.g. {example}."
         )
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """`value` for an error message: its repr if short, else its type. A tree of parameters
+    passed in the wrong place (arguments swapped) would otherwise print every array."""
+    text = repr(value)
+    return text if len(text) <= limit else f"a {type(value).__name__}"
 
 
 def check_in_range(

@@ -183,3 +183,22 @@ def test_states_that_do_not_match_are_refused(keras):
         rj.compat.state_from_keras(
             rmsprop, renamed, rj.compat.keras_rmsprop(momentum=0.9), match_by="order"
         )
+
+
+@pytest.mark.parametrize(
+    ("keras_state", "message"),
+    [
+        ("velocity", r"`keras_state` must be a built keras\.optimizers\.RMSprop, .*got 'velocity'"),
+        (3, r"`keras_state` must be .*, got 3\."),
+        ([np.ones(3)], r"`keras_state` holds array\(\[1\., 1\., 1\.\]\), which is not a Keras"),
+    ],
+    ids=["string", "number", "list of arrays"],
+)
+def test_a_keras_state_that_holds_no_keras_variables_is_named(keras_state, message):
+    # Needs no Keras: it was "names must be strings, got None", or an AttributeError.
+    params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    tx = rj.compat.keras_rmsprop(0.001)
+    with pytest.raises(TypeError, match=message):
+        rj.compat.state_from_keras(keras_state, params, tx)
+    with pytest.raises(TypeError, match=message):
+        rj.compat.state_to_keras(tx.init(params), params, keras_state)

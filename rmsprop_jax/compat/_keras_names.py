@@ -8,6 +8,7 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
+from rmsprop_jax._validation import shown
 from rmsprop_jax.compat._torch_names import key_parts
 
 MatchBy = Literal["auto", "names", "order"]
@@ -27,15 +28,27 @@ def _optimizer_variables(keras_state: Any) -> Any:
     return keras_state.variables
 
 
+_KERAS_STATE = (
+    "a built keras.optimizers.RMSprop, its `variables`, or a dict from variable path to value"
+)
+
+
 def _variables(keras_state: Any) -> dict[str, np.ndarray]:
     """`{name without the optimizer's scope: value}` from an optimizer, variables or a dict."""
     keras_state = _optimizer_variables(keras_state)
     if isinstance(keras_state, Mapping):
         items = list(keras_state.items())
+    elif isinstance(keras_state, str | bytes) or not hasattr(keras_state, "__iter__"):
+        raise TypeError(f"`keras_state` must be {_KERAS_STATE}, got {shown(keras_state)}.")
     else:
         items = [(getattr(v, "path", None) or getattr(v, "name", None), v) for v in keras_state]
     out = {}
     for key, value in items:
+        if key is None:  # an element of a sequence that is not a Keras variable
+            raise TypeError(
+                f"`keras_state` holds {shown(value)}, which is not a Keras variable (it has no "
+                f"`path` or `name`); pass {_KERAS_STATE}."
+            )
         if not isinstance(key, str):
             raise ValueError(f"Keras variable names must be strings, got {key!r}.")
         value = value.value if hasattr(value, "value") and hasattr(value, "assign") else value

@@ -131,7 +131,8 @@ def state_from_keras(
       ValueError: on a state that is not a Keras RMSprop's (naming what is missing), a
         different number of variables, unmatched names, a shape mismatch, differing
         `centered`/momentum/`use_ema`, or gradient accumulation.
-      TypeError: on an `optimizer` that is not a built transformation.
+      TypeError: on an `optimizer` that is not a built transformation, or a `keras_state`
+        that is none of the three things above (a string, a number, a list of arrays).
 
     Examples:
       >>> import keras
@@ -210,7 +211,7 @@ def state_to_keras(
       v))`. The learning rate is left as Keras has it.
 
     Raises:
-      ValueError: as :func:`state_from_keras`.
+      ValueError, TypeError: as :func:`state_from_keras`.
 
     Examples:
       >>> import keras
@@ -226,13 +227,13 @@ def state_to_keras(
       (1, array([0.025, 0.025], dtype=float32))
     """
     keras_state = _optimizer_variables(keras_state)
+    refs, slots = _keras_names(_variables(keras_state))  # checks what `keras_state` holds
     full_names = (
         list(keras_state)
         if isinstance(keras_state, Mapping)
         else [getattr(v, "path", None) or v.name for v in keras_state]
     )
     path_of = {name.rsplit("/", 1)[-1]: name for name in full_names}
-    refs, slots = _keras_names(_variables(keras_state))
     pairing = _pairing(refs, params, match_by)
     stats, trace, ema = _parts(opt_state, "`opt_state`")
     _check_flags(slots, stats, trace, ema)
