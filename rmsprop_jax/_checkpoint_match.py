@@ -7,6 +7,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from rmsprop_jax import _validation
+
 _SHOWN_PER_KIND = 3
 _CAUSES = {
     "params": "the model differs (other layers, layer sizes or names)",
@@ -68,9 +70,7 @@ def _params_first(path: tuple[str, ...]) -> tuple[bool, tuple[str, ...]]:
 
 
 def _listed(paths: list[tuple[str, ...]]) -> str:
-    shown = ", ".join(f"'{'.'.join(path)}'" for path in paths[:_SHOWN_PER_KIND])
-    more = len(paths) - _SHOWN_PER_KIND
-    return shown + (f" and {more} more" if more > 0 else "")
+    return _validation.listed([f"'{'.'.join(path)}'" for path in paths], _SHOWN_PER_KIND)
 
 
 def _codes_of_mu(paths: list[tuple[str, ...]]) -> bool:

@@ -427,9 +427,9 @@ def check_same_tree(updates: Any, state_tree: Any, *, state_name: str = "state")
         )
     differences = []
     if missing:
-        differences.append(f"it lacks {_listing(missing)}")
+        differences.append(f"it lacks {listed(missing)}")
     if extra:
-        differences.append(f"it has {_listing(extra)}, which the optimizer {state_name} lacks")
+        differences.append(f"it has {listed(extra)}, which the optimizer {state_name} lacks")
     raise ValueError(
         f"Gradient tree differs from the optimizer {state_name} ({_leaves(len(grad_paths))} "
         f"against {_leaves(len(state_paths))}): {'; '.join(differences)}. Initialize the "
@@ -441,7 +441,7 @@ def _leaves(count: int) -> str:
     return f"{count} leaf" if count == 1 else f"{count} leaves"
 
 
-def _listing(paths: list[str], shown: int = 4) -> str:
-    """`paths` joined for a message: the first `shown`, then how many more."""
-    listed = ", ".join(paths[:shown])
-    return listed if len(paths) <= shown else f"{listed} and {len(paths) - shown} more"
+def listed(names: list[str], limit: int = 4) -> str:
+    """`names` joined for an error message: the first `limit`, then how many more."""
+    joined = ", ".join(names[:limit])
+    return joined if len(names) <= limit else f"{joined} and {len(names) - limit} more"

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import optax
 
-from rmsprop_jax import grouping, storage, transform
+from rmsprop_jax import _validation, grouping, storage, transform
 
 # The states that keep a moment tree shaped like the parameters, and the field that holds it.
 _MOMENT_FIELDS = {
@@ -102,8 +102,8 @@ def _check_arguments(state: Any, params: Any) -> None:
         if not (has_shape or isinstance(leaf, bool | int | float | complex | np.generic)):
             raise TypeError(
                 f"`params` has a leaf of type {type(leaf).__name__} "
-                f"({leaf!r:.40}) at {jax.tree_util.keystr(path) or '<root>'}, which is not an "
-                f"array, a jax.ShapeDtypeStruct or a number: {usage}."
+                f"({_validation.shown(leaf, 40)}) at {jax.tree_util.keystr(path) or '<root>'}, "
+                f"which is not an array, a jax.ShapeDtypeStruct or a number: {usage}."
             )
 
 
