@@ -66,14 +66,17 @@ def _cast_like(tree: Any, reference: Any) -> Any:
     dtype from one step to the next (which a `jax.lax.scan` carry refuses) and double in size.
     The step still computes with the wide hyperparameter; only what is returned is cast. A
     leaf already in its dtype, or whose reference has none (a Python number), is returned as
-    it is.
+    it is. The dtype is the one JAX computes a reference in: a NumPy float64 gradient stands
+    for float32 unless `jax_enable_x64` is set (asking for float64 would only raise JAX's
+    warning that it is not available).
     """
 
     def cast(x: Any, ref: Any) -> Any:
         dtype = getattr(ref, "dtype", None)
-        if dtype is None or getattr(x, "dtype", dtype) == dtype:
+        if dtype is None:
             return x
-        return x.astype(dtype)
+        dtype = jax.dtypes.canonicalize_dtype(dtype)
+        return x if getattr(x, "dtype", dtype) == dtype else x.astype(dtype)
 
     return jax.tree.map(cast, tree, reference)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, cast
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,6 +75,44 @@ def test_an_empty_parameter_tree_gives_empty_updates_as_optax_does(
 def test_an_empty_parameter_tree_gives_empty_updates_for_presets_and_packing(preset):
     for tx in (PRESETS[preset](), rj.pack_small_leaves(PRESETS[preset]())):
         assert tx.update({}, tx.init({}), {})[0] == {}
+
+
+def _numpy_float64_steps(tx: optax.GradientTransformation) -> tuple[Any, Any, list[str]]:
+    """Two steps of `tx` on NumPy float64 parameters and gradients, and of `tx` on the same
+    values as JAX float32 arrays: both updates, and the warnings the first run raised."""
+    params = {"w": np.linspace(-1.0, 1.0, 64 * 128).reshape(64, 128), "b": np.zeros(3)}
+    grads = jax.tree.map(lambda p: np.cos(3.0 * p) + 0.5, params)
+
+    def two_steps(params: Any, grads: Any) -> Any:
+        state = tx.init(params)
+        updates, state = tx.update(grads, state, params)
+        return tx.update(grads, state, optax.apply_updates(params, updates))[0]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from_numpy = two_steps(params, grads)
+    as_float32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), (params, grads))
+    return from_numpy, two_steps(*as_float32), [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("moment_storage", FORMATS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_numpy_float64_parameters_train_as_float32_without_a_warning(variant, moment_storage):
+    # Without jax_enable_x64, JAX computes NumPy float64 arrays in float32 (as optax does);
+    # asking for float64 back raised JAX's "float64 ... is not available" warning every step.
+    tx = rj.rmsprop(1e-3, moment_storage=moment_storage, **VARIANTS[variant])
+    from_numpy, as_float32, caught = _numpy_float64_steps(tx)
+    assert not [message for message in caught if "dtype" in message], caught
+    assert jax.tree.map(lambda u: u.dtype, from_numpy) == {"w": jnp.float32, "b": jnp.float32}
+    chex.assert_trees_all_equal(from_numpy, as_float32)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_numpy_float64_parameters_train_as_float32_without_a_warning_in_presets(preset):
+    for tx in (PRESETS[preset](), rj.pack_small_leaves(PRESETS[preset]())):
+        from_numpy, as_float32, caught = _numpy_float64_steps(tx)
+        assert not [message for message in caught if "dtype" in message], caught
+        chex.assert_trees_all_equal(from_numpy, as_float32)
 
 
 STATE_MISMATCHES = [
