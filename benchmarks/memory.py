@@ -43,10 +43,10 @@ import numpy as np
 import optax
 from _machine import describe_machine
 from _results import Durations, announce, count, new_parser, parse_args, write_results
+from memory_table import EIGHT_BIT_MU, FORMATS
 
 import rmsprop_jax as rj
 
-FORMATS = ("float32", "bfloat16", "int8", "factored")
 TARGET_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.05, "factored": 0.1}
 TARGET_ACCURACY_POINTS, TARGET_RELATIVE_LOSS = 0.5, 0.05
 # Update step: time relative to the float32 step of the same variant, and temporaries.
@@ -58,8 +58,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {},
     "centered + momentum": {"centered": True, "momentum": 0.9},
 }
-# Centered, int8 with `mu` as 8-bit codes too (`first_moment_storage="int8"`).
-EIGHT_BIT_MU = "int8, 8-bit mu"
 REFERENCES = {
     "optax.adam": lambda: optax.adam(1e-3),
     "optax.adafactor": lambda: optax.adafactor(1e-3),

@@ -23,6 +23,7 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 FORMATS = ("float32", "bfloat16", "int8", "factored")
 REFERENCES = ("optax.adam", "optax.adafactor")
+# Centered, int8 with `mu` as 8-bit codes too (`first_moment_storage="int8"`).
 EIGHT_BIT_MU = "int8, 8-bit mu"
 # The rounds in which the float32 step ran fastest: the fastest third.
 FAST_SHARE = 3

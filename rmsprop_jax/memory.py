@@ -32,10 +32,15 @@ class StateMemory(NamedTuple):
     bytes_per_parameter: float  # total_bytes / the number of parameter elements.
 
 
+def _is_number(leaf: Any) -> bool:
+    """A Python or NumPy scalar: a static hyperparameter in a state, one element in params."""
+    return isinstance(leaf, bool | int | float | complex | np.generic)
+
+
 def _array_bytes(leaf: Any, *, what: str) -> int:
     shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
     if shape is None or dtype is None:
-        if isinstance(leaf, bool | int | float | complex):
+        if _is_number(leaf):
             return 0
         raise TypeError(
             f"`{what}` has a leaf of type {type(leaf).__name__}, which is not an array."
@@ -99,7 +104,7 @@ def _check_arguments(state: Any, params: Any) -> None:
             raise TypeError(f"`{name}` is an optimizer (an optax.GradientTransformation): {usage}.")
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         has_shape = hasattr(leaf, "shape") and hasattr(leaf, "dtype")
-        if not (has_shape or isinstance(leaf, bool | int | float | complex | np.generic)):
+        if not (has_shape or _is_number(leaf)):
             raise TypeError(
                 f"`params` has a leaf of type {type(leaf).__name__} "
                 f"({_validation.shown(leaf, 40)}) at {jax.tree_util.keystr(path) or '<root>'}, "
@@ -148,11 +153,10 @@ def _check_made_for(state: Any, params: Any) -> None:
         remaining = iter(param_leaves)
         for path, shape in _moment_shapes(getattr(node, _MOMENT_FIELDS[type(node)])):
             if not any(shape in _moment_shapes_for(leaf) for leaf in remaining):
-                listed = ", ".join(str(np.shape(leaf)) for leaf in param_leaves[:8])
-                more = ", ..." if len(param_leaves) > 8 else ""
+                shapes = _validation.listed([str(np.shape(leaf)) for leaf in param_leaves], 8)
                 raise ValueError(
                     f"The state keeps a moment of shape {shape} at "
                     f"{jax.tree_util.keystr(path) or '<root>'} that no leaf of `params` matches "
-                    f"in order (its leaves have shapes {listed}{more}): pass the parameters the "
+                    f"in order (its leaves have shapes {shapes}): pass the parameters the "
                     "state was made for."
                 )

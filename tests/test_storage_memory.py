@@ -135,6 +135,13 @@ def test_refuses_parameters_the_state_was_not_made_for(tx, params):
         rj.state_bytes(state, {"v": jnp.ones(3)})
 
 
+def test_the_parameters_a_state_refuses_are_listed_by_shape_with_a_count_of_the_rest():
+    state = rj.rmsprop(1e-3).init({"w": jnp.ones((4, 5))})
+    many = {f"p{i:02d}": jnp.ones(i + 1) for i in range(11)}
+    with pytest.raises(ValueError, match=r"shapes \(1,\), \(2,\), .*, \(8,\) and 3 more\)"):
+        rj.state_bytes(state, many)
+
+
 def test_matches_flax_nnx_variables_against_a_pure_state():
     nnx = pytest.importorskip("flax.nnx")
     model = nnx.Linear(300, 256, rngs=nnx.Rngs(0))
