@@ -19,14 +19,25 @@ speak of parameters and optimizer state)::
     fresh = {"params": init_params(), "opt_state": tx.init(init_params())}
     restored = rj.checkpoint.restore(manager, fresh)  # the latest step, same types as `fresh`
 
+Orbax saves in the background (unless `enable_async_checkpointing=False`): :func:`save`
+returns while the files are written. A save in flight is finished before :func:`restore`
+reads, and before the Python process ends normally (a script that returns right after its
+last save keeps it: orbax alone would leave a temporary directory). `manager.close()` or
+`manager.wait_until_finished()` finishes it at a time of your choosing.
+
 Needs `orbax-checkpoint` (`pip install rmsprop-jax[examples]`), imported on first use.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
 import json
 import os
+import sys
+import threading
+import traceback
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,13 +82,64 @@ class CorruptCheckpointError(ValueError):
 _CLOSED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
+# Managers whose last save may still be running in orbax's background threads, by id. Held
+# strongly: a manager dropped right after `save` still has its files to finish.
+_IN_FLIGHT: dict[int, Any] = {}
+
+
+def _finish_in_flight() -> None:
+    """Finishes every save still in flight (the Python process is ending)."""
+    while _IN_FLIGHT:
+        _, manager = _IN_FLIGHT.popitem()
+        try:
+            _finished(manager)
+        except Exception:  # reported; the other managers are still finished
+            print(
+                f"rmsprop_jax.checkpoint: a save in {manager.directory} could not be finished "
+                "as the process ended:",
+                file=sys.stderr,
+            )
+            traceback.print_exc()
+
+
+@functools.cache
+def _finish_in_flight_at_exit() -> None:
+    """Has the saves in flight finished before the process ends (registered once).
+
+    Orbax finishes a save in background threads that use `concurrent.futures` executors,
+    which refuse new work once the interpreter starts shutting down, before `atexit`
+    functions run: the save was left as a temporary directory. So they are finished in a hook
+    of `threading`'s own shutdown (the one `concurrent.futures` uses), registered after
+    orbax's import and therefore run before that of `concurrent.futures` (the last registered
+    runs first). Python releases without it fall back to `atexit`, where a save may still be
+    lost: there, call `manager.wait_until_finished()`.
+    """
+    register = getattr(threading, "_register_atexit", atexit.register)
+    register(_finish_in_flight)
+
+
+def _in_flight(manager: ocp.CheckpointManager) -> None:
+    """Records that `manager` may have a save running, to be finished before the process ends."""
+    _IN_FLIGHT[id(manager)] = manager
+    _finish_in_flight_at_exit()
+
+
+def _finished(manager: ocp.CheckpointManager) -> None:
+    """Waits for the save `manager` may have in flight (orbax's own wait), unless closed."""
+    if _closed(manager):
+        return
+    manager.wait_until_finished()
+    _IN_FLIGHT.pop(id(manager), None)
+
+
 def _marked_when_closed(manager: ocp.CheckpointManager) -> ocp.CheckpointManager:
     """`manager`, whose `close` (directly or by leaving a `with` block) marks it closed."""
     close = manager.close
 
     def close_and_mark() -> None:
-        close()
+        close()  # orbax's close waits for a save in flight
         _CLOSED.add(manager)
+        _IN_FLIGHT.pop(id(manager), None)
 
     manager.close = close_and_mark
     return manager
@@ -257,7 +319,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
     """Saves the pytree `state` as `step` of `manager` (one item, orbax's standard format).
 
     Returns:
-      Whether a checkpoint was written (the manager's save policy may skip a step).
+      Whether the step is saved (the manager's save policy may skip a step). With orbax's
+      default asynchronous saving the files are still being written: they are complete after
+      `manager.wait_until_finished()` or `manager.close()`, and :func:`restore` and the normal
+      end of the process wait for them.
 
     Raises:
       TypeError: `manager` is not an orbax `CheckpointManager` (a path, say), `step` is not
@@ -299,7 +364,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
     Path(manager.directory).mkdir(parents=True, exist_ok=True)
     # NumPy scalars as 0-d arrays, which every supported orbax writes (0.11 refuses scalars).
     state = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, np.generic) else x, state)
-    return manager.save(step, args=ocp_.args.StandardSave(state), force=force)
+    saved = manager.save(step, args=ocp_.args.StandardSave(state), force=force)
+    if saved:
+        _in_flight(manager)
+    return saved
 
 
 def _check_after_latest(manager: ocp.CheckpointManager, step: int) -> None:
@@ -378,6 +446,8 @@ def _check_readable(manager: ocp.CheckpointManager, step: int) -> None:
 def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None) -> Any:
     """Restores `step` (default: the latest) of `manager` into the structure of `target`.
 
+    A save of `manager` still being written in the background is finished first.
+
     Args:
       manager: from :func:`open_manager`, holding checkpoints written by :func:`save`.
       target: a tree like the one saved, e.g. built from a freshly initialized model and
@@ -418,6 +488,7 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
     """
     ocp_ = _orbax()
     _check_manager(manager)
+    _finished(manager)  # a save in flight is read whole, not as its temporary directory
     if not manager.directory.exists():
         raise FileNotFoundError(
             f"checkpoint directory {manager.directory} does not exist: nothing to restore. "
