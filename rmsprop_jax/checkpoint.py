@@ -104,7 +104,7 @@ def _finish_in_flight() -> None:
 
 @functools.cache
 def _finish_in_flight_at_exit() -> None:
-    """Has the saves in flight finished before the process ends (registered once).
+    """Registers, once, the finishing of the saves in flight before the process ends.
 
     Orbax finishes a save in background threads that use `concurrent.futures` executors,
     which refuse new work once the interpreter starts shutting down, before `atexit`
