@@ -21,6 +21,14 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def positive_integer(text: str) -> int:
+    """A whole number >= 1: epochs, steps, sizes."""
+    value = int(text)  # argparse reports a ValueError as "invalid positive_integer value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
 def positive_number(text: str) -> float:
     """A finite number > 0: a learning rate, a distance."""
     value = float(text)  # argparse reports a ValueError as "invalid positive_number value"

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from cli_help import DefaultsHelpFormatter, fraction, positive_number, random_seed
+from cli_help import DefaultsHelpFormatter, fraction, positive_integer, positive_number, random_seed
 from progress_report import Progress, format_loss
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -154,10 +154,12 @@ def build_parser(description: str, default_out: str) -> argparse.ArgumentParser:
         "--bias-correction", action="store_true", help="Adam-style debiasing (RMSprop only)"
     )
     parser.add_argument(
-        "--epochs", type=int, default=20, help="epochs in all, resumed ones included"
+        "--epochs", type=positive_integer, default=20, help="epochs in all, resumed ones included"
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
-    parser.add_argument("--hidden-size", type=int, default=128, help="width of the dense layer")
+    parser.add_argument("--batch-size", type=positive_integer, default=32, help="examples per step")
+    parser.add_argument(
+        "--hidden-size", type=positive_integer, default=128, help="width of the dense layer"
+    )
     parser.add_argument(
         "--seed", type=random_seed, default=0, help="initialization and order of the batches"
     )
@@ -169,7 +171,9 @@ def build_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint-dir", type=Path, help="save checkpoints here")
     parser.add_argument(
-        "--checkpoint-every", type=int, help="steps between checkpoints (default: one epoch)"
+        "--checkpoint-every",
+        type=positive_integer,
+        help="steps between checkpoints (default: one epoch)",
     )
     parser.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint, if any"
@@ -179,10 +183,6 @@ def build_parser(description: str, default_out: str) -> argparse.ArgumentParser:
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
-    for flag in ("epochs", "batch_size", "hidden_size", "checkpoint_every"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if (args.resume or args.checkpoint_every) and args.checkpoint_dir is None:
         parser.error("--resume and --checkpoint-every need --checkpoint-dir")
     if args.compare and any(

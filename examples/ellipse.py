@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from cli_help import DefaultsHelpFormatter, positive_number
+from cli_help import DefaultsHelpFormatter, positive_integer, positive_number
 
 import rmsprop_jax as rj
 
@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> dict[str, int | None]:
     parser.add_argument(
         "--learning-rate", type=positive_number, default=0.019, help="shared by all three"
     )
-    parser.add_argument("--steps", type=int, default=500, help="steps of each optimizer")
+    parser.add_argument(
+        "--steps", type=positive_integer, default=500, help="steps of each optimizer"
+    )
     parser.add_argument(
         "--radius", type=positive_number, default=0.05, help="distance to the minimum"
     )
@@ -140,8 +142,6 @@ def main(argv: list[str] | None = None) -> dict[str, int | None]:
         "--out", type=Path, default=Path("outputs/ellipse"), help="folder for the figure"
     )
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error(f"--steps must be positive, got {args.steps}")
 
     rate = args.learning_rate
     optimizers = {

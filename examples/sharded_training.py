@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from cli_help import DefaultsHelpFormatter, positive_number
+from cli_help import DefaultsHelpFormatter, positive_integer, positive_number
 
 STORAGE_FORMATS = ("float32", "bfloat16", "int8", "factored")  # rj.rmsprop's moment_storage
 
@@ -41,26 +41,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--devices", type=int, default=None, help="simulated CPU devices per process"
+        "--devices", type=positive_integer, default=None, help="simulated CPU devices per process"
     )
-    parser.add_argument("--processes", type=int, default=1, help="processes on this machine")
+    parser.add_argument(
+        "--processes", type=positive_integer, default=1, help="processes on this machine"
+    )
     parser.add_argument("--process-id", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--storage", default="float32", choices=STORAGE_FORMATS, help="moment_storage of rj.rmsprop"
     )
-    parser.add_argument("--hidden", type=int, default=512, help="width of the hidden layers")
-    parser.add_argument("--steps", type=int, default=300, help="training steps")
-    parser.add_argument("--batch", type=int, default=256, help="global batch size")
+    parser.add_argument(
+        "--hidden", type=positive_integer, default=512, help="width of the hidden layers"
+    )
+    parser.add_argument("--steps", type=positive_integer, default=300, help="training steps")
+    parser.add_argument("--batch", type=positive_integer, default=256, help="global batch size")
     parser.add_argument("--learning-rate", type=positive_number, default=1e-3, help="of rj.rmsprop")
     parser.add_argument("--timeout", type=float, default=600, help="seconds, with --processes")
     parser.add_argument("--out", default="outputs/sharded_training", help="folder for the figures")
-    args = parser.parse_args(argv)
-    for flag in ("devices", "processes", "hidden", "steps", "batch"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag} must be >= 1, got {value}")
-    return args
+    return parser.parse_args(argv)
 
 
 def _forward_output(stream: Iterable[str]) -> None:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from cli_help import DefaultsHelpFormatter, random_seed
+from cli_help import DefaultsHelpFormatter, positive_integer, random_seed
 from progress_report import Progress
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -196,17 +196,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--out", type=Path, default=Path("outputs/sweep_digits"), help="folder for the results"
     )
-    parser.add_argument("--epochs", type=int, default=40, help="epochs of every configuration")
-    parser.add_argument("--epochs-per-chunk", type=int, default=5, help="epochs per compiled call")
-    parser.add_argument("--batch-size", type=int, default=64, help="examples per step")
+    parser.add_argument(
+        "--epochs", type=positive_integer, default=40, help="epochs of every configuration"
+    )
+    parser.add_argument(
+        "--epochs-per-chunk", type=positive_integer, default=5, help="epochs per compiled call"
+    )
+    parser.add_argument("--batch-size", type=positive_integer, default=64, help="examples per step")
     parser.add_argument(
         "--seed", type=random_seed, default=0, help="initialization and order of the batches"
     )
     parser.add_argument("--shard", action="store_true", help="split the sweep across devices")
     args = parser.parse_args(argv)
-    for flag in ("epochs", "epochs_per_chunk", "batch_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.epochs % args.epochs_per_chunk:
         parser.error("--epochs must be a multiple of --epochs-per-chunk")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -179,10 +179,19 @@ def test_help_shows_the_defaults(script, default):
     ("script", "flags", "message"),
     [
         ("sharded_training", ["--storage", "int4"], "argument --storage: invalid choice: 'int4'"),
-        ("sharded_training", ["--steps", "0"], "--steps must be >= 1, got 0"),
+        ("sharded_training", ["--steps", "0"], "--steps: must be a whole number >= 1, got 0"),
         ("train_digits", ["--optimizer", "lion"], "argument --optimizer: invalid choice"),
-        ("sweep_digits", ["--epochs-per-chunk", "0"], "--epochs-per-chunk must be >= 1, got 0"),
-        ("ellipse", ["--steps", "0"], "must be positive, got 0"),
+        (
+            "sweep_digits",
+            ["--epochs-per-chunk", "0"],
+            "--epochs-per-chunk: must be a whole number >= 1, got 0",
+        ),
+        ("ellipse", ["--steps", "0"], "--steps: must be a whole number >= 1, got 0"),
+        (
+            "train_digits",
+            ["--batch-size", "-4"],
+            "--batch-size: must be a whole number >= 1, got -4",
+        ),
         # Each was a traceback: from NumPy's generator, or from the optimizer being built.
         ("train_digits", ["--seed", "-3"], "--seed: must be an integer in [0, 2**32), got -3"),
         ("linen_trainstate", ["--momentum", "1.5"], "--momentum: must lie in [0, 1), got 1.5"),
