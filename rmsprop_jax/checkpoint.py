@@ -82,15 +82,15 @@ class CorruptCheckpointError(ValueError):
 _CLOSED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-# Managers whose last save may still be running in orbax's background threads, by id. Held
-# strongly: a manager dropped right after `save` still has its files to finish.
-_IN_FLIGHT: dict[int, Any] = {}
+# Managers whose last save may still be running in orbax's background threads. Held strongly
+# (not a WeakSet like `_CLOSED`): a manager dropped right after `save` has files to finish.
+_IN_FLIGHT: set[Any] = set()
 
 
 def _finish_in_flight() -> None:
     """Finishes every save still in flight (the Python process is ending)."""
     while _IN_FLIGHT:
-        _, manager = _IN_FLIGHT.popitem()
+        manager = _IN_FLIGHT.pop()
         try:
             _finished(manager)
         except Exception:  # reported; the other managers are still finished
@@ -120,7 +120,7 @@ def _finish_in_flight_at_exit() -> None:
 
 def _in_flight(manager: ocp.CheckpointManager) -> None:
     """Records that `manager` may have a save running, to be finished before the process ends."""
-    _IN_FLIGHT[id(manager)] = manager
+    _IN_FLIGHT.add(manager)
     _finish_in_flight_at_exit()
 
 
@@ -129,7 +129,7 @@ def _finished(manager: ocp.CheckpointManager) -> None:
     if _closed(manager):
         return
     manager.wait_until_finished()
-    _IN_FLIGHT.pop(id(manager), None)
+    _IN_FLIGHT.discard(manager)
 
 
 def _marked_when_closed(manager: ocp.CheckpointManager) -> ocp.CheckpointManager:
@@ -139,7 +139,7 @@ def _marked_when_closed(manager: ocp.CheckpointManager) -> ocp.CheckpointManager
     def close_and_mark() -> None:
         close()  # orbax's close waits for a save in flight
         _CLOSED.add(manager)
-        _IN_FLIGHT.pop(id(manager), None)
+        _IN_FLIGHT.discard(manager)
 
     manager.close = close_and_mark
     return manager
