@@ -185,6 +185,10 @@ def test_fused_sums_of_a_gradient_and_a_bfloat16_moment_write_nothing_whole():
     memory = compiled.memory_analysis()
     assert memory is not None
     assert memory.temp_size_in_bytes < 64 * 1024
+    # The row sums of an x computed from two arrays: reduced with a count (two operands).
+    text = compiled.as_text()
+    assert text is not None
+    assert re.search(r"\(f32\[1024\]\{0\}, s32\[1024\]\{0\}\) reduce", text)
     rng = np.random.default_rng(1)
     g = rng.normal(size=(1024, 512)).astype(np.float32)
     mu = jnp.asarray(rng.normal(size=(1024, 512)), jnp.bfloat16)
@@ -288,7 +292,10 @@ def test_unless_keeps_the_counted_means_in_its_loop():
         entry = text[text.index("\nENTRY") :]
         entry = entry[: entry.index("\n}")]
         assert "while(" in entry
-        assert re.search(r"\(f32\[[0-9,]+\]\{[0-9,]*\}, s32\[", entry) is None, entry
+        # Out of the loop, the one counting reduction is the fused row sums' (one result per
+        # row); the counted means' column reduction (one per column) stays in the loop.
+        counting = re.findall(r"\(f32\[([0-9,]+)\]\{[0-9,]*\}, s32\[", entry)
+        assert counting == [",".join(map(str, args[0].shape[:-1]))], entry
         # Alone: nothing the size of the leaf. Under vmap: the rewritten bfloat16 input inside
         # the loop's body (2 bytes per element), but no float32 conversion of it (4).
         elements = int(np.prod(args[0].shape))

@@ -92,9 +92,33 @@ def fused_sums(x_of: Callable[..., chex.Array], *arrays: Any) -> tuple[Any, Any]
     is merged with the other, or with one elsewhere in the program (the step's own |g|², say).
     A scalar constant (a decay, say) that `x_of` multiplies by would still be one broadcast
     common to both, written whole: scale the sums instead.
+
+    XLA:CPU hands a sum of one operand to its library (YNN) kernels. For an `x` computed from
+    two or more arrays (the centered spread from the gradient and `mu`), its own loop, which
+    takes reductions of several operands, reads the row sums about twice as fast (on 2 AMD
+    EPYC cores: 0.13-0.20 against 0.28-0.37 ns per element of the spread, from 512 x 512 to
+    4096 x 4096; for the square of one array, both take about 0.1), so they are taken with a
+    count of `x`'s non-finite entries as a second operand (:func:`_row_sums_counted`). Across
+    rows, the library kernel is the faster one (XLA's own loop: 4-13x slower).
     """
     first, second = lax.optimization_barrier((arrays, arrays))
-    return jnp.sum(x_of(*first), axis=-1), jnp.sum(x_of(*second), axis=-2)
+    x = x_of(*first)
+    rows = _row_sums_counted(x) if len(jax.tree.leaves(first)) > 1 else jnp.sum(x, axis=-1)
+    return rows, jnp.sum(x_of(*second), axis=-2)
+
+
+def _row_sums_counted(x: chex.Array) -> chex.Array:
+    """The sums of `x` along the last axis, reduced together with a count of its non-finite
+    entries: a reduction of two operands, which XLA:CPU computes in its own loop rather than
+    in a library kernel. The count is tied to the sums (:func:`tie`) so that XLA keeps it; it
+    is not otherwise needed (a non-finite entry makes its row's sum non-finite)."""
+    sums, non_finite = lax.reduce(
+        (x, (~jnp.isfinite(x)).astype(jnp.int32)),
+        (jnp.zeros((), x.dtype), jnp.int32(0)),
+        lambda a, b: (a[0] + b[0], a[1] + b[1]),
+        (x.ndim - 1,),
+    )
+    return tie(sums, never_from(non_finite))
 
 
 def counted_means(
