@@ -98,27 +98,29 @@ def fused_sums(x_of: Callable[..., chex.Array], *arrays: Any) -> tuple[Any, Any]
     takes reductions of several operands, reads the row sums about twice as fast (on 2 AMD
     EPYC cores: 0.13-0.20 against 0.28-0.37 ns per element of the spread, from 512 x 512 to
     4096 x 4096; for the square of one array, both take about 0.1), so they are taken with a
-    count of `x`'s non-finite entries as a second operand (:func:`_row_sums_counted`). Across
-    rows, the library kernel is the faster one (XLA's own loop: 4-13x slower).
+    count of `x`'s non-finite entries as a second operand (:func:`_sum_counting`; the count is
+    not needed, a non-finite entry making its row's sum non-finite). Across rows, the library
+    kernel is the faster one (XLA's own loop: 4-13x slower).
     """
     first, second = lax.optimization_barrier((arrays, arrays))
     x = x_of(*first)
-    rows = _row_sums_counted(x) if len(jax.tree.leaves(first)) > 1 else jnp.sum(x, axis=-1)
+    leaf_sized = sum(np.shape(a) == x.shape for a in jax.tree.leaves(first))
+    rows = _sum_counting(x, ~jnp.isfinite(x), -1) if leaf_sized > 1 else jnp.sum(x, axis=-1)
     return rows, jnp.sum(x_of(*second), axis=-2)
 
 
-def _row_sums_counted(x: chex.Array) -> chex.Array:
-    """The sums of `x` along the last axis, reduced together with a count of its non-finite
-    entries: a reduction of two operands, which XLA:CPU computes in its own loop rather than
-    in a library kernel. The count is tied to the sums (:func:`tie`) so that XLA keeps it; it
-    is not otherwise needed (a non-finite entry makes its row's sum non-finite)."""
-    sums, non_finite = lax.reduce(
-        (x, (~jnp.isfinite(x)).astype(jnp.int32)),
-        (jnp.zeros((), x.dtype), jnp.int32(0)),
+def _sum_counting(terms: chex.Array, counted: chex.Array, axis: int) -> chex.Array:
+    """The sums of `terms` along `axis`, in one reduction with the count of the True entries
+    of `counted` (a boolean array of the same shape): a reduction of two operands, which
+    XLA:CPU computes in its own loop rather than in a library kernel. The count is tied to the
+    sums (:func:`tie`), so that XLA keeps it."""
+    sums, count = lax.reduce(
+        (terms, counted.astype(jnp.int32)),
+        (jnp.zeros((), terms.dtype), jnp.int32(0)),
         lambda a, b: (a[0] + b[0], a[1] + b[1]),
-        (x.ndim - 1,),
+        (axis % terms.ndim,),
     )
-    return tie(sums, never_from(non_finite))
+    return tie(sums, never_from(count))
 
 
 def counted_means(
@@ -147,13 +149,7 @@ def counted_means(
 
     def mean(x: chex.Array, axis: int) -> chex.Array:
         finite = jnp.isfinite(x)
-        total, non_finite = lax.reduce(
-            (jnp.where(finite, x * (1.0 / x.shape[axis]), 0), (~finite).astype(jnp.int32)),
-            (jnp.zeros((), x.dtype), jnp.int32(0)),
-            lambda a, b: (a[0] + b[0], a[1] + b[1]),
-            (axis % x.ndim,),
-        )
-        return tie(total, never_from(non_finite))
+        return _sum_counting(jnp.where(finite, x * (1.0 / x.shape[axis]), 0), ~finite, axis)
 
     row_means, col_means = mean(selected(0), -1), mean(selected(1), -2)
     return row_means, col_means, pack_flags(~jnp.isfinite(selected(2))) if flagged else None
