@@ -458,7 +458,7 @@ def test_the_reductions_stand_ins_change_the_step_and_are_put_back(
     import rmsprop_jax as rj
     from rmsprop_jax import storage
     from rmsprop_jax._jax_compat import JAX_VERSION
-    from rmsprop_jax.storage import _rows, int8
+    from rmsprop_jax.storage import _sums, int8
 
     reductions = benchmark("reductions")
     originals = (int8.finite_maxima, storage.fused_sums)
@@ -472,7 +472,7 @@ def test_the_reductions_stand_ins_change_the_step_and_are_put_back(
     def replaced():
         return _update_step_state(tx, params, grads).compile()
 
-    if moment_storage == "factored" and JAX_VERSION < _rows.SUMS_FUSE_FROM:
+    if moment_storage == "factored" and JAX_VERSION < _sums.SUMS_FUSE_FROM:
         # This release updates factored leaves in row chunks, without the fused sums.
         with pytest.raises(RuntimeError, match="never called the function it replaces"):
             reductions.traced_with(getattr(reductions, stand_in), replaced)

@@ -11,6 +11,8 @@ column would not be.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -18,11 +20,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import rmsprop_jax as rj
 from rmsprop_jax import storage
-from rmsprop_jax.storage import _rows
+from rmsprop_jax.storage import _rows, _sums
 
 # (1000, 256): chunks of 40 rows (5 of each of 8 groups), 125 rows per group not a multiple
 # of the 16 a chunk could hold; (131, 512): a prime row count, chunks of one row; (3, 128,
@@ -149,8 +152,8 @@ def test_summed_flags_must_match_the_stored_arrays():
 
 
 needs_fused_sums = pytest.mark.skipif(
-    not _rows.sums_fuse(),
-    reason=f"statistics from fused sums need JAX {_rows.SUMS_FUSE_FROM}+, this is "
+    not _sums.sums_fuse(),
+    reason=f"statistics from fused sums need JAX {_sums.SUMS_FUSE_FROM}+, this is "
     f"JAX {jax.__version__}",
 )
 
@@ -158,7 +161,7 @@ needs_fused_sums = pytest.mark.skipif(
 @needs_fused_sums
 def test_fused_sums_do_not_write_the_summed_array():
     g = jax.ShapeDtypeStruct((1024, 1024), jnp.float32)
-    compiled = jax.jit(lambda g: _rows.fused_sums(lambda g: g * g, g)).lower(g).compile()
+    compiled = jax.jit(lambda g: _sums.fused_sums(lambda g: g * g, g)).lower(g).compile()
     # Two sums of 1024 floats each, and no 4 MiB square.
     memory = compiled.memory_analysis()
     assert memory is not None
@@ -179,7 +182,7 @@ def test_fused_sums_of_a_gradient_and_a_bfloat16_moment_write_nothing_whole():
     )
 
     def spread_sums(g, mu):
-        return _rows.fused_sums(lambda g, mu: (g - mu.astype(jnp.float32)) ** 2, g, mu)
+        return _sums.fused_sums(lambda g, mu: (g - mu.astype(jnp.float32)) ** 2, g, mu)
 
     compiled = jax.jit(spread_sums).lower(*shapes).compile()
     memory = compiled.memory_analysis()
@@ -206,7 +209,7 @@ def test_factored_statistics_from_means_are_the_chunks_statistics(variant, maybe
     grads = _gradients(SHAPES, seed=7)
     from_means = _run("factored", VARIANTS[variant], grads, maybe_jit)
     with monkeypatch.context() as patch:
-        patch.setattr(_rows, "SUMS_FUSE_FROM", (99,))
+        patch.setattr(_sums, "SUMS_FUSE_FROM", (99,))
         chunked = _run("factored", VARIANTS[variant], grads, maybe_jit)
     _assert_same(from_means, chunked, rtol=1e-5)
 
@@ -225,7 +228,7 @@ def test_counted_means_leave_non_finite_entries_out_and_flag_them(shape, maybe_j
         def x_of(g, mu):
             return 0.9 * (g - mu.astype(jnp.float32)) ** 2
 
-        return _rows.counted_means(x_of, jnp.zeros(3), g, mu, flagged=True)
+        return _sums.counted_means(x_of, jnp.zeros(3), g, mu, flagged=True)
 
     rows, cols, flags = maybe_jit(counted)(jnp.asarray(g), mu)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -238,7 +241,7 @@ def test_counted_means_leave_non_finite_entries_out_and_flag_them(shape, maybe_j
     np.testing.assert_array_equal(unpacked, ~np.isfinite(x32))
     # NaN, both infinities and the overflowing squares of 1e38 (those of 1.5e19 are finite).
     assert unpacked.sum() == 32
-    if maybe_jit is jax.jit and _rows.sums_fuse():  # Used from that JAX release on.
+    if maybe_jit is jax.jit and _sums.sums_fuse():  # Used from that JAX release on.
         shapes = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, mu.dtype))
         memory = jax.jit(counted).lower(*shapes).compile().memory_analysis()
         # Nothing the size of x (1 MiB): the means, the counts and the flags' bytes.
@@ -250,7 +253,7 @@ def test_unless_computes_only_where_not_done_and_per_member_under_vmap(maybe_jit
         return anchor * 0 + 2 * a
 
     def run(done, a):
-        return _rows.unless(done, fn, a, otherwise=-a)[0]
+        return _sums.unless(done, fn, a, otherwise=-a)[0]
 
     a = jnp.arange(4.0)
     np.testing.assert_array_equal(maybe_jit(run)(jnp.bool_(True), a), -a)
@@ -272,13 +275,13 @@ def test_unless_keeps_the_counted_means_in_its_loop():
         return (g - mu.astype(jnp.float32)) ** 2
 
     def step(g, mu):
-        sums = _rows.fused_sums(x_of, g, mu)
+        sums = _sums.fused_sums(x_of, g, mu)
         done = jnp.all(jnp.isfinite(sums[0])) & jnp.all(jnp.isfinite(sums[1]))
 
         def counted(anchor, g, mu):
-            return _rows.counted_means(x_of, anchor, g, mu, flagged=False)[:2]
+            return _sums.counted_means(x_of, anchor, g, mu, flagged=False)[:2]
 
-        means, (mu,) = _rows.unless(done, counted, g, otherwise=sums, carried=(mu,))
+        means, (mu,) = _sums.unless(done, counted, g, otherwise=sums, carried=(mu,))
         return means, mu
 
     one = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.bfloat16))
@@ -300,7 +303,7 @@ def test_unless_keeps_the_counted_means_in_its_loop():
         # the loop's body (2 bytes per element), but no float32 conversion of it (4).
         elements = int(np.prod(args[0].shape))
         bound = elements if args is one else 3 * elements
-        if _rows.sums_fuse():  # Older XLA:CPU writes the sums' x whole (not used there).
+        if _sums.sums_fuse():  # Older XLA:CPU writes the sums' x whole (not used there).
             memory = compiled.memory_analysis()
             assert memory is not None
             assert memory.temp_size_in_bytes < bound, args[0].shape
@@ -342,3 +345,167 @@ def test_factored_members_of_a_vmap_update_as_each_alone(variant):
         ours = jax.tree.map(lambda x, k=k: np.asarray(x[k]), together)
         for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(one), strict=True):
             np.testing.assert_allclose(a, np.asarray(b), rtol=1e-6)
+
+
+@needs_fused_sums
+def test_fused_sums_after_an_array_wait_for_it_and_give_the_same_sums():
+    """`after` enters each sum as a computed initial value of 0: the sums are the same (also
+    under `jax.vmap`, where it stays one scalar), and each reduction reads it."""
+    rng = np.random.default_rng(2)
+    g = jnp.asarray(rng.normal(size=(512, 384)), jnp.float32)
+    mu = jnp.asarray(rng.normal(size=(512, 384)), jnp.bfloat16)
+
+    def x_of(g, mu):
+        return (g - mu.astype(jnp.float32)) ** 2
+
+    def sums(g, mu, after):
+        return _sums.fused_sums(x_of, g, mu, after=after)
+
+    after = jnp.arange(3.0)
+    free = jax.jit(lambda g, mu: _sums.fused_sums(x_of, g, mu))(g, mu)
+    waiting = jax.jit(sums)(g, mu, after)
+    for a, b in zip(waiting, free, strict=True):
+        np.testing.assert_array_equal(a, b)
+    batched = jax.jit(jax.vmap(sums))(
+        jnp.stack([g, 2 * g]), jnp.stack([mu, mu]), jnp.stack([after, -after])
+    )
+    alone = jax.jit(sums)(2 * g, mu, -after)
+    for a, b in zip(batched, alone, strict=True):
+        np.testing.assert_array_equal(a[1], b)
+    compiled = jax.jit(sums).lower(g, mu, after).compile()
+    memory, text = compiled.memory_analysis(), compiled.as_text()
+    assert memory is not None and text is not None
+    assert memory.temp_size_in_bytes < 64 * 1024
+    graph = _entry_graph(text)
+    parameters = {
+        op.split(")")[0]: name for name, (_, op, _) in graph.items() if op.startswith("parameter(")
+    }
+    # The kernels that read the gradient and give a vector: the row and the column sums.
+    reductions = [
+        name
+        for name, (shape, op, _) in graph.items()
+        if parameters["parameter(0"] in _operands(op) and re.match(r"\(?f32\[(512|384)\]", shape)
+    ]
+    assert len(reductions) == 2, reductions
+    for name in reductions:
+        assert parameters["parameter(2"] in _ancestors(graph, name), name
+
+
+@needs_fused_sums
+@pytest.mark.parametrize("variant", ["plain", "centered + momentum"])
+def test_large_factored_leaves_sum_one_after_another(variant):
+    """Each large leaf's sums wait for the previous large leaf's statistics (a data
+    dependency, which is what orders XLA:CPU's kernels at run time); small leaves between
+    them are not waited for."""
+    centered = variant != "plain"
+    tx = rj.rmsprop(
+        1e-3, moment_storage="factored", centered=centered, momentum=0.9 if centered else None
+    )
+    shapes = {"a": (512, 256), "b": (8,), "c": (256, 640), "d": (384, 512)}
+    params = {k: jnp.ones(s) for k, s in shapes.items()}
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
+    text = compiled.as_text()
+    assert text is not None
+    graph = _entry_graph(text)
+    gradient = {
+        leaf: next(
+            n
+            for n, (_, op, meta) in graph.items()
+            if op.startswith("parameter") and f"grads[\\'{leaf}\\']" in meta
+        )
+        for leaf in shapes
+    }
+
+    def sums_of(leaf: str) -> list[str]:
+        """The kernels that reduce the leaf's gradient to a vector (its row or column sums)."""
+        rows, cols = shapes[leaf]
+        found = [
+            name
+            for name, (shape, op, _) in graph.items()
+            if gradient[leaf] in _operands(op) and re.match(rf"\(?f32\[({rows}|{cols})\]", shape)
+        ]
+        assert len(found) == 2, (leaf, found)
+        return found
+
+    order = ["a", "c", "d"]
+    for earlier, later in itertools.pairwise(order):
+        for name in sums_of(later):
+            ancestors = _ancestors(graph, name)
+            assert any(s in ancestors for s in sums_of(earlier)), (later, earlier)
+    assert not any(s in _ancestors(graph, t) for t in sums_of("a") for s in sums_of("d"))
+
+
+def _entry_graph(text: str) -> dict[str, tuple[str, str, str]]:
+    """The entry computation of an optimized HLO text: each instruction's name mapped to its
+    shape, its operation with operands, and its metadata."""
+    entry = text[text.index("\nENTRY") :]
+    entry = entry[: entry.index("\n}")]
+    graph = {}
+    for line in entry.splitlines()[1:]:
+        found = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+) = (\([^=]*?\)|\S+) (.*)$", line)
+        if found:
+            operation, _, metadata = found.group(3).partition("metadata=")
+            graph[found.group(1)] = (found.group(2), operation, metadata)
+    return graph
+
+
+def _operands(operation: str) -> list[str]:
+    return re.findall(r"%([\w.\-]+)", operation.split("calls=")[0])
+
+
+def _ancestors(graph: dict[str, tuple[str, str, str]], name: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        for operand in _operands(graph[todo.pop()][1]):
+            if operand in graph and operand not in seen:
+                seen.add(operand)
+                todo.append(operand)
+    return seen
+
+
+@pytest.mark.parametrize("finite", [True, False], ids=["finite", "with_extremes"])
+def test_statistics_passes_differentiate_as_plain_reductions(finite):
+    """The sums, the counting passes and the loop that runs them only where needed are
+    written for XLA's fusion; their derivatives (forward and reverse) are those of plain sums
+    and means of x with its non-finite entries left out."""
+    rng = np.random.default_rng(9)
+    drawn = rng.normal(size=(512, 384)).astype(np.float32)
+    if not finite:
+        drawn[3, 5], drawn[7, 1] = np.inf, np.nan
+    g, mu = jnp.asarray(drawn), jnp.asarray(rng.normal(size=(512, 384)), jnp.float32)
+    tangents = tuple(jnp.asarray(rng.normal(size=(512, 384)), jnp.float32) for _ in range(2))
+
+    def x_of(scale, g, mu):
+        return scale * (g - mu) ** 2
+
+    def statistics(g, mu):
+        sums = _sums.fused_sums(x_of, 0.5, g, mu, after=jnp.ones(3))
+        done = jnp.all(jnp.isfinite(sums[0])) & jnp.all(jnp.isfinite(sums[1]))
+        means = (sums[0] / 384, sums[1] / 512)
+        counted = functools.partial(_sums.counted_means, x_of, flagged=False)
+
+        def fn(anchor, scale, g, mu):
+            return counted(anchor, scale, g, mu)[:2]
+
+        return _sums.unless(done, fn, 0.5, g, mu, otherwise=means)[0]
+
+    def reference(g, mu):
+        x = x_of(0.5, g, mu)
+        x = jnp.where(jnp.isfinite(x), x, 0)
+        return jnp.mean(x, axis=-1), jnp.mean(x, axis=-2)
+
+    ours = jax.jit(lambda t: jax.jvp(statistics, (g, mu), t))(tangents)
+    theirs = jax.jvp(reference, (g, mu), tangents)
+    cotangents = theirs[0]
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    ours = jax.jit(lambda c: jax.vjp(statistics, g, mu)[1](c))(cotangents)
+    theirs = jax.vjp(reference, g, mu)[1](cotangents)
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -12,7 +12,8 @@ one new module defining a `FORMAT` plus one entry in :data:`FORMATS`.
 
 Every format's update step divides by the average as stored (rounded), and writes the donated
 state in place; large factored leaves (and int8 ones with JAX before 0.7.2) are updated in
-row chunks (`_rows`).
+row chunks (`_rows`) or, with JAX 0.10.2 and newer, the factored ones from whole-leaf sums
+(`_sums`).
 """
 
 from __future__ import annotations
@@ -21,17 +22,10 @@ from typing import Any
 
 import jax
 
-from rmsprop_jax.storage import _rows, bfloat16, factored, float32, int8
+from rmsprop_jax.storage import _rows, _sums, bfloat16, factored, float32, int8
 from rmsprop_jax.storage._format import StorageFormat, after
-from rmsprop_jax.storage._rows import (
-    counted_means,
-    flags_like,
-    fused_sums,
-    pack_flags,
-    unless,
-    unpack_flags,
-    update_by_rows,
-)
+from rmsprop_jax.storage._rows import flags_like, pack_flags, unpack_flags, update_by_rows
+from rmsprop_jax.storage._sums import counted_means, fused_sums, sums_anchor, unless
 from rmsprop_jax.storage.factored import FactoredMoment
 from rmsprop_jax.storage.int8 import QuantizedMoment
 
@@ -70,7 +64,7 @@ def updates_by_rows(fmt: StorageFormat, g: Any) -> bool:
 def updates_from_sums(fmt: StorageFormat) -> bool:
     """Whether `fmt` updates a large leaf from the means of `x`: :func:`fused_sums` where
     `x` is finite, else :func:`counted_means` (no chunk loop)."""
-    return fmt.updates_from_sums and _rows.sums_fuse()
+    return fmt.updates_from_sums and _sums.sums_fuse()
 
 
 def shared_block_maxima(*averages: tuple[StorageFormat, Any, Any, bool]) -> list[Any]:
@@ -147,6 +141,7 @@ __all__ = [
     "get",
     "pack_flags",
     "shared_block_maxima",
+    "sums_anchor",
     "unless",
     "unpack_flags",
     "update_by_rows",

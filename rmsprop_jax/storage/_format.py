@@ -42,18 +42,33 @@ def placeholder() -> jax.Array:
     return jnp.zeros((1,), jnp.uint8)
 
 
+@jax.custom_jvp
 def tie(part: chex.Array, never: chex.Array) -> chex.Array:
     """`part` unchanged, as a bitwise OR with `never` (False, of a shape that broadcasts).
 
     `never` must be computed so that no compiler folds it to a constant (as
     `(x != x) & (x == x)` is not folded, see `_sharded_ops.plus_zero_from`): `part` then
-    depends on whatever `never` was computed from.
+    depends on whatever `never` was computed from. Differentiated, it is the identity on
+    `part` (the bit operations alone would give a derivative of 0).
+
+    Examples:
+      >>> def tied(x):
+      ...     return tie(x, never_from(x))
+      >>> x = jnp.arange(3.0)
+      >>> tied(x).tolist(), jax.grad(lambda x: tied(x).sum())(x).tolist()
+      ([0.0, 1.0, 2.0], [1.0, 1.0, 1.0])
     """
     if jnp.dtype(part.dtype).itemsize > 4:
         return part
     unsigned = jnp.dtype(f"uint{8 * jnp.dtype(part.dtype).itemsize}")
     bits = jax.lax.bitcast_convert_type(part, unsigned) | never.astype(unsigned)
     return jax.lax.bitcast_convert_type(bits, part.dtype)
+
+
+@tie.defjvp
+def _tie_jvp(primals: tuple[Any, Any], tangents: tuple[Any, Any]) -> tuple[Any, Any]:
+    part, never = primals
+    return tie(part, never), tangents[0]
 
 
 def never_from(x: chex.Array) -> chex.Array:

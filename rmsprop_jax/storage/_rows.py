@@ -12,7 +12,7 @@ folded chunk by chunk (`summed` in :func:`update_by_rows`). `"int8"` is updated 
 with JAX releases before 0.7.2 (see :data:`rmsprop_jax.storage.int8.ONE_PASS_FROM`), and
 `"factored"` only with releases before 0.10.2, whose XLA:CPU fuses no producer into a
 reduction: from 0.10.2 on, its statistics come from whole-leaf reductions that compute `x`
-themselves (:func:`fused_sums`, :func:`counted_means`).
+themselves (:mod:`rmsprop_jax.storage._sums`).
 
 XLA:CPU has no bfloat16 dynamic slices: it writes a bfloat16 chunk (the centered `mu` of the
 factored format, with JAX before 0.10.2) by converting the whole carried array to float32 and
@@ -39,16 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from rmsprop_jax import _jax_compat, _sharded_ops
+from rmsprop_jax import _sharded_ops
 from rmsprop_jax.storage import _rounding
 from rmsprop_jax.storage._format import never_from, tie
 
 CHUNK_ELEMENTS = 1 << 15
 _MAX_GROUPS = 64
-# The first JAX release whose XLA:CPU fuses an elementwise producer into a reduction (see
-# :func:`fused_sums`); with older ones the sums would write `x` whole, and factored leaves are
-# updated in chunks.
-SUMS_FUSE_FROM = (0, 10, 2)
 
 
 def layout(shape: tuple[int, ...]) -> tuple[int, int, int] | None:
@@ -78,123 +74,6 @@ def applies(fmt: Any, g: chex.Array, *, signed: bool) -> bool:
         # are updated in one pass.
         and _sharded_ops.explicit_sharding(g) is None
     )
-
-
-def fused_sums(x_of: Callable[..., chex.Array], *arrays: Any) -> tuple[Any, Any]:
-    """The sums of `x_of(*arrays)` along the last axis and along the one before, each computed
-    in one pass over `arrays` without writing `x`.
-
-    XLA fuses an elementwise producer into a reduction (on CPU from JAX 0.10.2, see
-    :data:`SUMS_FUSE_FROM`), but not one read by two reductions: such an `x` (or any part of
-    it common to both, as a conversion of a bfloat16 input) is written whole. So each
-    reduction computes its own `x`, from its own copy of `arrays` out of one optimization
-    barrier, which no compiler sees through (and which copies nothing): neither computation
-    is merged with the other, or with one elsewhere in the program (the step's own |g|², say).
-    A scalar constant (a decay, say) that `x_of` multiplies by would still be one broadcast
-    common to both, written whole: scale the sums instead.
-
-    XLA:CPU hands a sum of one operand to its library (YNN) kernels. For an `x` computed from
-    two or more arrays (the centered spread from the gradient and `mu`), its own loop, which
-    takes reductions of several operands, reads the row sums about twice as fast (on 2 AMD
-    EPYC cores: 0.13-0.20 against 0.28-0.37 ns per element of the spread, from 512 x 512 to
-    4096 x 4096; for the square of one array, both take about 0.1), so they are taken with a
-    count of `x`'s non-finite entries as a second operand (:func:`_sum_counting`; the count is
-    not needed, a non-finite entry making its row's sum non-finite). Across rows, the library
-    kernel is the faster one (XLA's own loop: 4-13x slower).
-    """
-    first, second = lax.optimization_barrier((arrays, arrays))
-    x = x_of(*first)
-    leaf_sized = sum(np.shape(a) == x.shape for a in jax.tree.leaves(first))
-    rows = _sum_counting(x, ~jnp.isfinite(x), -1) if leaf_sized > 1 else jnp.sum(x, axis=-1)
-    return rows, jnp.sum(x_of(*second), axis=-2)
-
-
-def _sum_counting(terms: chex.Array, counted: chex.Array, axis: int) -> chex.Array:
-    """The sums of `terms` along `axis`, in one reduction with the count of the True entries
-    of `counted` (a boolean array of the same shape): a reduction of two operands, which
-    XLA:CPU computes in its own loop rather than in a library kernel. The count is tied to the
-    sums (:func:`tie`), so that XLA keeps it."""
-    sums, count = lax.reduce(
-        (terms, counted.astype(jnp.int32)),
-        (jnp.zeros((), terms.dtype), jnp.int32(0)),
-        lambda a, b: (a[0] + b[0], a[1] + b[1]),
-        (axis % terms.ndim,),
-    )
-    return tie(sums, never_from(count))
-
-
-def counted_means(
-    x_of: Callable[..., chex.Array], anchor: chex.Array, *arrays: Any, flagged: bool
-) -> tuple[Any, Any, Any]:
-    """The means of `x = x_of(*arrays)` along the last axis and along the one before, its
-    non-finite entries counted as 0, and (where `flagged`) those entries flagged
-    (:func:`pack_flags`, else None): for an `x` that :func:`fused_sums` cannot give (a
-    non-finite entry, or a sum past float32's range). A mean is a sum of `x/n`, which cannot
-    overflow where the mean is finite.
-
-    Each is one pass over `arrays` that writes nothing the size of `x`: the means are
-    variadic reductions that also count the non-finite entries (XLA:CPU fuses the select that
-    leaves them out into its own reduction kernel; its library reductions, which take a
-    single-operand sum, would have it written whole), and each pass computes its own `x`
-    from `arrays` selected by a False of its own computed from `anchor` (an array of at
-    least three elements), so that XLA merges no part of the three computations of `x`
-    (which would then be written whole). Inside a loop, an `anchor` carried by the loop
-    keeps XLA from hoisting the passes out of it (see :func:`unless`). The counts are not
-    needed: each mean is tied to its count (:func:`tie`), so that XLA keeps them.
-    """
-
-    def selected(k: int) -> chex.Array:
-        never = never_from(anchor.reshape(-1)[k])
-        return x_of(*jax.tree.map(lambda a: jnp.where(never, jnp.zeros((), a.dtype), a), arrays))
-
-    def mean(x: chex.Array, axis: int) -> chex.Array:
-        finite = jnp.isfinite(x)
-        return _sum_counting(jnp.where(finite, x * (1.0 / x.shape[axis]), 0), ~finite, axis)
-
-    row_means, col_means = mean(selected(0), -1), mean(selected(1), -2)
-    return row_means, col_means, pack_flags(~jnp.isfinite(selected(2))) if flagged else None
-
-
-def unless(
-    done: chex.Array,
-    fn: Callable[..., Any],
-    *operands: Any,
-    otherwise: Any,
-    carried: tuple[Any, ...] = (),
-) -> tuple[Any, tuple[Any, ...]]:
-    """`otherwise` where `done` (a boolean scalar), else `fn(anchor, *operands, *carried)` (of
-    the same structure as `otherwise`), computed only where needed; and `carried`.
-
-    A loop of at most one iteration rather than a `lax.cond`: under `jax.vmap`, a `lax.cond`
-    whose predicate is batched computes both branches for every member, where the loop runs
-    only if some member needs it. `anchor` is the first array of `otherwise` as the loop
-    carries it: `fn` must make its work depend on it (as :func:`counted_means` does), or XLA
-    hoists the work out of the loop, and it always runs. `carried` (a tuple of trees of
-    arrays, bfloat16 ones say) is passed through the loop and rewritten unchanged in it: XLA
-    would otherwise convert a loop-invariant bfloat16 input to float32 once before a loop
-    whose predicate is batched (written whole, 4 bytes per element). The caller uses the
-    `carried` returned in place of its own, so that the loop can rewrite them in place.
-    """
-
-    def body(carry: tuple[chex.Array, Any, Any]) -> tuple[chex.Array, Any, Any]:
-        _, result, inputs = carry
-        anchor = jax.tree.leaves(result)[0]
-        never = never_from(anchor.reshape(-1)[0])
-        # Rewritten with the same values by a select XLA cannot resolve, so that they are
-        # not loop-invariant. (`fn` reading them as the loop received them, rather than as
-        # rewritten, has XLA copy them.)
-        inputs = jax.tree.map(lambda a: jnp.where(never, jnp.zeros((), a.dtype), a), inputs)
-        return jnp.bool_(True), fn(anchor, *operands, *inputs), inputs
-
-    _, result, carried = lax.while_loop(
-        lambda carry: ~carry[0], body, (done, otherwise, tuple(carried))
-    )
-    return result, carried
-
-
-def sums_fuse() -> bool:
-    """Whether the installed JAX computes :func:`fused_sums` without writing `x`."""
-    return _jax_compat.JAX_VERSION >= SUMS_FUSE_FROM
 
 
 def flags_like(g: chex.Array) -> chex.Array:
