@@ -52,8 +52,7 @@ def moments_by_rows(
     decay: Any,
     centered: bool,
     sources: Sources | None = None,
-    after: chex.Array | None = None,
-) -> tuple[Any, Any, chex.Array, chex.Array | None]:
+) -> tuple[Any, Any, chex.Array]:
     """`moments(g, nu, mu)` of a large compressed leaf, a chunk of rows at a time or from the
     means of what is averaged in (see the module's docstring).
 
@@ -71,13 +70,9 @@ def moments_by_rows(
       sources: where `g` is computed from other arrays, that computation and the arrays: the
         means from sums then read the arrays and compute `g` in each sum, which a written `g`
         would not be (see :func:`storage.fused_sums`).
-      after: what the means from sums wait for (the previous such leaf's
-        :func:`storage.sums_anchor`), or None.
 
     Returns:
-      The new stored `nu` and `mu`, the variance estimate the step divides by, and what the
-      next leaf's sums wait for: this leaf's anchor where its means came from sums, else
-      `after`.
+      The new stored `nu` and `mu` and the variance estimate the step divides by.
 
     Examples:
       >>> from rmsprop_jax import _large_leaves, storage
@@ -91,7 +86,7 @@ def moments_by_rows(
       ...     return new_nu, mu, variance, abs_sq(g)
       >>> def first_moment(g, mu, *earlier):  # Not centered: no mu to update.
       ...     return mu, None
-      >>> nu, _, variance, _ = _large_leaves.moments_by_rows(
+      >>> nu, _, variance = _large_leaves.moments_by_rows(
       ...     moments, first_moment, fmt, fmt, g, nu, None, decay=0.5, centered=False)
       >>> float(variance[0, 0]), nu[0].shape, nu[1].shape
       (0.5, (512,), (256,))
@@ -110,9 +105,7 @@ def moments_by_rows(
             decay=decay,
             centered=centered,
             sources=sources,
-            after=after,
         )
-        after = storage.sums_anchor(nu)
     else:
 
         def by_rows(g, nu, mu, flags):
@@ -129,7 +122,7 @@ def moments_by_rows(
         folded = _spread_where_not_finite(flags, mu, mu_fmt, g, decay)
     else:
         folded = abs_sq(g)
-    return nu, mu, fmt.leaf_average_after_rows(nu, g, folded), after
+    return nu, mu, fmt.leaf_average_after_rows(nu, g, folded)
 
 
 def _from_means(
@@ -143,7 +136,6 @@ def _from_means(
     decay: Any,
     centered: bool,
     sources: Sources | None,
-    after: chex.Array | None,
 ) -> tuple[Any, Any, chex.Array | None]:
     r"""The new `nu` and `mu` of a leaf whose format updates from the means of x
     (|g|², or centered the spread β |g - μ_{t-1}|² as in `moments`), and the flags of x's
@@ -153,8 +145,7 @@ def _from_means(
     non-negative terms is finite only if each is), the means are the sums over n; otherwise
     they are counted, the non-finite entries left out and flagged
     (:func:`storage.counted_means`, run only then: :func:`storage.unless`). μ is then
-    written elementwise in place, after the means have read μ_{t-1}. The sums start once
-    `after` is written (see :func:`storage.fused_sums`).
+    written elementwise in place, after the means have read μ_{t-1}.
     """
     gradient_of, arrays = (lambda g: g, (g,)) if sources is None else sources
     count = len(arrays)
@@ -179,10 +170,10 @@ def _from_means(
 
         # decay times the sums of |g - mu|**2: a constant inside them would be written whole
         # (see `fused_sums`).
-        sums = tuple(decay * s for s in storage.fused_sums(distance, *arrays, mu, after=after))
+        sums = tuple(decay * s for s in storage.fused_sums(distance, *arrays, mu))
         x_of, operands, carried = spread, (decay, *arrays), (mu,)
     else:
-        sums = storage.fused_sums(squared, *arrays, after=after)
+        sums = storage.fused_sums(squared, *arrays)
     finite = jnp.all(jnp.isfinite(sums[0])) & jnp.all(jnp.isfinite(sums[1]))
     from_sums = (
         sums[0] * (1.0 / g.shape[-1]),

@@ -324,10 +324,8 @@ def preconditioner(
     def gradient(g, sources):
         return g if sources is None else sources[0](*sources[1])
 
-    def leaf_update(g, p, nu, mu, nu_seed, mu_seed, correction, after):
-        """A leaf's step, new nu and new mu; `correction` = 1 - decay**t (bias correction).
-        Also what the next large leaf's sums wait for (see `storage.fused_sums`): `after`, or
-        this leaf's anchor where its statistics come from sums."""
+    def leaf_update(g, p, nu, mu, nu_seed, mu_seed, correction):
+        """A leaf's step, new nu and new mu; `correction` = 1 - decay**t (bias correction)."""
         sources = sources_of(g, p)
         g = gradient(g, sources)
 
@@ -381,7 +379,7 @@ def preconditioner(
             return nu, mu, variance, folded
 
         if storage.updates_by_rows(fmt, g):
-            nu, mu, variance, after = _large_leaves.moments_by_rows(
+            nu, mu, variance = _large_leaves.moments_by_rows(
                 moments,
                 first_moment,
                 fmt,
@@ -392,11 +390,10 @@ def preconditioner(
                 decay=decay,
                 centered=centered,
                 sources=sources,
-                after=after,
             )
         else:
             nu, mu, variance, _ = moments(g, nu, mu, sources)
-        return step(g, variance, correction), nu, mu, after
+        return step(g, variance, correction), nu, mu
 
     def step(g, variance, correction):
         if bias_correction:
@@ -478,8 +475,6 @@ def preconditioner(
         steps: list[Any] = []
         new_nus: list[Any] = []
         new_mus: list[Any] = []
-        # The large leaves' sums run one leaf after another (see `storage.fused_sums`).
-        after = None
         leaves = zip(grads, parameters(params, treedef), nus, mus, strict=True)
         for index, (g, p, nu, mu) in enumerate(leaves):
             if g is None:
@@ -487,7 +482,7 @@ def preconditioner(
                 new_nus.append(None)
                 new_mus.append(None)
                 continue
-            step, nu, mu, after = run(g, p, nu, mu, *seeds[index], correction, after)
+            step, nu, mu = run(g, p, nu, mu, *seeds[index], correction)
             steps.append(step)
             new_nus.append(nu)
             new_mus.append(mu)

@@ -12,7 +12,6 @@ column would not be.
 from __future__ import annotations
 
 import functools
-import itertools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +19,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import rmsprop_jax as rj
@@ -347,128 +345,6 @@ def test_factored_members_of_a_vmap_update_as_each_alone(variant):
             np.testing.assert_allclose(a, np.asarray(b), rtol=1e-6)
 
 
-@needs_fused_sums
-def test_fused_sums_after_an_array_wait_for_it_and_give_the_same_sums():
-    """`after` enters each sum as a computed initial value of 0: the sums are the same (also
-    under `jax.vmap`, where it stays one scalar), and each reduction reads it."""
-    rng = np.random.default_rng(2)
-    g = jnp.asarray(rng.normal(size=(512, 384)), jnp.float32)
-    mu = jnp.asarray(rng.normal(size=(512, 384)), jnp.bfloat16)
-
-    def x_of(g, mu):
-        return (g - mu.astype(jnp.float32)) ** 2
-
-    def sums(g, mu, after):
-        return _sums.fused_sums(x_of, g, mu, after=after)
-
-    after = jnp.arange(3.0)
-    free = jax.jit(lambda g, mu: _sums.fused_sums(x_of, g, mu))(g, mu)
-    waiting = jax.jit(sums)(g, mu, after)
-    for a, b in zip(waiting, free, strict=True):
-        np.testing.assert_array_equal(a, b)
-    batched = jax.jit(jax.vmap(sums))(
-        jnp.stack([g, 2 * g]), jnp.stack([mu, mu]), jnp.stack([after, -after])
-    )
-    alone = jax.jit(sums)(2 * g, mu, -after)
-    for a, b in zip(batched, alone, strict=True):
-        np.testing.assert_array_equal(a[1], b)
-    compiled = jax.jit(sums).lower(g, mu, after).compile()
-    memory, text = compiled.memory_analysis(), compiled.as_text()
-    assert memory is not None and text is not None
-    assert memory.temp_size_in_bytes < 64 * 1024
-    graph = _entry_graph(text)
-    parameters = {
-        op.split(")")[0]: name for name, (_, op, _) in graph.items() if op.startswith("parameter(")
-    }
-    # The kernels that read the gradient and give a vector: the row and the column sums.
-    reductions = [
-        name
-        for name, (shape, op, _) in graph.items()
-        if parameters["parameter(0"] in _operands(op) and re.match(r"\(?f32\[(512|384)\]", shape)
-    ]
-    assert len(reductions) == 2, reductions
-    for name in reductions:
-        assert parameters["parameter(2"] in _ancestors(graph, name), name
-
-
-@needs_fused_sums
-@pytest.mark.parametrize("variant", ["plain", "centered + momentum"])
-def test_large_factored_leaves_sum_one_after_another(variant):
-    """Each large leaf's sums wait for the previous large leaf's statistics (a data
-    dependency, which is what orders XLA:CPU's kernels at run time); small leaves between
-    them are not waited for."""
-    centered = variant != "plain"
-    tx = rj.rmsprop(
-        1e-3, moment_storage="factored", centered=centered, momentum=0.9 if centered else None
-    )
-    shapes = {"a": (512, 256), "b": (8,), "c": (256, 640), "d": (384, 512)}
-    params = {k: jnp.ones(s) for k, s in shapes.items()}
-
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
-    text = compiled.as_text()
-    assert text is not None
-    graph = _entry_graph(text)
-    gradient = {
-        leaf: next(
-            n
-            for n, (_, op, meta) in graph.items()
-            if op.startswith("parameter") and f"grads[\\'{leaf}\\']" in meta
-        )
-        for leaf in shapes
-    }
-
-    def sums_of(leaf: str) -> list[str]:
-        """The kernels that reduce the leaf's gradient to a vector (its row or column sums)."""
-        rows, cols = shapes[leaf]
-        found = [
-            name
-            for name, (shape, op, _) in graph.items()
-            if gradient[leaf] in _operands(op) and re.match(rf"\(?f32\[({rows}|{cols})\]", shape)
-        ]
-        assert len(found) == 2, (leaf, found)
-        return found
-
-    order = ["a", "c", "d"]
-    for earlier, later in itertools.pairwise(order):
-        for name in sums_of(later):
-            ancestors = _ancestors(graph, name)
-            assert any(s in ancestors for s in sums_of(earlier)), (later, earlier)
-    assert not any(s in _ancestors(graph, t) for t in sums_of("a") for s in sums_of("d"))
-
-
-def _entry_graph(text: str) -> dict[str, tuple[str, str, str]]:
-    """The entry computation of an optimized HLO text: each instruction's name mapped to its
-    shape, its operation with operands, and its metadata."""
-    entry = text[text.index("\nENTRY") :]
-    entry = entry[: entry.index("\n}")]
-    graph = {}
-    for line in entry.splitlines()[1:]:
-        found = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+) = (\([^=]*?\)|\S+) (.*)$", line)
-        if found:
-            operation, _, metadata = found.group(3).partition("metadata=")
-            graph[found.group(1)] = (found.group(2), operation, metadata)
-    return graph
-
-
-def _operands(operation: str) -> list[str]:
-    return re.findall(r"%([\w.\-]+)", operation.split("calls=")[0])
-
-
-def _ancestors(graph: dict[str, tuple[str, str, str]], name: str) -> set[str]:
-    seen: set[str] = set()
-    todo = [name]
-    while todo:
-        for operand in _operands(graph[todo.pop()][1]):
-            if operand in graph and operand not in seen:
-                seen.add(operand)
-                todo.append(operand)
-    return seen
-
-
 @pytest.mark.parametrize("finite", [True, False], ids=["finite", "with_extremes"])
 def test_statistics_passes_differentiate_as_plain_reductions(finite):
     """The sums, the counting passes and the loop that runs them only where needed are
@@ -485,7 +361,7 @@ def test_statistics_passes_differentiate_as_plain_reductions(finite):
         return scale * (g - mu) ** 2
 
     def statistics(g, mu):
-        sums = _sums.fused_sums(x_of, 0.5, g, mu, after=jnp.ones(3))
+        sums = _sums.fused_sums(x_of, 0.5, g, mu)
         done = jnp.all(jnp.isfinite(sums[0])) & jnp.all(jnp.isfinite(sums[1]))
         means = (sums[0] / 384, sums[1] / 512)
         counted = functools.partial(_sums.counted_means, x_of, flagged=False)

@@ -25,7 +25,7 @@ import jax
 from rmsprop_jax.storage import _rows, _sums, bfloat16, factored, float32, int8
 from rmsprop_jax.storage._format import StorageFormat, after
 from rmsprop_jax.storage._rows import flags_like, pack_flags, unpack_flags, update_by_rows
-from rmsprop_jax.storage._sums import counted_means, fused_sums, sums_anchor, unless
+from rmsprop_jax.storage._sums import counted_means, fused_sums, unless
 from rmsprop_jax.storage.factored import FactoredMoment
 from rmsprop_jax.storage.int8 import QuantizedMoment
 
@@ -141,7 +141,6 @@ __all__ = [
     "get",
     "pack_flags",
     "shared_block_maxima",
-    "sums_anchor",
     "unless",
     "unpack_flags",
     "update_by_rows",

@@ -7,13 +7,6 @@ entries out (:func:`counted_means`), run only then (:func:`unless`). With older 
 whose XLA:CPU fuses no producer into a reduction, such leaves are updated in row chunks
 (:mod:`rmsprop_jax.storage._rows`).
 
-The leaves' sums run one leaf after another (`after` in :func:`fused_sums`). XLA:CPU's runtime
-starts a kernel once those writing the buffers it reads have run, in the order the program
-lists the ready ones: independent sums would all run first, two at a time, and every leaf's
-elementwise passes after them. Chained, each leaf's sums wait for the previous leaf's
-statistics, and the elementwise passes of the leaves before run beside them (measured on a
-16.8M-parameter transformer-shaped tree, 2 CPU cores: the factored step 16-19% faster).
-
 The sums and the counting passes are written for XLA's fusion rules, not for differentiation;
 each has a derivative rule that differentiates the plain reductions of `x` instead, so that
 updates can be differentiated through (forward and reverse mode) as the float32 format's are.
@@ -46,12 +39,9 @@ def sums_fuse() -> bool:
     return _jax_compat.JAX_VERSION >= SUMS_FUSE_FROM
 
 
-def fused_sums(
-    x_of: Callable[..., chex.Array], *arrays: Any, after: chex.Array | None = None
-) -> tuple[Any, Any]:
+def fused_sums(x_of: Callable[..., chex.Array], *arrays: Any) -> tuple[Any, Any]:
     """The sums of `x_of(*arrays)` along the last axis and along the one before, each computed
-    in one pass over `arrays` without writing `x`, and (given `after`) only once `after` is
-    written.
+    in one pass over `arrays` without writing `x`.
 
     XLA fuses an elementwise producer into a reduction (on CPU from JAX 0.10.2, see
     :data:`SUMS_FUSE_FROM`), but not one read by two reductions: such an `x` (or any part of
@@ -71,83 +61,43 @@ def fused_sums(
     not needed, a non-finite entry making its row's sum non-finite). Across rows, the library
     kernel is the faster one (XLA's own loop: 4-13x slower).
 
-    `after` (an array an earlier kernel writes: the previous leaf's statistics) enters each sum
-    as its initial value, 0 computed from it (:func:`_zero_after`), which the library kernel
-    takes as an operand like the constant 0; a barrier or a select on the inputs would order
-    nothing at run time, or have the inputs written whole.
-
     Examples:
       >>> x = jnp.arange(12.0).reshape(3, 4)
-      >>> rows, cols = fused_sums(lambda a: a * a, x, after=jnp.ones(2))
+      >>> rows, cols = fused_sums(lambda a: a * a, x)
       >>> rows.tolist(), cols.tolist()
       ([14.0, 126.0, 366.0], [80.0, 107.0, 140.0, 179.0])
     """
-    return _fused_sums(x_of, after, arrays)
+    return _fused_sums(x_of, arrays)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _fused_sums(x_of: Callable[..., chex.Array], after: Any, arrays: tuple) -> tuple[Any, Any]:
+def _fused_sums(x_of: Callable[..., chex.Array], arrays: tuple) -> tuple[Any, Any]:
     first, second = lax.optimization_barrier((arrays, arrays))
     x = x_of(*first)
-    start = jnp.zeros((), x.dtype) if after is None else _zero_after(after).astype(x.dtype)
     leaf_sized = sum(np.shape(a) == x.shape for a in jax.tree.leaves(first))
-    rows = _sum_counting(x, ~jnp.isfinite(x), -1, start) if leaf_sized > 1 else _sum(x, -1, start)
-    return rows, _sum(x_of(*second), -2, start)
+    rows = _sum_counting(x, ~jnp.isfinite(x), -1) if leaf_sized > 1 else jnp.sum(x, axis=-1)
+    return rows, jnp.sum(x_of(*second), axis=-2)
 
 
 @_fused_sums.defjvp
 def _fused_sums_jvp(x_of, primals, tangents):
-    after, arrays = primals
-    _, arrays_dot = tangents
+    (arrays,), (arrays_dot,) = primals, tangents
     _, x_dot = jax.jvp(x_of, arrays, arrays_dot)
-    return _fused_sums(x_of, after, arrays), (jnp.sum(x_dot, axis=-1), jnp.sum(x_dot, axis=-2))
+    return _fused_sums(x_of, arrays), (jnp.sum(x_dot, axis=-1), jnp.sum(x_dot, axis=-2))
 
 
-def _sum(x: chex.Array, axis: int, start: chex.Array) -> chex.Array:
-    """The sums of `x` along `axis`, starting from `start` (a scalar 0: a constant, or one
-    computed from an earlier array)."""
-    return lax.reduce(x, start, lax.add, (axis % x.ndim,))
-
-
-@jax.custom_batching.custom_vmap
-def _zero_after(anchor: chex.Array) -> chex.Array:
-    """0.0 (float32), computed from `anchor`, so that whatever reads it waits for `anchor`.
-
-    Under `jax.vmap` it stays one scalar (computed from the first member's `anchor`): a
-    reduction takes no batched initial value.
-    """
-    return never_from(jnp.reshape(anchor, -1)[0]).astype(jnp.float32)
-
-
-@_zero_after.def_vmap
-def _zero_after_batched(
-    axis_size: int, in_batched: list[bool], anchor: chex.Array
-) -> tuple[chex.Array, bool]:
-    del axis_size, in_batched
-    return _zero_after(anchor), False
-
-
-def _sum_counting(
-    terms: chex.Array, counted: chex.Array, axis: int, start: chex.Array | None = None
-) -> chex.Array:
-    """The sums of `terms` along `axis` (from `start`, a scalar 0; default the constant), in
-    one reduction with the count of the True entries of `counted` (a boolean array of the same
-    shape): a reduction of two operands, which XLA:CPU computes in its own loop rather than in
-    a library kernel. The count is tied to the sums (:func:`tie`), so that XLA keeps it."""
+def _sum_counting(terms: chex.Array, counted: chex.Array, axis: int) -> chex.Array:
+    """The sums of `terms` along `axis`, in one reduction with the count of the True entries
+    of `counted` (a boolean array of the same shape): a reduction of two operands, which
+    XLA:CPU computes in its own loop rather than in a library kernel. The count is tied to the
+    sums (:func:`tie`), so that XLA keeps it."""
     sums, count = lax.reduce(
         (terms, counted.astype(jnp.int32)),
-        (jnp.zeros((), terms.dtype) if start is None else start, jnp.int32(0)),
+        (jnp.zeros((), terms.dtype), jnp.int32(0)),
         lambda a, b: (a[0] + b[0], a[1] + b[1]),
         (axis % terms.ndim,),
     )
     return tie(sums, never_from(count))
-
-
-def sums_anchor(parts: Any) -> chex.Array:
-    """What the next leaf's :func:`fused_sums` wait for (`after`), taken from a leaf's new
-    stored statistics `parts`: one element of its first part, which exists once they are
-    written."""
-    return lax.stop_gradient(jnp.reshape(jax.tree.leaves(parts)[0], -1)[0])
 
 
 def counted_means(

@@ -32,12 +32,12 @@ leaf) would be materialized.
 
 From JAX 0.10.2 on, each statistic of a large leaf is first computed as one fused sum of x,
 each sum computing its own x from the gradient (and, centered, from μ_{t-1}:
-x = β |g - μ_{t-1}|²) (:func:`rmsprop_jax.storage._rows.fused_sums`); a sum of non-negative
+x = β |g - μ_{t-1}|²) (:func:`rmsprop_jax.storage._sums.fused_sums`); a sum of non-negative
 numbers is finite only if every term is, so when both are finite no x was non-finite and no sum
 overflowed, and the means are the sums times 1/C and 1/R. Otherwise (a NaN or infinite
 gradient, a square or a sum past float32's range) the means are counted in passes that leave
-the non-finite entries out and flag them (:func:`rmsprop_jax.storage._rows.counted_means`),
-run only then (:func:`rmsprop_jax.storage._rows.unless`). Centered, μ is written afterwards,
+the non-finite entries out and flag them (:func:`rmsprop_jax.storage._sums.counted_means`),
+run only then (:func:`rmsprop_jax.storage._sums.unless`). Centered, μ is written afterwards,
 elementwise and in place.
 
 With older JAX releases, a leaf large enough to be updated in row chunks
