@@ -156,16 +156,9 @@ def _counted_means_jvp(x_of, flagged, primals, tangents):
         return jnp.sum(jnp.where(finite, x_dot * (1.0 / x.shape[axis]), 0), axis=axis)
 
     row_means, col_means, flags = _counted_means(x_of, flagged, anchor, arrays)
-    return (row_means, col_means, flags), (mean_dot(-1), mean_dot(-2), _zero_tangent(flags))
-
-
-def _zero_tangent(x: Any) -> Any:
-    """The tangent of an output that has none: float0 zeros for an integer array."""
-    if x is None:
-        return None
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-        return jnp.zeros_like(x)
-    return np.zeros(np.shape(x), jax.dtypes.float0)
+    # The flags (integers, or None) have no derivative: float0 zeros.
+    flags_dot = None if flags is None else np.zeros(np.shape(flags), jax.dtypes.float0)
+    return (row_means, col_means, flags), (mean_dot(-1), mean_dot(-2), flags_dot)
 
 
 def unless(
