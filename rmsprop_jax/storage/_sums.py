@@ -133,9 +133,7 @@ def counted_means(
 def _counted_means(x_of, flagged, anchor, arrays):
     def selected(k: int) -> chex.Array:
         never = never_from(anchor.reshape(-1)[k])
-        return x_of(
-            *jax.tree.map(lambda a: jnp.where(never, lax.full_like(a, 0, shape=()), a), arrays)
-        )
+        return x_of(*_unless_never(never, arrays))
 
     def mean(x: chex.Array, axis: int) -> chex.Array:
         finite = jnp.isfinite(x)
@@ -205,7 +203,7 @@ def _unless(fn, done, operands, otherwise, carried):
         # Rewritten with the same values by a select XLA cannot resolve, so that they are
         # not loop-invariant. (`fn` reading them as the loop received them, rather than as
         # rewritten, has XLA copy them.)
-        inputs = jax.tree.map(lambda a: jnp.where(never, jnp.zeros((), a.dtype), a), inputs)
+        inputs = _unless_never(never, inputs)
         return jnp.bool_(True), fn(anchor, *operands, *inputs), inputs
 
     _, result, carried = lax.while_loop(lambda carry: ~carry[0], body, (done, otherwise, carried))
@@ -230,3 +228,10 @@ def _unless_jvp(fn, primals, tangents):
 
     result_dot = jax.tree.map(chosen, otherwise_dot, computed_dot)
     return _unless(fn, done, operands, otherwise, carried), (result_dot, carried_dot)
+
+
+def _unless_never(never: chex.Array, tree: Any) -> Any:
+    """Each array of `tree` unchanged, as a select by `never` (False, computed so that no
+    compiler folds it) of the array or 0: XLA then treats the result as a new value, computed
+    from whatever `never` depends on. A Python scalar stays weakly typed."""
+    return jax.tree.map(lambda a: jnp.where(never, lax.full_like(a, 0, shape=()), a), tree)
