@@ -57,9 +57,10 @@ IDS = ["plain", "c+m"]
         ("float32", {}, False),
         ("float32", {"centered": True, "momentum": 0.9}, False),
         ("factored", {}, False),
-        # Centered factored storage keeps `mu` in bfloat16, differentiated straight through.
+        # Not centered: centered factored storage keeps `mu` in bfloat16, whose stochastic
+        # rounding a central difference would step across (forward against reverse below).
         ("factored", {"momentum": 0.9}, False),
-        # Statistics from whole-leaf sums, each leaf's waiting for the one before.
+        # Two matrices large enough that their statistics come from whole-leaf sums.
         ("factored", {}, True),
         ("factored", {"momentum": 0.9}, True),
     ],
