@@ -37,12 +37,22 @@ def count(text: str) -> int:
     return value
 
 
+class _ValueDefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` with the default of each option that takes a value; a switch (off unless
+    given) or a repeatable option (none unless given) says nothing, not "(default: False)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0 or action.default in (None, []):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def new_parser(doc: str, durations: Durations) -> argparse.ArgumentParser:
     """A benchmark's parser: its docstring's first line and what its runs take, for `--help`."""
     return argparse.ArgumentParser(
         description=f"{doc.splitlines()[0]} The {durations.whole} takes {durations.full}; "
         f"--quick takes {durations.quick}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_ValueDefaultsHelpFormatter,
     )
 
 

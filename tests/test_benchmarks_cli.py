@@ -72,6 +72,8 @@ def test_help_shows_each_default_once(script, capsys):
         benchmark(script).main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert not re.search(r"\(default \d+\) \(default: \d+\)", text), text
+    assert "(default: False)" not in text and "(default: [])" not in text, text
+    assert "(default: outputs/benchmarks)" in text, text  # options that take a value keep it
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
