@@ -137,7 +137,7 @@ def _counted_means(x_of, flagged, anchor, arrays):
 
     def mean(x: chex.Array, axis: int) -> chex.Array:
         finite = jnp.isfinite(x)
-        return _sum_counting(jnp.where(finite, x * (1.0 / x.shape[axis]), 0), ~finite, axis)
+        return _sum_counting(_finite_terms(x, finite, axis), ~finite, axis)
 
     row_means, col_means = mean(selected(0), -1), mean(selected(1), -2)
     return row_means, col_means, pack_flags(~jnp.isfinite(selected(2))) if flagged else None
@@ -151,12 +151,18 @@ def _counted_means_jvp(x_of, flagged, primals, tangents):
     finite = jnp.isfinite(x)
 
     def mean_dot(axis: int) -> chex.Array:
-        return jnp.sum(jnp.where(finite, x_dot * (1.0 / x.shape[axis]), 0), axis=axis)
+        return jnp.sum(_finite_terms(x_dot, finite, axis), axis=axis)
 
     row_means, col_means, flags = _counted_means(x_of, flagged, anchor, arrays)
     # The flags (integers, or None) have no derivative: float0 zeros.
     flags_dot = None if flags is None else np.zeros(np.shape(flags), jax.dtypes.float0)
     return (row_means, col_means, flags), (mean_dot(-1), mean_dot(-2), flags_dot)
+
+
+def _finite_terms(x: chex.Array, finite: chex.Array, axis: int) -> chex.Array:
+    """The terms of a mean along `axis` of `x` (or of its tangent) with the entries not
+    `finite` (in `x`) left out: x/n there, 0 elsewhere."""
+    return jnp.where(finite, x * (1.0 / x.shape[axis]), 0)
 
 
 def unless(
