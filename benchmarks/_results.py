@@ -10,9 +10,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
+
+# The `--help` formatter and the whole-number flag type (rounds, steps, leaves, sizes) of the
+# examples (examples/cli_help.py), shared with the benchmarks' scripts; the folder is appended,
+# so that a module of this one is never shadowed by one of the examples'.
+sys.path.append(str(Path(__file__).resolve().parents[1] / "examples"))
+from cli_help import DefaultsHelpFormatter
+from cli_help import positive_integer as positive_integer
 
 COMMITTED = Path(__file__).resolve().parent / "results"
 NEW_RESULTS = Path("outputs") / "benchmarks"
@@ -28,31 +36,12 @@ class Durations(NamedTuple):
     whole: str = "full run"  # what the run without --quick covers
 
 
-def count(text: str) -> int:
-    """A flag's whole number >= 1 (rounds, steps, leaves, sizes): 0 would end a long run with
-    a median of nothing."""
-    value = int(text)  # argparse reports a ValueError as "invalid count value"
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
-    return value
-
-
-class _ValueDefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """`--help` with the default of each option that takes a value; a switch (off unless
-    given) or a repeatable option (none unless given) says nothing, not "(default: False)"."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.nargs == 0 or action.default in (None, []):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def new_parser(doc: str, durations: Durations) -> argparse.ArgumentParser:
     """A benchmark's parser: its docstring's first line and what its runs take, for `--help`."""
     return argparse.ArgumentParser(
         description=f"{doc.splitlines()[0]} The {durations.whole} takes {durations.full}; "
         f"--quick takes {durations.quick}.",
-        formatter_class=_ValueDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
 
 

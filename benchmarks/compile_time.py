@@ -25,7 +25,14 @@ import jax
 import jax.numpy as jnp
 import optax
 from _machine import describe_machine
-from _results import Durations, announce, count, new_parser, parse_args, write_results
+from _results import (
+    Durations,
+    announce,
+    new_parser,
+    parse_args,
+    positive_integer,
+    write_results,
+)
 from memory import update_step
 
 import rmsprop_jax as rj
@@ -113,7 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = new_parser(__doc__, DURATIONS)
     parser.add_argument("--quick", action="store_true", help="16 and 64 leaves, one attempt")
     parser.add_argument(
-        "--leaves", type=count, nargs="+", default=list(LEAF_COUNTS), help="leaf counts to compile"
+        "--leaves",
+        type=positive_integer,
+        nargs="+",
+        default=list(LEAF_COUNTS),
+        help="leaf counts to compile",
     )
     args = parse_args(parser, argv)
     if any(count < 1 for count in args.leaves):

@@ -42,7 +42,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _machine import describe_machine
-from _results import Durations, announce, count, new_parser, parse_args, write_results
+from _results import (
+    Durations,
+    announce,
+    new_parser,
+    parse_args,
+    positive_integer,
+    write_results,
+)
 from memory_table import EIGHT_BIT_MU, FORMATS
 
 import rmsprop_jax as rj
@@ -458,8 +465,10 @@ DURATIONS = Durations("about 3 minutes on 2 CPU cores", "about 2 minutes")
 def main(argv: list[str] | None = None) -> None:
     parser = new_parser(__doc__, DURATIONS)
     parser.add_argument("--quick", action="store_true", help="2 repeats, 1 seed")
-    parser.add_argument("--repeats", type=count, default=15, help="interleaved rounds of timing")
-    parser.add_argument("--steps", type=count, default=5, help="timed steps per repeat")
+    parser.add_argument(
+        "--repeats", type=positive_integer, default=15, help="interleaved rounds of timing"
+    )
+    parser.add_argument("--steps", type=positive_integer, default=5, help="timed steps per repeat")
     parser.add_argument(
         "--xla-option",
         type=parse_xla_option,

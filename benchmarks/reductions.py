@@ -38,7 +38,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from _machine import describe_machine
-from _results import Durations, announce, count, new_parser, parse_args, write_results
+from _results import (
+    Durations,
+    announce,
+    new_parser,
+    parse_args,
+    positive_integer,
+    write_results,
+)
 from jax import lax
 from memory import VARIANTS, compiled_update_step, interleaved_times, step_timing, the_tree
 from memory_table import split_by_float32_speed
@@ -327,8 +334,10 @@ def print_tables(steps: dict[str, Any], leaf: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = new_parser(__doc__, DURATIONS)
     parser.add_argument("--quick", action="store_true", help="3 rounds of each measurement")
-    parser.add_argument("--repeats", type=count, default=15, help="rounds")
-    parser.add_argument("--steps", type=count, default=5, help="steps or calls per round")
+    parser.add_argument("--repeats", type=positive_integer, default=15, help="rounds")
+    parser.add_argument(
+        "--steps", type=positive_integer, default=5, help="steps or calls per round"
+    )
     args = parse_args(parser, argv)
     announce("reductions", args.quick, DURATIONS)
     repeats = 3 if args.quick else args.repeats

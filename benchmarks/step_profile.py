@@ -32,7 +32,14 @@ from typing import Any
 
 import jax
 from _machine import describe_machine
-from _results import Durations, announce, count, new_parser, parse_args, write_results
+from _results import (
+    Durations,
+    announce,
+    new_parser,
+    parse_args,
+    positive_integer,
+    write_results,
+)
 from memory import (
     FORMATS,
     VARIANTS,
@@ -287,12 +294,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="3 timing rounds, 2 profiled rounds of 2 steps"
     )
-    parser.add_argument("--repeats", type=count, default=15, help="timing rounds")
-    parser.add_argument("--steps", type=count, default=5, help="steps per round")
+    parser.add_argument("--repeats", type=positive_integer, default=15, help="timing rounds")
+    parser.add_argument("--steps", type=positive_integer, default=5, help="steps per round")
     parser.add_argument(
-        "--profiled-rounds", type=count, default=5, help="rounds run under the profiler"
+        "--profiled-rounds", type=positive_integer, default=5, help="rounds run under the profiler"
     )
-    parser.add_argument("--profiled-steps", type=count, default=2, help="steps per profiled round")
+    parser.add_argument(
+        "--profiled-steps", type=positive_integer, default=2, help="steps per profiled round"
+    )
     args = parse_args(parser, argv)
     announce("step_profile", args.quick, DURATIONS)
     repeats, profiled_rounds, profiled_steps = (

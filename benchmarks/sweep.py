@@ -26,7 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from _machine import describe_machine
-from _results import Durations, announce, count, new_parser, parse_args, write_results
+from _results import (
+    Durations,
+    announce,
+    new_parser,
+    parse_args,
+    positive_integer,
+    write_results,
+)
 from sklearn.datasets import load_digits
 
 import rmsprop_jax as rj
@@ -120,10 +127,16 @@ DURATIONS = Durations("about 1 minute on 2 CPU cores", "under a minute")
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = new_parser(__doc__, DURATIONS)
     parser.add_argument(
-        "--hidden", type=count, nargs="+", default=[4, 32, 256], help="hidden sizes of the MLP"
+        "--hidden",
+        type=positive_integer,
+        nargs="+",
+        default=[4, 32, 256],
+        help="hidden sizes of the MLP",
     )
-    parser.add_argument("--steps", type=count, default=300, help="training steps of every run")
-    parser.add_argument("--repeats", type=count, default=7, help="timed runs of each")
+    parser.add_argument(
+        "--steps", type=positive_integer, default=300, help="training steps of every run"
+    )
+    parser.add_argument("--repeats", type=positive_integer, default=7, help="timed runs of each")
     parser.add_argument("--quick", action="store_true", help="hidden sizes 4 and 32, 3 repeats")
     args = parse_args(parser, argv)
     if args.quick:

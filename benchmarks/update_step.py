@@ -39,10 +39,10 @@ from _machine import describe_machine
 from _results import (
     Durations,
     announce,
-    count,
     missing_contenders,
     new_parser,
     parse_args,
+    positive_integer,
     write_results,
 )
 
@@ -458,15 +458,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = new_parser(__doc__, DURATIONS)
     parser.add_argument(
         "--sizes",
-        type=count,
+        type=positive_integer,
         nargs="+",
         default=[2**20, 16 * 2**20, 64 * 2**20],
         help="parameters per tree",
     )
     parser.add_argument(
-        "--leaves", type=count, nargs="+", default=[1, 64, 512, 2048], help="leaves per tree"
+        "--leaves",
+        type=positive_integer,
+        nargs="+",
+        default=[1, 64, 512, 2048],
+        help="leaves per tree",
     )
-    parser.add_argument("--repeats", type=count, default=7, help="interleaved rounds")
+    parser.add_argument("--repeats", type=positive_integer, default=7, help="interleaved rounds")
     parser.add_argument(
         "--quick",
         action="store_true",

@@ -24,7 +24,14 @@ from typing import Any
 import jax
 import optax
 from _machine import describe_machine
-from _results import Durations, announce, count, new_parser, parse_args, write_results
+from _results import (
+    Durations,
+    announce,
+    new_parser,
+    parse_args,
+    positive_integer,
+    write_results,
+)
 from memory import (
     FORMATS,
     TARGET_TEMPORARY_BYTES,
@@ -142,8 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quick", action="store_true", help=f"only the variants {', '.join(QUICK_VARIANTS)}"
     )
-    parser.add_argument("--repeats", type=count, default=7, help="timing rounds")
-    parser.add_argument("--steps", type=count, default=5, help="steps per round")
+    parser.add_argument("--repeats", type=positive_integer, default=7, help="timing rounds")
+    parser.add_argument("--steps", type=positive_integer, default=5, help="steps per round")
     args = parse_args(parser, argv)
     announce("variant_memory", args.quick, DURATIONS)
     rows = measure(QUICK_VARIANTS if args.quick else tuple(VARIANTS), args.repeats, args.steps)

@@ -1,6 +1,6 @@
-"""The command lines of the examples: `--help` with each flag's default, unless it has none,
-and flag types that refuse a value out of range as a usage error (rather than a traceback
-from deep inside the run)."""
+"""The command lines of the examples and the benchmarks: `--help` with each flag's default,
+unless it has none, and flag types that refuse a value out of range as a usage error (rather
+than a traceback from deep inside the run)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,20 @@ import math
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: ...)" to a flag's help, except where there is no default to show.
+    """Appends "(default: ...)" to the help of a flag that takes a value, where it has a default.
 
-    A default of None (the flag is off, or computed, as its help says) or of False (an on/off
-    switch) would only add noise.
+    A switch (on or off as given), a default of None (the flag is off, or computed, as its help
+    says) or of [] (a repeatable flag, none unless given) would only add noise.
     """
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
+        if action.nargs == 0 or action.default is None or action.default == []:
             return action.help
         return super()._get_help_string(action)
 
 
 def positive_integer(text: str) -> int:
-    """A whole number >= 1: epochs, steps, sizes."""
+    """A whole number >= 1: epochs, steps, sizes, timing rounds, leaf counts."""
     value = int(text)  # argparse reports a ValueError as "invalid positive_integer value"
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
