@@ -2,7 +2,8 @@
 
 The wheel must hold the package, its `py.typed` marker and its metadata, and nothing else
 (no tests, benchmarks, examples or figures); the sdist must hold everything needed to build
-and test it (sources, tests, the README and the licence metadata), and no caches or outputs.
+and test it (sources, tests, the README and the licence metadata, and the examples, benchmarks,
+committed benchmark results and docs that tests run or read), and no caches or outputs.
 
     python scripts/check_dist.py dist
 """
@@ -25,8 +26,12 @@ SDIST_REQUIRED = (
     "tests/conftest.py",
     "tests/helpers.py",
     "scripts/wheel_smoke.py",
+    "examples/cli_help.py",
+    "benchmarks/_results.py",
+    "benchmarks/results/memory_cpu.json",
+    "docs/index.md",
 )
-SDIST_FORBIDDEN = ("__pycache__", ".pyc", ".venv", "outputs/", ".hypothesis", "benchmarks/results")
+SDIST_FORBIDDEN = ("__pycache__", ".pyc", ".venv", "outputs/", ".hypothesis", "docs/_build")
 
 
 def check_wheel(path: Path) -> list[str]:
