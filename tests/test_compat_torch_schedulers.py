@@ -295,6 +295,15 @@ def test_careless_scheduler_arguments_are_named_not_left_to_python():
 
 
 @pytest.mark.parametrize("maybe_jit", [lambda f: f, jax.jit], ids=["eager", "jit"])
+@pytest.mark.parametrize("returned", ["half", None, {"factor": 0.5}], ids=repr)
+def test_a_lambda_that_returns_no_number_is_named(maybe_jit, returned):
+    # jnp.asarray's own error ("could not convert string to float") named no argument.
+    schedule = C.torch_lambda_lr(LR, lambda epoch: returned)
+    with pytest.raises(TypeError, match=r"`lr_lambda` must return a number .* got "):
+        maybe_jit(schedule)(3)
+
+
+@pytest.mark.parametrize("maybe_jit", [lambda f: f, jax.jit], ids=["eager", "jit"])
 def test_a_plateau_metric_must_be_one_number(maybe_jit):
     tx = C.torch_reduce_lr_on_plateau(LR, patience=0)
     params = jnp.ones(2)

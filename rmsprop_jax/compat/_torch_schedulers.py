@@ -280,7 +280,18 @@ def torch_lambda_lr(
     if not callable(lr_lambda):
         raise TypeError(f"`lr_lambda` must be a function of the epoch, got {lr_lambda!r}.")
     spe = _positive_int("steps_per_epoch", steps_per_epoch)
-    return lambda count: lr * jnp.asarray(lr_lambda(_epoch(count, spe)), jnp.float32)
+
+    def schedule(count: jax.Array) -> jax.Array:
+        factor = lr_lambda(_epoch(count, spe))
+        try:
+            factor = jnp.asarray(factor, jnp.float32)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                f"`lr_lambda` must return a number for the epoch, got {factor!r}."
+            ) from error
+        return lr * factor
+
+    return schedule
 
 
 def torch_sequential_lr(
