@@ -444,3 +444,17 @@ def test_a_leaf_whose_name_torch_does_not_have_is_refused_naming_both(torch):
         model(torch.ones(4)).sum().backward()
         optimizer.step()
         rj.compat.state_from_torch(optimizer.state_dict(), params, tx, match_by="order")
+
+
+@pytest.mark.conformance
+def test_an_imported_state_does_not_change_when_torch_steps_on(torch):
+    # The state shared memory with torch's tensors (jnp.asarray of their NumPy views), so the
+    # torch optimizer's next step() silently changed the JAX state imported before it.
+    params, grads = make_problem(seed=14)
+    optimizer = stepped_torch(torch, params, grads, momentum=0.9, centered=True)
+    tx = rj.compat.torch_rmsprop(LR, momentum=0.9, centered=True)
+    imported = rj.compat.state_from_torch(optimizer.state_dict(), params, tx)
+    kept = [np.array(leaf, copy=True) for leaf in jax.tree.leaves(imported)]
+    run_torch(torch, optimizer, optimizer.param_groups[0]["params"], grads, range(3, 5))
+    for leaf, before in zip(jax.tree.leaves(imported), kept, strict=True):
+        np.testing.assert_array_equal(np.asarray(leaf), before)

@@ -115,7 +115,10 @@ def fill_chain(
                     f"{value.dtype}, but the parameter at {jax.tree_util.keystr(path)} has "
                     f"shape {jnp.shape(param)} and dtype {jnp.result_type(param)}."
                 )
-            converted.append(jnp.asarray(view_as_real(value), reference.dtype))
+            # A copy: jnp.asarray of a NumPy view of the tensor may share its memory, which
+            # torch's next step() overwrites in place (also that of an optimizer given the
+            # same dict by load_state_dict()).
+            converted.append(jnp.array(view_as_real(value), reference.dtype, copy=True))
         return jax.tree.unflatten(jax.tree.structure(like), converted)
 
     def fill(node: Any) -> Any:
