@@ -107,3 +107,27 @@ def test_careless_arguments_are_named():
     for other in ([jnp.ones(3)], [jnp.ones(2), jnp.ones((3, 3))]):
         with pytest.raises(ValueError, match=r"`params` has leaves of shapes .* keeps statistics"):
             rj.compat.state_to_example_libraries(tx.init(params), other)
+
+
+@pytest.mark.parametrize(
+    ("position", "value", "message"),
+    [
+        (1, np.nan, r"example-library avg_sq_grad of leaf 1 holds 1 NaN entries of 4"),
+        (1, -0.5, r"avg_sq_grad of leaf 1 holds 1 negative entries of 4 \(the first -0\.5\)"),
+        (2, np.nan, r"example-library mom of leaf 1 holds 1 NaN entries"),
+    ],
+    ids=["nan-square", "negative-square", "nan-buffer"],
+)
+def test_a_diverged_or_edited_state_is_refused_naming_the_leaf(position, value, message):
+    # Imported as it was, each made every later update of the leaf NaN.
+    params = [jnp.ones(3), jnp.ones((2, 2))]
+    init, update, _ = optimizers.rmsprop_momentum(0.1, momentum=0.9)
+    state = update(0, [jnp.full(3, 0.5), jnp.full((2, 2), -0.5)], init(params))
+    packed = [list(leaf) for leaf in state.packed_state]
+    packed[1][position] = packed[1][position].at[1, 0].set(value)
+    edited = optimizers.OptimizerState(
+        [tuple(leaf) for leaf in packed], state.tree_def, state.subtree_defs
+    )
+    tx = rj.compat.example_libraries_rmsprop_momentum(0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=message):
+        rj.compat.state_from_example_libraries(edited, tx, step=1)

@@ -202,3 +202,39 @@ def test_a_keras_state_that_holds_no_keras_variables_is_named(keras_state, messa
         rj.compat.state_from_keras(keras_state, params, tx)
     with pytest.raises(TypeError, match=message):
         rj.compat.state_to_keras(tx.init(params), params, keras_state)
+
+
+@pytest.mark.conformance
+@pytest.mark.parametrize(
+    ("slot", "value", "message"),
+    [
+        ("velocity", np.nan, r"sequential_dense_kernel_velocity holds 1 NaN entries of 12"),
+        ("velocity", -2.0, r"sequential_dense_kernel_velocity holds 1 negative .* -2\.0"),
+        ("momentum", np.nan, r"sequential_dense_kernel_momentum holds 1 NaN entries"),
+        ("average_gradient", np.nan, r"kernel_average_gradient holds 1 NaN entries"),
+    ],
+    ids=["nan-velocity", "negative-velocity", "nan-momentum", "nan-average-gradient"],
+)
+def test_a_diverged_or_edited_keras_state_is_refused_naming_the_variable(
+    keras, slot, value, message
+):
+    # Imported as it was, each made every later update of the kernel NaN.
+    model = new_model(keras)
+    params = as_tree({v.path: np.asarray(v.value) for v in model.trainable_variables})
+    optimizer = keras.optimizers.RMSprop(momentum=0.9, centered=True)
+    optimizer.build(model.trainable_variables)
+    values = {v.path: np.array(v.value) for v in optimizer.variables}
+    values[f"rm_sprop/sequential_dense_kernel_{slot}"][1, 2] = value
+    tx = rj.compat.keras_rmsprop(momentum=0.9, centered=True)
+    with pytest.raises(ValueError, match=message):
+        rj.compat.state_from_keras(values, params, tx)
+    # An overflowed (infinite) velocity is kept: Keras divides by it and goes on.
+    if slot == "velocity":
+        values[f"rm_sprop/sequential_dense_kernel_{slot}"][1, 2] = np.inf
+        state = rj.compat.state_from_keras(values, params, tx)
+        (stats,) = [
+            node
+            for node in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "nu"))
+            if hasattr(node, "nu")
+        ]
+        assert np.isposinf(stats.nu["sequential"]["dense"]["kernel"][1, 2])

@@ -447,6 +447,49 @@ def test_a_leaf_whose_name_torch_does_not_have_is_refused_naming_both(torch):
 
 
 @pytest.mark.conformance
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("square_avg", np.nan, r"'square_avg' of parameter 2 holds 1 NaN entries of 12"),
+        ("square_avg", -1.0, r"'square_avg' of parameter 2 holds 1 negative entries .* -1\.0"),
+        ("grad_avg", np.nan, r"'grad_avg' of parameter 2 holds 1 NaN entries"),
+        ("momentum_buffer", np.nan, r"'momentum_buffer' of parameter 2 holds 1 NaN entries"),
+    ],
+    ids=["nan-square", "negative-square", "nan-mean", "nan-buffer"],
+)
+def test_a_diverged_or_edited_torch_state_is_refused_naming_the_entry(torch, key, value, message):
+    # Imported as it was, each made every later update of the parameter NaN.
+    params, grads = make_problem(seed=12)
+    optimizer = stepped_torch(torch, params, grads, momentum=0.9, centered=True)
+    state_dict = copy.deepcopy(optimizer.state_dict())
+    state_dict["state"][2][key][1, 2] = value
+    with pytest.raises(ValueError, match=message):
+        rj.compat.state_from_torch(
+            state_dict, params, rj.compat.torch_rmsprop(LR, momentum=0.9, centered=True)
+        )
+
+
+@pytest.mark.conformance
+def test_an_overflowed_torch_mean_square_is_kept_and_continues_as_torch_does(torch):
+    # Squares of float32 gradients above about 1.8e19 overflow: torch divides by the infinite
+    # mean square (a zero step for that entry) and goes on; so does the imported state.
+    params, grads = make_problem(seed=13)
+    optimizer = stepped_torch(torch, params, grads, momentum=0.9, centered=True)
+    state_dict = copy.deepcopy(optimizer.state_dict())
+    state_dict["state"][2]["square_avg"][1, 2] = np.inf
+    tx = rj.compat.torch_rmsprop(LR, momentum=0.9, centered=True)
+    stepped = [t.detach().numpy().copy() for t in optimizer.param_groups[0]["params"]]
+    opt_state = rj.compat.state_from_torch(state_dict, stepped, tx)
+    tensors = [torch.tensor(p) for p in stepped]
+    reference = torch.optim.RMSprop(tensors, lr=LR, momentum=0.9, centered=True)
+    reference.load_state_dict(state_dict)
+    theirs = run_torch(torch, reference, tensors, grads, range(3, 5))
+    _, ours = run_trajectory(tx, stepped, grads, slice(3, 5), opt_state)
+    assert all(np.isfinite(np.asarray(h)).all() for h in ours)
+    assert max_error_relative_to_leaf_scale(ours, theirs) <= TOLERANCE
+
+
+@pytest.mark.conformance
 def test_an_imported_state_does_not_change_when_torch_steps_on(torch):
     # The state shared memory with torch's tensors (jnp.asarray of their NumPy views), so the
     # torch optimizer's next step() silently changed the JAX state imported before it.

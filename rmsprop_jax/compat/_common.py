@@ -1,4 +1,4 @@
-"""Pieces shared by the framework presets: literal-zero tests and complex-parameter policies."""
+"""Pieces shared by the framework presets: complex-parameter policies, imported-state checks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rmsprop_jax import _wrappers
@@ -71,3 +72,27 @@ def reject_complex(
         return inner.init(params)
 
     return optax.GradientTransformationExtraArgs(init_fn, inner.update)
+
+
+def check_imported_statistic(values: Any, what: str, *, mean_square: bool) -> None:
+    """`ValueError` naming `what` when an imported state array holds a NaN or a negative square.
+
+    Another framework's optimizer state holds a NaN only after its run diverged, and a negative
+    mean square only when it was edited: imported, either makes every later update NaN. An
+    infinite mean square is kept (float32 squares overflow for gradients above about 1.8e19,
+    and the step then divides by it as the framework does). Traced values are not checked.
+    """
+    if isinstance(values, jax.core.Tracer):
+        return
+    array = np.asarray(values)
+    nan, negative = np.isnan(array), (array < 0 if mean_square else np.zeros_like(array, bool))
+    if nan.any():
+        bad, kind, why = nan, "NaN", "the run it comes from had diverged; import an earlier state"
+    elif negative.any():
+        bad, kind, why = negative, "negative", "a mean of squares is never negative"
+    else:
+        return
+    raise ValueError(
+        f"{what} holds {np.count_nonzero(bad)} {kind} entries of {array.size} (the first "
+        f"{array[bad].flat[0].item()!r}); imported, it would make every update NaN: {why}."
+    )

@@ -38,9 +38,11 @@ import optax
 
 import rmsprop_jax as rj
 from rmsprop_jax import _validation
+from rmsprop_jax.compat._common import check_imported_statistic
 from rmsprop_jax.transform import ScaleByCenteredRmsState, ScaleByRmsState
 
 _STATS = (ScaleByRmsState, ScaleByCenteredRmsState)
+_SLOT_NAMES = {1: "avg_sq_grad", 2: "mom"}
 
 
 def example_libraries_rmsprop(
@@ -153,8 +155,8 @@ def state_from_example_libraries(
       and `step`.
 
     Raises:
-      ValueError: on a state of another optimizer, with momentum on one side only, or a
-        negative `step`.
+      ValueError: on a state of another optimizer, with momentum on one side only, a
+        negative `step`, or statistics that hold a NaN or a negative `avg_sq_grad`.
       TypeError: on an `optimizer` that is not a built transformation, or a `step` that is not
         an integer.
 
@@ -183,6 +185,12 @@ def state_from_example_libraries(
 
     def tree_of(position: int, like: Any, sign: float = 1.0) -> Any:
         values = [sign * jnp.asarray(s[position]) for s in per_leaf]
+        for leaf, value in enumerate(values):
+            check_imported_statistic(
+                value,
+                f"The example-library {_SLOT_NAMES[position]} of leaf {leaf}",
+                mean_square=position == 1,
+            )
         leaves = jax.tree.leaves(like)
         return jax.tree.unflatten(
             jax.tree.structure(like),

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from rmsprop_jax import _validation
+from rmsprop_jax.compat._common import check_imported_statistic
 from rmsprop_jax.compat._keras_ema import KerasEmaState
 from rmsprop_jax.compat._keras_names import (
     MatchBy,
@@ -130,7 +131,8 @@ def state_from_keras(
     Raises:
       ValueError: on a state that is not a Keras RMSprop's (naming what is missing), a
         different number of variables, unmatched names, a shape mismatch, differing
-        `centered`/momentum/`use_ema`, or gradient accumulation.
+        `centered`/momentum/`use_ema`, gradient accumulation, or statistics that hold a NaN
+        or a negative `velocity` (an infinite `velocity` is kept, as Keras keeps it).
       TypeError: on an `optimizer` that is not a built transformation, or a `keras_state`
         that is none of the three things above (a string, a number, a list of arrays).
 
@@ -163,6 +165,10 @@ def state_from_keras(
                 raise ValueError(
                     f"Keras variable {ref}_{slot} has shape {value.shape}, but the parameter at "
                     f"{jax.tree_util.keystr(path)} has shape {jnp.shape(param)}."
+                )
+            if slot != "average":  # the `use_ema` weights are weights, not statistics
+                check_imported_statistic(
+                    value, f"Keras variable {ref}_{slot}", mean_square=slot == "velocity"
                 )
             out.append(jnp.asarray(_SIGN[slot] * value, reference.dtype))
         return jax.tree.unflatten(jax.tree.structure(like), out)

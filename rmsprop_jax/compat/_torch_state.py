@@ -25,7 +25,7 @@ import optax
 
 from rmsprop_jax import _validation
 from rmsprop_jax.compat import _torch_mapping, _torch_state_dict
-from rmsprop_jax.compat._common import view_as_real
+from rmsprop_jax.compat._common import check_imported_statistic, view_as_real
 from rmsprop_jax.compat._torch import TorchLayoutState
 from rmsprop_jax.transform import ScaleByCenteredRmsState, ScaleByRmsState
 
@@ -115,10 +115,16 @@ def fill_chain(
                     f"{value.dtype}, but the parameter at {jax.tree_util.keystr(path)} has "
                     f"shape {jnp.shape(param)} and dtype {jnp.result_type(param)}."
                 )
+            value = view_as_real(value)
+            check_imported_statistic(
+                value,
+                f"Torch {key!r} of parameter {index}",
+                mean_square=key == "square_avg",
+            )
             # A copy: jnp.asarray of a NumPy view of the tensor may share its memory, which
             # torch's next step() overwrites in place (also that of an optimizer given the
             # same dict by load_state_dict()).
-            converted.append(jnp.array(view_as_real(value), reference.dtype, copy=True))
+            converted.append(jnp.array(value, reference.dtype, copy=True))
         return jax.tree.unflatten(jax.tree.structure(like), converted)
 
     def fill(node: Any) -> Any:
@@ -226,7 +232,9 @@ def state_from_torch(
         holds other numbers), groups with different settings, a different number of
         parameters or groups, a name with no leaf, a group whose leaves are not one torch
         group's parameters, a shape or complex/real mismatch, a parameter without state,
-        differing step counts within a group, or differing `centered`/`momentum`.
+        differing step counts within a group, differing `centered`/`momentum`, or a state
+        that holds a NaN or a negative `square_avg` (it would make every update NaN; an
+        infinite `square_avg`, from squares past float32's range, is kept as torch keeps it).
       TypeError: on an `optimizer` that is not a built transformation (`torch_rmsprop`
         itself, not called).
 
