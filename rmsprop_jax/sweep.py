@@ -88,6 +88,16 @@ def _check_sizes(hyperparameters: Mapping[str, Any], args: tuple, axes: tuple) -
     return size
 
 
+def _check_finite(name: str, values: jax.Array) -> None:
+    """The finiteness rule of :func:`grid` for values given as a JAX array, which skip its
+    conversion: a NaN learning rate would give NaN results without a word. Checked where this
+    process holds every value (not for traced values or arrays spread over processes)."""
+    if isinstance(values, jax.core.Tracer) or not values.is_fully_addressable:
+        return
+    if jnp.issubdtype(values.dtype, jnp.inexact) and not np.all(np.isfinite(np.asarray(values))):
+        raise ValueError(f"The values of `{name}` must be finite, got {values!r}.")
+
+
 def _mesh(devices: Sequence[jax.Device] | None, size: int) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
@@ -151,7 +161,7 @@ def run(
         (each a scalar tracer), returning a pytree of arrays. Build the optimizer inside it.
       hyperparameters: name -> 1-D array of values, one entry per configuration (see :func:`grid`).
         Values that are not JAX arrays (lists, NumPy arrays) are checked and converted as
-        :func:`grid` does.
+        :func:`grid` does; JAX arrays are taken as they are, but must be finite too.
       *args: extra arguments to `train`: data (shared by all configurations) or a state carried
         between calls (one slice per configuration).
       in_axes: for each of `args`, 0 if its arrays have a leading axis with one entry per
@@ -191,6 +201,8 @@ def run(
         name: values if isinstance(values, jax.Array) else jnp.asarray(_as_values(name, values))
         for name, values in hyperparameters.items()
     }
+    for name, values in hyperparameters.items():
+        _check_finite(name, values)
     axes = _normalized_in_axes(in_axes, len(args))
     size = _check_sizes(hyperparameters, args, axes)
     if not isinstance(shard, bool):  # shard="False" would shard

@@ -529,6 +529,18 @@ def test_run_checks_hyperparameters_given_as_lists_or_numpy_arrays_like_grid():
     assert result.results["y"].tolist() == [0.5, 1.0]
 
 
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf], ids=["nan", "inf", "-inf"])
+def test_run_refuses_values_given_as_a_jax_array_that_are_not_finite(bad):
+    # A JAX array skips the conversion of lists; a NaN rate gave a NaN result without a word.
+    def train(lr):
+        return {"y": 2.0 * lr}
+
+    with pytest.raises(ValueError, match=r"The values of `lr` must be finite, got Array"):
+        rj.sweep.run(train, {"lr": jnp.array([0.1, bad])})
+    integers = rj.sweep.run(train, {"lr": jnp.array([1, 2])})  # nothing to check in integers
+    assert integers.results["y"].tolist() == [2.0, 4.0]
+
+
 @pytest.mark.parametrize("train", [None, "train", 3])
 def test_run_refuses_a_train_that_is_not_a_function(train):
     # Python's "'str' object is not callable", from inside the traced sweep, before.
