@@ -70,9 +70,10 @@ def state_bytes(state: Any, params: Any) -> StateMemory:
     Raises:
       ValueError: where a moment in `state` matches no leaf of `params` in that order (the
         state was made for other parameters).
-      TypeError: `state` or `params` is an optimizer rather than a state or parameters, or a
-        leaf of `params` is not an array, a `jax.ShapeDtypeStruct` or a number (a string such
-        as "int8": every parameter counted as one element, the figure was meaningless).
+      TypeError: `state` or `params` is an optimizer rather than a state or parameters,
+        `params` holds an optimizer state (the arguments swapped), or a leaf of `params` is
+        not an array, a `jax.ShapeDtypeStruct` or a number (a string such as "int8": every
+        parameter counted as one element, the figure was meaningless).
 
     Returns:
       A :class:`StateMemory` with the total bytes and the bytes per parameter element.
@@ -92,6 +93,17 @@ def state_bytes(state: Any, params: Any) -> StateMemory:
     return StateMemory(total_bytes=int(total), bytes_per_parameter=total / parameters)
 
 
+def _is_state(node: Any) -> bool:
+    """Whether `node` is a state of an optax or rmsprop_jax transformation (a NamedTuple)."""
+    kind = type(node)
+    return (
+        isinstance(node, tuple)
+        and hasattr(node, "_fields")
+        and kind.__name__.endswith("State")
+        and kind.__module__.split(".")[0] in ("optax", "rmsprop_jax")
+    )
+
+
 def _check_arguments(state: Any, params: Any) -> None:
     """Raises `TypeError` for an optimizer in place of the state or the parameters, and for a
     leaf of `params` that has no shape (it would count as one element)."""
@@ -102,6 +114,13 @@ def _check_arguments(state: Any, params: Any) -> None:
     for name, value in (("state", state), ("params", params)):
         if isinstance(value, optax.GradientTransformation):
             raise TypeError(f"`{name}` is an optimizer (an optax.GradientTransformation): {usage}.")
+    nodes = jax.tree.leaves(params, is_leaf=_is_state)
+    states = list(dict.fromkeys(type(node).__name__ for node in nodes if _is_state(node)))
+    if states:
+        raise TypeError(
+            f"`params` holds an optimizer state ({', '.join(states)}), so the two arguments are "
+            f"swapped or `params` is a state: {usage}."
+        )
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         has_shape = hasattr(leaf, "shape") and hasattr(leaf, "dtype")
         if not (has_shape or _is_number(leaf)):

@@ -68,8 +68,18 @@ def test_counts_prng_keys_and_ignores_python_numbers():
         (lambda tx, p: (p, tx), r"`params` is an optimizer"),
         (lambda tx, p: (tx, p), r"`state` is an optimizer"),
         (lambda tx, p: (tx.init(p), {"w": p["w"], "f": len}), r"type builtin_function_or_method"),
+        # Swapped, the parameters' bytes were divided by the state's elements: no meaning.
+        (lambda tx, p: (p, tx.init(p)), r"`params` holds an optimizer state \(EmptyState, Scale"),
+        (lambda tx, p: (p, optax.adam(0.1).init(p)), r"state \(ScaleByAdamState, EmptyState\)"),
     ],
-    ids=["string", "optimizer as params", "optimizer as state", "function leaf"],
+    ids=[
+        "string",
+        "optimizer as params",
+        "optimizer as state",
+        "function leaf",
+        "swapped",
+        "swapped adam",
+    ],
 )
 def test_an_optimizer_or_a_shapeless_leaf_in_place_of_the_arguments_is_named(arguments, message):
     params = {"w": jnp.ones((64, 128)), "b": jnp.zeros(3)}
