@@ -131,3 +131,19 @@ def test_a_diverged_or_edited_state_is_refused_naming_the_leaf(position, value, 
     tx = rj.compat.example_libraries_rmsprop_momentum(0.1, momentum=0.9)
     with pytest.raises(ValueError, match=message):
         rj.compat.state_from_example_libraries(edited, tx, step=1)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_complex_parameters_are_refused_as_the_library_squares_them_as_g_times_g(name):
+    # The library's "mean square" of a complex gradient is the complex g * g, so the presets
+    # (|g|**2) followed no trajectory of it, and its imported state lost the imaginary parts.
+    make, preset, kwargs = CASES[name]
+    params = [jnp.ones(3), jnp.array([1 + 1j, 2 - 1j], jnp.complex64)]
+    tx = preset(0.1, **kwargs)
+    message = r"Parameter at \[1\] is complex .* jax\.example_libraries\.optimizers squares"
+    with pytest.raises(TypeError, match=message):
+        tx.init(params)
+    init, update, _ = make(0.1, **kwargs)
+    grads = [jnp.ones(3), jnp.array([0.5 + 0.5j, -0.5j], jnp.complex64)]
+    with pytest.raises(TypeError, match=message):
+        rj.compat.state_from_example_libraries(update(0, grads, init(params)), tx, step=1)

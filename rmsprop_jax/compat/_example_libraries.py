@@ -38,11 +38,12 @@ import optax
 
 import rmsprop_jax as rj
 from rmsprop_jax import _validation
-from rmsprop_jax.compat._common import check_imported_statistic
+from rmsprop_jax.compat._common import check_imported_statistic, reject_complex
 from rmsprop_jax.transform import ScaleByCenteredRmsState, ScaleByRmsState
 
 _STATS = (ScaleByRmsState, ScaleByCenteredRmsState)
 _SLOT_NAMES = {1: "avg_sq_grad", 2: "mom"}
+_FRAMEWORK = "jax.example_libraries.optimizers"
 
 
 def example_libraries_rmsprop(
@@ -56,7 +57,9 @@ def example_libraries_rmsprop(
       eps: added to the mean square inside the square root.
 
     Returns:
-      `rmsprop_jax.rmsprop(step_size, decay=gamma, eps=eps, eps_in_sqrt=True)`.
+      `rmsprop_jax.rmsprop(step_size, decay=gamma, eps=eps, eps_in_sqrt=True)`, whose `init`
+      raises a `TypeError` on complex parameters: the example library squares a complex
+      gradient as `g * g` (a complex "mean square"), so it has no trajectory to reproduce.
 
     Examples:
       >>> from jax.example_libraries import optimizers
@@ -67,7 +70,7 @@ def example_libraries_rmsprop(
       >>> reference.round(4), (jnp.array([1.0, -2.0]) + updates).round(4)
       (Array([ 0.9684, -1.9684], dtype=float32), Array([ 0.9684, -1.9684], dtype=float32))
     """
-    return rj.rmsprop(step_size, decay=gamma, eps=eps, eps_in_sqrt=True)
+    return reject_complex(rj.rmsprop(step_size, decay=gamma, eps=eps, eps_in_sqrt=True), _FRAMEWORK)
 
 
 def example_libraries_rmsprop_momentum(
@@ -86,7 +89,7 @@ def example_libraries_rmsprop_momentum(
 
     Returns:
       `rmsprop_jax.rmsprop(step_size, decay=gamma, eps=eps, eps_in_sqrt=True,
-      momentum=momentum)`.
+      momentum=momentum)`, refusing complex parameters as :func:`example_libraries_rmsprop`.
 
     Examples:
       >>> tx = rj.compat.example_libraries_rmsprop_momentum(0.01, momentum=0.9)
@@ -96,7 +99,10 @@ def example_libraries_rmsprop_momentum(
       (Array([-0.03162277,  0.03162277], dtype=float32),
        Array([-0.03162277,  0.03162277], dtype=float32))
     """
-    return rj.rmsprop(step_size, decay=gamma, eps=eps, eps_in_sqrt=True, momentum=momentum)
+    return reject_complex(
+        rj.rmsprop(step_size, decay=gamma, eps=eps, eps_in_sqrt=True, momentum=momentum),
+        _FRAMEWORK,
+    )
 
 
 def _find(state: Any, kinds: tuple[type, ...]) -> list[Any]:
