@@ -244,7 +244,7 @@ def state_from_torch(
       >>> opt = torch.optim.RMSprop([w], lr=0.01, momentum=0.9)
       >>> w.grad = torch.tensor([0.5, -0.5]); opt.step()
       >>> tx = rj.compat.torch_rmsprop(lr=0.01, momentum=0.9)
-      >>> state = rj.compat.state_from_torch(opt.state_dict(), jnp.asarray(w.detach()), tx)
+      >>> state = rj.compat.state_from_torch(opt.state_dict(), jnp.array(w.detach()), tx)
       >>> state[2].count, state[2].nu
       (Array(1, dtype=int32), Array([0.0025, 0.0025], dtype=float32))
     """
