@@ -309,6 +309,11 @@ def train(trainer: Trainer, data: Digits, args: argparse.Namespace) -> dict[str,
             f"(epoch {step / steps_per_epoch:g} of {args.epochs})",
             file=sys.stderr,
         )
+    elif manager is not None and args.resume:  # a mistyped directory shows here
+        print(
+            f"note: {args.checkpoint_dir} holds no checkpoint yet, so training starts at step 0",
+            file=sys.stderr,
+        )
     start_epoch = step // steps_per_epoch
     bar = Progress(
         range(start_epoch, args.epochs),

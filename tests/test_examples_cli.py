@@ -62,6 +62,21 @@ def test_resuming_with_nothing_left_to_do_says_so_and_changes_nothing(tmp_path, 
 
 
 @pytest.mark.slow  # trains the example
+def test_resuming_from_a_directory_without_checkpoints_says_it_starts_afresh(tmp_path, capsys):
+    # --resume continues "from the latest checkpoint, if any"; a mistyped directory started a
+    # fresh run without a word.
+    ckpt = tmp_path / "typo"
+    flags = [*TINY, "--checkpoint-dir", str(ckpt), "--out", str(tmp_path)]
+    [run] = example("train_digits").main(["--epochs", "1", *flags, "--resume"])
+    assert run["history"]["epoch"] == [1]
+    err = capsys.readouterr().err
+    assert f"note: {ckpt} holds no checkpoint yet, so training starts at step 0" in err
+    example("train_digits").main(["--epochs", "2", *flags, "--resume"])
+    err = capsys.readouterr().err
+    assert "holds no checkpoint yet" not in err and "resumed from" in err
+
+
+@pytest.mark.slow  # trains the example
 def test_a_resumed_run_records_the_history_of_the_whole_run(tmp_path):
     ckpt = tmp_path / "ckpt"
     flags = [*TINY, "--checkpoint-dir", str(ckpt)]
