@@ -283,12 +283,13 @@ def torch_lambda_lr(
 
     def schedule(count: jax.Array) -> jax.Array:
         factor = lr_lambda(_epoch(count, spe))
+        error = TypeError(f"`lr_lambda` must return a number for the epoch, got {factor!r}.")
+        if factor is None:  # JAX 0.5 converts None to NaN without a word
+            raise error
         try:
             factor = jnp.asarray(factor, jnp.float32)
-        except (TypeError, ValueError) as error:
-            raise TypeError(
-                f"`lr_lambda` must return a number for the epoch, got {factor!r}."
-            ) from error
+        except (TypeError, ValueError) as cause:
+            raise error from cause
         return lr * factor
 
     return schedule
