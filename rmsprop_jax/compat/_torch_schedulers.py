@@ -282,17 +282,19 @@ def torch_lambda_lr(
     spe = _positive_int("steps_per_epoch", steps_per_epoch)
 
     def schedule(count: jax.Array) -> jax.Array:
-        factor = lr_lambda(_epoch(count, spe))
-        error = TypeError(f"`lr_lambda` must return a number for the epoch, got {factor!r}.")
-        if factor is None:  # JAX 0.5 converts None to NaN without a word
-            raise error
-        try:
-            factor = jnp.asarray(factor, jnp.float32)
-        except (TypeError, ValueError) as cause:
-            raise error from cause
-        return lr * factor
+        return lr * _lambda_factor(lr_lambda(_epoch(count, spe)))
 
     return schedule
+
+
+def _lambda_factor(factor: Any) -> jax.Array:
+    """`factor` (what `lr_lambda` returned) as float32, or a `TypeError` naming `lr_lambda`."""
+    if factor is not None:  # JAX 0.5 converts None to NaN without a word
+        try:
+            return jnp.asarray(factor, jnp.float32)
+        except (TypeError, ValueError):
+            pass
+    raise TypeError(f"`lr_lambda` must return a number for the epoch, got {factor!r}.")
 
 
 def torch_sequential_lr(
