@@ -18,6 +18,12 @@ def _is_bool(value: Any) -> bool:
     return isinstance(value, bool | np.bool_) or getattr(value, "dtype", None) == np.bool_
 
 
+def require_finite(name: str, array: np.ndarray, given: Any) -> None:
+    """`ValueError` naming `name` and the values as `given` unless every entry is finite."""
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"The values of `{name}` must be finite, got {given!r}.")
+
+
 def _as_values(name: str, values: Any) -> np.ndarray:
     """`values` as the int32 or float32 array a sweep passes on, or an error naming `name`.
 
@@ -63,8 +69,7 @@ def _as_values(name: str, values: Any) -> np.ndarray:
         return array.astype(np.int32)
     if not np.issubdtype(array.dtype, np.floating):
         raise TypeError(f"The values of `{name}` must be real numbers, got {values!r}.")
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"The values of `{name}` must be finite, got {values!r}.")
+    require_finite(name, array, values)
     with np.errstate(over="ignore"):  # overflow is reported below, naming the value
         as_float32 = array.astype(np.float32)
     overflow = array[~np.isfinite(as_float32)]

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rmsprop_jax._sweep_grid import _as_values, grid
+from rmsprop_jax._sweep_grid import _as_values, grid, require_finite
 from rmsprop_jax._sweep_result import Best, SweepResult
 
 SWEEP_AXIS = "sweep"
@@ -88,14 +88,14 @@ def _check_sizes(hyperparameters: Mapping[str, Any], args: tuple, axes: tuple) -
     return size
 
 
-def _check_finite(name: str, values: jax.Array) -> None:
-    """The finiteness rule of :func:`grid` for values given as a JAX array, which skip its
-    conversion: a NaN learning rate would give NaN results without a word. Checked where this
-    process holds every value (not for traced values or arrays spread over processes)."""
-    if isinstance(values, jax.core.Tracer) or not values.is_fully_addressable:
-        return
-    if jnp.issubdtype(values.dtype, jnp.inexact) and not np.all(np.isfinite(np.asarray(values))):
-        raise ValueError(f"The values of `{name}` must be finite, got {values!r}.")
+def _checked_array(name: str, values: jax.Array) -> jax.Array:
+    """`values`, given as a JAX array, which skips the conversion of :func:`grid` but not its
+    finiteness rule: a NaN learning rate would give NaN results without a word. Checked where
+    this process holds every value (not for traced values or arrays spread over processes)."""
+    readable = not isinstance(values, jax.core.Tracer) and values.is_fully_addressable
+    if readable and jnp.issubdtype(values.dtype, jnp.inexact):
+        require_finite(name, np.asarray(values), values)
+    return values
 
 
 def _mesh(devices: Sequence[jax.Device] | None, size: int) -> Mesh:
@@ -198,11 +198,11 @@ def run(
     # Lists and NumPy arrays get the checks of `grid`: jnp.asarray would wrap int64 values
     # into int32 and turn reals beyond float32 into inf without a word.
     hyperparameters = {
-        name: values if isinstance(values, jax.Array) else jnp.asarray(_as_values(name, values))
+        name: _checked_array(name, values)
+        if isinstance(values, jax.Array)
+        else jnp.asarray(_as_values(name, values))
         for name, values in hyperparameters.items()
     }
-    for name, values in hyperparameters.items():
-        _check_finite(name, values)
     axes = _normalized_in_axes(in_axes, len(args))
     size = _check_sizes(hyperparameters, args, axes)
     if not isinstance(shard, bool):  # shard="False" would shard
