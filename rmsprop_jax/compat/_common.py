@@ -85,11 +85,11 @@ def check_imported_statistic(values: Any, what: str, *, mean_square: bool) -> No
     if isinstance(values, jax.core.Tracer):
         return
     array = np.asarray(values)
-    nan, negative = np.isnan(array), (array < 0 if mean_square else np.zeros_like(array, bool))
-    if nan.any():
-        bad, kind, why = nan, "NaN", "the run it comes from had diverged; import an earlier state"
-    elif negative.any():
-        bad, kind, why = negative, "negative", "a mean of squares is never negative"
+    if np.isnan(array).any():
+        bad, kind = np.isnan(array), "NaN"
+        why = "the run it comes from had diverged; import an earlier state"
+    elif mean_square and (array < 0).any():
+        bad, kind, why = array < 0, "negative", "a mean of squares is never negative"
     else:
         return
     raise ValueError(
