@@ -433,7 +433,8 @@ def main(
     if args.compare:
         (args.out / "compare.md").write_text(digits_report.table(results))
         print(digits_report.table(results), end="")
-    print(f"wrote {args.out / stem}.json and .png", file=sys.stderr)
+    suffixes = ".json, .md and .png" if args.compare else ".json and .png"
+    print(f"wrote {args.out / stem}{suffixes}", file=sys.stderr)
     return results
 
 

@@ -55,9 +55,10 @@ def test_the_two_frameworks_train_the_same_architecture(tmp_path):
     assert shapes(nnx_tree)["hidden"]["kernel"] == (1024, 24)
 
 
-def test_compare_trains_every_optimizer_and_writes_figure_table_and_json(tmp_path):
+def test_compare_trains_every_optimizer_and_writes_figure_table_and_json(tmp_path, capsys):
     common = example("digits_common")
     results = example("train_digits").main(["--compare", "--epochs", "1", "--out", str(tmp_path)])
+    assert f"wrote {tmp_path / 'compare'}.json, .md and .png" in capsys.readouterr().err
 
     assert [r["optimizer"] for r in results] == list(common.OPTIMIZERS)
     for result in results:
