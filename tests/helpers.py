@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from types import ModuleType
 from typing import Any
 
 import jax
@@ -30,6 +32,11 @@ needs_jax_0_10_placement = pytest.mark.skipif(
     reason=f"state placement by sharding propagation is checked on JAX 0.10+, this is "
     f"JAX {jax.__version__}",
 )
+
+
+def example(name: str) -> ModuleType:
+    """The script `examples/<name>.py` as a module (conftest.py puts `examples/` on the path)."""
+    return importlib.import_module(name)
 
 
 def enable_x64(enabled: bool = True) -> AbstractContextManager[Any]:

@@ -7,7 +7,6 @@ requires the result to equal the uninterrupted run bit for bit.
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ import numpy as np
 import optax
 import pytest
 from conftest import needs_simulated_devices
+from helpers import example
 
 import rmsprop_jax as rj
 
@@ -309,12 +309,6 @@ SHORT_RUN = [
     "--checkpoint-every",
     "21",
 ]
-
-
-def example(name):
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module(name)
 
 
 def run_example_process(name, argv, cwd):

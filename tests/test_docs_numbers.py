@@ -11,7 +11,6 @@ round differently, so with any other the tests skip.
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from helpers import example
 
 pytest.importorskip("flax")
 pytest.importorskip("orbax.checkpoint")
@@ -40,12 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def example(name):
+def example_on_cpu(name):
     if jax.default_backend() != "cpu":
         pytest.skip("the documents quote runs on CPUs")
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module(name)
+    return example(name)
 
 
 def quoted(document: str, pattern: str) -> tuple[str, ...]:
@@ -71,7 +69,7 @@ def run_script(*flags: str) -> str:
 
 
 def test_readme_and_flax_guide_quote_the_demo_accuracy(tmp_path):
-    [result] = example("train_digits").main(["--out", str(tmp_path)])
+    [result] = example_on_cpu("train_digits").main(["--out", str(tmp_path)])
 
     printed = f"{result['test_accuracy']:.1%}"
     assert quoted("README.md", r"reaches (\d+\.\d%) test accuracy") == (printed,)
@@ -79,7 +77,7 @@ def test_readme_and_flax_guide_quote_the_demo_accuracy(tmp_path):
 
 
 def test_flax_guide_table_is_the_table_compare_writes(tmp_path):
-    example("train_digits").main(["--compare", "--out", str(tmp_path)])
+    example_on_cpu("train_digits").main(["--compare", "--out", str(tmp_path)])
 
     def without_times(lines):  # the last column is the wall time
         return [line.rsplit("|", 2)[0] for line in lines if line.startswith("| ")]
@@ -91,7 +89,7 @@ def test_flax_guide_table_is_the_table_compare_writes(tmp_path):
 
 
 def test_readme_quotes_the_ellipse_step_counts(tmp_path):
-    steps = example("ellipse").main(["--out", str(tmp_path)])
+    steps = example_on_cpu("ellipse").main(["--out", str(tmp_path)])
 
     rms, gd = quoted(
         "README.md", r"of the minimum in (\d+) steps\s+against gradient descent's (\d+)"

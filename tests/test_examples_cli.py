@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import os
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import example
 
 pytest.importorskip("flax")
 pytest.importorskip("orbax.checkpoint")
@@ -28,12 +28,6 @@ RUN_WITH_CTRL_C = (
 )
 # 1347 training examples in batches of 96: 14 steps an epoch.
 TINY = ["--batch-size", "96", "--hidden-size", "16"]
-
-
-def example(name):
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module(name)
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

@@ -5,12 +5,10 @@ Short runs of the real scripts: they must learn the digits, not merely run.
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import example
 
 pytest.importorskip("flax")
 pytest.importorskip("orbax.checkpoint")
@@ -19,14 +17,7 @@ pytest.importorskip("matplotlib")
 
 pytestmark = pytest.mark.slow  # every test trains an example
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def example(name):
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module(name)
 
 
 @pytest.mark.parametrize("script", ["train_digits", "linen_trainstate"])
