@@ -1,16 +1,19 @@
-"""The figures README.md and docs/ quote from an example are what the example prints.
+"""The figures README.md and docs/ quote from an example, or from the conformance tests'
+output, are what those print.
 
 Each test runs a documented command as written (its flags and seed; only the output folder
-differs) and compares the numbers the text quotes from it. Times are left out: they follow
-the machine. A change of the optimizer or an example that moves a trajectory fails here:
-rerun the command and update the text with what it prints.
+differs, and pytest writes no cache) and compares the numbers the text quotes from it. Times
+are left out: they follow the machine. A change of the optimizer, an example or a conformance
+test that moves a trajectory fails here: rerun the command and update the text with what it
+prints.
 
-The figures were printed on x86-64 CPUs with the JAX release below; another release may
-round differently, so with any other the tests skip.
-"""
+The figures were printed on x86-64 CPUs with the JAX release below (and, for the conformance
+figures, the PyTorch and Keras releases porting.md names); another release may round
+differently, so with any other the tests skip."""
 
 from __future__ import annotations
 
+import decimal
 import os
 import re
 import subprocess
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from conftest import import_reference_framework
 from helpers import example
 
 pytest.importorskip("flax")
@@ -132,3 +136,114 @@ def test_scaling_guide_shows_what_process_0_prints(tmp_path):
         re.DOTALL,
     )
     assert kept(output.splitlines()) == kept(block.splitlines())
+
+
+# For each row of porting.md's conformance table (by its first cell), the lines the
+# conformance tests print for each figure the row quotes, in the row's order. A figure is the
+# largest difference its lines print (a row covers several settings, or both directions).
+CONFORMANCE_LINES = {
+    "PyTorch parameter groups": [r"\d+ torch param groups, "],
+    "multi-group PyTorch checkpoints": [r"torch \d+ steps in \d+ groups, then here: "],
+    "`StepLR(": [r"StepLR: ", r"RMSprop under StepLR, "],
+    "`StepLR` stepped once per epoch": [r"StepLR-per-epoch: ", r"RMSprop under StepLR-per-epoch, "],
+    "`MultiStepLR(": [r"MultiStepLR: ", r"RMSprop under MultiStepLR, "],
+    "`ExponentialLR(": [r"ExponentialLR: ", r"RMSprop under ExponentialLR, "],
+    "`LinearLR(": [r"LinearLR: ", r"RMSprop under LinearLR, "],
+    "`ConstantLR(": [r"ConstantLR: ", r"RMSprop under ConstantLR, "],
+    "`CosineAnnealingLR(": [r"CosineAnnealingLR: ", r"RMSprop under CosineAnnealingLR, "],
+    "`CosineAnnealingWarmRestarts(": [
+        r"CosineAnnealingWarmRestarts(-Tmult1)?: ",
+        r"RMSprop under CosineAnnealingWarmRestarts(-Tmult1)?, ",
+    ],
+    "`OneCycleLR(": [
+        r"OneCycleLR(-three-phase-linear)?: ",
+        r"RMSprop under OneCycleLR(-three-phase-linear)?, ",
+        r"RMSprop under OneCycleLR with momentum: ",
+    ],
+    "`PolynomialLR(": [r"PolynomialLR: ", r"RMSprop under PolynomialLR, "],
+    "`LambdaLR(": [r"LambdaLR: ", r"RMSprop under LambdaLR, "],
+    "`SequentialLR(": [r"SequentialLR: ", r"RMSprop under SequentialLR, "],
+    "`ReduceLROnPlateau(": [r"RMSprop under ReduceLROnPlateau "],
+    "Keras `use_ema=True`": [r"keras_rmsprop use_ema "],
+    "Keras optimizer state": [
+        r"(Keras \d+ steps, keras_rmsprop|keras_rmsprop \d+ steps, Keras) after: "
+    ],
+    "`jax.example_libraries.optimizers.rmsprop(": [r"rmsprop preset, "],
+    "`jax.example_libraries.optimizers.rmsprop_momentum(": [r"rmsprop_momentum preset, "],
+    "its `OptimizerState`": [r"rmsprop(_momentum)? converted at \d+: "],
+}
+
+
+def conformance_table() -> dict[str, list[str]]:
+    """Each row of porting.md's conformance table: its key in CONFORMANCE_LINES -> figures."""
+    lines = (ROOT / "docs" / "porting.md").read_text().splitlines()
+    start = lines.index("| feature | matching call | test | worst relative difference |") + 2
+    table = {}
+    for row in lines[start:]:
+        if not row.startswith("| "):
+            break
+        cells = row[2:-2].split(" | ")
+        keys = [key for key in CONFORMANCE_LINES if cells[0].startswith(key)]
+        assert len(keys) == 1, f"porting.md: no one key of CONFORMANCE_LINES for {cells[0]!r}"
+        table[keys[0]] = cells[-1].split("; ")
+    return table
+
+
+def two_digits(printed: str) -> str:
+    """A printed figure as porting.md writes it, rounded half up: "9.35e-08" -> "9.4e-8"."""
+    mantissa, exponent = printed.split("e")
+    rounded = decimal.Decimal(mantissa).quantize(decimal.Decimal("0.1"), decimal.ROUND_HALF_UP)
+    return f"{rounded}e{int(exponent)}"
+
+
+def test_porting_guide_quotes_the_conformance_figures():
+    """Each figure of porting.md's table is what its documented command prints now."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the document quotes runs on CPUs")
+    torch = import_reference_framework("torch")
+    keras = import_reference_framework("keras")
+    text = (ROOT / "docs" / "porting.md").read_text()
+    torch_version, keras_version = quoted(
+        "docs/porting.md", r"the real framework \(PyTorch ([\d.]+), Keras ([\d.]+)\)"
+    )
+    if not (
+        torch.__version__.startswith(torch_version) and keras.__version__.startswith(keras_version)
+    ):
+        pytest.skip(f"porting.md quotes runs with PyTorch {torch_version}, Keras {keras_version}")
+    [command] = re.findall(r"`(python -m pytest -s [^`]+)` prints it", text)
+    arguments = [
+        str(path) if "*" in word else word
+        for word in command.split()[1:]
+        for path in (sorted(ROOT.glob(word)) if "*" in word else [word])
+    ]
+    result = subprocess.run(
+        [sys.executable, *arguments, "-p", "no:cacheprovider"],  # writes no cache
+        cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout[-5000:]
+    # Without the test file's name and the marks of passed or skipped tests before an output.
+    printed = [re.sub(r"^(\S+\.py )?[.sx]*", "", line) for line in result.stdout.splitlines()]
+
+    def measured(pattern: str) -> str:
+        figures = [
+            figure
+            for line in printed
+            if (match := re.match(pattern, line))
+            for figure in re.findall(r"\d\.\d+e[-+]\d+", line[match.end() :])
+        ]
+        assert figures, f"no line printed matches {pattern!r}"
+        return two_digits(max(figures, key=float))
+
+    table = conformance_table()
+    assert sorted(table) == sorted(CONFORMANCE_LINES)
+    stale = {
+        key: (table[key], printed_figures)
+        for key, patterns in CONFORMANCE_LINES.items()
+        if table[key] != (printed_figures := [measured(pattern) for pattern in patterns])
+    }
+    assert not stale, f"porting.md quotes (left) what the tests do not print (right): {stale}"
