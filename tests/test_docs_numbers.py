@@ -1,5 +1,5 @@
-"""The figures README.md and docs/ quote from an example, or from the conformance tests'
-output, are what those print.
+"""The figures README.md and docs/ quote from an example, a code block of their own or the
+conformance tests' output are what those print.
 
 Each test runs a documented command as written (its flags and seed; only the output folder
 differs, and pytest writes no cache) and compares the numbers the text quotes from it. Times
@@ -13,7 +13,9 @@ differently, so with any other the tests skip."""
 
 from __future__ import annotations
 
+import contextlib
 import decimal
+import io
 import os
 import re
 import subprocess
@@ -247,3 +249,24 @@ def test_porting_guide_quotes_the_conformance_figures():
         if table[key] != (printed_figures := [measured(pattern) for pattern in patterns])
     }
     assert not stale, f"porting.md quotes (left) what the tests do not print (right): {stale}"
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [
+        r"this\s+prints\s+(\d\.\d\d)\s+bytes\s+per\s+parameter\s+for\s+int8\s+throughout,\s+"
+        r"(\d\.\d\d)\s+mixed",
+        r"this\s+prints\s+(\d\.\d\d)\s+and\s+(\d\.\d\d)\s+bytes\s+per\s+parameter",
+    ],
+    ids=["int8-and-mixed", "mu"],
+)
+def test_storage_guide_quotes_what_its_state_size_examples_print(claim):
+    text = (ROOT / "docs" / "storage.md").read_text()
+    [match] = list(re.finditer(claim, text))
+    block = re.search(r"```python\n(.*?)```", text[match.end() :], re.DOTALL)
+    assert block is not None, f"storage.md: no example after {match.group(0)!r}"
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        exec(block.group(1), {})
+    printed = re.findall(r": (\d\.\d\d) bytes per parameter$", output.getvalue(), re.MULTILINE)
+    assert tuple(printed) == match.groups()
