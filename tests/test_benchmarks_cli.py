@@ -214,6 +214,112 @@ def test_the_benchmark_readme_quotes_the_ratios_in_the_rounds_with_the_fastest_f
     assert tables.bandwidth_sentence(record) in text
 
 
+def _update_step_runs(parameters: int) -> dict[int, dict]:
+    """The committed update-step record's runs of `parameters` parameters, by leaf count."""
+    record = json.loads((BENCHMARKS / "results" / "update_step_cpu.json").read_text())
+    return {run["leaves"]: run for run in record["runs"] if run["parameters"] == parameters}
+
+
+# The unpacked and packed steps of update_step.py, plain and centered with momentum.
+RJ, RJ_CM = "rj.rmsprop", "rj.rmsprop centered+momentum"
+PACKED, PACKED_CM = (
+    "rj.pack_small_leaves(rmsprop)",
+    "rj.pack_small_leaves(rmsprop centered+momentum)",
+)
+
+
+def _compile_seconds(run: dict, name: str) -> float:
+    return run["results"][name]["compile_seconds"]
+
+
+def _packed_compile_ratios() -> list[str]:
+    """Compile time packed / unpacked at 512 and 2048 leaves of 1M: plain, then c+m."""
+    runs = _update_step_runs(2**20)
+    return [
+        f"{_compile_seconds(runs[n], packed) / _compile_seconds(runs[n], unpacked):.2f}"
+        for packed, unpacked in ((PACKED, RJ), (PACKED_CM, RJ_CM))
+        for n in (512, 2048)
+    ]
+
+
+def test_the_benchmark_readme_quotes_the_committed_update_step_tables():
+    update_step = benchmark("update_step")
+    record = json.loads((BENCHMARKS / "results" / "update_step_cpu.json").read_text())
+    text = (BENCHMARKS / "README.md").read_text()
+    lines = text.splitlines()
+    tables = update_step.markdown_table(record["runs"]).splitlines()
+    assert [line for line in tables if line not in lines] == []
+
+    def compile_row(run):
+        cells = []
+        for unpacked, packed in ((RJ, PACKED), (RJ_CM, PACKED_CM)):
+            seconds = _compile_seconds(run, unpacked), _compile_seconds(run, packed)
+            cells += [f"{seconds[0]:.2f}", f"{seconds[1]:.2f}", f"{seconds[1] / seconds[0]:.2f}"]
+        for unpacked, packed in ((RJ, PACKED), (RJ_CM, PACKED_CM)):
+            cells.append(f"{update_step.paired_ratio(run['results'], packed, unpacked):.2f}")
+        return f"| 1M | {run['leaves']} | {2**20 // run['leaves']} | " + " | ".join(cells) + " |"
+
+    runs = _update_step_runs(2**20)
+    rows = [compile_row(runs[n]) for n in (512, 2048)]
+    assert [row for row in rows if row not in lines] == []
+    plain, plain_2048, centered, centered_2048 = _packed_compile_ratios()
+    assert (
+        f"The packed step compiles in about the unpacked step's time ({plain}x and {plain_2048}x), "
+        f"in {centered}x and {centered_2048}x of it with centered + momentum"
+    ) in " ".join(text.split())
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/performance.md"])
+def test_the_performance_section_quotes_the_committed_update_step_record(document):
+    update_step = benchmark("update_step")
+    record = json.loads((BENCHMARKS / "results" / "update_step_cpu.json").read_text())
+    lines = (BENCHMARKS.parent / document).read_text().splitlines()
+
+    def ms(run, name):
+        return f"{run['results'][name]['seconds'] * 1e3:.2f}"
+
+    def fastest_torch(run):
+        names = ("torch foreach=True", "torch foreach=False")
+        return f"{min(run['results'][name]['seconds'] for name in names) * 1e3:.2f}"
+
+    def packed(run, name, unpacked):
+        ratio = update_step.paired_ratio(run["results"], name, unpacked)
+        return f"{ms(run, name)} ms ({ratio:.2f}x)"
+
+    def row(label, cells):
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    large = [_update_step_runs(2**24)[n] for n in (1, 64, 512, 2048)]
+    small = [_update_step_runs(2**20)[n] for n in (512, 2048)]
+    expected = [
+        row("`rj.rmsprop`", [ms(run, RJ) for run in large]),
+        row("`optax.rmsprop` (same settings)", [ms(run, "optax.rmsprop") for run in large]),
+        row(
+            "`rj` / `optax`, paired",
+            [
+                f"{update_step.paired_ratio(run['results'], RJ, 'optax.rmsprop'):.2f}"
+                for run in large
+            ],
+        ),
+        row("fastest `torch.optim.RMSprop`", [fastest_torch(run) for run in large]),
+        row("bare SGD step `p - lr * g`", [ms(run, "sgd (floor)") for run in large]),
+        row("`rj.rmsprop`", [f"{ms(run, RJ)} ms" for run in small]),
+        row("packed", [packed(run, PACKED, RJ) for run in small]),
+        row("`rj.rmsprop` centered + momentum", [f"{ms(run, RJ_CM)} ms" for run in small]),
+        row("packed", [packed(run, PACKED_CM, RJ_CM) for run in small]),
+    ]
+    assert [line for line in expected if line not in lines] == []
+    text = " ".join(" ".join(lines).split())
+    versus_torch = record["targets"]["rj_over_fastest_torch_16M"].values()
+    assert (
+        f"It takes {min(versus_torch):.2f}x to {max(versus_torch):.2f}x the time of PyTorch's step"
+    ) in text
+    plain, plain_2048, centered, centered_2048 = _packed_compile_ratios()
+    assert (
+        f"({plain}x and {plain_2048}x; {centered}x and {centered_2048}x centered with momentum"
+    ) in text
+
+
 def test_the_rounds_split_by_float32_speed_into_the_fastest_third_and_the_others():
     tables = benchmark("memory_table")
     float32 = [0.6, 0.1, 0.5, 0.2, 0.4, 0.3]
