@@ -320,6 +320,18 @@ def test_the_performance_section_quotes_the_committed_update_step_record(documen
     ) in text
 
 
+def test_the_benchmark_readme_quotes_the_committed_sweep_record():
+    record = json.loads((BENCHMARKS / "results" / "sweep_cpu.json").read_text())
+    lines = (BENCHMARKS / "README.md").read_text().splitlines()
+    rows = [
+        f"| {row['hidden']} | {row['sequential_s']:.3f} s | {row['vmapped_s']:.3f} s "
+        f"| {row['speedup']:.2f}x | {row['sequential_compile_s']:.2f} s "
+        f"| {row['vmapped_compile_s']:.2f} s |"
+        for row in record["rows"]
+    ]
+    assert [row for row in rows if row not in lines] == []
+
+
 def test_the_rounds_split_by_float32_speed_into_the_fastest_third_and_the_others():
     tables = benchmark("memory_table")
     float32 = [0.6, 0.1, 0.5, 0.2, 0.4, 0.3]
