@@ -332,6 +332,79 @@ def test_the_benchmark_readme_quotes_the_committed_sweep_record():
     assert [row for row in rows if row not in lines] == []
 
 
+FORMATS = ("float32", "bfloat16", "int8", "factored")
+BYTES = ("arguments", "temporary", "peak")  # per parameter, in memory.py's record
+
+
+def test_the_benchmark_readme_quotes_the_committed_low_memory_record():
+    record = json.loads((BENCHMARKS / "results" / "memory_cpu.json").read_text())
+    lines = (BENCHMARKS / "README.md").read_text().splitlines()
+
+    def label(name):
+        return name if name.startswith("optax") else f"rj {name}"
+
+    def row(*cells):
+        return "| " + " | ".join(cells) + " |"
+
+    expected = [
+        row(
+            name,
+            f"{record['memory'][name]['plain']['bytes_per_parameter']:.4f}",
+            f"{record['memory'][name]['centered']['bytes_per_parameter']:.4f}",
+        )
+        for name in FORMATS
+    ]
+    for variant, steps in record["update_step"]["variants"].items():
+        for name, step in steps.items():
+            first, third = step["relative_to_float32_quartiles"]
+            expected.append(
+                row(
+                    "plain" if variant == "plain" else "c+m",
+                    label(name),
+                    *(f"{step[f'{kind}_bytes_per_parameter']:.2f}" for kind in BYTES),
+                    f"{1e3 * step['median_seconds']:.1f}",
+                    f"{step['relative_to_float32']:.2f}x",
+                    f"{first:.2f}x-{third:.2f}x",
+                )
+            )
+    for name, step in record["training_step"]["formats"].items():
+        bytes_per_parameter = (f"{step[f'{kind}_bytes_per_parameter']:.2f}" for kind in BYTES)
+        expected.append(
+            row(label(name), *bytes_per_parameter, f"{step['saved_against_float32']:+.2f}")
+        )
+    for configuration, formats in record["quality"].items():
+        if configuration == "least_squares_optimum":
+            continue
+        for index, name in enumerate(FORMATS):
+            quality = formats[name]
+            differences = (
+                ("", "", "")
+                if name == "float32"
+                else (
+                    f"{100 * quality['digits_train_loss_relative_difference']:+.2f}%",
+                    f"{quality['accuracy_difference_points']:+.2f}",
+                    f"{100 * quality['least_squares_loss_relative_difference']:+.2f}%",
+                )
+            )
+            expected.append(
+                row(
+                    configuration if index == 0 else "",
+                    name,
+                    f"{quality['digits_train_loss']['mean']:.5f}",
+                    differences[0],
+                    f"{quality['digits_test_accuracy']['mean']:.2f}",
+                    differences[1],
+                    f"{quality['least_squares_loss']['mean']:.5f}",
+                    differences[2],
+                )
+            )
+    quoted = [" ".join(line.split()) for line in lines]  # the table pads some empty cells
+    missing = [
+        line for line in expected if not any(q.startswith(" ".join(line.split())) for q in quoted)
+    ]
+    assert missing == []
+
+
 def test_the_rounds_split_by_float32_speed_into_the_fastest_third_and_the_others():
     tables = benchmark("memory_table")
     float32 = [0.6, 0.1, 0.5, 0.2, 0.4, 0.3]
