@@ -213,11 +213,11 @@ def test_porting_guide_quotes_the_conformance_figures():
     ):
         pytest.skip(f"porting.md quotes runs with PyTorch {torch_version}, Keras {keras_version}")
     [command] = re.findall(r"`(python -m pytest -s [^`]+)` prints it", text)
-    arguments = [
-        str(path) if "*" in word else word
-        for word in command.split()[1:]
-        for path in (sorted(ROOT.glob(word)) if "*" in word else [word])
-    ]
+    arguments: list[str] = []
+    for word in command.split()[1:]:  # the shell's work: expand the pattern
+        paths = sorted(ROOT.glob(word)) if "*" in word else [word]
+        assert paths, f"porting.md's command names no file: {word}"
+        arguments += map(str, paths)
     result = subprocess.run(
         [sys.executable, *arguments, "-p", "no:cacheprovider"],  # writes no cache
         cwd=ROOT,
