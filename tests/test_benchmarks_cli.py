@@ -23,6 +23,15 @@ SCRIPTS = (
 )
 
 
+def committed_record(name: str) -> dict:
+    """The committed CPU record of benchmarks/`name`.py (results/`name`_cpu.json)."""
+    return json.loads((BENCHMARKS / "results" / f"{name}_cpu.json").read_text())
+
+
+def markdown_row(*cells: str) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def benchmark(name):
     if str(BENCHMARKS) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS))
@@ -166,7 +175,7 @@ def test_compile_time_writes_a_new_file_with_every_contender_against_float32(tmp
 
 
 def test_the_compile_time_table_quotes_the_committed_record():
-    record = json.loads((BENCHMARKS / "results" / "compile_time_cpu.json").read_text())
+    record = committed_record("compile_time")
     text = (BENCHMARKS / "README.md").read_text()
     for variant, suffix in (("plain", ""), ("centered + momentum", " c+m")):
         for name in record["leaves"]["16"][variant]:
@@ -194,7 +203,7 @@ def _table_rows(document: Path) -> dict[str, list[str]]:
 @pytest.mark.parametrize("document", ["README.md", "docs/storage.md"])
 def test_the_low_memory_table_quotes_the_committed_benchmark_record(document):
     tables = benchmark("memory_table")
-    record = json.loads((BENCHMARKS / "results" / "memory_cpu.json").read_text())
+    record = committed_record("memory")
     path = BENCHMARKS.parent / document
     quoted = _table_rows(path)
     for name, cells in tables.table_cells(record).items():
@@ -208,7 +217,7 @@ def test_the_low_memory_table_quotes_the_committed_benchmark_record(document):
 
 def test_the_benchmark_readme_quotes_the_ratios_in_the_rounds_with_the_fastest_float32_step():
     tables = benchmark("memory_table")
-    record = json.loads((BENCHMARKS / "results" / "memory_cpu.json").read_text())
+    record = committed_record("memory")
     text = " ".join((BENCHMARKS / "README.md").read_text().split())
     assert tables.fast_rounds_sentence(record) in text
     assert tables.bandwidth_sentence(record) in text
@@ -216,8 +225,8 @@ def test_the_benchmark_readme_quotes_the_ratios_in_the_rounds_with_the_fastest_f
 
 def _update_step_runs(parameters: int) -> dict[int, dict]:
     """The committed update-step record's runs of `parameters` parameters, by leaf count."""
-    record = json.loads((BENCHMARKS / "results" / "update_step_cpu.json").read_text())
-    return {run["leaves"]: run for run in record["runs"] if run["parameters"] == parameters}
+    runs = committed_record("update_step")["runs"]
+    return {run["leaves"]: run for run in runs if run["parameters"] == parameters}
 
 
 # The unpacked and packed steps of update_step.py, plain and centered with momentum.
@@ -244,7 +253,7 @@ def _packed_compile_ratios() -> list[str]:
 
 def test_the_benchmark_readme_quotes_the_committed_update_step_tables():
     update_step = benchmark("update_step")
-    record = json.loads((BENCHMARKS / "results" / "update_step_cpu.json").read_text())
+    record = committed_record("update_step")
     text = (BENCHMARKS / "README.md").read_text()
     lines = text.splitlines()
     tables = update_step.markdown_table(record["runs"]).splitlines()
@@ -257,7 +266,7 @@ def test_the_benchmark_readme_quotes_the_committed_update_step_tables():
             cells += [f"{seconds[0]:.2f}", f"{seconds[1]:.2f}", f"{seconds[1] / seconds[0]:.2f}"]
         for unpacked, packed in ((RJ, PACKED), (RJ_CM, PACKED_CM)):
             cells.append(f"{update_step.paired_ratio(run['results'], packed, unpacked):.2f}")
-        return f"| 1M | {run['leaves']} | {2**20 // run['leaves']} | " + " | ".join(cells) + " |"
+        return markdown_row("1M", str(run["leaves"]), str(2**20 // run["leaves"]), *cells)
 
     runs = _update_step_runs(2**20)
     rows = [compile_row(runs[n]) for n in (512, 2048)]
@@ -272,7 +281,7 @@ def test_the_benchmark_readme_quotes_the_committed_update_step_tables():
 @pytest.mark.parametrize("document", ["README.md", "docs/performance.md"])
 def test_the_performance_section_quotes_the_committed_update_step_record(document):
     update_step = benchmark("update_step")
-    record = json.loads((BENCHMARKS / "results" / "update_step_cpu.json").read_text())
+    record = committed_record("update_step")
     lines = (BENCHMARKS.parent / document).read_text().splitlines()
 
     def ms(run, name):
@@ -286,27 +295,28 @@ def test_the_performance_section_quotes_the_committed_update_step_record(documen
         ratio = update_step.paired_ratio(run["results"], name, unpacked)
         return f"{ms(run, name)} ms ({ratio:.2f}x)"
 
-    def row(label, cells):
-        return f"| {label} | " + " | ".join(cells) + " |"
-
     large = [_update_step_runs(2**24)[n] for n in (1, 64, 512, 2048)]
     small = [_update_step_runs(2**20)[n] for n in (512, 2048)]
     expected = [
-        row("`rj.rmsprop`", [ms(run, RJ) for run in large]),
-        row("`optax.rmsprop` (same settings)", [ms(run, "optax.rmsprop") for run in large]),
-        row(
+        markdown_row("`rj.rmsprop`", *[ms(run, RJ) for run in large]),
+        markdown_row(
+            "`optax.rmsprop` (same settings)", *[ms(run, "optax.rmsprop") for run in large]
+        ),
+        markdown_row(
             "`rj` / `optax`, paired",
-            [
+            *[
                 f"{update_step.paired_ratio(run['results'], RJ, 'optax.rmsprop'):.2f}"
                 for run in large
             ],
         ),
-        row("fastest `torch.optim.RMSprop`", [fastest_torch(run) for run in large]),
-        row("bare SGD step `p - lr * g`", [ms(run, "sgd (floor)") for run in large]),
-        row("`rj.rmsprop`", [f"{ms(run, RJ)} ms" for run in small]),
-        row("packed", [packed(run, PACKED, RJ) for run in small]),
-        row("`rj.rmsprop` centered + momentum", [f"{ms(run, RJ_CM)} ms" for run in small]),
-        row("packed", [packed(run, PACKED_CM, RJ_CM) for run in small]),
+        markdown_row("fastest `torch.optim.RMSprop`", *[fastest_torch(run) for run in large]),
+        markdown_row("bare SGD step `p - lr * g`", *[ms(run, "sgd (floor)") for run in large]),
+        markdown_row("`rj.rmsprop`", *[f"{ms(run, RJ)} ms" for run in small]),
+        markdown_row("packed", *[packed(run, PACKED, RJ) for run in small]),
+        markdown_row(
+            "`rj.rmsprop` centered + momentum", *[f"{ms(run, RJ_CM)} ms" for run in small]
+        ),
+        markdown_row("packed", *[packed(run, PACKED_CM, RJ_CM) for run in small]),
     ]
     assert [line for line in expected if line not in lines] == []
     text = " ".join(" ".join(lines).split())
@@ -321,7 +331,7 @@ def test_the_performance_section_quotes_the_committed_update_step_record(documen
 
 
 def test_the_benchmark_readme_quotes_the_committed_sweep_record():
-    record = json.loads((BENCHMARKS / "results" / "sweep_cpu.json").read_text())
+    record = committed_record("sweep")
     lines = (BENCHMARKS / "README.md").read_text().splitlines()
     rows = [
         f"| {row['hidden']} | {row['sequential_s']:.3f} s | {row['vmapped_s']:.3f} s "
@@ -337,17 +347,14 @@ BYTES = ("arguments", "temporary", "peak")  # per parameter, in memory.py's reco
 
 
 def test_the_benchmark_readme_quotes_the_committed_low_memory_record():
-    record = json.loads((BENCHMARKS / "results" / "memory_cpu.json").read_text())
+    record = committed_record("memory")
     lines = (BENCHMARKS / "README.md").read_text().splitlines()
 
     def label(name):
         return name if name.startswith("optax") else f"rj {name}"
 
-    def row(*cells):
-        return "| " + " | ".join(cells) + " |"
-
     expected = [
-        row(
+        markdown_row(
             name,
             f"{record['memory'][name]['plain']['bytes_per_parameter']:.4f}",
             f"{record['memory'][name]['centered']['bytes_per_parameter']:.4f}",
@@ -358,7 +365,7 @@ def test_the_benchmark_readme_quotes_the_committed_low_memory_record():
         for name, step in steps.items():
             first, third = step["relative_to_float32_quartiles"]
             expected.append(
-                row(
+                markdown_row(
                     "plain" if variant == "plain" else "c+m",
                     label(name),
                     *(f"{step[f'{kind}_bytes_per_parameter']:.2f}" for kind in BYTES),
@@ -370,7 +377,7 @@ def test_the_benchmark_readme_quotes_the_committed_low_memory_record():
     for name, step in record["training_step"]["formats"].items():
         bytes_per_parameter = (f"{step[f'{kind}_bytes_per_parameter']:.2f}" for kind in BYTES)
         expected.append(
-            row(label(name), *bytes_per_parameter, f"{step['saved_against_float32']:+.2f}")
+            markdown_row(label(name), *bytes_per_parameter, f"{step['saved_against_float32']:+.2f}")
         )
     for configuration, formats in record["quality"].items():
         if configuration == "least_squares_optimum":
@@ -387,7 +394,7 @@ def test_the_benchmark_readme_quotes_the_committed_low_memory_record():
                 )
             )
             expected.append(
-                row(
+                markdown_row(
                     configuration if index == 0 else "",
                     name,
                     f"{quality['digits_train_loss']['mean']:.5f}",
@@ -516,7 +523,7 @@ def test_memory_compiles_the_timed_steps_with_the_xla_options(monkeypatch):
 
 
 def test_the_variant_table_quotes_the_committed_variant_memory_record():
-    record = json.loads((BENCHMARKS / "results" / "variant_memory_cpu.json").read_text())
+    record = committed_record("variant_memory")
     text = (BENCHMARKS / "README.md").read_text()
     for variant, row in record["memory"].items():
         if variant == "parameters":
@@ -532,7 +539,7 @@ def test_the_variant_table_quotes_the_committed_variant_memory_record():
 
 
 def test_the_step_profile_table_quotes_the_committed_record():
-    record = json.loads((BENCHMARKS / "results" / "step_profile_cpu.json").read_text())
+    record = committed_record("step_profile")
     text = (BENCHMARKS / "README.md").read_text()
     rows = benchmark("step_profile").markdown_rows(record["update_step"])
     assert len(rows) == 8
@@ -684,7 +691,7 @@ def test_the_reductions_stand_ins_change_the_step_and_are_put_back(
 
 def test_the_reductions_tables_quote_the_committed_record():
     reductions = benchmark("reductions")
-    record = json.loads((BENCHMARKS / "results" / "reductions_cpu.json").read_text())
+    record = committed_record("reductions")
     text = (BENCHMARKS / "README.md").read_text()
     for line in reductions.step_rows(record["update_step"]) + reductions.leaf_rows(record["leaf"]):
         assert line in text, line
