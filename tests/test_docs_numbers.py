@@ -35,7 +35,7 @@ pytest.importorskip("matplotlib")
 DOCUMENTED_JAX = "0.10.2"
 
 pytestmark = [
-    pytest.mark.slow,  # every test trains an example
+    pytest.mark.slow,  # most tests train an example or run conformance tests
     pytest.mark.skipif(
         jax.__version__ != DOCUMENTED_JAX,
         reason=f"the documents quote runs with JAX {DOCUMENTED_JAX}, not {jax.__version__}",
@@ -46,9 +46,13 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def example_on_cpu(name):
+def require_cpu() -> None:
     if jax.default_backend() != "cpu":
         pytest.skip("the documents quote runs on CPUs")
+
+
+def example_on_cpu(name):
+    require_cpu()
     return example(name)
 
 
@@ -200,8 +204,7 @@ def two_digits(printed: str) -> str:
 
 def test_porting_guide_quotes_the_conformance_figures():
     """Each figure of porting.md's table is what its documented command prints now."""
-    if jax.default_backend() != "cpu":
-        pytest.skip("the document quotes runs on CPUs")
+    require_cpu()
     torch = import_reference_framework("torch")
     keras = import_reference_framework("keras")
     text = (ROOT / "docs" / "porting.md").read_text()
