@@ -300,6 +300,14 @@ def _check_savable(state: Any) -> None:
                 "Python or NumPy numbers of boolean, integer, floating or complex dtypes can. "
                 "Nothing was written."
             )
+        if np.size(leaf) == 0:
+            where = jax.tree_util.keystr(path) or "its root"
+            raise ValueError(
+                f"`state` holds an array of shape {np.shape(leaf)} at {where}, which has no "
+                "elements: orbax cannot save such an array. Leave it out of the saved tree (it "
+                "holds no values) and build it again after restoring, e.g. from a zero-size "
+                "parameter's shape. Nothing was written."
+            )
 
 
 def _check_manager(manager: Any) -> None:
@@ -330,7 +338,9 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
         holds a leaf that is neither an array nor a Python or NumPy number (a string, a
         function, a traced value under `jax.jit`: orbax would fail midway and leave a
         temporary directory).
-      ValueError: `step` is negative; `manager` was closed (orbax would report success and
+      ValueError: `state` holds an array with no elements (a zero-size axis), which orbax
+        cannot save (it would fail midway and leave a temporary directory); `step` is
+        negative; `manager` was closed (orbax would report success and
         leave an unfinished temporary directory); or, without `force`, `step` is already saved
         or comes before the latest saved step (orbax would skip the save and return False,
         so the state would silently not be written: after restoring an earlier step, say).

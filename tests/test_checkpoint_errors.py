@@ -272,6 +272,22 @@ def test_a_leaf_orbax_cannot_write_is_named_and_nothing_is_written(leaf, what, t
     assert manager.all_steps() == []
 
 
+@pytest.mark.parametrize("storage", ["float32", "int8", "factored"])
+def test_a_zero_size_leaf_is_named_and_nothing_is_written(storage, tmp_path):
+    # Orbax raised "Cannot save arrays with zero size" midway and left
+    # `1.orbax-checkpoint-tmp` behind; a zero-size parameter gives zero-size state too.
+    manager = rj.checkpoint.open_manager(tmp_path)
+    params = {"empty": jnp.zeros((0, 5)), "w": jnp.ones((3, 4))}
+    opt_state = rj.rmsprop(0.1, moment_storage=storage).init(params)
+    message = r"array of shape \(0, 5\) at \['opt_state'\].*no elements.*Nothing was written"
+    with pytest.raises(ValueError, match=message):
+        rj.checkpoint.save(manager, 1, {"opt_state": opt_state})
+    with pytest.raises(ValueError, match=r"shape \(0, 5\) at \['params'\]\['empty'\]"):
+        rj.checkpoint.save(manager, 1, {"params": params})
+    assert list(tmp_path.iterdir()) == []
+    assert manager.all_steps() == []
+
+
 def test_saving_inside_jit_is_named_and_writes_nothing(tmp_path):
     manager = rj.checkpoint.open_manager(tmp_path)
 
