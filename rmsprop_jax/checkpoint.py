@@ -293,21 +293,21 @@ def _check_savable(state: Any) -> None:
     (or in its background thread) and leave a temporary step directory behind."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         problem = _unsavable(leaf)
+        if problem is None and np.size(leaf) > 0:
+            continue
+        where = jax.tree_util.keystr(path) or "its root"
         if problem is not None:
-            where = jax.tree_util.keystr(path) or "its root"
             raise TypeError(
                 f"`state` holds {problem} at {where}, which cannot be saved: only arrays and "
                 "Python or NumPy numbers of boolean, integer, floating or complex dtypes can. "
                 "Nothing was written."
             )
-        if np.size(leaf) == 0:
-            where = jax.tree_util.keystr(path) or "its root"
-            raise ValueError(
-                f"`state` holds an array of shape {np.shape(leaf)} at {where}, which has no "
-                "elements: orbax cannot save such an array. Leave it out of the saved tree (it "
-                "holds no values) and build it again after restoring, e.g. from a zero-size "
-                "parameter's shape. Nothing was written."
-            )
+        raise ValueError(
+            f"`state` holds an array of shape {np.shape(leaf)} at {where}, which has no "
+            "elements: orbax cannot save such an array. Leave it out of the saved tree (it "
+            "holds no values) and build it again after restoring, e.g. from a zero-size "
+            "parameter's shape. Nothing was written."
+        )
 
 
 def _check_manager(manager: Any) -> None:
