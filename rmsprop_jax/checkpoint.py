@@ -340,8 +340,8 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *, force: bool =
         temporary directory).
       ValueError: `state` holds an array with no elements (a zero-size axis), which orbax
         cannot save (it would fail midway and leave a temporary directory); `step` is
-        negative; `manager` was closed (orbax would report success and
-        leave an unfinished temporary directory); or, without `force`, `step` is already saved
+        negative; `manager` was closed (orbax would report success and leave an unfinished
+        temporary directory); or, without `force`, `step` is already saved
         or comes before the latest saved step (orbax would skip the save and return False,
         so the state would silently not be written: after restoring an earlier step, say).
 
