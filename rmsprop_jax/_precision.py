@@ -15,11 +15,17 @@ import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import _validation, _wrappers
+from rmsprop_jax._numpy_rules import standard_numpy_rules
 
 
 def compute_dtype(dtype: Any) -> jnp.dtype:
-    """The dtype the optimizer computes in for a leaf of `dtype`: at least float32."""
-    return jnp.promote_types(dtype, jnp.float32)
+    """The dtype the optimizer computes in for a leaf of `dtype`: at least float32.
+
+    Called outside any transformation too (`optax.inject_hyperparams` builds the optimizer
+    from its int32 or bfloat16 hyperparameters on every step), hence its own standard rules.
+    """
+    with standard_numpy_rules():
+        return jnp.promote_types(dtype, jnp.float32)
 
 
 def real_dtype(dtype: Any) -> jnp.dtype:

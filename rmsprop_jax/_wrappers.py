@@ -16,6 +16,8 @@ from typing import Any
 
 import optax
 
+from rmsprop_jax._numpy_rules import standard_numpy_rules
+
 _ACTIVE: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
     "rmsprop_jax_active_wrappers", default=frozenset()
 )
@@ -68,7 +70,7 @@ def map_transformation(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        with _entered(once) as outermost:
+        with standard_numpy_rules(), _entered(once) as outermost:
             if not outermost:
                 return inner.init(params)
             if check_params is not None:
@@ -77,7 +79,7 @@ def map_transformation(
             return state if after_init is None else after_init(state, params)
 
     def update_fn(updates, state, params=None, **extra_args):
-        with _entered(once) as outermost:
+        with standard_numpy_rules(), _entered(once) as outermost:
             if not outermost:
                 return inner.update(updates, state, params, **extra_args)
             if check_updates is not None:

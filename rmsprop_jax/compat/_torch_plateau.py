@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rmsprop_jax._numpy_rules import standard_numpy_rules
+
 
 class TorchPlateauState(NamedTuple):
     """The rate in use and `ReduceLROnPlateau`'s `best`, `num_bad_epochs`, `cooldown_counter`.
@@ -150,9 +152,10 @@ def torch_reduce_lr_on_plateau(
 
     def update_fn(updates, state, params=None, *, value=None, **extra_args):
         del params, extra_args
-        updates = jax.tree.map(lambda u: (u * state.lr).astype(u.dtype), updates)
-        if value is not None:
-            state = scheduler_step(state, value)
+        with standard_numpy_rules():  # a bfloat16 update meets the float32 rate
+            updates = jax.tree.map(lambda u: (u * state.lr).astype(u.dtype), updates)
+            if value is not None:
+                state = scheduler_step(state, value)
         return updates, state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
