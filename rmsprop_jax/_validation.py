@@ -92,16 +92,27 @@ def check_in_range(
     high: float = float("inf"),
     high_inclusive: bool = True,
     optional: bool = False,
+    schedule: bool = False,
 ) -> None:
     """Raises `ValueError` unless every element of a concrete `value` is finite and in range.
 
     The range is [low, high] (or [low, high) when not `high_inclusive`). None is refused
-    unless `optional`. Traced values and schedules cannot be inspected and pass.
+    unless `optional`; a schedule (any callable) raises `TypeError` unless `schedule`, as it
+    would otherwise fail only when traced, inside the arithmetic. Traced values and accepted
+    schedules cannot be inspected and pass.
     """
     if value is None:
         if optional:
             return
-        raise ValueError(f"`{name}` must be a number, an array or a schedule, got None.")
+        what = "a number, an array or a schedule" if schedule else "a number or an array"
+        raise ValueError(f"`{name}` must be {what}, got None.")
+    if callable(value) and not schedule:
+        raise TypeError(
+            f"`{name}` must be a number or an array, got the callable {shown(value)}: only "
+            f"the learning rate takes a schedule. To change `{name}` during "
+            f"training, let optax.inject_hyperparams evaluate the schedule at every step: "
+            f"optax.inject_hyperparams(factory)(..., {name}=schedule)."
+        )
     values = _concrete_values(value)
     if values is None:
         return

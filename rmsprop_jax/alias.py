@@ -107,7 +107,7 @@ def rmsprop(
         ("maximize", maximize),
     ):
         _validation.check_flag(name, flag)
-    _validation.check_in_range("learning_rate", learning_rate, low=0.0)
+    _validation.check_in_range("learning_rate", learning_rate, low=0.0, schedule=True)
     _validation.check_in_range("weight_decay", weight_decay, low=0.0)
     if momentum is not None:
         _validation.check_in_range("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)

@@ -54,7 +54,7 @@ def add_decoupled_weight_decay(
       Loshchilov and Hutter, Decoupled Weight Decay Regularization, 2019.
       https://arxiv.org/abs/1711.05101
     """
-    _validation.check_in_range("learning_rate", learning_rate, low=0.0)
+    _validation.check_in_range("learning_rate", learning_rate, low=0.0, schedule=True)
     _validation.check_in_range("weight_decay", weight_decay, low=0.0)
     learning_rate, weight_decay = map(_precision.as_hyperparameter, (learning_rate, weight_decay))
 

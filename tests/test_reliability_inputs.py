@@ -210,6 +210,63 @@ def test_none_hyperparameter_names_the_argument(build, name):
         build()
 
 
+SCHEDULE = optax.linear_schedule(0.9, 0.5, 10)
+
+
+@pytest.mark.parametrize(
+    ("build", "name"),
+    [
+        (lambda s: rj.rmsprop(0.1, decay=s), "decay"),
+        (lambda s: rj.rmsprop(0.1, eps=s), "eps"),
+        (lambda s: rj.rmsprop(0.1, momentum=s), "momentum"),
+        (lambda s: rj.rmsprop(0.1, weight_decay=s, decoupled_weight_decay=True), "weight_decay"),
+        (lambda s: rj.rmsprop(0.1, weight_decay=s, moment_storage="factored"), "weight_decay"),
+        (lambda s: rj.rmsprop(0.1, initial_scale=s), "initial_scale"),
+        (lambda s: rj.scale_by_rms(decay=s), "decay"),
+        (lambda s: rj.add_decoupled_weight_decay(0.1, s), "weight_decay"),
+        (lambda s: rj.compat.torch_rmsprop(0.1, alpha=s), "alpha"),
+        (lambda s: rj.compat.torch_rmsprop(0.1, momentum=s), "momentum"),
+        (lambda s: rj.compat.torch_rmsprop_groups([{"momentum": s}], [0]), "momentum"),
+        (lambda s: rj.compat.keras_rmsprop(0.1, rho=s), "rho"),
+        (lambda s: rj.compat.keras_rmsprop(0.1, epsilon=s), "epsilon"),
+        (lambda s: rj.compat.keras_rmsprop(0.1, weight_decay=s), "weight_decay"),
+        (lambda s: rj.compat.keras_rmsprop(0.1, clipnorm=s), "clipnorm"),
+        (lambda s: rj.compat.tf1_rmsprop(0.1, decay=s), "decay"),
+        (lambda s: rj.compat.tf1_rmsprop(0.1, momentum=s), "momentum"),
+        (lambda s: rj.compat.example_libraries_rmsprop(0.1, gamma=s), "gamma"),
+        (lambda s: rj.compat.example_libraries_rmsprop_momentum(0.1, momentum=s), "momentum"),
+    ],
+)
+def test_a_schedule_where_only_a_number_is_taken_is_refused_naming_the_argument(build, name):
+    """It used to be accepted and fail when traced, as an operand error (`function * Array`),
+    or (a factored or centered int8 L2 decay) as an invalid JAX array type."""
+    with pytest.raises(TypeError, match=rf"`{name}` must be a number or an array, got the ca"):
+        build(SCHEDULE)
+
+
+def test_inject_hyperparams_schedules_what_the_error_says_to():
+    params = {"w": jnp.ones(3)}
+    tx = optax.inject_hyperparams(rj.rmsprop)(learning_rate=0.1, momentum=SCHEDULE)
+    state = tx.init(params)
+    for _ in range(3):
+        _, state = jax.jit(tx.update)(params, state, params)
+    assert float(state.hyperparams["momentum"]) == pytest.approx(float(SCHEDULE(2)))
+
+
+@pytest.mark.parametrize(
+    ("build", "name"),
+    [
+        (lambda v: rj.compat.example_libraries_rmsprop(0.1, gamma=v), "gamma"),
+        (lambda v: rj.compat.example_libraries_rmsprop_momentum(0.1, gamma=v), "gamma"),
+        (lambda v: rj.compat.example_libraries_rmsprop(v), "step_size"),
+    ],
+)
+def test_example_library_presets_name_their_own_arguments(build, name):
+    """They were checked as `rj.rmsprop`'s, naming `decay` and `learning_rate`."""
+    with pytest.raises(ValueError, match=rf"`{name}` must"):
+        build(-0.5)
+
+
 @pytest.mark.parametrize(
     "flag",
     [

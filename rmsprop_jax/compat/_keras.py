@@ -165,7 +165,7 @@ def keras_rmsprop(
       https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf
     """
     del name  # A label for Keras's variables.
-    _validation.check_in_range("learning_rate", learning_rate, low=0.0)
+    _validation.check_in_range("learning_rate", learning_rate, low=0.0, schedule=True)
     _validation.check_in_range("rho", rho, low=0.0, high=1.0)
     _validation.check_in_range("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
     _validation.check_in_range("epsilon", epsilon, low=0.0)

@@ -71,7 +71,7 @@ def tf1_rmsprop(
       https://arxiv.org/abs/1308.0850
     """
     del name  # A label for TF1's slot variables.
-    _validation.check_in_range("learning_rate", learning_rate, low=0.0)
+    _validation.check_in_range("learning_rate", learning_rate, low=0.0, schedule=True)
     _validation.check_in_range("decay", decay, low=0.0, high=1.0)
     _validation.check_in_range("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
     _validation.check_in_range("epsilon", epsilon, low=0.0)

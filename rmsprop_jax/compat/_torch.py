@@ -115,7 +115,7 @@ def torch_rmsprop(
       Graves, Generating Sequences With Recurrent Neural Networks, 2013.
       https://arxiv.org/abs/1308.0850
     """
-    _validation.check_in_range("lr", lr, low=0.0)
+    _validation.check_in_range("lr", lr, low=0.0, schedule=True)
     _validation.check_in_range("alpha", alpha, low=0.0, high=1.0)
     _validation.check_in_range("eps", eps, low=0.0)
     _validation.check_in_range("weight_decay", weight_decay, low=0.0)
