@@ -267,6 +267,12 @@ def test_example_library_presets_name_their_own_arguments(build, name):
         build(-0.5)
 
 
+def test_the_example_library_momentum_preset_refuses_no_momentum():
+    """`rj.rmsprop` reads `momentum=None` as no buffer: it built RMSprop without momentum."""
+    with pytest.raises(ValueError, match=r"`momentum` must be a number or an array, got None"):
+        rj.compat.example_libraries_rmsprop_momentum(0.1, momentum=None)
+
+
 @pytest.mark.parametrize(
     "flag",
     [

@@ -100,19 +100,21 @@ def example_libraries_rmsprop_momentum(
       (Array([-0.03162277,  0.03162277], dtype=float32),
        Array([-0.03162277,  0.03162277], dtype=float32))
     """
-    _check_hyperparameters(step_size, gamma, eps, momentum)
+    _check_hyperparameters(step_size, gamma, eps)
+    # Not optional here: `rj.rmsprop` would take None as "no momentum buffer".
+    _validation.check_in_range("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
     return reject_complex(
         rj.rmsprop(step_size, decay=gamma, eps=eps, eps_in_sqrt=True, momentum=momentum),
         _FRAMEWORK,
     )
 
 
-def _check_hyperparameters(step_size: Any, gamma: Any, eps: Any, momentum: Any = 0.0) -> None:
-    """The checks of `rj.rmsprop`, with the errors naming the example library's arguments."""
+def _check_hyperparameters(step_size: Any, gamma: Any, eps: Any) -> None:
+    """`rj.rmsprop`'s checks, run first so that the errors name the example library's
+    arguments (`gamma` rather than `decay`, `step_size` rather than `learning_rate`)."""
     _validation.check_in_range("step_size", step_size, low=0.0, schedule=True)
     _validation.check_in_range("gamma", gamma, low=0.0, high=1.0)
     _validation.check_in_range("eps", eps, low=0.0)
-    _validation.check_in_range("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
 
 
 def _find(state: Any, kinds: tuple[type, ...]) -> list[Any]:
