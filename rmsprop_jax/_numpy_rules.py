@@ -7,8 +7,8 @@ against a block of bytes. A caller may make either stricter for their own code (
 `"raise"`); the optimizer then runs as it does by default, bit for bit, instead of failing
 while it is traced. The `init` and `update` of the public transformations enter
 :func:`standard_numpy_rules` (most through :func:`rmsprop_jax._wrappers.map_transformation`),
-and so does :func:`rmsprop_jax._precision.compute_dtype`, which `optax.inject_hyperparams`
-reaches through the optimizer's factory.
+and so does :func:`rmsprop_jax._precision.as_hyperparameter`, which runs where the optimizer
+is built (on every step under `optax.inject_hyperparams`).
 """
 
 from __future__ import annotations

@@ -19,13 +19,8 @@ from rmsprop_jax._numpy_rules import standard_numpy_rules
 
 
 def compute_dtype(dtype: Any) -> jnp.dtype:
-    """The dtype the optimizer computes in for a leaf of `dtype`: at least float32.
-
-    Called outside any transformation too (`optax.inject_hyperparams` builds the optimizer
-    from its int32 or bfloat16 hyperparameters on every step), hence its own standard rules.
-    """
-    with standard_numpy_rules():
-        return jnp.promote_types(dtype, jnp.float32)
+    """The dtype the optimizer computes in for a leaf of `dtype`: at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 def real_dtype(dtype: Any) -> jnp.dtype:
@@ -43,12 +38,15 @@ def as_hyperparameter(value: Any) -> Any:
 
     Python numbers stay weakly typed (so float64 parameters keep float64 arithmetic); arrays
     in bfloat16 or float16 (as `optax.inject_hyperparams` stores them for low-precision
-    parameters) are widened so that the arithmetic does not round them.
+    parameters) are widened so that the arithmetic does not round them. Called where the
+    optimizer is built, outside its transformations' standard rules (and by
+    `optax.inject_hyperparams` on every step, with int32 or bfloat16 arrays), so it enters them.
     """
     if callable(value) or isinstance(value, int | float):
         return value
     value = jnp.asarray(value)
-    return value.astype(compute_dtype(value.dtype))
+    with standard_numpy_rules():
+        return value.astype(compute_dtype(value.dtype))
 
 
 def _upcast_leaf(x: Any) -> Any:
