@@ -57,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=positive_integer, default=300, help="training steps")
     parser.add_argument("--batch", type=positive_integer, default=256, help="global batch size")
     parser.add_argument("--learning-rate", type=positive_number, default=1e-3, help="of rj.rmsprop")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds, with --processes")
+    parser.add_argument(
+        "--timeout", type=positive_number, default=600, help="seconds, with --processes"
+    )
     parser.add_argument("--out", default="outputs/sharded_training", help="folder for the figures")
     return parser.parse_args(argv)
 

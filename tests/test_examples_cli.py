@@ -207,6 +207,9 @@ def test_help_shows_the_defaults(script, default):
         ("sweep_digits", ["--seed", "-1"], "--seed: must be an integer in [0, 2**32), got -1"),
         ("sharded_training", ["--learning-rate", "-1"], "must be a finite number > 0, got -1"),
         ("ellipse", ["--learning-rate", "nan"], "must be a finite number > 0, got nan"),
+        # A negative timeout stopped the processes after a second, a NaN one never.
+        ("sharded_training", ["--timeout", "-5"], "--timeout: must be a finite number > 0, got -5"),
+        ("sharded_training", ["--timeout", "nan"], "--timeout: must be a finite number > 0"),
     ],
 )
 def test_invalid_flags_are_usage_errors_not_tracebacks(script, flags, message, tmp_path):
