@@ -15,6 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+# The optimizer computes in float32 or wider (`rmsprop_jax._precision`): a hyperparameter past
+# float32's largest number becomes infinite there, and XLA (on CPU and GPU) flushes a positive
+# float32 below its smallest normal number (a subnormal one) to zero.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_SMALLEST_NORMAL = float(np.finfo(np.float32).smallest_normal)
+
 
 def _concrete_values(value: Any) -> np.ndarray | None:
     """Returns `value` as a NumPy array, or None when it cannot be inspected."""
@@ -26,10 +32,14 @@ def _concrete_values(value: Any) -> np.ndarray | None:
         return None
 
 
-def is_concrete_and_positive(value: Any) -> bool:
-    """True when `value` can be inspected and every element of it is > 0."""
+def is_concrete_and_positive_in_float32(value: Any) -> bool:
+    """True when `value` can be inspected and every element of it stays > 0 in float32's
+    arithmetic: at least float32's smallest normal number (about 1.18e-38), as smaller ones
+    are flushed to zero."""
     values = _concrete_values(value)
-    return values is not None and values.size > 0 and bool(np.all(values > 0))
+    return (
+        values is not None and values.size > 0 and bool(np.all(values >= FLOAT32_SMALLEST_NORMAL))
+    )
 
 
 def is_literal_zero(value: Any) -> bool:
@@ -94,7 +104,8 @@ def check_in_range(
     optional: bool = False,
     schedule: bool = False,
 ) -> None:
-    """Raises `ValueError` unless every element of a concrete `value` is finite and in range.
+    """Raises `ValueError` unless every element of a concrete `value` is finite in float32
+    and in range.
 
     The range is [low, high] (or [low, high) when not `high_inclusive`). None is refused
     unless `optional`; a schedule (any callable) raises `TypeError` unless `schedule`, as it
@@ -126,6 +137,11 @@ def check_in_range(
     values = values.astype(np.float64)
     if not np.all(np.isfinite(values)):
         raise ValueError(f"`{name}` must be finite, got {value!r}.")
+    if np.any(np.abs(values) > FLOAT32_MAX):
+        raise ValueError(
+            f"`{name}` must be at most {FLOAT32_MAX:.8g}, float32's largest number (the "
+            f"optimizer computes in float32, where it would be infinite), got {value!r}."
+        )
     below = values < low
     above = values > high if high_inclusive else values >= high
     if np.any(below | above):

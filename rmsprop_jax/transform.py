@@ -82,9 +82,10 @@ def _divide_by_rms(
 ) -> chex.Array:
     """`g / (sqrt(nu) + eps)` or `g / sqrt(nu + eps)`, defined as 0 where the denominator is 0.
 
-    The denominator is 0 only when `eps == 0` and `nu == 0`, which (for `initial_scale == 0`)
+    The denominator is 0 only when `eps` is 0 in float32 (0, or a positive number below its
+    smallest normal, which XLA flushes to 0) and `nu == 0`, which (for `initial_scale == 0`)
     means every gradient so far was 0: the step is then 0, not 0/0 = NaN. When `eps` is known
-    to be positive the guard cannot fire and is left out of the compiled step.
+    to be a normal positive number the guard cannot fire and is left out of the compiled step.
     """
     denominator = jnp.sqrt(nu + eps) if eps_in_sqrt else jnp.sqrt(nu) + eps
     if eps_is_positive:
@@ -291,7 +292,7 @@ def preconditioner(
         )
     if bias_correction:
         _validation.check_in_range("decay", decay, low=0.0, high=1.0, high_inclusive=False)
-    eps_is_positive = _validation.is_concrete_and_positive(eps)
+    eps_is_positive = _validation.is_concrete_and_positive_in_float32(eps)
     decay, eps, initial_scale = map(_precision.as_hyperparameter, (decay, eps, initial_scale))
     keeps_variance = centered and fmt.stores_centered_variance
 

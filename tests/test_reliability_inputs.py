@@ -190,6 +190,81 @@ def test_non_finite_hyperparameters_are_refused(build, value):
         build(value)
 
 
+@pytest.mark.parametrize(
+    ("build", "name"),
+    [
+        (lambda v: rj.rmsprop(v), "learning_rate"),
+        (lambda v: rj.rmsprop(0.1, eps=v), "eps"),
+        (lambda v: rj.rmsprop(0.1, weight_decay=v), "weight_decay"),
+        (lambda v: rj.rmsprop(0.1, initial_scale=v), "initial_scale"),
+        (lambda v: rj.compat.torch_rmsprop(lr=v), "lr"),
+        (lambda v: rj.compat.keras_rmsprop(0.1, clipnorm=v), "clipnorm"),
+        (lambda v: rj.compat.tf1_rmsprop(0.1, epsilon=v), "epsilon"),
+        (lambda v: rj.add_decoupled_weight_decay(0.1, np.float64(v)), "weight_decay"),
+        (lambda v: rj.compat.torch_exponential_lr(v, gamma=0.9), "lr"),
+        (lambda v: rj.compat.torch_cosine_annealing_lr(0.1, T_max=5, eta_min=v), "eta_min"),
+        (lambda v: rj.compat.torch_one_cycle_lr(v, total_steps=10), "max_lr"),
+    ],
+)
+def test_hyperparameters_past_float32s_range_are_refused(build, name):
+    """1e40 is finite as a Python float and infinite in the optimizer's float32 arithmetic: a
+    learning rate gave -inf updates, a coupled weight decay NaN ones, `eps` or `initial_scale`
+    updates of 0, a cosine schedule's `eta_min` NaN rates."""
+    build(3.4e38)  # float32's largest number is about 3.4028e38.
+    with pytest.raises(ValueError, match=rf"`{name}` must be at most 3.4028235e\+38, float32"):
+        build(1e40)
+
+
+@pytest.mark.parametrize("eps_in_sqrt", [False, True])
+@pytest.mark.parametrize("moment_storage", FORMATS)
+@pytest.mark.parametrize("eps", [1e-38, 1e-45, 1e-50])
+def test_an_eps_flushed_to_zero_in_float32_still_gives_zero_steps_for_zero_gradients(
+    eps, moment_storage, eps_in_sqrt, maybe_jit
+):
+    """Such an `eps` is positive, so the guard for `eps == 0` was left out of the step; XLA
+    flushes it (subnormal in float32, or 0) to 0, and a gradient that had been 0 since `init`
+    gave 0 / 0 = NaN where `eps=0` gives 0."""
+    params = {"w": jnp.ones((4, 6)), "b": jnp.ones(3)}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    for centered in (False, True):
+        tx = rj.rmsprop(
+            0.1, eps=eps, eps_in_sqrt=eps_in_sqrt, centered=centered, moment_storage=moment_storage
+        )
+        updates, _ = maybe_jit(tx.update)(zeros, tx.init(params), params)
+        for leaf in jax.tree.leaves(updates):
+            np.testing.assert_array_equal(leaf, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: rj.compat.torch_step_lr(0.1, step_size=2**31),
+            r"`step_size` must be at most 2\*\*31 - 1 = 2147483647 \(update counts are int32\)",
+        ),
+        (
+            lambda: rj.compat.torch_linear_lr(0.1, total_iters=10**20),
+            r"`total_iters` must be at most 2\*\*31 - 1",
+        ),
+        (
+            lambda: rj.compat.torch_one_cycle_lr(0.1, epochs=2**16, steps_per_epoch=2**16),
+            r"`epochs` \* `steps_per_epoch` must be at most 2\*\*31 - 1 = 2147483647 \(update "
+            r"counts are int32\), got 65536 \* 65536 = 4294967296",
+        ),
+        (
+            lambda: rj.compat.torch_multi_step_lr(0.1, milestones=jnp.array(2.0)),
+            r"`milestones` must be a sequence of epochs",
+        ),
+    ],
+)
+def test_torch_schedule_counts_past_int32_and_0d_milestones_are_refused_naming_them(build, message):
+    """Each raised an error from deep inside JAX that named no argument: an OverflowError
+    converting the count to int32 when first evaluated, or iteration over a 0-d array."""
+    with pytest.raises((ValueError, TypeError), match=message):
+        build()
+    rj.compat.torch_step_lr(0.1, step_size=2**31 - 1)(jnp.int32(5))
+
+
 def test_range_message_for_an_unbounded_range_says_at_least():
     with pytest.raises(ValueError, match=r"`learning_rate` must be >= 0.0, got -1"):
         rj.rmsprop(-1.0)

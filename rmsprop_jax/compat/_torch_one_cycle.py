@@ -10,7 +10,12 @@ import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import _validation
-from rmsprop_jax.compat._torch_schedulers import _finite, _half_cosine, _positive_int
+from rmsprop_jax.compat._torch_schedulers import (
+    _INT32_MAX,
+    _finite,
+    _half_cosine,
+    _positive_int,
+)
 
 
 def torch_one_cycle_lr(
@@ -87,7 +92,13 @@ def _one_cycle_total(
         return _positive_int("total_steps", total_steps)
     if epochs is None or steps_per_epoch is None:
         raise ValueError("Pass `total_steps`, or both `epochs` and `steps_per_epoch`.")
-    return _positive_int("epochs", epochs) * _positive_int("steps_per_epoch", steps_per_epoch)
+    total = _positive_int("epochs", epochs) * _positive_int("steps_per_epoch", steps_per_epoch)
+    if total > _INT32_MAX:
+        raise ValueError(
+            f"`epochs` * `steps_per_epoch` must be at most 2**31 - 1 = {_INT32_MAX} (update "
+            f"counts are int32), got {epochs!r} * {steps_per_epoch!r} = {total}."
+        )
+    return total
 
 
 def _one_cycle(

@@ -33,16 +33,30 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rmsprop_jax import _validation
+
+# Counts of updates and epochs are int32 in the schedules, as optax's update count is.
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
 
 def _positive_int(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    if value > _INT32_MAX:
+        raise ValueError(
+            f"`{name}` must be at most 2**31 - 1 = {_INT32_MAX} (update counts are int32), "
+            f"got {value!r}."
+        )
     return int(value)
 
 
 def _sequence(name: str, values: Any, what: str) -> list[Any]:
     """`values` as a list, or a TypeError naming `name` when it is not a sequence of `what`."""
-    if isinstance(values, str | bytes | Mapping) or not isinstance(values, Iterable):
+    if (
+        isinstance(values, str | bytes | Mapping)
+        or not isinstance(values, Iterable)
+        or np.ndim(values) == 0  # A 0-d array is iterable by type, but not by value.
+    ):
         raise TypeError(f"`{name}` must be a sequence of {what}, got {values!r}.")
     return list(values)
 
@@ -56,6 +70,11 @@ def _finite(name: str, value: float, low: float = 0.0) -> float:
         raise ValueError(f"`{name}` must be a number, got {value!r}.")
     if not math.isfinite(value) or value < low:
         raise ValueError(f"`{name}` must be a finite number >= {low}, got {value!r}.")
+    if abs(value) > _validation.FLOAT32_MAX:
+        raise ValueError(
+            f"`{name}` must be at most {_validation.FLOAT32_MAX:.8g}, float32's largest number "
+            f"(the schedules are evaluated in float32), got {value!r}."
+        )
     return float(value)
 
 
