@@ -94,3 +94,16 @@ def test_weight_decay_mask_accepts_a_function_of_the_params():
     trajectory, _ = run_transformation(tx, params, grads)
     expected, _ = reference_trajectory(params, grads, config, mask=mask)
     assert max_elementwise_relative_error(trajectory[-1], expected[-1]) < 2e-5
+
+
+@pytest.mark.parametrize("decay", [0.999, 0.99999, 0.999999, 0.9999999, 0.99999999])
+def test_bias_correction_matches_float64_reference_for_decays_near_one(decay, maybe_jit):
+    """1 - decay**t was computed from `decay` rounded to float32 while the average adds
+    (1 - decay) g² exactly: 0.66% off at 0.999999, 9% at 0.9999999, and (rounded to 1, the
+    correction 0) updates of 0 at 0.99999999. optax.rmsprop computes it that way."""
+    config = Config(decay=decay, bias_correction=True, eps=1e-12, momentum=0.5)
+    params, grads = random_problem(SHAPES, 20, seed=5)
+    trajectory, _ = run_transformation(rj.rmsprop(**config.as_kwargs()), params, grads, maybe_jit)
+    expected, _ = reference_trajectory(params, grads, config)
+    for step in (0, 9, 19):
+        assert max_elementwise_relative_error(trajectory[step], expected[step]) < 2e-5, step
