@@ -20,6 +20,8 @@ import optax
 # float32 below its smallest normal number (a subnormal one) to zero.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 FLOAT32_SMALLEST_NORMAL = float(np.finfo(np.float32).smallest_normal)
+# Update counts are int32, as optax's are.
+INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 def _concrete_values(value: Any) -> np.ndarray | None:

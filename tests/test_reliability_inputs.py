@@ -265,6 +265,37 @@ def test_torch_schedule_counts_past_int32_and_0d_milestones_are_refused_naming_t
     rj.compat.torch_step_lr(0.1, step_size=2**31 - 1)(jnp.int32(5))
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"use_ema": True, "ema_overwrite_frequency": 2**31},
+            r"`ema_overwrite_frequency` must be a positive integer \(at most 2\*\*31 - 1",
+        ),
+        (
+            {"gradient_accumulation_steps": 10**20},
+            r"`gradient_accumulation_steps` must be an integer >= 2 \(at most 2\*\*31 - 1",
+        ),
+        (
+            {"loss_scale_factor": 1e-46},
+            r"`loss_scale_factor` must be positive \(or None\), at least float32's smallest",
+        ),
+        ({"loss_scale_factor": 0.0}, r"`loss_scale_factor` must be positive \(or None\)"),
+    ],
+)
+def test_keras_counts_past_int32_and_a_loss_scale_flushed_to_zero_are_refused(kwargs, message):
+    """The counts raised an OverflowError naming no argument when first updated; a
+    `loss_scale_factor` of 1e-46 (0 in float32) divided every gradient by 0: NaN updates."""
+    with pytest.raises(ValueError, match=message):
+        rj.compat.keras_rmsprop(0.1, **kwargs)
+    params = {"w": jnp.ones(3)}
+    tx = rj.compat.keras_rmsprop(
+        0.1, loss_scale_factor=2e-38, gradient_accumulation_steps=2**31 - 1
+    )
+    updates, _ = tx.update(params, tx.init(params), params)
+    assert np.all(np.isfinite(updates["w"]))
+
+
 def test_range_message_for_an_unbounded_range_says_at_least():
     with pytest.raises(ValueError, match=r"`learning_rate` must be >= 0.0, got -1"):
         rj.rmsprop(-1.0)

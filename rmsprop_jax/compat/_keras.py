@@ -69,14 +69,21 @@ def _check_keras_only_arguments(
 ) -> None:
     if loss_scale_factor is not None:
         _validation.check_in_range("loss_scale_factor", loss_scale_factor, low=0.0)
-        if loss_scale_factor == 0:
-            raise ValueError("`loss_scale_factor` must be positive (or None), got 0.")
+        traced = isinstance(loss_scale_factor, jax.core.Tracer)
+        if not (traced or _validation.is_concrete_and_positive_in_float32(loss_scale_factor)):
+            # The gradients are divided by it: flushed to 0 in float32, they would be NaN.
+            raise ValueError(
+                "`loss_scale_factor` must be positive (or None), at least float32's smallest "
+                f"normal number {_validation.FLOAT32_SMALLEST_NORMAL:.8g} (a smaller one is "
+                f"flushed to 0), got {loss_scale_factor!r}."
+            )
     if gradient_accumulation_steps and (
-        not isinstance(gradient_accumulation_steps, int) or gradient_accumulation_steps < 2
+        not isinstance(gradient_accumulation_steps, int)
+        or not 2 <= gradient_accumulation_steps <= _validation.INT32_MAX
     ):
         raise ValueError(
-            "`gradient_accumulation_steps` must be an integer >= 2 (or None), got "
-            f"{gradient_accumulation_steps!r}."
+            "`gradient_accumulation_steps` must be an integer >= 2 (at most 2**31 - 1: update "
+            f"counts are int32) or None, got {gradient_accumulation_steps!r}."
         )
 
 

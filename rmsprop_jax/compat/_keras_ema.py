@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rmsprop_jax import _validation
+
 
 class KerasEmaState(NamedTuple):
     """The number of `apply` calls, the weights' moving average, and the wrapped state.
@@ -54,10 +56,13 @@ def with_keras_ema(
         raise ValueError(f"`ema_momentum` must be a number in [0, 1], got {ema_momentum!r}.")
     frequency = ema_overwrite_frequency
     if frequency is not None and (
-        isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1
+        isinstance(frequency, bool)
+        or not isinstance(frequency, int)
+        or not 1 <= frequency <= _validation.INT32_MAX
     ):
         raise ValueError(
-            f"`ema_overwrite_frequency` must be a positive integer or None, got {frequency!r}."
+            "`ema_overwrite_frequency` must be a positive integer (at most 2**31 - 1: update "
+            f"counts are int32) or None, got {frequency!r}."
         )
     per_update = gradient_accumulation_steps or 1
     inner = optax.with_extra_args_support(inner)

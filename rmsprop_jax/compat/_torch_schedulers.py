@@ -35,8 +35,7 @@ import optax
 
 from rmsprop_jax import _validation
 
-# Counts of updates and epochs are int32 in the schedules, as optax's update count is.
-_INT32_MAX = int(np.iinfo(np.int32).max)
+_INT32_MAX = _validation.INT32_MAX  # Counts of updates and epochs are int32 in the schedules.
 
 
 def _positive_int(name: str, value: int) -> int:
