@@ -433,6 +433,8 @@ def test_grid_zipped_pairs_values_by_position_and_keeps_integer_seeds_integer():
         ([0.5, 1e39], ValueError, r"`decay` must fit in float32.*1e\+39 does not"),
         ([-1e39], ValueError, r"`decay` must fit in float32.*-1e\+39 does not"),
         ([0.5, 1e-50], ValueError, r"`decay` must be representable in float32, but 1e-50 rounds"),
+        # Subnormal in float32, so flushed to 0 by XLA: accepted before.
+        ([0.5, 1e-40], ValueError, r"`decay` must be representable in float32, but 1e-40 rounds"),
     ],
 )
 def test_grid_rejects_values_that_are_not_a_list_of_finite_numbers(values, error, message):
@@ -441,10 +443,11 @@ def test_grid_rejects_values_that_are_not_a_list_of_finite_numbers(values, error
 
 
 def test_grid_keeps_the_extremes_of_int32_and_float32_exactly():
-    g = rj.sweep.grid(product=False, seed=[-(2**31), 2**31 - 1], scale=[3.4e38, 1e-45])
+    smallest_normal = float(np.finfo(np.float32).smallest_normal)  # Below it, XLA reads 0.
+    g = rj.sweep.grid(product=False, seed=[-(2**31), 2**31 - 1], scale=[3.4e38, smallest_normal])
     assert g["seed"].dtype == jnp.int32 and g["seed"].tolist() == [-(2**31), 2**31 - 1]
     assert g["scale"].dtype == jnp.float32
-    assert g["scale"].tolist() == [np.float32(3.4e38), np.float32(1e-45)]
+    assert g["scale"].tolist() == [np.float32(3.4e38), np.float32(smallest_normal)]
     assert rj.sweep.grid(decay=(0.0, 0.5))["decay"].tolist() == [0.0, 0.5]
 
 
