@@ -78,13 +78,13 @@ def _as_values(name: str, values: Any) -> np.ndarray:
             f"The values of `{name}` must fit in float32 (magnitude at most {_FLOAT32.max:.4g}), "
             f"but {overflow[0].item()!r} does not: got {values!r}."
         )
-    # Below float32's smallest normal number a value is subnormal or 0 there, and XLA (on CPU
-    # and GPU) flushes subnormal operands to 0.
+    # Below float32's smallest normal number a value is subnormal or 0 there, and XLA:CPU (as
+    # GPUs commonly do) flushes subnormal operands to 0.
     underflow = array[(np.abs(as_float32) < _FLOAT32.smallest_normal) & (array != 0)]
     if underflow.size:
         raise ValueError(
             f"The values of `{name}` must be representable in float32, but "
-            f"{underflow[0].item()!r} rounds to 0 there (XLA flushes magnitudes below "
+            f"{underflow[0].item()!r} rounds to 0 there (XLA:CPU flushes magnitudes below "
             f"float32's smallest normal number, about {_FLOAT32.smallest_normal:.4g}, to 0): "
             f"got {values!r}."
         )
@@ -109,7 +109,7 @@ def grid(*, product: bool = True, **values: Any) -> dict[str, jax.Array]:
     Raises:
       ValueError: no values were given, a list is empty, nested, ragged or not finite, an
         integer lies outside int32, a real value overflows float32 or rounds to 0 in it (or
-        below its smallest normal number, which XLA flushes to 0), or
+        below its smallest normal number, which XLA:CPU flushes to 0), or
         (with `product=False`) the lists differ in length. The message names the argument.
       TypeError: a value is not a real number, or is a boolean.
 

@@ -16,8 +16,8 @@ import numpy as np
 import optax
 
 # The optimizer computes in float32 or wider (`rmsprop_jax._precision`): a hyperparameter past
-# float32's largest number becomes infinite there, and XLA (on CPU and GPU) flushes a positive
-# float32 below its smallest normal number (a subnormal one) to zero.
+# float32's largest number becomes infinite there, and XLA:CPU (as GPUs commonly do) flushes a
+# positive float32 below its smallest normal number (a subnormal one) to zero.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 FLOAT32_SMALLEST_NORMAL = float(np.finfo(np.float32).smallest_normal)
 # Update counts are int32, as optax's are.

@@ -101,7 +101,7 @@ def _divide_by_rms(
     """`g / (sqrt(nu) + eps)` or `g / sqrt(nu + eps)`, defined as 0 where the denominator is 0.
 
     The denominator is 0 only when `eps` is 0 in float32 (0, or a positive number below its
-    smallest normal, which XLA flushes to 0) and `nu == 0`, which (for `initial_scale == 0`)
+    smallest normal, which XLA:CPU flushes to 0) and `nu == 0`, which (for `initial_scale == 0`)
     means every gradient so far was 0: the step is then 0, not 0/0 = NaN. When `eps` is known
     to be a normal positive number the guard cannot fire and is left out of the compiled step.
     """
