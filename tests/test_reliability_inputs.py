@@ -204,6 +204,7 @@ def test_non_finite_hyperparameters_are_refused(build, value):
         (lambda v: rj.compat.torch_exponential_lr(v, gamma=0.9), "lr"),
         (lambda v: rj.compat.torch_cosine_annealing_lr(0.1, T_max=5, eta_min=v), "eta_min"),
         (lambda v: rj.compat.torch_one_cycle_lr(v, total_steps=10), "max_lr"),
+        (lambda v: rj.compat.torch_reduce_lr_on_plateau(0.1, min_lr=v), "min_lr"),
     ],
 )
 def test_hyperparameters_past_float32s_range_are_refused(build, name):
@@ -252,6 +253,10 @@ def test_an_eps_flushed_to_zero_in_float32_still_gives_zero_steps_for_zero_gradi
             r"counts are int32\), got 65536 \* 65536 = 4294967296",
         ),
         (
+            lambda: rj.compat.torch_reduce_lr_on_plateau(0.1, patience=2**40),
+            r"`patience` must be an integer >= 0 \(at most 2\*\*31 - 1",
+        ),
+        (
             lambda: rj.compat.torch_multi_step_lr(0.1, milestones=jnp.array(2.0)),
             r"`milestones` must be a sequence of epochs",
         ),
@@ -263,6 +268,10 @@ def test_torch_schedule_counts_past_int32_and_0d_milestones_are_refused_naming_t
     with pytest.raises((ValueError, TypeError), match=message):
         build()
     rj.compat.torch_step_lr(0.1, step_size=2**31 - 1)(jnp.int32(5))
+    plateau = rj.compat.torch_reduce_lr_on_plateau(0.1, patience=2**31 - 1, cooldown=2**31 - 1)
+    params = {"w": jnp.ones(2)}
+    updates, _ = plateau.update(params, plateau.init(params), params, value=jnp.float32(1.0))
+    np.testing.assert_allclose(updates["w"], 0.1)
 
 
 @pytest.mark.parametrize(

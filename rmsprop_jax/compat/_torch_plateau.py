@@ -9,7 +9,6 @@ is the same update.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import chex
@@ -17,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rmsprop_jax import _validation
 from rmsprop_jax._numpy_rules import standard_numpy_rules
+from rmsprop_jax.compat._torch_schedulers import _finite
 
 
 class TorchPlateauState(NamedTuple):
@@ -103,17 +104,19 @@ def torch_reduce_lr_on_plateau(
     if threshold_mode not in ("rel", "abs"):
         raise ValueError(f"`threshold_mode` must be 'rel' or 'abs', got {threshold_mode!r}.")
     for name, value in (("lr", lr), ("threshold", threshold), ("min_lr", min_lr), ("eps", eps)):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not (math.isfinite(value) and value >= 0)
-        ):
-            raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        _finite(name, value)
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor < 1:
         raise ValueError(f"`factor` must be in [0, 1), got {factor!r}.")
     for name, value in (("patience", patience), ("cooldown", cooldown)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not 0 <= value <= _validation.INT32_MAX
+        ):
+            raise ValueError(
+                f"`{name}` must be an integer >= 0 (at most 2**31 - 1: counts of epochs are "
+                f"int32), got {value!r}."
+            )
     sign = 1.0 if mode == "min" else -1.0  # "max" is "min" of the negated metric
 
     def is_better(current, best):
