@@ -290,11 +290,14 @@ def test_torch_schedule_counts_past_int32_and_0d_milestones_are_refused_naming_t
             r"`loss_scale_factor` must be positive \(or None\), at least float32's smallest",
         ),
         ({"loss_scale_factor": 0.0}, r"`loss_scale_factor` must be positive \(or None\)"),
+        ({"clipnorm": 1e-40}, r"`clipnorm` must be 0 or None \(no clipping\) or at least"),
+        ({"global_clipnorm": 1e-46}, r"`global_clipnorm` must be 0 or None \(no clipping\)"),
     ],
 )
-def test_keras_counts_past_int32_and_a_loss_scale_flushed_to_zero_are_refused(kwargs, message):
+def test_keras_counts_past_int32_and_a_scale_flushed_to_zero_are_refused(kwargs, message):
     """The counts raised an OverflowError naming no argument when first updated; a
-    `loss_scale_factor` of 1e-46 (0 in float32) divided every gradient by 0: NaN updates."""
+    `loss_scale_factor` of 1e-46 (0 in float32) divided every gradient by 0, NaN updates, and
+    a clipping norm of 1e-40 gave a zero gradient 0 / 0."""
     with pytest.raises(ValueError, match=message):
         rj.compat.keras_rmsprop(0.1, **kwargs)
     params = {"w": jnp.ones(3)}

@@ -47,6 +47,18 @@ def _gradient_clipping(
         ("global_clipnorm", global_clipnorm),
     ):
         _validation.check_in_range(name, value, low=0.0, optional=True)
+    for name, value in (("clipnorm", clipnorm), ("global_clipnorm", global_clipnorm)):
+        # A norm is divided by max(norm, value): flushed to 0 in float32, a zero gradient
+        # would give 0 / 0. Keras treats 0 (as None) as no clipping.
+        if value and not (
+            isinstance(value, jax.core.Tracer)
+            or _validation.is_concrete_and_positive_in_float32(value)
+        ):
+            raise ValueError(
+                f"`{name}` must be 0 or None (no clipping) or at least float32's smallest "
+                f"normal number {_validation.FLOAT32_SMALLEST_NORMAL:.8g} (a smaller one is "
+                f"flushed to 0), got {value!r}."
+            )
     given = [v is not None for v in (clipnorm, clipvalue, global_clipnorm)]
     if sum(given) > 1:
         raise ValueError(
