@@ -88,6 +88,7 @@ def _bias_correction(decay: Any, count: chex.Array) -> chex.Array:
     decay = 0.999999 and the update 0 at decay = 0.99999999 (rounded to 1, the correction was 0).
     A count of 0 (no update yet) gives 0, as 1 - decay**0 does, whatever the decay.
     """
+    log_decay: Any
     if isinstance(decay, int | float):
         log_decay = math.log(decay) if decay > 0 else -math.inf
     else:

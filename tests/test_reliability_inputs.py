@@ -257,7 +257,7 @@ def test_an_eps_flushed_to_zero_in_float32_still_gives_zero_steps_for_zero_gradi
             r"`patience` must be an integer >= 0 \(at most 2\*\*31 - 1",
         ),
         (
-            lambda: rj.compat.torch_multi_step_lr(0.1, milestones=jnp.array(2.0)),
+            lambda: rj.compat.torch_multi_step_lr(0.1, milestones=cast(Any, jnp.array(2.0))),
             r"`milestones` must be a sequence of epochs",
         ),
     ],

@@ -54,7 +54,7 @@ def _sequence(name: str, values: Any, what: str) -> list[Any]:
     if (
         isinstance(values, str | bytes | Mapping)
         or not isinstance(values, Iterable)
-        or np.ndim(values) == 0  # A 0-d array is iterable by type, but not by value.
+        or getattr(values, "ndim", None) == 0  # A 0-d array is iterable by type only.
     ):
         raise TypeError(f"`{name}` must be a sequence of {what}, got {values!r}.")
     return list(values)
