@@ -84,9 +84,9 @@ def _bias_correction(decay: Any, count: chex.Array) -> chex.Array:
 
     The moving averages add (1 - decay) g², which a Python float gives exactly: computed as
     `1 - decay**count` in float32 the correction instead starts from `decay` rounded to float32,
-    which moves 1 - decay by up to 6e-8. The debiased average was 0.66% too large at
-    decay = 0.999999 and the update 0 at decay = 0.99999999 (rounded to 1, the correction was 0).
-    A count of 0 (no update yet) gives 0, as 1 - decay**0 does, whatever the decay.
+    which moves 1 - decay by up to 3e-8. The update was 0.66% too large at decay = 0.999999
+    and 0 at decay = 0.99999999 (rounded to 1, the correction was 0). A count of 0 (no update
+    yet) gives 0, as 1 - decay**0 does, whatever the decay.
     """
     log_decay: Any
     if isinstance(decay, int | float):

@@ -222,7 +222,7 @@ def test_hyperparameters_past_float32s_range_are_refused(build, name):
 def test_an_eps_flushed_to_zero_in_float32_still_gives_zero_steps_for_zero_gradients(
     eps, moment_storage, eps_in_sqrt, maybe_jit
 ):
-    """Such an `eps` is positive, so the guard for `eps == 0` was left out of the step; XLA
+    """Such an `eps` is positive, so the guard for `eps == 0` was left out of the step; XLA:CPU
     flushes it (subnormal in float32, or 0) to 0, and a gradient that had been 0 since `init`
     gave 0 / 0 = NaN where `eps=0` gives 0."""
     params = {"w": jnp.ones((4, 6)), "b": jnp.ones(3)}
