@@ -345,7 +345,8 @@ def preconditioner(
         return g if sources is None else sources[0](*sources[1])
 
     def leaf_update(g, p, nu, mu, nu_seed, mu_seed, correction):
-        """A leaf's step, new nu and new mu; `correction` = 1 - decay**t (bias correction)."""
+        """A leaf's step, new nu and new mu; `correction` = 1 - decay**t (None without bias
+        correction)."""
         sources = sources_of(g, p)
         g = gradient(g, sources)
 
@@ -472,7 +473,7 @@ def preconditioner(
 
     def steps_from_state(updates, state, params=None):
         grads, treedef, nus, mus = stored_averages(updates, state)
-        correction = _bias_correction(decay, state.count)
+        correction = _bias_correction(decay, state.count) if bias_correction else None
         traced = any(isinstance(g, jax.core.Tracer) for g in grads)
         run = traced_leaf_step if traced else leaf_step
         return treedef.unflatten(
@@ -485,7 +486,7 @@ def preconditioner(
     def update_fn(updates, state, params=None):
         grads, treedef, nus, mus = stored_averages(updates, state)
         count = optax.safe_increment(state.count)
-        correction = _bias_correction(decay, count)  # Compiled away without bias correction.
+        correction = _bias_correction(decay, count) if bias_correction else None
         seeds = [(None, None)] * len(grads)
         if fmt.rounds or (centered and mu_fmt.rounds):
             seeds = _rounding.step_seeds(count, len(grads))
