@@ -96,6 +96,17 @@ def shown(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else f"a {type(value).__name__}"
 
 
+def check_fits_float32(name: str, value: Any, values: np.ndarray) -> None:
+    """Raises `ValueError` naming `name` and `value` where an element of `values` (its numbers)
+    lies past float32's largest number: the optimizer computes in float32, where it would be
+    infinite."""
+    if np.any(np.abs(values) > FLOAT32_MAX):
+        raise ValueError(
+            f"`{name}` must be at most {FLOAT32_MAX:.8g}, float32's largest number (the "
+            f"optimizer computes in float32, where it would be infinite), got {value!r}."
+        )
+
+
 def check_in_range(
     name: str,
     value: Any,
@@ -139,11 +150,7 @@ def check_in_range(
     values = values.astype(np.float64)
     if not np.all(np.isfinite(values)):
         raise ValueError(f"`{name}` must be finite, got {value!r}.")
-    if np.any(np.abs(values) > FLOAT32_MAX):
-        raise ValueError(
-            f"`{name}` must be at most {FLOAT32_MAX:.8g}, float32's largest number (the "
-            f"optimizer computes in float32, where it would be infinite), got {value!r}."
-        )
+    check_fits_float32(name, value, values)
     below = values < low
     above = values > high if high_inclusive else values >= high
     if np.any(below | above):

@@ -69,11 +69,7 @@ def _finite(name: str, value: float, low: float = 0.0) -> float:
         raise ValueError(f"`{name}` must be a number, got {value!r}.")
     if not math.isfinite(value) or value < low:
         raise ValueError(f"`{name}` must be a finite number >= {low}, got {value!r}.")
-    if abs(value) > _validation.FLOAT32_MAX:
-        raise ValueError(
-            f"`{name}` must be at most {_validation.FLOAT32_MAX:.8g}, float32's largest number "
-            f"(the schedules are evaluated in float32), got {value!r}."
-        )
+    _validation.check_fits_float32(name, value, np.float64(value))
     return float(value)
 
 
