@@ -102,6 +102,10 @@ def test_careless_arguments_are_named():
             rj.compat.state_from_example_libraries(init(params), tx, step=cast(Any, step))
     _, state = rj.compat.state_from_example_libraries(init(params), tx, step=jnp.int32(3))
     assert int(state[2].count) == 3
+    # Past int32, the count raised an OverflowError naming no argument.
+    for step in (2**31, np.int64(2**40)):
+        with pytest.raises(ValueError, match=r"`step` must be one whole number from 0 to 2\*\*31"):
+            rj.compat.state_from_example_libraries(init(params), tx, step=step)
     # Parameters of other shapes: zip's "argument 2 is longer than argument 1" before, and
     # with as many leaves as the state, a state of mismatched arrays.
     for other in ([jnp.ones(3)], [jnp.ones(2), jnp.ones((3, 3))]):

@@ -205,6 +205,22 @@ def test_a_keras_state_that_holds_no_keras_variables_is_named(keras_state, messa
 
 
 @pytest.mark.conformance
+@pytest.mark.parametrize("iteration", [np.float32(2.5), np.int64(-3), np.int64(2**31)])
+def test_an_edited_keras_iteration_is_refused(keras, iteration):
+    # A fractional iteration was truncated and a negative one kept as every step count; one
+    # past int32 raised an OverflowError that named no variable.
+    model = new_model(keras)
+    params = as_tree({v.path: np.asarray(v.value) for v in model.trainable_variables})
+    optimizer = keras.optimizers.RMSprop()
+    optimizer.build(model.trainable_variables)
+    values = {v.path: np.array(v.value) for v in optimizer.variables}
+    (path,) = [path for path in values if path.endswith("/iteration")]
+    values[path] = iteration
+    with pytest.raises(ValueError, match=r"Keras `iteration` must be one whole number"):
+        rj.compat.state_from_keras(values, params, rj.compat.keras_rmsprop())
+
+
+@pytest.mark.conformance
 @pytest.mark.parametrize(
     ("slot", "value", "message"),
     [

@@ -229,7 +229,7 @@ def test_parameters_with_different_step_counts_raise_value_error(torch):
     run_torch(torch, optimizer, tensors, grads, range(2))
     tensors[0].grad = None  # The first parameter sits out one step.
     optimizer.step()
-    with pytest.raises(ValueError, match=r"different step counts \[2.0, 3.0\]"):
+    with pytest.raises(ValueError, match=r"different step counts \[2, 3\]"):
         rj.compat.state_from_torch(optimizer.state_dict(), params, rj.compat.torch_rmsprop())
 
 
@@ -467,6 +467,21 @@ def test_a_diverged_or_edited_torch_state_is_refused_naming_the_entry(torch, key
         rj.compat.state_from_torch(
             state_dict, params, rj.compat.torch_rmsprop(LR, momentum=0.9, centered=True)
         )
+
+
+@pytest.mark.conformance
+@pytest.mark.parametrize(
+    "step", [5.5, -1.0, np.nan, np.inf, 2.0**31], ids=["fraction", "negative", "nan", "inf", "big"]
+)
+def test_an_edited_torch_step_is_refused_naming_the_parameter(torch, step):
+    # A fractional step was truncated and a negative one kept as the count; non-finite ones and
+    # those past int32 raised errors that named no parameter.
+    params, grads = make_problem(seed=15)
+    optimizer = stepped_torch(torch, params, grads)
+    state_dict = copy.deepcopy(optimizer.state_dict())
+    state_dict["state"][1]["step"] = torch.tensor(step)
+    with pytest.raises(ValueError, match=r"torch `step` of parameter 1 must be one whole number"):
+        rj.compat.state_from_torch(state_dict, params, rj.compat.torch_rmsprop(LR))
 
 
 @pytest.mark.conformance

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import _wrappers
+from rmsprop_jax import _validation, _wrappers
 
 
 def _view_as_real(x: Any) -> Any:
@@ -96,3 +96,27 @@ def check_imported_statistic(values: Any, what: str, *, mean_square: bool) -> No
         f"{what} holds {np.count_nonzero(bad)} {kind} entries of {array.size} (the first "
         f"{array[bad].flat[0].item()!r}); imported, it would make every update NaN: {why}."
     )
+
+
+def imported_step_count(value: Any, what: str) -> jax.Array:
+    """An imported step count as the int32 scalar the state keeps; `ValueError` naming `what`
+    unless it is one whole number from 0 to 2**31 - 1.
+
+    PyTorch keeps `step` as a float tensor and Keras `iteration` as an integer variable: a
+    fractional, negative or non-finite one comes only from an edited state, and would become
+    a wrong count (truncated, or negative for the schedules) rather than an error.
+    """
+    array = np.asarray(value)
+    number = array.item() if array.size == 1 and array.dtype.kind in "iuf" else None
+    if not (
+        isinstance(number, int | float)
+        and np.isfinite(number)
+        and number == int(number)
+        and 0 <= number <= _validation.INT32_MAX
+    ):
+        raise ValueError(
+            f"{what} must be one whole number from 0 to 2**31 - 1 = {_validation.INT32_MAX} "
+            f"(update counts are int32), got "
+            f"{_validation.shown(array.item() if array.size == 1 else value)}."
+        )
+    return jnp.asarray(int(number), jnp.int32)

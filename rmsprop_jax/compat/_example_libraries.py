@@ -38,7 +38,11 @@ import optax
 
 import rmsprop_jax as rj
 from rmsprop_jax import _validation
-from rmsprop_jax.compat._common import check_imported_statistic, reject_complex
+from rmsprop_jax.compat._common import (
+    check_imported_statistic,
+    imported_step_count,
+    reject_complex,
+)
 from rmsprop_jax.transform import ScaleByCenteredRmsState, ScaleByRmsState
 
 _STATS = (ScaleByRmsState, ScaleByCenteredRmsState)
@@ -174,7 +178,8 @@ def state_from_example_libraries(
 
     Raises:
       ValueError: on a state of another optimizer, with momentum on one side only, a
-        negative `step`, or statistics that hold a NaN or a negative `avg_sq_grad`.
+        negative `step` or one past 2**31 - 1 (counts are int32), or statistics that hold a
+        NaN or a negative `avg_sq_grad`.
       TypeError: on an `optimizer` that is not a built transformation, or a `step` that is not
         an integer.
 
@@ -191,7 +196,7 @@ def state_from_example_libraries(
     _validation.check_transformation(
         "optimizer", optimizer, "rj.compat.example_libraries_rmsprop(0.01)"
     )
-    step = _validation.check_step(step)
+    count = imported_step_count(_validation.check_step(step), "`step`")
     params, per_leaf = _unpack(example_state)
     opt_state = optimizer.init(params)
     stats, trace = _parts(opt_state, "The state of `optimizer`")
@@ -214,8 +219,6 @@ def state_from_example_libraries(
             jax.tree.structure(like),
             [v.astype(ref.dtype) for v, ref in zip(values, leaves, strict=True)],
         )
-
-    count = jnp.asarray(step, jnp.int32)
 
     def fill(node: Any) -> Any:
         if node is stats:

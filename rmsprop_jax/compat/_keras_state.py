@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from rmsprop_jax import _validation
-from rmsprop_jax.compat._common import check_imported_statistic
+from rmsprop_jax.compat._common import check_imported_statistic, imported_step_count
 from rmsprop_jax.compat._keras_ema import KerasEmaState
 from rmsprop_jax.compat._keras_names import (
     MatchBy,
@@ -131,8 +131,9 @@ def state_from_keras(
     Raises:
       ValueError: on a state that is not a Keras RMSprop's (naming what is missing), a
         different number of variables, unmatched names, a shape mismatch, differing
-        `centered`/momentum/`use_ema`, gradient accumulation, or statistics that hold a NaN
-        or a negative `velocity` (an infinite `velocity` is kept, as Keras keeps it).
+        `centered`/momentum/`use_ema`, gradient accumulation, an `iteration` that is not a
+        whole number from 0 to 2**31 - 1, or statistics that hold a NaN or a negative
+        `velocity` (an infinite `velocity` is kept, as Keras keeps it).
       TypeError: on an `optimizer` that is not a built transformation, or a `keras_state`
         that is none of the three things above (a string, a number, a list of arrays).
 
@@ -192,7 +193,9 @@ def state_from_keras(
             opt_state,
             is_leaf=lambda x: isinstance(x, KerasEmaState),
         )
-    return _with_counts(opt_state, jnp.asarray(int(values["iteration"]), jnp.int32))
+    return _with_counts(
+        opt_state, imported_step_count(values["iteration"], "The Keras `iteration`")
+    )
 
 
 def state_to_keras(

@@ -232,7 +232,8 @@ def state_from_torch(
         holds other numbers), groups with different settings, a different number of
         parameters or groups, a name with no leaf, a group whose leaves are not one torch
         group's parameters, a shape or complex/real mismatch, a parameter without state,
-        differing step counts within a group, differing `centered`/`momentum`, or a state
+        differing step counts within a group, a `step` that is not a whole number from 0 to
+        2**31 - 1, differing `centered`/`momentum`, or a state
         that holds a NaN or a negative `square_avg` (it would make every update NaN; an
         infinite `square_avg`, from squares past float32's range, is kept as torch keeps it).
       TypeError: on an `optimizer` that is not a built transformation (`torch_rmsprop`

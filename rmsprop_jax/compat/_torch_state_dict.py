@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmsprop_jax.compat._common import imported_step_count
 from rmsprop_jax.transform import ScaleByCenteredRmsState
 
 # Keys every `torch.optim.RMSprop` group has; Adam's and SGD's groups lack `alpha`.
@@ -161,8 +162,16 @@ def to_numpy(tensor: Any) -> np.ndarray:
 
 
 def step_count(per_param: Mapping[Any, Any], indices: Sequence[int]) -> jax.Array:
-    """The step count shared by the parameters `indices`; `ValueError` when they differ."""
-    steps = {float(to_numpy(per_param[i]["step"])) for i in indices}
+    """The step count shared by the parameters `indices`; `ValueError` when they differ or one
+    is not a whole number from 0 to 2**31 - 1."""
+    steps = {
+        int(
+            imported_step_count(
+                to_numpy(per_param[i]["step"]), f"The torch `step` of parameter {i}"
+            )
+        )
+        for i in indices
+    }
     if len(steps) != 1:
         raise ValueError(f"Torch parameters have different step counts {sorted(steps)}.")
-    return jnp.asarray(int(steps.pop()), jnp.int32)
+    return jnp.asarray(steps.pop(), jnp.int32)
