@@ -216,6 +216,25 @@ def test_hyperparameters_past_float32s_range_are_refused(build, name):
         build(1e40)
 
 
+@pytest.mark.parametrize(
+    ("build", "name"),
+    [
+        (lambda v: rj.rmsprop(v), "learning_rate"),
+        (lambda v: rj.compat.keras_rmsprop(0.1, clipnorm=v), "clipnorm"),
+        (lambda v: rj.compat.torch_exponential_lr(v, gamma=0.9), "lr"),
+        (lambda v: rj.compat.torch_step_lr(0.1, step_size=2, gamma=v), "gamma"),
+        (lambda v: rj.compat.torch_cosine_annealing_lr(0.1, T_max=5, eta_min=v), "eta_min"),
+        (lambda v: rj.compat.torch_one_cycle_lr(v, total_steps=10), "max_lr"),
+        (lambda v: rj.compat.torch_reduce_lr_on_plateau(0.1, min_lr=v), "min_lr"),
+    ],
+)
+@pytest.mark.parametrize("sign", [1, -1])
+def test_integers_past_float64s_range_are_refused_naming_them(build, name, sign):
+    # The torch schedules raised Python's "int too large to convert to float" naming nothing.
+    with pytest.raises(ValueError, match=rf"`{name}` must be"):
+        build(sign * 10**400)
+
+
 @pytest.mark.parametrize("eps_in_sqrt", [False, True])
 @pytest.mark.parametrize("moment_storage", FORMATS)
 @pytest.mark.parametrize("eps", [1e-38, 1e-45, 1e-50])

@@ -67,10 +67,18 @@ def _epochs(name: str, values: Any) -> list[int]:
 def _finite(name: str, value: float, low: float = 0.0) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
         raise ValueError(f"`{name}` must be a number, got {value!r}.")
-    if not math.isfinite(value) or value < low:
-        raise ValueError(f"`{name}` must be a finite number >= {low}, got {value!r}.")
-    _validation.check_fits_float32(name, value, np.float64(value))
-    return float(value)
+    message = f"`{name}` must be a finite number >= {low}, got {value!r}."
+    try:
+        number = float(value)
+    except OverflowError:  # A Python integer past float64's range (10**400).
+        number = math.inf if value > 0 else -math.inf
+    else:
+        if not math.isfinite(number):
+            raise ValueError(message)
+    if number < low:
+        raise ValueError(message)
+    _validation.check_fits_float32(name, value, np.float64(number))
+    return number
 
 
 def _epoch(count: jax.Array, steps_per_epoch: int) -> jax.Array:
