@@ -79,6 +79,28 @@ def check_step(step: Any) -> int:
     return count
 
 
+def check_count(
+    name: str, value: Any, *, low: int, counted: str = "update counts", or_none: bool = False
+) -> int:
+    """`value` as an int: a Python or NumPy integer (not a bool) from `low` to 2**31 - 1, the
+    most the int32 counts it is compared with can reach; else `ValueError` naming `name`.
+
+    `counted` says which counts those are; `or_none` adds "or None" to the message where the
+    caller takes None as well (and checks it before calling).
+    """
+    if (
+        isinstance(value, bool | np.bool_)
+        or not isinstance(value, int | np.integer)
+        or not low <= value <= INT32_MAX
+    ):
+        kind = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ValueError(
+            f"`{name}` must be {kind} (at most 2**31 - 1: {counted} are int32)"
+            f"{' or None' if or_none else ''}, got {value!r}."
+        )
+    return int(value)
+
+
 def check_transformation(name: str, value: Any, example: str) -> None:
     """Raises `TypeError` unless `value` is an optax transformation; `example` shows a call
     that passes one (a factory such as `rj.rmsprop` itself is the usual mistake)."""

@@ -260,11 +260,12 @@ def test_an_eps_flushed_to_zero_in_float32_still_gives_zero_steps_for_zero_gradi
     [
         (
             lambda: rj.compat.torch_step_lr(0.1, step_size=2**31),
-            r"`step_size` must be at most 2\*\*31 - 1 = 2147483647 \(update counts are int32\)",
+            r"`step_size` must be a positive integer \(at most 2\*\*31 - 1: update counts are "
+            r"int32\), got 2147483648",
         ),
         (
             lambda: rj.compat.torch_linear_lr(0.1, total_iters=10**20),
-            r"`total_iters` must be at most 2\*\*31 - 1",
+            r"`total_iters` must be a positive integer \(at most 2\*\*31 - 1",
         ),
         (
             lambda: rj.compat.torch_one_cycle_lr(0.1, epochs=2**16, steps_per_epoch=2**16),
@@ -325,6 +326,31 @@ def test_keras_counts_past_int32_and_a_scale_flushed_to_zero_are_refused(kwargs,
     )
     updates, _ = tx.update(params, tx.init(params), params)
     assert np.all(np.isfinite(updates["w"]))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda n: rj.compat.keras_rmsprop(0.1, gradient_accumulation_steps=n),
+        lambda n: rj.compat.keras_rmsprop(0.1, use_ema=True, ema_overwrite_frequency=n),
+        lambda n: rj.compat.torch_reduce_lr_on_plateau(0.1, patience=n, cooldown=n),
+    ],
+    ids=["accumulation", "ema-overwrite", "plateau"],
+)
+def test_numpy_integer_counts_are_taken_as_python_ones(build):
+    # Refused before ("must be a positive integer ..., got np.int64(2)"), where the torch
+    # schedules took them: a count read from a NumPy config or array is an np.integer.
+    params = {"w": jnp.array([1.0, -2.0])}
+    grads = {"w": jnp.array([0.5, -0.5])}
+    results = []
+    for count in (2, np.int64(2), np.int32(2)):
+        tx = build(count)
+        state = tx.init(params)
+        for _ in range(3):
+            updates, state = tx.update(grads, state, params, value=jnp.float32(1.0))
+        results.append(np.asarray(updates["w"]))
+    for result in results[1:]:
+        np.testing.assert_array_equal(result, results[0])
 
 
 def test_range_message_for_an_unbounded_range_says_at_least():

@@ -78,7 +78,9 @@ def _gradient_clipping(
 def _check_keras_only_arguments(
     loss_scale_factor: float | None,
     gradient_accumulation_steps: int | None,
-) -> None:
+) -> int | None:
+    """Checks the two; returns `gradient_accumulation_steps` as a Python int (optax.MultiSteps
+    takes anything else for a schedule), or None where accumulation is off."""
     if loss_scale_factor is not None:
         _validation.check_in_range("loss_scale_factor", loss_scale_factor, low=0.0)
         traced = isinstance(loss_scale_factor, jax.core.Tracer)
@@ -89,14 +91,11 @@ def _check_keras_only_arguments(
                 f"normal number {_validation.FLOAT32_SMALLEST_NORMAL:.8g} (a smaller one is "
                 f"flushed to 0), got {loss_scale_factor!r}."
             )
-    if gradient_accumulation_steps and (
-        not isinstance(gradient_accumulation_steps, int)
-        or not 2 <= gradient_accumulation_steps <= _validation.INT32_MAX
-    ):
-        raise ValueError(
-            "`gradient_accumulation_steps` must be an integer >= 2 (at most 2**31 - 1: update "
-            f"counts are int32) or None, got {gradient_accumulation_steps!r}."
-        )
+    if not gradient_accumulation_steps:  # Keras takes 0 as None, as it tests the truth of it.
+        return None
+    return _validation.check_count(
+        "gradient_accumulation_steps", gradient_accumulation_steps, low=2, or_none=True
+    )
 
 
 def keras_rmsprop(
@@ -191,7 +190,9 @@ def keras_rmsprop(
     _validation.check_in_range("weight_decay", weight_decay, low=0.0, optional=True)
     _validation.check_flag("centered", centered)
     _validation.check_flag("use_ema", use_ema)
-    _check_keras_only_arguments(loss_scale_factor, gradient_accumulation_steps)
+    gradient_accumulation_steps = _check_keras_only_arguments(
+        loss_scale_factor, gradient_accumulation_steps
+    )
     clipping = _gradient_clipping(clipnorm, clipvalue, global_clipnorm)
 
     rate = learning_rate

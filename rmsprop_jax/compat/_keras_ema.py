@@ -55,14 +55,9 @@ def with_keras_ema(
     if not 0 <= ema_momentum <= 1:
         raise ValueError(f"`ema_momentum` must be a number in [0, 1], got {ema_momentum!r}.")
     frequency = ema_overwrite_frequency
-    if frequency is not None and (
-        isinstance(frequency, bool)
-        or not isinstance(frequency, int)
-        or not 1 <= frequency <= _validation.INT32_MAX
-    ):
-        raise ValueError(
-            "`ema_overwrite_frequency` must be a positive integer (at most 2**31 - 1: update "
-            f"counts are int32) or None, got {frequency!r}."
+    if frequency is not None:
+        frequency = _validation.check_count(
+            "ema_overwrite_frequency", frequency, low=1, or_none=True
         )
     per_update = gradient_accumulation_steps or 1
     inner = optax.with_extra_args_support(inner)

@@ -108,15 +108,7 @@ def torch_reduce_lr_on_plateau(
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor < 1:
         raise ValueError(f"`factor` must be in [0, 1), got {factor!r}.")
     for name, value in (("patience", patience), ("cooldown", cooldown)):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or not 0 <= value <= _validation.INT32_MAX
-        ):
-            raise ValueError(
-                f"`{name}` must be an integer >= 0 (at most 2**31 - 1: counts of epochs are "
-                f"int32), got {value!r}."
-            )
+        _validation.check_count(name, value, low=0, counted="counts of epochs")
     sign = 1.0 if mode == "min" else -1.0  # "max" is "min" of the negated metric
 
     def is_better(current, best):

@@ -39,14 +39,7 @@ _INT32_MAX = _validation.INT32_MAX  # Counts of updates and epochs are int32 in 
 
 
 def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    if value > _INT32_MAX:
-        raise ValueError(
-            f"`{name}` must be at most 2**31 - 1 = {_INT32_MAX} (update counts are int32), "
-            f"got {value!r}."
-        )
-    return int(value)
+    return _validation.check_count(name, value, low=1)
 
 
 def _sequence(name: str, values: Any, what: str) -> list[Any]:
