@@ -136,6 +136,28 @@ def test_round_trip_through_a_torch_state_dict_is_exact(torch):
 
 
 @pytest.mark.conformance
+@pytest.mark.parametrize("count", [2**24 + 1, 2**25 + 3, 2**31 - 1])
+def test_counts_past_float32s_whole_numbers_round_trip_through_torch_exactly(torch, count):
+    # torch's `step` was written as a float32 tensor, which holds whole numbers up to 2**24:
+    # 2**24 + 1 came back as 2**24, 2**25 + 3 as 2**25 + 4, and 2**31 - 1 as 2**31 (refused).
+    params, grads = make_problem(seed=16)
+    tx = rj.compat.torch_rmsprop(LR, momentum=0.9)
+    state, _ = run_trajectory(tx, params, grads, slice(0, 2), tx.init(params))
+    state = jax.tree.map(
+        lambda leaf: jnp.asarray(count, jnp.int32) if leaf.dtype == jnp.int32 else leaf, state
+    )
+    tensors = [torch.tensor(p) for p in params]
+    optimizer = torch.optim.RMSprop(tensors, lr=LR, momentum=0.9)
+    state_dict = rj.compat.state_to_torch(state, params, optimizer.state_dict()["param_groups"])
+    back = rj.compat.state_from_torch(state_dict, params, tx)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    optimizer.load_state_dict(state_dict)
+    run_torch(torch, optimizer, tensors, grads, range(2, 3))  # counts on from there, exactly
+    assert float(optimizer.state_dict()["state"][0]["step"]) == count + 1
+
+
+@pytest.mark.conformance
 def test_optimizers_that_have_not_stepped_convert_to_initial_states(torch):
     params, _ = make_problem(seed=3)
     tx = rj.compat.torch_rmsprop(momentum=0.9)

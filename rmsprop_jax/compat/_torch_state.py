@@ -183,14 +183,18 @@ def chain_to_torch(
             out.append(torch.from_numpy(value))
         return out
 
+    step = torch.tensor(float(count))
+    if step.item() != count:
+        # torch's default float32 holds counts up to 2**24 exactly: past that the count would
+        # come back rounded (2**31 - 1 as 2**31, past int32). torch keeps a loaded step's dtype.
+        step = torch.tensor(float(count), dtype=torch.float64)
     fields = {"square_avg": tensors(stats.nu)}
     if trace is not None:
         fields["momentum_buffer"] = tensors(trace.trace)
     if isinstance(stats, ScaleByCenteredRmsState):
         fields["grad_avg"] = tensors(stats.mu)
     return {
-        index: {"step": torch.tensor(float(count))}
-        | {key: values[position] for key, values in fields.items()}
+        index: {"step": step.clone()} | {key: values[position] for key, values in fields.items()}
         for position, index in enumerate(indices)
     }
 
@@ -288,7 +292,9 @@ def state_to_torch(
 
     Returns:
       `{"state": {index: {"step", "square_avg", ...}}, "param_groups": [...]}` with torch
-      tensors; an empty `state` when no update has been applied yet.
+      tensors; an empty `state` when no update has been applied yet. `step` is a tensor of
+      torch's default float dtype (float32, as torch keeps it), or float64 past 2**24, where
+      float32 would round the count.
 
     Raises:
       ValueError: on groups that are not a torch RMSprop's (or `optimizer.param_groups`, whose
