@@ -103,6 +103,6 @@ def with_compute_dtype(
         map_updates_back=_cast_like,
         map_state_back=_cast_like,
         check_params=_validation.check_float_leaves,
-        check_updates=_validation.check_float_gradients,
+        check_updates=_validation.check_update_inputs,
         once="compute_dtype",
     )

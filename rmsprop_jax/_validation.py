@@ -448,51 +448,78 @@ def _leaves_with_paths(tree: Any) -> list[tuple[Any, Any]]:
     return jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
 
 
-def check_same_tree(updates: Any, state_tree: Any, *, state_name: str = "state") -> None:
-    """Raises `ValueError` naming the first path where `updates` and `state_tree` differ.
+def check_same_tree(
+    tree: Any,
+    reference: Any,
+    *,
+    what: str = "Gradient",
+    reference_name: str = "the optimizer state",
+    reference_shape: str = "the optimizer state was initialized for shape",
+    remedy: str = "Initialize the optimizer with the same parameter tree the gradients come from.",
+) -> None:
+    """Raises `ValueError` naming the first path where `tree` and `reference` differ.
 
     Compares the tree structure and the shape of each leaf, so that a gradient for a different
-    model fails with a readable message instead of an opaque tree or broadcasting error.
+    model fails with a readable message instead of an opaque tree or broadcasting error. `what`
+    names `tree`'s leaves and `reference_name` the reference; a differing shape is reported as
+    "{what} at {path} has shape {shape} but {reference_shape} {the reference's shape}".
     """
-    if jax.tree.structure(updates, is_leaf=lambda x: x is None) == jax.tree.structure(
-        state_tree, is_leaf=lambda x: x is None
+    if jax.tree.structure(tree, is_leaf=lambda x: x is None) == jax.tree.structure(
+        reference, is_leaf=lambda x: x is None
     ):
         for (path, g), (_, s) in zip(
-            _leaves_with_paths(updates), _leaves_with_paths(state_tree), strict=True
+            _leaves_with_paths(tree), _leaves_with_paths(reference), strict=True
         ):
             if g is None or s is None:
                 if (g is None) != (s is None):
                     raise ValueError(
-                        f"Gradient at {_path_str(path)} is {'None' if g is None else 'an array'} "
-                        f"but the optimizer {state_name} has {'None' if s is None else 'an array'}."
+                        f"{what} at {_path_str(path)} is {'None' if g is None else 'an array'} "
+                        f"but {reference_name} has {'None' if s is None else 'an array'}."
                     )
                 continue
             if np.shape(g) != np.shape(s):
                 raise ValueError(
-                    f"Gradient at {_path_str(path)} has shape {np.shape(g)} but the optimizer "
-                    f"{state_name} was initialized for shape {np.shape(s)}."
+                    f"{what} at {_path_str(path)} has shape {np.shape(g)} but "
+                    f"{reference_shape} {np.shape(s)}."
                 )
         return
-    grad_paths = [_path_str(p) for p, _ in _leaves_with_paths(updates)]
-    state_paths = [_path_str(p) for p, _ in _leaves_with_paths(state_tree)]
-    grad_set, state_set = set(grad_paths), set(state_paths)
-    missing = [path for path in state_paths if path not in grad_set]
-    extra = [path for path in grad_paths if path not in state_set]
+    paths = [_path_str(p) for p, _ in _leaves_with_paths(tree)]
+    reference_paths = [_path_str(p) for p, _ in _leaves_with_paths(reference)]
+    present, expected = set(paths), set(reference_paths)
+    missing = [path for path in reference_paths if path not in present]
+    extra = [path for path in paths if path not in expected]
     if not missing and not extra:
         raise ValueError(
-            f"Gradient tree has the same paths as the optimizer {state_name} but different "
-            f"container types: {jax.tree.structure(updates)} vs {jax.tree.structure(state_tree)}."
+            f"{what} tree has the same paths as {reference_name} but different container "
+            f"types: {jax.tree.structure(tree)} vs {jax.tree.structure(reference)}."
         )
     differences = []
     if missing:
         differences.append(f"it lacks {listed(missing)}")
     if extra:
-        differences.append(f"it has {listed(extra)}, which the optimizer {state_name} lacks")
+        differences.append(f"it has {listed(extra)}, which {reference_name} lacks")
     raise ValueError(
-        f"Gradient tree differs from the optimizer {state_name} ({_leaves(len(grad_paths))} "
-        f"against {_leaves(len(state_paths))}): {'; '.join(differences)}. Initialize the "
-        "optimizer with the same parameter tree the gradients come from."
+        f"{what} tree differs from {reference_name} ({_leaves(len(paths))} against "
+        f"{_leaves(len(reference_paths))}): {'; '.join(differences)}. {remedy}"
     )
+
+
+def check_update_inputs(updates: Any, params: Any) -> None:
+    """The checks of `update`'s inputs before any arithmetic: floating gradients, and
+    gradients in the tree of the parameters (where given), of their shapes.
+
+    Parameters of another shape would be broadcast against the gradients by weight decay
+    (coupled or decoupled), giving updates of the wrong values or shape rather than an error.
+    """
+    check_float_gradients(updates)
+    if params is not None:
+        check_same_tree(
+            updates,
+            params,
+            reference_name="the parameter tree",
+            reference_shape="the parameter there has shape",
+            remedy="Pass gradients and parameters of the tree the optimizer was initialized with.",
+        )
 
 
 def _leaves(count: int) -> str:

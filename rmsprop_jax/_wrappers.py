@@ -48,7 +48,7 @@ def map_transformation(
     map_updates_back: Callable[[Any, Any], Any] = lambda new, _: new,
     map_state_back: Callable[[Any, Any], Any] = lambda new, _: new,
     check_params: Callable[[Any], None] | None = None,
-    check_updates: Callable[[Any], None] | None = None,
+    check_updates: Callable[[Any, Any], None] | None = None,
     after_init: Callable[[Any, Any], Any] | None = None,
     once: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -60,7 +60,8 @@ def map_transformation(
       map_updates_back: `(new_updates, incoming_updates) -> updates` returned to the caller.
       map_state_back: `(new_state, incoming_state) -> state` returned to the caller.
       check_params: called with the raw parameters at `init` (to reject bad input early).
-      check_updates: called with the raw incoming updates at `update`.
+      check_updates: called with the raw incoming updates and parameters (or None) at
+        `update`.
       after_init: `(state, raw_params) -> state`, applied to the new state.
       once: a name; nested wrappers of the same name step aside for the outermost one.
 
@@ -83,7 +84,7 @@ def map_transformation(
             if not outermost:
                 return inner.update(updates, state, params, **extra_args)
             if check_updates is not None:
-                check_updates(updates)
+                check_updates(updates, params)
             params = None if params is None else map_inputs(params)
             new_updates, new_state = inner.update(map_inputs(updates), state, params, **extra_args)
             return map_updates_back(new_updates, updates), map_state_back(new_state, state)

@@ -156,12 +156,7 @@ def check_like(tree: Any, tree_layout: Any, *, what: str = "Gradient") -> None:
     leaf would be silently converted and escape the wrapped transformation's own checks.
     """
     expected = jax.tree.map(_stand_in, tree_layout, is_leaf=_is_slot)
-    try:
-        _validation.check_same_tree(tree, expected)
-    except ValueError as error:
-        if what == "Gradient":
-            raise
-        raise ValueError(str(error).replace("Gradient", what)) from None
+    _validation.check_same_tree(tree, expected, what=what)
     paths_and_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     for (path, leaf), slot in zip(paths_and_leaves, _slots(tree_layout), strict=True):
         dtype = jnp.result_type(leaf)

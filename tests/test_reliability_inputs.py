@@ -353,6 +353,40 @@ def test_numpy_integer_counts_are_taken_as_python_ones(build):
         np.testing.assert_array_equal(result, results[0])
 
 
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: rj.rmsprop(0.1, weight_decay=0.1),
+        lambda: rj.rmsprop(0.1, weight_decay=0.1, decoupled_weight_decay=True),
+        lambda: rj.rmsprop(0.1, weight_decay=0.1, moment_storage="int8"),
+        lambda: rj.rmsprop(0.1, weight_decay=0.1, moment_storage="factored", centered=True),
+        lambda: rj.compat.torch_rmsprop(0.1, weight_decay=0.1),
+        lambda: rj.compat.keras_rmsprop(0.1, weight_decay=0.1),
+        lambda: rj.add_decoupled_weight_decay(0.1, 0.1),
+    ],
+    ids=["coupled", "decoupled", "int8", "factored-centered", "torch", "keras", "add-decoupled"],
+)
+@pytest.mark.parametrize(
+    ("wrong", "message"),
+    [
+        ({"w": jnp.ones((8, 4, 4))}, r"\(4, 4\) but the parameter there has shape \(8, 4"),
+        ({"w": jnp.ones((1, 4))}, r"\(4, 4\) but the parameter there has shape \(1, 4"),
+        ({"v": jnp.ones((4, 4))}, r"Gradient tree differs from the parameter tree .* \['v'\]"),
+    ],
+    ids=["batched", "broadcastable", "other-tree"],
+)
+def test_parameters_unlike_the_gradients_are_refused_naming_the_leaf(
+    build, wrong, message, maybe_jit
+):
+    # Weight decay broadcast such parameters against the gradients: updates of the shape
+    # (8, 4, 4) for (4, 4) parameters, or from a (1, 4) row repeated, without an error; a
+    # tree of other names raised JAX's tree-structure error.
+    params = {"w": jnp.ones((4, 4))}
+    tx = build()
+    with pytest.raises(ValueError, match=message):
+        maybe_jit(tx.update)(params, tx.init(params), wrong)
+
+
 def test_range_message_for_an_unbounded_range_says_at_least():
     with pytest.raises(ValueError, match=r"`learning_rate` must be >= 0.0, got -1"):
         rj.rmsprop(-1.0)

@@ -218,13 +218,19 @@ def test_gradient_with_a_renamed_leaf_names_both_sides_and_shortens_long_lists(m
     params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
     tx = rj.rmsprop(0.01)
     state = tx.init(params)
+    renamed = {"kernal": jnp.ones((2, 2)), "bias": jnp.ones(2)}
     with pytest.raises(
         ValueError, match=r"it lacks \['kernel'\]; it has \['kernal'\], which the optimizer"
     ):
-        maybe_jit(tx.update)({"kernal": jnp.ones((2, 2)), "bias": jnp.ones(2)}, state, params)
+        maybe_jit(tx.update)(renamed, state)
+    # Given the parameters, `update` compares the gradients with them first.
+    with pytest.raises(
+        ValueError, match=r"it lacks \['kernel'\]; it has \['kernal'\], which the parameter"
+    ):
+        maybe_jit(tx.update)(renamed, state, params)
     grads = {f"layer{i}": jnp.ones(2) for i in range(7)}
     with pytest.raises(ValueError, match=r"\['layer3'\] and 3 more, which the optimizer"):
-        maybe_jit(tx.update)(grads, state, params)
+        maybe_jit(tx.update)(grads, state)
 
 
 def test_gradient_with_a_different_shape_names_the_path_and_both_shapes():
