@@ -408,17 +408,18 @@ def _leaf_dtype(leaf: Any) -> Any:
 
 
 def _check_inexact(tree: Any, what: str, remedy: str) -> None:
-    """Raises `TypeError` naming the first leaf of `tree` that is neither floating nor complex."""
+    """Raises `TypeError` naming the first leaf of `tree` that is neither floating nor complex.
 
-    def check(path, leaf):
+    Paths are built only for a leaf to name: eager updates run this on every call.
+    """
+    for index, leaf in enumerate(jax.tree.leaves(tree)):
         dtype = _leaf_dtype(leaf)
         if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
+            path = jax.tree_util.tree_flatten_with_path(tree)[0][index][0]
             raise TypeError(
                 f"{what.capitalize()} at {_path_str(path)} has dtype {dtype}; RMSprop needs "
                 f"floating or complex {what}s. {remedy}"
             )
-
-    jax.tree.map_with_path(check, tree)
 
 
 def check_float_leaves(params: Any) -> None:
@@ -444,8 +445,12 @@ def check_float_gradients(updates: Any) -> None:
     )
 
 
+def _is_none(node: Any) -> bool:
+    return node is None
+
+
 def _leaves_with_paths(tree: Any) -> list[tuple[Any, Any]]:
-    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)[0]
 
 
 def check_same_tree(
@@ -464,23 +469,28 @@ def check_same_tree(
     names `tree`'s leaves and `reference_name` the reference; a differing shape is reported as
     "{what} at {path} has shape {shape} but {reference_shape} {the reference's shape}".
     """
-    if jax.tree.structure(tree, is_leaf=lambda x: x is None) == jax.tree.structure(
-        reference, is_leaf=lambda x: x is None
+    if jax.tree.structure(tree, is_leaf=_is_none) == jax.tree.structure(
+        reference, is_leaf=_is_none
     ):
-        for (path, g), (_, s) in zip(
-            _leaves_with_paths(tree), _leaves_with_paths(reference), strict=True
-        ):
-            if g is None or s is None:
-                if (g is None) != (s is None):
-                    raise ValueError(
-                        f"{what} at {_path_str(path)} is {'None' if g is None else 'an array'} "
-                        f"but {reference_name} has {'None' if s is None else 'an array'}."
-                    )
+        # Paths are built only for a leaf to name: eager updates run this on every call.
+        pairs = zip(
+            jax.tree.leaves(tree, is_leaf=_is_none),
+            jax.tree.leaves(reference, is_leaf=_is_none),
+            strict=True,
+        )
+        for index, (g, s) in enumerate(pairs):
+            if g is None and s is None:
                 continue
-            if np.shape(g) != np.shape(s):
+            if (g is None) != (s is None):
+                path = _path_str(_leaves_with_paths(tree)[index][0])
                 raise ValueError(
-                    f"{what} at {_path_str(path)} has shape {np.shape(g)} but "
-                    f"{reference_shape} {np.shape(s)}."
+                    f"{what} at {path} is {'None' if g is None else 'an array'} "
+                    f"but {reference_name} has {'None' if s is None else 'an array'}."
+                )
+            if np.shape(g) != np.shape(s):
+                path = _path_str(_leaves_with_paths(tree)[index][0])
+                raise ValueError(
+                    f"{what} at {path} has shape {np.shape(g)} but {reference_shape} {np.shape(s)}."
                 )
         return
     paths = [_path_str(p) for p, _ in _leaves_with_paths(tree)]
