@@ -48,10 +48,24 @@ from jax.sharding import Sharding
 from rmsprop_jax import _placement, _validation
 
 
+def _check_sharding_fits(where: str, shape: tuple, sharding: Sharding) -> None:
+    """Refuse a sharding that names more axes than `shape` has, or splits an axis unevenly."""
+    try:
+        if hasattr(sharding, "check_compatible_aval"):
+            sharding.check_compatible_aval(shape)  # the rank, with JAX's own words
+        sharding.shard_shape(shape)  # each split axis divisible by its number of shards
+    except (ValueError, IndexError) as error:
+        raise ValueError(
+            f"{where} (shape {shape}) cannot take the sharding given for it: {error}"
+        ) from None
+
+
 def _abstract_params(params: Any, shardings: Any) -> Any:
     """`params` as ShapeDtypeStructs that carry a sharding, checking that each has one."""
     if shardings is None:
         shardings = jax.tree.map(lambda leaf: getattr(leaf, "sharding", None), params)
+    elif isinstance(shardings, Sharding):  # one sharding for every parameter, as jax.jit takes
+        shardings = jax.tree.map(lambda _: shardings, params)
     elif jax.tree.structure(shardings) != jax.tree.structure(params):
         raise ValueError(
             "`shardings` must have the tree structure of `params`; got "
@@ -69,6 +83,7 @@ def _abstract_params(params: Any, shardings: Any) -> Any:
                 f"{where} has no sharding (got {sharding!r}). Pass arrays placed with "
                 "jax.device_put, jax.ShapeDtypeStructs with sharding=..., or `shardings`."
             )
+        _check_sharding_fits(where, tuple(leaf.shape), sharding)
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
     return jax.tree_util.tree_map_with_path(abstract, params, shardings)
@@ -113,7 +128,8 @@ def state_shardings(tx: optax.GradientTransformation, params: Any, shardings: An
         `jax.ShapeDtypeStruct` leaves with a `sharding`, or anything with `shape` and `dtype` when
         `shardings` is given.
       shardings: optional tree of `jax.sharding.Sharding` with the structure of `params`,
-        used instead of the parameters' own shardings.
+        or one `Sharding` for every parameter, used instead of the parameters' own
+        shardings. Each must split its parameter evenly.
 
     Returns:
       A tree of `jax.sharding.Sharding` with the structure of `tx.init(params)`, usable as

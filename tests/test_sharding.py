@@ -13,6 +13,7 @@ momentum, bias correction, coupled and decoupled weight decay; automatic shardin
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any
 
 import jax
@@ -310,3 +311,58 @@ def test_a_factory_instead_of_a_transformation_is_named(function):
     # Arguments swapped: the parameters are named by their type, not printed array by array.
     with pytest.raises(TypeError, match=r"GradientTransformation, got a dict; pass a built"):
         function({"w": np.ones((64, 64), np.float32)}, rj.rmsprop(1e-3))
+
+
+def _one_mesh_axis() -> jax.sharding.Mesh:
+    return jax.make_mesh((jax.device_count(),), ("d",), axis_types=(AxisType.Auto,))
+
+
+@needs_simulated_devices
+@pytest.mark.parametrize("storage", STORAGES)
+def test_one_sharding_serves_every_parameter(storage):
+    # As jax.jit's out_shardings and jax.device_put take one sharding for a whole tree; a lone
+    # sharding was refused for not having the structure of `params`.
+    mesh = _one_mesh_axis()
+    params = {
+        "w": jax.ShapeDtypeStruct((64, 512), np.float32),
+        "b": jax.ShapeDtypeStruct((512,), np.float32),
+    }
+    tx = rj.rmsprop(1e-2, moment_storage=storage, centered=True, momentum=0.9)
+    for spec in (jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec("d")):
+        one = NamedSharding(mesh, spec)
+        tree = {"w": one, "b": one}
+        assert rj.sharding.state_shardings(tx, params, one) == rj.sharding.state_shardings(
+            tx, params, tree
+        )
+        assert jax.tree.leaves(rj.sharding.abstract_state(tx, params, one)) == jax.tree.leaves(
+            rj.sharding.abstract_state(tx, params, tree)
+        )
+
+
+@needs_simulated_devices
+@pytest.mark.parametrize("function", [rj.sharding.state_shardings, rj.sharding.abstract_state])
+@pytest.mark.parametrize(
+    ("shape", "spec", "reason"),
+    [
+        # Accepted before; JAX refused the state only when jax.jit placed it.
+        ((6, 512), ("d",), "implies that array axis 0 is partitioned 8 times"),
+        # Refused before by JAX, naming no parameter.
+        ((512,), (None, "d"), "rank at least 2"),
+        ((), ("d",), "rank at least 1"),
+    ],
+)
+def test_a_sharding_that_cannot_split_its_parameter_is_refused_naming_it(
+    function, shape, spec, reason
+):
+    sharding = NamedSharding(_one_mesh_axis(), jax.sharding.PartitionSpec(*spec))
+    params = {
+        "ok": jax.ShapeDtypeStruct((8, 16), np.float32),
+        "w": jax.ShapeDtypeStruct(shape, np.float32),
+    }
+    shardings = {
+        "ok": NamedSharding(_one_mesh_axis(), jax.sharding.PartitionSpec("d")),
+        "w": sharding,
+    }
+    expected = rf"params\['w'\] \(shape {re.escape(str(shape))}\) cannot take the sharding given"
+    with pytest.raises(ValueError, match=expected + rf"(.|\n)*{reason}"):
+        function(rj.rmsprop(1e-2, moment_storage="int8"), params, shardings)
