@@ -15,6 +15,7 @@ _CAUSES = {
     "opt_state": "the optimizer configuration differs (centered or not, with or without "
     "momentum, or another optimizer)",
 }
+_SECOND_MOMENTS = ("nu", "variance")
 _LEAF_KINDS = {"opt_state": "optimizer state leaf", "params": "parameter"}
 
 
@@ -95,6 +96,47 @@ def _mu_layout_hint(only_stored: list[tuple[str, ...]], only_target: list[tuple[
     return ""
 
 
+def _moment_storage(leaves: dict[tuple[str, ...], Any]) -> str | None:
+    """The `moment_storage` that the squared-gradient average among `leaves` shows, if one.
+
+    The average is an `nu` (or, centered and compressed, a `variance`) field; its format shows
+    in its parts (int8 codes and scales, factored rows and columns) or else in its dtype.
+    """
+    parts, dtypes = set(), set()
+    for path, leaf in leaves.items():
+        at = [i for i, name in enumerate(path[:-1]) if name in _SECOND_MOMENTS]
+        if at:
+            parts.add(path[at[0] + 1])
+            dtypes.add(str(_dtype(leaf)))
+    if {"codes", "scales"} <= parts:
+        return "int8"
+    if {"row", "col"} <= parts:
+        return "factored"
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= {"float32", "bfloat16"} else None
+
+
+def _centered(leaves: dict[tuple[str, ...], Any]) -> bool:
+    """Whether `leaves` hold a centered state's mean gradient `mu`."""
+    return any("mu" in path for path in leaves)
+
+
+def _storage_hint(stored: dict, target: dict, differing: list[tuple[str, ...]]) -> str:
+    """What to pass where the checkpoint's squared-gradient average is stored in another format
+    and the `differing` paths of the optimizer state are all the moments'."""
+    if not all(
+        set(path) & {*_SECOND_MOMENTS, "mu"} for path in differing if path[:1] != ("params",)
+    ):
+        return ""  # Another optimizer, or another variant beside the storage.
+    written, expected = _moment_storage(stored), _moment_storage(target)
+    if written is None or expected is None or written == expected:
+        return ""
+    return (
+        f" The checkpoint keeps the squared-gradient average as moment_storage='{written}', "
+        f"the target as '{expected}': build the target's optimizer with "
+        f"moment_storage='{written}'."
+    )
+
+
 def check_matches(stored: Any, target: Any, *, where: str = "checkpoint") -> None:
     """Raises unless `stored` has exactly the leaves of `target`, with equal shapes and dtypes.
 
@@ -144,9 +186,14 @@ def check_matches(stored: Any, target: Any, *, where: str = "checkpoint") -> Non
     # A parameter of another shape also changes the optimizer state's shapes: blame the model.
     roots = {path[0] for path in only_stored + only_target if path}
     roots |= {path[0] for path, *_ in differing if path and path[0] == "params"}
+    storage = _storage_hint(
+        stored_leaves, target_leaves, only_stored + only_target + [p for p, *_ in differing]
+    )
+    if storage and _centered(stored_leaves) == _centered(target_leaves):
+        roots.discard("opt_state")  # The storage sentence names what differs.
     hints = [_CAUSES[root] for root in sorted(roots, reverse=True) if root in _CAUSES]
     cause = f" Probably {' and '.join(hints)}." if hints else ""
-    cause += _mu_layout_hint(only_stored, only_target)
+    cause += storage + _mu_layout_hint(only_stored, only_target)
     raise CheckpointMismatchError(
         f"{where} does not match the restore target: {'; '.join(problems)}.{cause} Restore "
         "with the configuration that wrote the checkpoint, or use a new checkpoint directory."

@@ -179,6 +179,54 @@ def test_restoring_a_bfloat16_moment_into_a_float32_one_names_both_dtypes(tmp_pa
         rj.checkpoint.restore(manager, fresh_target(rj.rmsprop(1e-2)))
 
 
+STORAGES = ("float32", "bfloat16", "int8", "factored")
+
+
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("saved", STORAGES)
+def test_a_checkpoint_of_another_moment_storage_names_the_option_that_restores_it(
+    tmp_path, saved, centered
+):
+    # The message listed the leaves and guessed "the optimizer configuration differs
+    # (centered or not, ...)" (or, float32 against bfloat16, gave no cause) without naming
+    # `moment_storage`, the option that differs.
+    manager = saved_manager(tmp_path, rj.rmsprop(1e-2, moment_storage=saved, centered=centered))
+    for target in STORAGES:
+        tx = rj.rmsprop(1e-2, moment_storage=target, centered=centered)
+        if target == saved:
+            rj.checkpoint.restore(manager, fresh_target(tx))
+            continue
+        with pytest.raises(rj.checkpoint.CheckpointMismatchError) as error:
+            rj.checkpoint.restore(manager, fresh_target(tx))
+        message = str(error.value)
+        assert (
+            f"keeps the squared-gradient average as moment_storage='{saved}', the target as "
+            f"'{target}': build the target's optimizer with moment_storage='{saved}'."
+        ) in message
+        assert "Probably" not in message
+
+
+def test_the_storage_hint_is_not_given_for_other_optimizers_or_other_variants(tmp_path):
+    # Same storage, other variant: the general cause, no storage sentence.
+    manager = saved_manager(tmp_path / "int8", rj.rmsprop(1e-2, moment_storage="int8"))
+    target = fresh_target(rj.rmsprop(1e-2, moment_storage="int8", momentum=0.9))
+    with pytest.raises(rj.checkpoint.CheckpointMismatchError) as error:
+        rj.checkpoint.restore(manager, target)
+    assert "the optimizer configuration differs" in str(error.value)
+    assert "moment_storage" not in str(error.value)
+    # Other storage and not centered: both causes.
+    target = fresh_target(rj.rmsprop(1e-2, moment_storage="float32", centered=True))
+    with pytest.raises(rj.checkpoint.CheckpointMismatchError) as error:
+        rj.checkpoint.restore(manager, target)
+    assert "(centered or not," in str(error.value)
+    assert "as moment_storage='int8', the target as 'float32'" in str(error.value)
+    # optax.adam's state has an `nu` of float32 too, in another place: no storage sentence.
+    manager = saved_manager(tmp_path / "adam", optax.adam(1e-2))
+    with pytest.raises(rj.checkpoint.CheckpointMismatchError) as error:
+        rj.checkpoint.restore(manager, fresh_target(rj.rmsprop(1e-2, moment_storage="int8")))
+    assert "the optimizer configuration differs" in str(error.value)
+
+
 def test_bias_correction_does_not_change_the_state_so_either_setting_restores(tmp_path):
     manager = saved_manager(tmp_path, rj.rmsprop(1e-2, bias_correction=True))
     restored = rj.checkpoint.restore(manager, fresh_target(rj.rmsprop(1e-2)))
