@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rmsprop_jax import _validation
+from rmsprop_jax import _validation, storage
 
 _SHOWN_PER_KIND = 3
 _CAUSES = {
@@ -16,6 +16,7 @@ _CAUSES = {
     "momentum, or another optimizer)",
 }
 _SECOND_MOMENTS = ("nu", "variance")
+_MOMENTS = (*_SECOND_MOMENTS, "mu")
 _LEAF_KINDS = {"opt_state": "optimizer state leaf", "params": "parameter"}
 
 
@@ -96,17 +97,34 @@ def _mu_layout_hint(only_stored: list[tuple[str, ...]], only_target: list[tuple[
     return ""
 
 
-def _moment_storage(leaves: dict[tuple[str, ...], Any]) -> str | None:
-    """The `moment_storage` that the squared-gradient average among `leaves` shows, if one.
+def _moment_field(path: tuple[str, ...]) -> int | None:
+    """Where in `path` an optimizer state's moment field (`nu`, `variance`, `mu`) is: after the
+    root key and the indices of chained states only (a momentum `trace` or a model's layer
+    may be called "mu" or "nu")."""
+    if path[:1] == ("params",):
+        return None
+    for i, name in enumerate(path[:-1]):
+        if name in _MOMENTS:
+            return i
+        if i > 0 and not name.isdigit():
+            return None
+    return None
 
-    The average is an `nu` (or, centered and compressed, a `variance`) field; its format shows
-    in its parts (int8 codes and scales, factored rows and columns) or else in its dtype.
+
+def _moment_storage(
+    leaves: dict[tuple[str, ...], Any], fields: tuple[str, ...] = _SECOND_MOMENTS
+) -> str | None:
+    """The storage format that the moment among `leaves` shows, if one.
+
+    The squared-gradient average is an `nu` (or, centered and compressed, a `variance`) field,
+    the mean gradient a `mu` field; a format shows in its parts (int8 codes and scales,
+    factored rows and columns) or else in the moment's dtype.
     """
     parts, dtypes = set(), set()
     for path, leaf in leaves.items():
-        at = [i for i, name in enumerate(path[:-1]) if name in _SECOND_MOMENTS]
-        if at:
-            parts.add(path[at[0] + 1])
+        at = _moment_field(path)
+        if at is not None and path[at] in fields:
+            parts.add(path[at + 1])
             dtypes.add(str(_dtype(leaf)))
     if {"codes", "scales"} <= parts:
         return "int8"
@@ -117,15 +135,13 @@ def _moment_storage(leaves: dict[tuple[str, ...], Any]) -> str | None:
 
 def _centered(leaves: dict[tuple[str, ...], Any]) -> bool:
     """Whether `leaves` hold a centered state's mean gradient `mu`."""
-    return any("mu" in path for path in leaves)
+    return any(path[at] == "mu" for path in leaves if (at := _moment_field(path)) is not None)
 
 
 def _storage_hint(stored: dict, target: dict, differing: list[tuple[str, ...]]) -> str:
     """What to pass where the checkpoint's squared-gradient average is stored in another format
     and the `differing` paths of the optimizer state are all the moments'."""
-    if not all(
-        set(path) & {*_SECOND_MOMENTS, "mu"} for path in differing if path[:1] != ("params",)
-    ):
+    if not all(_moment_field(path) is not None for path in differing if path[:1] != ("params",)):
         return ""  # Another optimizer, or another variant beside the storage.
     written, expected = _moment_storage(stored), _moment_storage(target)
     if written is None or expected is None or written == expected:
@@ -134,6 +150,23 @@ def _storage_hint(stored: dict, target: dict, differing: list[tuple[str, ...]]) 
         f" The checkpoint keeps the squared-gradient average as moment_storage='{written}', "
         f"the target as '{expected}': build the target's optimizer with "
         f"moment_storage='{written}'."
+    )
+
+
+def _first_moment_hint(stored: dict, target: dict) -> str:
+    """What to pass where the centered mean gradient `mu` is stored in another float dtype (the
+    8-bit codes of `mu` have :func:`_mu_layout_hint`)."""
+    variance = _moment_storage(stored)
+    if variance is None or variance != _moment_storage(target):
+        return ""
+    written, expected = _moment_storage(stored, ("mu",)), _moment_storage(target, ("mu",))
+    if {written, expected} != {"float32", "bfloat16"}:
+        return ""
+    default = storage.first_moment_format(storage.get(variance)).name
+    option = "None" if written == default else f"'{written}'"
+    return (
+        f" The checkpoint keeps the centered mean gradient `mu` in {written}, the target in "
+        f"{expected}: build the target's optimizer with first_moment_storage={option}."
     )
 
 
@@ -186,14 +219,15 @@ def check_matches(stored: Any, target: Any, *, where: str = "checkpoint") -> Non
     # A parameter of another shape also changes the optimizer state's shapes: blame the model.
     roots = {path[0] for path in only_stored + only_target if path}
     roots |= {path[0] for path, *_ in differing if path and path[0] == "params"}
-    storage = _storage_hint(
+    storage_hint = _storage_hint(
         stored_leaves, target_leaves, only_stored + only_target + [p for p, *_ in differing]
     )
-    if storage and _centered(stored_leaves) == _centered(target_leaves):
+    if storage_hint and _centered(stored_leaves) == _centered(target_leaves):
         roots.discard("opt_state")  # The storage sentence names what differs.
     hints = [_CAUSES[root] for root in sorted(roots, reverse=True) if root in _CAUSES]
     cause = f" Probably {' and '.join(hints)}." if hints else ""
-    cause += storage + _mu_layout_hint(only_stored, only_target)
+    cause += storage_hint + _mu_layout_hint(only_stored, only_target)
+    cause += _first_moment_hint(stored_leaves, target_leaves)
     raise CheckpointMismatchError(
         f"{where} does not match the restore target: {'; '.join(problems)}.{cause} Restore "
         "with the configuration that wrote the checkpoint, or use a new checkpoint directory."

@@ -8,6 +8,7 @@ requires the result to equal the uninterrupted run bit for bit.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -204,6 +205,46 @@ def test_a_checkpoint_of_another_moment_storage_names_the_option_that_restores_i
             f"'{target}': build the target's optimizer with moment_storage='{saved}'."
         ) in message
         assert "Probably" not in message
+
+
+@pytest.mark.parametrize(
+    ("storage", "saved", "target", "option"),
+    [
+        ("int8", None, "float32", None),
+        ("int8", "float32", None, "float32"),
+        ("bfloat16", None, "float32", None),
+        ("bfloat16", "float32", None, "float32"),
+    ],
+)
+def test_a_checkpoint_of_another_first_moment_storage_names_the_option(
+    tmp_path, storage, saved, target, option
+):
+    # The message listed `mu`'s leaves with both dtypes and gave no cause.
+    options: dict[str, Any] = {"moment_storage": storage, "centered": True, "momentum": 0.9}
+    manager = saved_manager(tmp_path, rj.rmsprop(1e-2, first_moment_storage=saved, **options))
+    with pytest.raises(rj.checkpoint.CheckpointMismatchError) as error:
+        rj.checkpoint.restore(
+            manager, fresh_target(rj.rmsprop(1e-2, first_moment_storage=target, **options))
+        )
+    words = {None: "None", "float32": "'float32'"}[option]
+    assert (
+        f"keeps the centered mean gradient `mu` in {saved or 'bfloat16'}, the target in "
+        f"{target or 'bfloat16'}: build the target's optimizer with first_moment_storage={words}."
+    ) in str(error.value)
+    # A layer called "mu" or "nu" in the model changes nothing.
+    params = {"mu": make_params()["dense"], "nu": {"w": jnp.ones((4, 2), jnp.bfloat16)}}
+    named = saved_manager(
+        tmp_path / "named", rj.rmsprop(1e-2, first_moment_storage=saved, **options), params
+    )
+    target_tx = rj.rmsprop(1e-2, first_moment_storage=target, **options)
+    with pytest.raises(rj.checkpoint.CheckpointMismatchError, match=re.escape(words + ".")):
+        rj.checkpoint.restore(
+            named, jax.eval_shape(lambda: {"params": params, "opt_state": target_tx.init(params)})
+        )
+    # The option named restores it.
+    rj.checkpoint.restore(
+        manager, fresh_target(rj.rmsprop(1e-2, first_moment_storage=option, **options))
+    )
 
 
 def test_the_storage_hint_is_not_given_for_other_optimizers_or_other_variants(tmp_path):
