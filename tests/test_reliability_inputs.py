@@ -147,6 +147,40 @@ def test_a_state_made_by_another_optimizer_is_refused_naming_what_differs(
         maybe_jit(rj.rmsprop(1e-3, **used_by).update)(params, state, params)
 
 
+def _cast_floats(dtype):
+    return lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
+@pytest.mark.parametrize("moment_storage", FORMATS)
+@pytest.mark.parametrize("variant", ["plain", "centered"])
+def test_a_state_cast_to_another_dtype_is_refused_naming_the_leaf(
+    moment_storage, variant, maybe_jit
+):
+    # A state cast leaf by leaf (to "save memory", or by a mixed-precision helper) was taken as
+    # it came and kept its new dtypes: a bfloat16 count stopped at 256 (freezing schedules and
+    # bias correction), a float32 average rounded to nearest in bfloat16 lost small updates.
+    params = {"w": jnp.ones((256, 256)), "b": jnp.ones(4)}
+    tx = rj.rmsprop(1e-3, moment_storage=moment_storage, **VARIANTS[variant])
+    state = tx.init(params)
+    update = maybe_jit(tx.update)
+    for dtype in (jnp.bfloat16, jnp.float32):
+        with pytest.raises(
+            ValueError, match=rf"`count` has dtype {jnp.dtype(dtype)}, but .* int32"
+        ):
+            update(params, jax.tree.map(lambda x, d=dtype: x.astype(d), state), params)
+    if moment_storage == "bfloat16":  # Its averages are bfloat16 already; nothing else is cast.
+        update(params, jax.tree.map(_cast_floats(jnp.bfloat16), state), params)
+        return
+    name = "variance" if variant == "centered" and moment_storage != "float32" else "nu"
+    for dtype in (jnp.bfloat16, jnp.float16):
+        with pytest.raises(
+            ValueError,
+            match=rf"`{name}` at .*\['(b|w)'\] has dtype {jnp.dtype(dtype)}, but "
+            rf"moment_storage='{moment_storage}' keeps it in at least float32",
+        ):
+            update(params, jax.tree.map(_cast_floats(dtype), state), params)
+
+
 def test_init_of_a_single_abstract_leaf_matches_optax():
     leaf = jax.ShapeDtypeStruct((2, 4, 8), jnp.float32)
     ours = rj.rmsprop(1.0).init(leaf)

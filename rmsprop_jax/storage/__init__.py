@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from rmsprop_jax.storage import _rows, _sums, bfloat16, factored, float32, int8
 from rmsprop_jax.storage._format import StorageFormat, after
@@ -115,6 +116,29 @@ def check_stored(
     )
 
 
+def check_precision(fmt: StorageFormat, stored: Any, *, name: str) -> None:
+    """Raises `ValueError` naming the first floating leaf of `stored` (the state's `name`, kept
+    as `fmt`) narrower than float32, which `init` never gives outside the bfloat16 format: a
+    state cast to bfloat16 or float16 would go on in that dtype, rounding each update of the
+    average to nearest (small ones are lost; bfloat16 storage rounds stochastically)."""
+    if fmt.name == "bfloat16":
+        return
+    for index, leaf in enumerate(jax.tree.leaves(stored)):
+        dtype = getattr(leaf, "dtype", None)
+        # Cheap tests first (uint8 codes): this runs on every eager update, leaf by leaf.
+        if dtype is None or dtype.itemsize >= 4 or dtype.kind in "uib":
+            continue
+        if jnp.issubdtype(dtype, jnp.floating):
+            path = jax.tree_util.tree_flatten_with_path(stored)[0][index][0]
+            raise ValueError(
+                f"The optimizer state's `{name}` at {jax.tree_util.keystr(path)} has dtype "
+                f"{dtype}, but moment_storage={fmt.name!r} keeps it in at least float32: the "
+                "state was cast (by a tree map over the whole state, say). Cast only the "
+                "parameters, or keep the average in bfloat16 with moment_storage='bfloat16', "
+                "which rounds it stochastically."
+            )
+
+
 def logical_shapes(fmt: StorageFormat, stored: Any) -> Any:
     """`stored` as a tree of the parameter shapes it stands for (to check gradients against)."""
     if fmt.container is None:
@@ -134,6 +158,7 @@ __all__ = [
     "QuantizedMoment",
     "StorageFormat",
     "after",
+    "check_precision",
     "check_stored",
     "counted_means",
     "flags_like",
