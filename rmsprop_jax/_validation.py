@@ -422,6 +422,19 @@ def _check_inexact(tree: Any, what: str, remedy: str) -> None:
             )
 
 
+def check_update_count(count: Any) -> None:
+    """Raises `ValueError` unless an optimizer state's update count is int32, as `init` makes
+    it: a state cast leaf by leaf (to bfloat16, say) would count on in that dtype."""
+    dtype = getattr(count, "dtype", None)
+    if dtype != jnp.int32:
+        raise ValueError(
+            f"The optimizer state's `count` has dtype {dtype}, but updates are counted in "
+            "int32 (in bfloat16 the count would stop at 256, and bias correction and schedules "
+            "with it): the state was cast (by a tree map over the whole state, say). Cast only "
+            "the parameters, or start from this optimizer's init(params)."
+        )
+
+
 def check_float_leaves(params: Any) -> None:
     """Raises `TypeError` naming the first integer or boolean parameter: it cannot be optimized."""
     _check_inexact(

@@ -138,18 +138,6 @@ def _check_state_type(state: Any, expected: type, *, centered: bool, moment_stor
         )
 
 
-def _check_count(count: Any) -> None:
-    """Raises `ValueError` unless the state's update count is int32, as `init` makes it."""
-    dtype = getattr(count, "dtype", None)
-    if dtype != jnp.int32:
-        raise ValueError(
-            f"The optimizer state's `count` has dtype {dtype}, but updates are counted in "
-            "int32 (in bfloat16 the count would stop at 256, and bias correction and schedules "
-            "with it): the state was cast (by a tree map over the whole state, say). Cast only "
-            "the parameters, or start from this optimizer's init(params)."
-        )
-
-
 def scale_by_rms(
     decay: chex.Numeric = 0.9,
     eps: chex.Numeric = 1e-8,
@@ -468,7 +456,7 @@ def preconditioner(
         centered), after checking that `state` is this transformation's, for `updates`."""
         _check_state_type(state, state_type, centered=centered, moment_storage=fmt.name)
         stored_nu = state.variance if keeps_variance else state.nu
-        _check_count(state.count)
+        _validation.check_update_count(state.count)
         storage.check_stored(fmt, stored_nu, name="variance" if keeps_variance else "nu")
         storage.check_precision(fmt, stored_nu, name="variance" if keeps_variance else "nu")
         if centered:

@@ -65,6 +65,7 @@ def add_decoupled_weight_decay(
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError(optax.NO_PARAMS_MSG)
+        _validation.check_update_count(state.count)
         rate = learning_rate(state.count) if callable(learning_rate) else learning_rate
         rate = _precision.as_hyperparameter(rate)
         updates = jax.tree.map(

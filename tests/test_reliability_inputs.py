@@ -181,6 +181,15 @@ def test_a_state_cast_to_another_dtype_is_refused_naming_the_leaf(
             update(params, jax.tree.map(_cast_floats(dtype), state), params)
 
 
+def test_a_cast_decoupled_weight_decay_count_is_refused(maybe_jit):
+    # Alone (beside optax.adam, say) with a schedule, its bfloat16 count froze the schedule.
+    params = {"w": jnp.ones(3)}
+    tx = rj.add_decoupled_weight_decay(optax.linear_schedule(1.0, 0.0, 1000), 0.1)
+    state = jax.tree.map(lambda x: x.astype(jnp.bfloat16), tx.init(params))
+    with pytest.raises(ValueError, match=r"`count` has dtype bfloat16, but .* int32"):
+        maybe_jit(tx.update)(params, state, params)
+
+
 def test_init_of_a_single_abstract_leaf_matches_optax():
     leaf = jax.ShapeDtypeStruct((2, 4, 8), jnp.float32)
     ours = rj.rmsprop(1.0).init(leaf)
