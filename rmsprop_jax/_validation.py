@@ -427,11 +427,12 @@ def check_update_count(count: Any) -> None:
     it: a state cast leaf by leaf (to bfloat16, say) would count on in that dtype."""
     dtype = getattr(count, "dtype", None)
     if dtype != jnp.int32:
+        found = f"dtype {dtype}" if dtype is not None else f"no dtype ({shown(count)})"
         raise ValueError(
-            f"The optimizer state's `count` has dtype {dtype}, but updates are counted in "
+            f"The optimizer state's `count` has {found}, but updates are counted in "
             "int32 (in bfloat16 the count would stop at 256, and bias correction and schedules "
-            "with it): the state was cast (by a tree map over the whole state, say). Cast only "
-            "the parameters, or start from this optimizer's init(params)."
+            "with it): the state was cast (by a tree map over the whole state, say) or not made "
+            "by init. Cast only the parameters, or start from this optimizer's init(params)."
         )
 
 
