@@ -410,14 +410,14 @@ def _leaf_dtype(leaf: Any) -> Any:
 def _check_inexact(tree: Any, what: str, remedy: str) -> None:
     """Raises `TypeError` naming the first leaf of `tree` that is neither floating nor complex.
 
-    Paths are built only for a leaf to name: eager updates run this on every call.
+    Paths are built only for a leaf to name (:func:`leaf_path`): eager updates run this on
+    every call.
     """
-    for index, leaf in enumerate(jax.tree.leaves(tree)):
+    for index, leaf in enumerate(jax.tree.leaves(tree, is_leaf=_is_none)):
         dtype = _leaf_dtype(leaf)
         if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
-            path = jax.tree_util.tree_flatten_with_path(tree)[0][index][0]
             raise TypeError(
-                f"{what.capitalize()} at {_path_str(path)} has dtype {dtype}; RMSprop needs "
+                f"{what.capitalize()} at {leaf_path(tree, index)} has dtype {dtype}; RMSprop needs "
                 f"floating or complex {what}s. {remedy}"
             )
 
@@ -467,6 +467,12 @@ def _leaves_with_paths(tree: Any) -> list[tuple[Any, Any]]:
     return jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)[0]
 
 
+def leaf_path(tree: Any, index: int) -> str:
+    """The path of leaf `index` of `jax.tree.leaves(tree, is_leaf=lambda x: x is None)`, as
+    messages name it. Checks that run on every eager update build it only for a leaf to name."""
+    return _path_str(_leaves_with_paths(tree)[index][0])
+
+
 def check_same_tree(
     tree: Any,
     reference: Any,
@@ -486,7 +492,6 @@ def check_same_tree(
     if jax.tree.structure(tree, is_leaf=_is_none) == jax.tree.structure(
         reference, is_leaf=_is_none
     ):
-        # Paths are built only for a leaf to name: eager updates run this on every call.
         pairs = zip(
             jax.tree.leaves(tree, is_leaf=_is_none),
             jax.tree.leaves(reference, is_leaf=_is_none),
@@ -496,15 +501,14 @@ def check_same_tree(
             if g is None and s is None:
                 continue
             if (g is None) != (s is None):
-                path = _path_str(_leaves_with_paths(tree)[index][0])
                 raise ValueError(
-                    f"{what} at {path} is {'None' if g is None else 'an array'} "
+                    f"{what} at {leaf_path(tree, index)} is {'None' if g is None else 'an array'} "
                     f"but {reference_name} has {'None' if s is None else 'an array'}."
                 )
             if np.shape(g) != np.shape(s):
-                path = _path_str(_leaves_with_paths(tree)[index][0])
                 raise ValueError(
-                    f"{what} at {path} has shape {np.shape(g)} but {reference_shape} {np.shape(s)}."
+                    f"{what} at {leaf_path(tree, index)} has shape {np.shape(g)} but "
+                    f"{reference_shape} {np.shape(s)}."
                 )
         return
     paths = [_path_str(p) for p, _ in _leaves_with_paths(tree)]

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rmsprop_jax import _validation
 from rmsprop_jax.storage import _rows, _sums, bfloat16, factored, float32, int8
 from rmsprop_jax.storage._format import StorageFormat, after
 from rmsprop_jax.storage._rows import flags_like, pack_flags, unpack_flags, update_by_rows
@@ -123,19 +124,19 @@ def check_precision(fmt: StorageFormat, stored: Any, *, name: str) -> None:
     average to nearest (small ones are lost; bfloat16 storage rounds stochastically)."""
     if fmt.name == "bfloat16":
         return
-    for index, leaf in enumerate(jax.tree.leaves(stored)):
+    for index, leaf in enumerate(jax.tree.leaves(stored, is_leaf=lambda x: x is None)):
         dtype = getattr(leaf, "dtype", None)
         # Cheap tests first (uint8 codes): this runs on every eager update, leaf by leaf.
         if dtype is None or dtype.itemsize >= 4 or dtype.kind in "uib":
             continue
         if jnp.issubdtype(dtype, jnp.floating):
-            path = jax.tree_util.tree_flatten_with_path(stored)[0][index][0]
+            where = _validation.leaf_path(stored, index)
             raise ValueError(
-                f"The optimizer state's `{name}` at {jax.tree_util.keystr(path)} has dtype "
-                f"{dtype}, but moment_storage={fmt.name!r} keeps it in at least float32: the "
-                "state was cast (by a tree map over the whole state, say). Cast only the "
-                "parameters, or keep the average in bfloat16 with moment_storage='bfloat16', "
-                "which rounds it stochastically."
+                f"The optimizer state's `{name}` at {where} has dtype {dtype}, but "
+                f"moment_storage={fmt.name!r} keeps it in at least float32: the state was cast "
+                "(by a tree map over the whole state, say). Cast only the parameters, or keep "
+                "the average in bfloat16 with moment_storage='bfloat16', which rounds it "
+                "stochastically."
             )
 
 
